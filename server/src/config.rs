@@ -1,0 +1,249 @@
+//! Server configuration: a kebab-case TOML file whose commented reference is
+//! `config.reference.toml` (printed by `bedside-server --print-config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The commented reference configuration, which is also the default.
+pub const REFERENCE_TOML: &str = include_str!("../config.reference.toml");
+
+/// Everything `bedside-server` can be told. See `config.reference.toml` for each field's meaning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub data_dir: PathBuf,
+    pub admin_api_key: String,
+    pub token_secret: String,
+    pub join_token_ttl_secs: u64,
+    pub invite_ttl_secs: u64,
+    pub max_invite_ttl_secs: u64,
+    pub rejoin_window_secs: u64,
+    pub keepalive_interval_secs: u64,
+    pub keepalive_timeout_secs: u64,
+    pub join_timeout_secs: u64,
+    pub invite_attempts_per_minute: u32,
+    pub max_participants: usize,
+    pub tls: TlsConfig,
+    pub ice: IceConfig,
+}
+
+/// How the server terminates TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Auto,
+    Off,
+    SelfSigned,
+    Files,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct IceConfig {
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub turn_secret: String,
+    pub turn_credential_ttl_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            public_url: String::new(),
+            data_dir: PathBuf::new(),
+            admin_api_key: String::new(),
+            token_secret: String::new(),
+            join_token_ttl_secs: 900,
+            invite_ttl_secs: 4 * 3600,
+            max_invite_ttl_secs: 7 * 24 * 3600,
+            rejoin_window_secs: 60,
+            keepalive_interval_secs: 2,
+            keepalive_timeout_secs: 6,
+            join_timeout_secs: 10,
+            invite_attempts_per_minute: 10,
+            max_participants: 8,
+            tls: TlsConfig::default(),
+            ice: IceConfig::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            mode: TlsMode::Auto,
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for IceConfig {
+    fn default() -> Self {
+        IceConfig {
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: String::new(),
+            turn_credential_ttl_secs: 600,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; every setting it leaves out keeps its default.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks what serde cannot: ranges and settings that only make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.rejoin_window_secs == 0 {
+            return bad("rejoin-window-secs must be at least 1");
+        }
+        if self.keepalive_interval_secs == 0
+            || self.keepalive_timeout_secs <= self.keepalive_interval_secs
+        {
+            return bad("keepalive-timeout-secs must be longer than keepalive-interval-secs (> 0)");
+        }
+        if self.join_token_ttl_secs == 0 || self.invite_ttl_secs == 0 {
+            return bad("token and invite lifetimes must be at least 1 second");
+        }
+        if self.invite_ttl_secs > self.max_invite_ttl_secs {
+            return bad("invite-ttl-secs is longer than max-invite-ttl-secs");
+        }
+        if self.invite_attempts_per_minute == 0 {
+            return bad("invite-attempts-per-minute must be at least 1");
+        }
+        if self.max_participants < 2 {
+            return bad("max-participants must be at least 2");
+        }
+        if !self.ice.turn_urls.is_empty() && self.ice.turn_secret.is_empty() {
+            return bad("ice.turn-urls needs ice.turn-secret");
+        }
+        if self.tls.mode == TlsMode::Files
+            && (self.tls.cert.as_os_str().is_empty() || self.tls.key.as_os_str().is_empty())
+        {
+            return bad("tls.mode = \"files\" needs tls.cert and tls.key");
+        }
+        if !self.admin_api_key.is_empty() && self.admin_api_key.len() < 16 {
+            return bad("admin-api-key must be at least 16 characters");
+        }
+        Ok(())
+    }
+
+    /// The data directory, with the platform default filled in.
+    pub fn data_dir(&self) -> PathBuf {
+        if !self.data_dir.as_os_str().is_empty() {
+            return self.data_dir.clone();
+        }
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(xdg).join("bedside");
+        }
+        if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(home).join(".local/share/bedside");
+        }
+        PathBuf::from("bedside-data")
+    }
+
+    pub fn rejoin_window(&self) -> Duration {
+        Duration::from_secs(self.rejoin_window_secs)
+    }
+
+    /// Whether TLS is on, once `auto` is resolved against the listen address.
+    pub fn tls_enabled(&self) -> bool {
+        match self.tls.mode {
+            TlsMode::Auto => !self.listen.ip().is_loopback(),
+            TlsMode::Off => false,
+            TlsMode::SelfSigned | TlsMode::Files => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_file_is_the_default() {
+        assert_eq!(
+            Config::from_toml(REFERENCE_TOML).unwrap(),
+            Config::default()
+        );
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("rejoin-windw-secs = 5").unwrap_err();
+        assert!(err.to_string().contains("rejoin-windw-secs"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        let mut c = Config::default();
+        c.keepalive_timeout_secs = 1;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.ice.turn_urls = vec!["turn:x:3478".into()];
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.tls.mode = TlsMode::Files;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tls_auto_is_off_only_on_loopback() {
+        let mut c = Config::default();
+        assert!(!c.tls_enabled());
+        c.listen = "0.0.0.0:8443".parse().unwrap();
+        assert!(c.tls_enabled());
+    }
+}

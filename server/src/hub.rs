@@ -1,0 +1,666 @@
+//! The live state of every consultation: seats, the waiting room, who may signal whom, and the
+//! rejoin window.
+//!
+//! One [`Room`] per consultation, behind its own lock, in a map of rooms. Lock order is always
+//! map, then room; nothing awaits while holding either. Messages to participants are queued with
+//! `try_send` on each connection's bounded channel, so a slow reader never stalls a room: it is
+//! disconnected instead (and can resume its seat).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bedside_protocol::{
+    ConsultationId, ErrorCode, IceServer, LeaveReason, PROTOCOL_VERSION, ParticipantId, Peer, Role,
+    ServerMessage, WaitingPatient, close_code,
+};
+use tokio::sync::mpsc;
+
+use crate::auth::{self, Tokens};
+use crate::config::IceConfig;
+use crate::metrics::{Metrics, ResultLabel, RoleLabel};
+use crate::store::{AuditEvent, AuditKind, Store};
+
+/// What the hub asks a connection task to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Message(ServerMessage),
+    /// Send a close frame with this code and reason, then end.
+    Close(u16, &'static str),
+}
+
+/// The hub's way to reach one WebSocket.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub id: u64,
+    tx: mpsc::Sender<Outbound>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Outbound messages a connection may have queued before it counts as a slow consumer.
+pub const OUTBOUND_QUEUE: usize = 128;
+
+impl ConnHandle {
+    pub fn new(id: u64) -> (Self, mpsc::Receiver<Outbound>, Arc<AtomicBool>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        (
+            ConnHandle {
+                id,
+                tx,
+                overflowed: overflowed.clone(),
+            },
+            rx,
+            overflowed,
+        )
+    }
+
+    pub fn send(&self, metrics: &Metrics, msg: ServerMessage) {
+        let ty = msg.type_name();
+        match self.tx.try_send(Outbound::Message(msg)) {
+            Ok(()) => metrics.message("out", ty),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.store(true, Ordering::Relaxed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn close(&self, code: u16, reason: &'static str) {
+        // A full queue means the task is about to find the overflow flag and close anyway.
+        if self.tx.try_send(Outbound::Close(code, reason)).is_err() {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Seat {
+    role: Role,
+    display_name: Option<String>,
+    admitted: bool,
+    conn: Option<ConnHandle>,
+    joined_at: Instant,
+    /// Join order, so peers and the waiting room list in a stable order.
+    seq: u64,
+    /// Bumped on every disconnect and resume: a rejoin timer only fires for its own generation.
+    generation: u64,
+}
+
+struct Room {
+    id: ConsultationId,
+    seats: HashMap<ParticipantId, Seat>,
+    next_seq: u64,
+    /// Set when the room is taken out of the map: a join that raced with that must retry.
+    closed: bool,
+}
+
+/// What a successful join or resume tells the connection.
+#[derive(Debug, Clone)]
+pub struct Seated {
+    pub consultation_id: ConsultationId,
+    pub participant_id: ParticipantId,
+    pub role: Role,
+}
+
+pub struct Hub {
+    rooms: Mutex<HashMap<ConsultationId, Arc<Mutex<Room>>>>,
+    next_conn_id: AtomicU64,
+    store: Store,
+    metrics: Arc<Metrics>,
+    tokens: Arc<Tokens>,
+    ice: IceConfig,
+    rejoin_window: Duration,
+    max_participants: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        tokens: Arc<Tokens>,
+        ice: IceConfig,
+        rejoin_window: Duration,
+        max_participants: usize,
+    ) -> Arc<Self> {
+        Arc::new(Hub {
+            rooms: Mutex::new(HashMap::new()),
+            next_conn_id: AtomicU64::new(1),
+            store,
+            metrics,
+            tokens,
+            ice,
+            rejoin_window,
+            max_participants,
+        })
+    }
+
+    pub fn new_conn(&self) -> (ConnHandle, mpsc::Receiver<Outbound>, Arc<AtomicBool>) {
+        ConnHandle::new(self.next_conn_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn room(&self, cid: &ConsultationId) -> Option<Arc<Mutex<Room>>> {
+        lock(&self.rooms).get(cid).cloned()
+    }
+
+    fn room_or_create(&self, cid: &ConsultationId) -> Arc<Mutex<Room>> {
+        let mut rooms = lock(&self.rooms);
+        let room = rooms.entry(cid.clone()).or_insert_with(|| {
+            Arc::new(Mutex::new(Room {
+                id: cid.clone(),
+                seats: HashMap::new(),
+                next_seq: 0,
+                closed: false,
+            }))
+        });
+        let room = room.clone();
+        self.metrics.consultations_active.set(rooms.len() as i64);
+        room
+    }
+
+    /// Takes an empty room out of the map.
+    fn drop_room_if_empty(&self, cid: &ConsultationId) {
+        let mut rooms = lock(&self.rooms);
+        if let Some(room) = rooms.get(cid) {
+            let mut r = lock(room);
+            if r.seats.is_empty() {
+                r.closed = true;
+                drop(r);
+                rooms.remove(cid);
+            }
+        }
+        self.metrics.consultations_active.set(rooms.len() as i64);
+    }
+
+    /// The ICE servers for one participant, with TURN credentials bound to its id.
+    pub fn ice_servers(&self, pid: &ParticipantId) -> Vec<IceServer> {
+        let mut servers = Vec::new();
+        if !self.ice.stun_urls.is_empty() {
+            servers.push(IceServer {
+                urls: self.ice.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
+        }
+        if !self.ice.turn_urls.is_empty() {
+            let (username, credential) = auth::turn_rest_credentials(
+                &self.ice.turn_secret,
+                &pid.0,
+                Duration::from_secs(self.ice.turn_credential_ttl_secs),
+                auth::unix_now(),
+            );
+            servers.push(IceServer {
+                urls: self.ice.turn_urls.clone(),
+                username: Some(username),
+                credential: Some(credential),
+            });
+        }
+        servers
+    }
+
+    /// Seats a new participant. Doctors and clinicians are admitted at once; patients wait.
+    pub fn join(
+        &self,
+        cid: &ConsultationId,
+        role: Role,
+        display_name: Option<String>,
+        conn: &ConnHandle,
+    ) -> Result<Seated, ErrorCode> {
+        loop {
+            let room = self.room_or_create(cid);
+            let mut r = lock(&room);
+            if r.closed {
+                continue;
+            }
+            if r.seats.len() >= self.max_participants {
+                return Err(ErrorCode::ConsultationFull);
+            }
+            let pid = ParticipantId(auth::random_id("p"));
+            let admitted = role != Role::Patient;
+            let seq = r.next_seq;
+            r.next_seq += 1;
+            r.seats.insert(
+                pid.clone(),
+                Seat {
+                    role,
+                    display_name,
+                    admitted,
+                    conn: Some(conn.clone()),
+                    joined_at: Instant::now(),
+                    seq,
+                    generation: 0,
+                },
+            );
+            self.metrics.participants_connected.inc();
+            self.metrics
+                .joins
+                .get_or_create(&RoleLabel {
+                    role: role.as_str(),
+                })
+                .inc();
+            self.store
+                .audit(AuditEvent::new(cid, AuditKind::Joined).participant(&pid, role));
+            self.welcome(&r, &pid, false);
+            if admitted {
+                self.broadcast_admitted(&r, &pid, |seat| ServerMessage::PeerJoined {
+                    peer: peer_of(&pid, seat),
+                });
+            } else {
+                self.send_waiting_room(&r);
+            }
+            tracing::info!(consultation = %cid, participant = %pid, role = role.as_str(), "joined");
+            return Ok(Seated {
+                consultation_id: cid.clone(),
+                participant_id: pid,
+                role,
+            });
+        }
+    }
+
+    /// Sends a (re)joined participant who it is and where it stands.
+    fn welcome(&self, r: &Room, pid: &ParticipantId, resumed: bool) {
+        let seat = &r.seats[pid];
+        let Some(conn) = &seat.conn else { return };
+        conn.send(
+            &self.metrics,
+            ServerMessage::Joined {
+                protocol_version: PROTOCOL_VERSION,
+                participant_id: pid.clone(),
+                consultation_id: r.id.clone(),
+                role: seat.role,
+                resume_token: self.tokens.issue_resume(&r.id, seat.role, pid),
+                rejoin_window_secs: self.rejoin_window.as_secs(),
+                resumed,
+            },
+        );
+        if seat.admitted {
+            conn.send(
+                &self.metrics,
+                ServerMessage::Admitted {
+                    peers: peers_of(r, pid),
+                    ice_servers: self.ice_servers(pid),
+                },
+            );
+            if seat.role.can_admit() {
+                conn.send(
+                    &self.metrics,
+                    ServerMessage::WaitingRoom {
+                        waiting: waiting_of(r),
+                    },
+                );
+            }
+        } else {
+            conn.send(&self.metrics, ServerMessage::Waiting);
+        }
+    }
+
+    /// Sends `make(seat)` to every connected, admitted seat other than `except`.
+    fn broadcast_admitted(
+        &self,
+        r: &Room,
+        except: &ParticipantId,
+        make: impl Fn(&Seat) -> ServerMessage,
+    ) {
+        let Some(subject) = r.seats.get(except) else {
+            return;
+        };
+        let msg = make(subject);
+        for (pid, seat) in &r.seats {
+            if pid != except && seat.admitted {
+                if let Some(conn) = &seat.conn {
+                    conn.send(&self.metrics, msg.clone());
+                }
+            }
+        }
+    }
+
+    fn broadcast_left(&self, r: &Room, left: &ParticipantId, reason: LeaveReason) {
+        let msg = ServerMessage::PeerLeft {
+            participant_id: left.clone(),
+            reason,
+        };
+        for seat in r.seats.values() {
+            if seat.admitted {
+                if let Some(conn) = &seat.conn {
+                    conn.send(&self.metrics, msg.clone());
+                }
+            }
+        }
+    }
+
+    /// Tells every connected doctor and clinician what the waiting room looks like now.
+    fn send_waiting_room(&self, r: &Room) {
+        let waiting = waiting_of(r);
+        for seat in r.seats.values() {
+            if seat.admitted && seat.role.can_admit() {
+                if let Some(conn) = &seat.conn {
+                    conn.send(
+                        &self.metrics,
+                        ServerMessage::WaitingRoom {
+                            waiting: waiting.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lets a waiting patient in, or turns them away.
+    pub fn admit_or_deny(
+        &self,
+        by: &Seated,
+        target: &ParticipantId,
+        admit: bool,
+    ) -> Result<(), ErrorCode> {
+        let room = self
+            .room(&by.consultation_id)
+            .ok_or(ErrorCode::ConsultationNotFound)?;
+        let mut r = lock(&room);
+        let admitter = r
+            .seats
+            .get(&by.participant_id)
+            .ok_or(ErrorCode::UnknownParticipant)?;
+        if !admitter.role.can_admit() {
+            return Err(ErrorCode::Forbidden);
+        }
+        match r.seats.get(target) {
+            Some(seat) if !seat.admitted => {}
+            _ => return Err(ErrorCode::UnknownParticipant),
+        }
+        let cid = r.id.clone();
+        if admit {
+            let seat = r.seats.get_mut(target).expect("checked above");
+            seat.admitted = true;
+            let role = seat.role;
+            self.metrics.admissions.inc();
+            self.store.audit(
+                AuditEvent::new(&cid, AuditKind::Admitted)
+                    .participant(target, role)
+                    .actor(&by.participant_id),
+            );
+            let seat = &r.seats[target];
+            if let Some(conn) = &seat.conn {
+                conn.send(
+                    &self.metrics,
+                    ServerMessage::Admitted {
+                        peers: peers_of(&r, target),
+                        ice_servers: self.ice_servers(target),
+                    },
+                );
+            }
+            self.broadcast_admitted(&r, target, |seat| ServerMessage::PeerJoined {
+                peer: peer_of(target, seat),
+            });
+        } else {
+            let seat = r.seats.remove(target).expect("checked above");
+            self.metrics.denials.inc();
+            if let Some(conn) = &seat.conn {
+                self.metrics.participants_connected.dec();
+                conn.send(&self.metrics, ServerMessage::Denied);
+                conn.close(close_code::DENIED, "denied by the doctor");
+            }
+            self.store.audit(
+                AuditEvent::new(&cid, AuditKind::Denied)
+                    .participant(target, seat.role)
+                    .actor(&by.participant_id),
+            );
+        }
+        self.send_waiting_room(&r);
+        Ok(())
+    }
+
+    /// Forwards a signaling message between two admitted participants.
+    pub fn relay(
+        &self,
+        from: &Seated,
+        to: &ParticipantId,
+        msg: ServerMessage,
+    ) -> Result<(), ErrorCode> {
+        let room = self
+            .room(&from.consultation_id)
+            .ok_or(ErrorCode::ConsultationNotFound)?;
+        let r = lock(&room);
+        match r.seats.get(&from.participant_id) {
+            Some(seat) if seat.admitted => {}
+            Some(_) => return Err(ErrorCode::NotAdmitted),
+            None => return Err(ErrorCode::UnknownParticipant),
+        }
+        match r.seats.get(to) {
+            Some(seat) if seat.admitted && *to != from.participant_id => match &seat.conn {
+                Some(conn) => {
+                    conn.send(&self.metrics, msg);
+                    Ok(())
+                }
+                None => Err(ErrorCode::UnknownParticipant),
+            },
+            _ => Err(ErrorCode::UnknownParticipant),
+        }
+    }
+
+    /// The participant said `leave`: the seat is released at once.
+    pub fn leave(&self, seated: &Seated, conn_id: u64) {
+        self.release(seated, Some(conn_id), None, LeaveReason::Left);
+    }
+
+    fn release(
+        &self,
+        seated: &Seated,
+        conn_id: Option<u64>,
+        generation: Option<u64>,
+        reason: LeaveReason,
+    ) {
+        let Some(room) = self.room(&seated.consultation_id) else {
+            return;
+        };
+        let became_empty = {
+            let mut r = lock(&room);
+            let Some(seat) = r.seats.get(&seated.participant_id) else {
+                return;
+            };
+            if conn_id.is_some() && seat.conn.as_ref().map(|c| c.id) != conn_id {
+                return;
+            }
+            if generation.is_some_and(|g| seat.conn.is_some() || seat.generation != g) {
+                return;
+            }
+            let seat = r.seats.remove(&seated.participant_id).expect("present");
+            if seat.conn.is_some() {
+                self.metrics.participants_connected.dec();
+            }
+            let kind = match reason {
+                LeaveReason::TimedOut => {
+                    self.metrics.seats_timed_out.inc();
+                    AuditKind::TimedOut
+                }
+                _ => AuditKind::Left,
+            };
+            self.store.audit(
+                AuditEvent::new(&seated.consultation_id, kind)
+                    .participant(&seated.participant_id, seat.role),
+            );
+            if seat.admitted {
+                self.broadcast_left(&r, &seated.participant_id, reason);
+            } else {
+                self.send_waiting_room(&r);
+            }
+            tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, ?reason, "seat released");
+            r.seats.is_empty()
+        };
+        if became_empty {
+            self.drop_room_if_empty(&seated.consultation_id);
+        }
+    }
+
+    /// The connection `conn_id` of a seat ended without `leave`: hold the seat for the rejoin
+    /// window and tell the others.
+    pub fn disconnected(self: &Arc<Self>, seated: &Seated, conn_id: u64) {
+        let Some(room) = self.room(&seated.consultation_id) else {
+            return;
+        };
+        let mut r = lock(&room);
+        let Some(seat) = r.seats.get_mut(&seated.participant_id) else {
+            return;
+        };
+        if seat.conn.as_ref().map(|c| c.id) != Some(conn_id) {
+            return; // Already replaced by a resume, or released.
+        }
+        seat.conn = None;
+        seat.generation += 1;
+        let generation = seat.generation;
+        let (admitted, role) = (seat.admitted, seat.role);
+        self.metrics.participants_connected.dec();
+        self.store.audit(
+            AuditEvent::new(&seated.consultation_id, AuditKind::Disconnected)
+                .participant(&seated.participant_id, role),
+        );
+        if admitted {
+            self.broadcast_admitted(&r, &seated.participant_id, |_| {
+                ServerMessage::PeerReconnecting {
+                    participant_id: seated.participant_id.clone(),
+                }
+            });
+        } else {
+            self.send_waiting_room(&r);
+        }
+        drop(r);
+        tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, "link dropped, seat held");
+        let hub = Arc::clone(self);
+        let seated = seated.clone();
+        let window = self.rejoin_window;
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            hub.release(&seated, None, Some(generation), LeaveReason::TimedOut);
+        });
+    }
+
+    /// Gives a held (or still connected) seat to a new connection.
+    pub fn resume(
+        &self,
+        cid: &ConsultationId,
+        pid: &ParticipantId,
+        conn: &ConnHandle,
+    ) -> Result<Seated, ErrorCode> {
+        let room = self.room(cid).ok_or(ErrorCode::ResumeExpired)?;
+        let mut r = lock(&room);
+        let seat = r.seats.get_mut(pid).ok_or(ErrorCode::ResumeExpired)?;
+        let was_down = match seat.conn.replace(conn.clone()) {
+            Some(old) => {
+                old.close(close_code::REPLACED, "seat resumed on another connection");
+                false
+            }
+            None => {
+                self.metrics.participants_connected.inc();
+                true
+            }
+        };
+        seat.generation += 1;
+        let (role, admitted) = (seat.role, seat.admitted);
+        self.metrics
+            .resumes
+            .get_or_create(&ResultLabel { result: "ok" })
+            .inc();
+        self.store
+            .audit(AuditEvent::new(cid, AuditKind::Resumed).participant(pid, role));
+        self.welcome(&r, pid, true);
+        if was_down {
+            if admitted {
+                self.broadcast_admitted(&r, pid, |_| ServerMessage::PeerBack {
+                    participant_id: pid.clone(),
+                });
+            } else {
+                self.send_waiting_room(&r);
+            }
+        }
+        tracing::info!(consultation = %cid, participant = %pid, "resumed");
+        Ok(Seated {
+            consultation_id: cid.clone(),
+            participant_id: pid.clone(),
+            role,
+        })
+    }
+
+    /// Ends a consultation for everyone in it.
+    pub fn end(&self, cid: &ConsultationId) {
+        let Some(room) = lock(&self.rooms).remove(cid) else {
+            return;
+        };
+        let mut r = lock(&room);
+        r.closed = true;
+        for (_, seat) in r.seats.drain() {
+            if let Some(conn) = seat.conn {
+                self.metrics.participants_connected.dec();
+                conn.send(
+                    &self.metrics,
+                    ServerMessage::Ended {
+                        reason: LeaveReason::Ended,
+                    },
+                );
+                conn.close(close_code::ENDED, "the consultation has ended");
+            }
+        }
+        self.metrics
+            .consultations_active
+            .set(lock(&self.rooms).len() as i64);
+    }
+
+    /// Asks every connection to close because the server is going away. Seats are not
+    /// released: clients resume when the server is back.
+    pub fn shutdown(&self) {
+        let rooms: Vec<_> = lock(&self.rooms).values().cloned().collect();
+        for room in rooms {
+            let r = lock(&room);
+            for seat in r.seats.values() {
+                if let Some(conn) = &seat.conn {
+                    conn.close(close_code::GOING_AWAY, "server shutting down");
+                }
+            }
+        }
+    }
+
+    /// A summary of a live consultation for the administration API: (seats, waiting, connected).
+    pub fn occupancy(&self, cid: &ConsultationId) -> Option<(usize, usize, usize)> {
+        let room = self.room(cid)?;
+        let r = lock(&room);
+        let waiting = r.seats.values().filter(|s| !s.admitted).count();
+        let connected = r.seats.values().filter(|s| s.conn.is_some()).count();
+        Some((r.seats.len(), waiting, connected))
+    }
+}
+
+fn peer_of(pid: &ParticipantId, seat: &Seat) -> Peer {
+    Peer {
+        participant_id: pid.clone(),
+        role: seat.role,
+        display_name: seat.display_name.clone(),
+        connected: seat.conn.is_some(),
+    }
+}
+
+fn peers_of(r: &Room, me: &ParticipantId) -> Vec<Peer> {
+    let mut peers: Vec<(&ParticipantId, &Seat)> = r
+        .seats
+        .iter()
+        .filter(|(pid, seat)| *pid != me && seat.admitted)
+        .collect();
+    peers.sort_by_key(|(_, s)| s.seq);
+    peers.into_iter().map(|(p, s)| peer_of(p, s)).collect()
+}
+
+fn waiting_of(r: &Room) -> Vec<WaitingPatient> {
+    let mut waiting: Vec<(&ParticipantId, &Seat)> =
+        r.seats.iter().filter(|(_, s)| !s.admitted).collect();
+    waiting.sort_by_key(|(_, s)| s.seq);
+    waiting
+        .into_iter()
+        .map(|(pid, s)| WaitingPatient {
+            participant_id: pid.clone(),
+            display_name: s.display_name.clone(),
+            waiting_secs: s.joined_at.elapsed().as_secs(),
+            connected: s.conn.is_some(),
+        })
+        .collect()
+}

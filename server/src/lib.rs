@@ -1,0 +1,282 @@
+//! `bedside-server`: the clinic server. Signaling over WebSocket (`/ws`), the waiting room, the
+//! rejoin window, the administration API, the embedded store, metrics.
+//!
+//! A library with a thin `main`: [`run`] (or [`Server::bind`] then [`Server::serve`], which tells
+//! the bound address first) is what the binary and the tests call.
+//!
+//! Code map: [`config`] (the TOML file), [`auth`] (tokens, invite codes, TURN credentials),
+//! [`store`] (SQLite and the audit log), [`hub`] (live consultations: seats, waiting room,
+//! relay, rejoin window), [`ws`] (one task per WebSocket), [`api`] (HTTP routes), [`metrics`],
+//! [`tls`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod store;
+pub mod tls;
+pub mod ws;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+pub use config::Config;
+
+use crate::auth::Tokens;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Why the server could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Extra Prometheus text appended to `/metrics` (the TURN relay's, when it runs in-process).
+pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
+
+/// What every request and connection handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub store: Store,
+    pub tokens: Arc<Tokens>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub invite_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    pub admin_key: String,
+    pub ws_url: String,
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+/// A server bound to its port and ready to serve.
+pub struct Server {
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<AppState>,
+    generated_admin_key: bool,
+    data_dir: PathBuf,
+}
+
+impl Server {
+    /// Opens the store, loads or generates the secrets, and binds the listening socket.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Self::bind_with(config, None).await
+    }
+
+    /// [`Server::bind`], with more text for `/metrics`.
+    pub async fn bind_with(
+        config: Config,
+        extra_metrics: Option<ExtraMetrics>,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let data_dir = config.data_dir();
+        let store = Store::open(&data_dir)?;
+
+        let token_secret = if config.token_secret.is_empty() {
+            store
+                .setting_or_init("token_secret", || auth::random_secret(32))
+                .await?
+        } else {
+            config.token_secret.clone()
+        };
+        let (admin_key, generated_admin_key) = admin_key(&config, &data_dir)?;
+
+        let listener =
+            std::net::TcpListener::bind(config.listen).map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let tls = tls::server_config(&config, &data_dir)?;
+        let ws_url = if config.public_url.is_empty() {
+            let scheme = if tls.is_some() { "wss" } else { "ws" };
+            format!("{scheme}://{local}/ws")
+        } else {
+            format!(
+                "{}/ws",
+                config
+                    .public_url
+                    .trim_end_matches('/')
+                    .replacen("https://", "wss://", 1)
+                    .replacen("http://", "ws://", 1)
+            )
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let tokens = Arc::new(Tokens::new(token_secret.as_bytes()));
+        let hub = Hub::new(
+            store.clone(),
+            metrics.clone(),
+            tokens.clone(),
+            config.ice.clone(),
+            config.rejoin_window(),
+            config.max_participants,
+        );
+        let per_minute =
+            NonZeroU32::new(config.invite_attempts_per_minute).expect("validated to be > 0");
+        let state = Arc::new(AppState {
+            invite_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            config,
+            store,
+            tokens,
+            hub,
+            metrics,
+            admin_key,
+            ws_url,
+            extra_metrics,
+        });
+        Ok(Server {
+            listener,
+            tls,
+            state,
+            generated_admin_key,
+            data_dir,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket")
+    }
+
+    /// `http(s)://address` of the API.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr())
+    }
+
+    /// Where clients open the signaling WebSocket.
+    pub fn ws_url(&self) -> &str {
+        &self.state.ws_url
+    }
+
+    pub fn admin_api_key(&self) -> &str {
+        &self.state.admin_key
+    }
+
+    /// True when this start generated the administration key (it is printed once).
+    pub fn generated_admin_key(&self) -> bool {
+        self.generated_admin_key
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then closes every WebSocket with "going away" (seats
+    /// are kept for resuming) and drains connections for at most five seconds.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let handle = axum_server::Handle::new();
+        let state = self.state.clone();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            state.hub.shutdown();
+            h.graceful_shutdown(Some(Duration::from_secs(5)));
+        });
+        let state = self.state.clone();
+        let janitor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                state.invite_limiter.retain_recent();
+                state.invite_limiter.shrink_to_fit();
+            }
+        });
+        let app =
+            api::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let local = self.local_addr();
+        tracing::info!(tls = self.tls.is_some(), port = local.port(), "listening");
+        let result = match self.tls {
+            Some(tls) => {
+                let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+                axum_server::from_tcp_rustls(self.listener, tls)?
+                    .handle(handle)
+                    .serve(app)
+                    .await
+            }
+            None => {
+                axum_server::from_tcp(self.listener)?
+                    .handle(handle)
+                    .serve(app)
+                    .await
+            }
+        };
+        janitor.abort();
+        self.state.store.flush_audit().await?;
+        result.map_err(ServerError::Io)
+    }
+}
+
+fn admin_key(config: &Config, data_dir: &std::path::Path) -> Result<(String, bool), ServerError> {
+    if !config.admin_api_key.is_empty() {
+        return Ok((config.admin_api_key.clone(), false));
+    }
+    let path = data_dir.join("admin-api-key");
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => Ok((key.trim().to_owned(), false)),
+        _ => {
+            let key = auth::random_secret(24);
+            tls::write_private(&path, key.as_bytes())?;
+            Ok((key, true))
+        }
+    }
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    Server::bind(config).await?.serve(shutdown).await
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

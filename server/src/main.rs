@@ -1,0 +1,69 @@
+//! `bedside-server`: parses flags and the config file, then calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bedside_server::{Config, Server, config::REFERENCE_TOML, shutdown_signal};
+use clap::Parser;
+
+/// Bedside's clinic server: signaling, waiting room and consultation store.
+///
+/// With no flags and no config file it starts a local clinic on 127.0.0.1:8443.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file (see --print-config).
+    #[arg(short, long, env = "BEDSIDE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address for HTTP and WebSocket, overriding the file's `listen`.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory, overriding the file's `data-dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the default configuration, with comments, and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_config {
+        print!("{REFERENCE_TOML}");
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let server = Server::bind(config)
+        .await
+        .context("starting bedside-server")?;
+    if server.generated_admin_key() {
+        // Printed to the terminal, never to the log.
+        println!(
+            "Administration key (kept in {}): {}",
+            server.data_dir().join("admin-api-key").display(),
+            server.admin_api_key()
+        );
+    }
+    println!(
+        "bedside-server listening on {} (signaling at {})",
+        server.base_url(),
+        server.ws_url()
+    );
+    server.serve(shutdown_signal()).await?;
+    Ok(())
+}

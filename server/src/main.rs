@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
+    let shutdown = shutdown_signal();
     let server = Server::bind(config)
         .await
         .context("starting bedside-server")?;
@@ -64,6 +65,6 @@ async fn main() -> anyhow::Result<()> {
         server.base_url(),
         server.ws_url()
     );
-    server.serve(shutdown_signal()).await?;
+    server.serve(shutdown).await?;
     Ok(())
 }

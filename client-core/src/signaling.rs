@@ -7,10 +7,10 @@ use std::time::Duration;
 use bedside_protocol::{ClientMessage, DecodeError, MAX_MESSAGE_BYTES, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite;
 pub use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,10 @@ pub enum SignalingError {
 pub enum Incoming {
     Message(ServerMessage),
     /// The server closed the connection with this code and reason.
-    Closed { code: u16, reason: String },
+    Closed {
+        code: u16,
+        reason: String,
+    },
 }
 
 pub struct SignalingConnection {
@@ -67,15 +70,45 @@ impl SignalingConnection {
         url: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, SignalingError> {
+        let connector = tls.map(Connector::Rustls);
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url,
+            Some(Self::ws_config()),
+            true,
+            connector,
+        )
+        .await
+        .map_err(|e| SignalingError::Connect(e.to_string()))?;
+        Ok(SignalingConnection { ws })
+    }
+
+    /// Opens the WebSocket over a TCP connection the caller made (to pick the local address or
+    /// interface, say).
+    pub async fn connect_over(
+        url: &str,
+        stream: TcpStream,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, SignalingError> {
+        let connector = tls.map(Connector::Rustls);
+        let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+            url,
+            stream,
+            Some(Self::ws_config()),
+            connector,
+        )
+        .await
+        .map_err(|e| SignalingError::Connect(e.to_string()))?;
+        Ok(SignalingConnection { ws })
+    }
+
+    fn ws_config() -> WebSocketConfig {
         let mut config = WebSocketConfig::default();
         config.max_message_size = Some(MAX_MESSAGE_BYTES);
         config.max_frame_size = Some(MAX_MESSAGE_BYTES);
-        let connector = tls.map(Connector::Rustls);
-        let (ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
-                .await
-                .map_err(|e| SignalingError::Connect(e.to_string()))?;
-        Ok(SignalingConnection { ws })
+        // Signaling messages are small: keep the per-connection buffers small too.
+        config.read_buffer_size = 4096;
+        config.write_buffer_size = 0;
+        config
     }
 
     pub async fn send(&mut self, msg: &ClientMessage) -> Result<(), SignalingError> {

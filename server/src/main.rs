@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
+    raise_open_files_limit();
     let shutdown = shutdown_signal();
     let server = Server::bind(config)
         .await
@@ -67,4 +68,19 @@ async fn main() -> anyhow::Result<()> {
     );
     server.serve(shutdown).await?;
     Ok(())
+}
+
+/// Every WebSocket is a file descriptor: use all the process may have.
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

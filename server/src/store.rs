@@ -2,14 +2,17 @@
 //! the audit log. Nothing of the media, the chat, names, addresses or tokens is ever written:
 //! invite codes are kept as SHA-256 hashes and the audit log holds ids and roles only.
 //!
-//! Reads and writes run on tokio's blocking pool ([`Store::call`]); audit events go through a
-//! channel to one writer thread that batches them into transactions, so a storm of joins costs
-//! one fsync-free commit per batch, not one per join.
+//! One worker thread owns the SQLite connection. [`Store::call`] sends it a closure over a
+//! channel and awaits the answer, so no async task blocks on the disk, no lock is contended and
+//! no thread is created per query. Audit events are queued on the same channel without waiting
+//! and written in batches, one transaction per burst (a storm of joins costs one commit per
+//! batch, not one per join); the worker writes a batch when nothing else is queued, after at
+//! most `AUDIT_BATCH_DELAY`, or at `AUDIT_BATCH_MAX` events.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::thread;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bedside_protocol::{ConsultationId, ParticipantId, Role};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -106,16 +109,25 @@ pub struct ConsultationRow {
     pub ended_at: Option<u64>,
 }
 
-enum AuditCmd {
-    Event(AuditEvent),
-    Flush(mpsc::Sender<()>),
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+enum Cmd {
+    Call(Job),
+    Audit(AuditEvent),
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
+
+/// How long an audit event may wait for company before it is written.
+const AUDIT_BATCH_DELAY: Duration = Duration::from_millis(20);
+/// The most audit events written in one transaction.
+const AUDIT_BATCH_MAX: usize = 1024;
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    audit_tx: mpsc::Sender<AuditCmd>,
+    tx: mpsc::Sender<Cmd>,
+    /// A second connection for the point reads on the join path (see [`Store::read`]).
+    reader: std::sync::Arc<std::sync::Mutex<Connection>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -172,49 +184,58 @@ impl Store {
         let path = dir.join("bedside.db");
         let conn = open_conn(&path)?;
         conn.execute_batch(SCHEMA)?;
-        let writer = open_conn(&path)?;
-        let (audit_tx, audit_rx) = mpsc::channel();
+        let reader = open_conn(&path)?;
+        reader.pragma_update(None, "query_only", true)?;
+        let (tx, rx) = mpsc::channel();
         thread::Builder::new()
-            .name("bedside-audit".into())
-            .spawn(move || audit_writer(writer, audit_rx))
-            .expect("spawn audit writer");
+            .name("bedside-store".into())
+            .spawn(move || worker(conn, rx))
+            .expect("spawn the store worker");
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            audit_tx,
+            tx,
+            reader: std::sync::Arc::new(std::sync::Mutex::new(reader)),
         })
     }
 
-    /// Runs `f` on the store's connection on the blocking pool.
+    /// Runs a point read inline on the read connection. Only for indexed single-row lookups on
+    /// the join path, which take microseconds: a round trip through the worker thread would
+    /// serialize every join of a storm behind one queue (measured with `cargo xtask
+    /// bench-signaling`: p50 join→admitted 250-270 ms in a 5,000-join storm that way, 60-110 ms
+    /// inline).
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
+    }
+
+    /// Runs `f` on the store's connection, on the store's own thread.
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|_| StoreError::Gone)?
-        .map_err(StoreError::from)
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = done.send(f(conn));
+        });
+        self.tx.send(Cmd::Call(job)).map_err(|_| StoreError::Gone)?;
+        answer
+            .await
+            .map_err(|_| StoreError::Gone)?
+            .map_err(StoreError::from)
     }
 
     /// Records an audit event without waiting for the disk.
     pub fn audit(&self, event: AuditEvent) {
-        // If the writer is gone the server is shutting down; there is no one to tell.
-        let _ = self.audit_tx.send(AuditCmd::Event(event));
+        // If the worker is gone the server is shutting down; there is no one to tell.
+        let _ = self.tx.send(Cmd::Audit(event));
     }
 
     /// Waits until every audit event sent so far is written.
     pub async fn flush_audit(&self) -> Result<(), StoreError> {
-        let (tx, rx) = mpsc::channel();
-        self.audit_tx
-            .send(AuditCmd::Flush(tx))
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(done))
             .map_err(|_| StoreError::Gone)?;
-        tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(|_| StoreError::Gone)?
-            .map_err(|_| StoreError::Gone)
+        written.await.map_err(|_| StoreError::Gone)
     }
 
     /// A setting, created with `make` the first time it is asked for.
@@ -256,14 +277,12 @@ impl Store {
         let now = now_ms() / 1000;
         self.call(move |c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO consultations(id, created_at) VALUES (?1, ?2)",
-                params![id.0, now],
-            )?;
-            tx.execute(
+            tx.prepare_cached("INSERT INTO consultations(id, created_at) VALUES (?1, ?2)")?
+                .execute(params![id.0, now])?;
+            tx.prepare_cached(
                 "INSERT INTO invites(code_hash, consultation_id, expires_at) VALUES (?1, ?2, ?3)",
-                params![&invite_hash[..], id.0, invite_expires_at],
-            )?;
+            )?
+            .execute(params![&invite_hash[..], id.0, invite_expires_at])?;
             tx.commit()
         })
         .await
@@ -289,15 +308,11 @@ impl Store {
         &self,
         id: ConsultationId,
     ) -> Result<Option<ConsultationRow>, StoreError> {
-        self.call(move |c| {
-            c.query_row(
-                "SELECT id, created_at, ended_at FROM consultations WHERE id = ?1",
-                [id.0],
-                row_to_consultation,
-            )
-            .optional()
+        self.read(move |c| {
+            c.prepare_cached("SELECT id, created_at, ended_at FROM consultations WHERE id = ?1")?
+                .query_row([id.0], row_to_consultation)
+                .optional()
         })
-        .await
     }
 
     /// Consultations created since `since_unix`, newest first.
@@ -321,16 +336,14 @@ impl Store {
         hash: [u8; 32],
         now_unix: u64,
     ) -> Result<Option<ConsultationId>, StoreError> {
-        self.call(move |c| {
-            c.query_row(
+        self.read(move |c| {
+            c.prepare_cached(
                 "SELECT i.consultation_id FROM invites i JOIN consultations c ON c.id = i.consultation_id
                  WHERE i.code_hash = ?1 AND i.expires_at > ?2 AND c.ended_at IS NULL",
-                params![&hash[..], now_unix],
-                |r| Ok(ConsultationId(r.get(0)?)),
-            )
+            )?
+            .query_row(params![&hash[..], now_unix], |r| Ok(ConsultationId(r.get(0)?)))
             .optional()
         })
-        .await
     }
 
     /// Marks a consultation ended and voids its invites. False if it was unknown or ended.
@@ -408,50 +421,77 @@ fn parse_kind(s: &str) -> Option<AuditKind> {
     .find(|k| k.as_str() == s)
 }
 
-fn audit_writer(mut conn: Connection, rx: mpsc::Receiver<AuditCmd>) {
-    // Block for the first command, then take whatever else is already queued into the same
-    // transaction.
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
+fn worker(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
+    let mut pending: Vec<AuditEvent> = Vec::new();
+    let mut flushes = Vec::new();
+    // When the oldest unwritten audit event arrived.
+    let mut oldest: Option<Instant> = None;
+    loop {
+        let cmd = match oldest {
+            None => match rx.recv() {
+                Ok(cmd) => Some(cmd),
                 Err(_) => break,
-            }
-        }
-        let mut flushes = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO audit(at_ms, consultation_id, participant_id, role, event, actor_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for cmd in batch {
-                    match cmd {
-                        AuditCmd::Event(e) => {
-                            stmt.execute(params![
-                                e.at_ms,
-                                e.consultation_id.0,
-                                e.participant_id.map(|p| p.0),
-                                e.role.map(Role::as_str),
-                                e.event.as_str(),
-                                e.actor_id.map(|p| p.0),
-                            ])?;
-                        }
-                        AuditCmd::Flush(done) => flushes.push(done),
-                    }
+            },
+            Some(since) => {
+                let left = AUDIT_BATCH_DELAY.saturating_sub(since.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
-            tx.commit()
-        })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "audit log write failed");
+        };
+        match cmd {
+            Some(Cmd::Call(job)) => job(&mut conn),
+            Some(Cmd::Audit(event)) => {
+                oldest.get_or_insert_with(Instant::now);
+                pending.push(event);
+            }
+            Some(Cmd::Flush(done)) => flushes.push(done),
+            None => {}
         }
-        for done in flushes {
-            let _ = done.send(());
+        let due = oldest.is_some_and(|t| t.elapsed() >= AUDIT_BATCH_DELAY)
+            || pending.len() >= AUDIT_BATCH_MAX
+            || !flushes.is_empty();
+        if due {
+            write_audit(&mut conn, &mut pending);
+            oldest = None;
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
         }
     }
+    write_audit(&mut conn, &mut pending);
+}
+
+fn write_audit(conn: &mut Connection, pending: &mut Vec<AuditEvent>) {
+    if pending.is_empty() {
+        return;
+    }
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO audit(at_ms, consultation_id, participant_id, role, event, actor_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for e in pending.iter() {
+                stmt.execute(params![
+                    e.at_ms,
+                    e.consultation_id.0,
+                    e.participant_id.as_ref().map(|p| &p.0),
+                    e.role.map(Role::as_str),
+                    e.event.as_str(),
+                    e.actor_id.as_ref().map(|p| &p.0),
+                ])?;
+            }
+        }
+        tx.commit()
+    })();
+    if let Err(e) = result {
+        tracing::error!(error = %e, lost = pending.len(), "audit log write failed");
+    }
+    pending.clear();
 }
 
 #[cfg(test)]

@@ -29,7 +29,11 @@ fn a_bad_config_file_is_refused_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rejoin-window-secs"), "{err}");
 
-    std::fs::write(&path, "keepalive-interval-secs = 9\nkeepalive-timeout-secs = 3\n").unwrap();
+    std::fs::write(
+        &path,
+        "keepalive-interval-secs = 9\nkeepalive-timeout-secs = 3\n",
+    )
+    .unwrap();
     let out = bin().arg("--config").arg(&path).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("keepalive"));
@@ -54,7 +58,10 @@ fn starts_with_no_config_prints_the_key_once_and_stops_on_sigterm() {
     let key = std::fs::read_to_string(dir.path().join("admin-api-key")).unwrap();
     assert!(first.ends_with(key.trim()));
     let listening = lines.next().unwrap().unwrap();
-    assert!(listening.contains("listening on http://127.0.0.1:"), "{listening}");
+    assert!(
+        listening.contains("listening on http://127.0.0.1:"),
+        "{listening}"
+    );
 
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);

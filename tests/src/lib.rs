@@ -105,7 +105,11 @@ impl TestServer {
             .send()
             .await?;
         if resp.status() != reqwest::StatusCode::CREATED {
-            bail!("create consultation: {} {}", resp.status(), resp.text().await?);
+            bail!(
+                "create consultation: {} {}",
+                resp.status(),
+                resp.text().await?
+            );
         }
         Ok(resp.json().await?)
     }
@@ -220,7 +224,10 @@ impl Client {
     /// Skips messages until one of `ty` arrives (pings and waiting-room updates are skipped).
     pub async fn expect_type(&mut self, ty: &str) -> Result<ServerMessage> {
         loop {
-            let msg = self.next().await.with_context(|| format!("waiting for {ty}"))?;
+            let msg = self
+                .next()
+                .await
+                .with_context(|| format!("waiting for {ty}"))?;
             if msg.type_name() == ty {
                 return Ok(msg);
             }

@@ -21,7 +21,11 @@ async fn the_api_requires_the_admin_key() -> Result<()> {
         let body: Value = resp.json().await?;
         assert_eq!(body["error"]["code"], "unauthorized");
     }
-    let resp = server.http().get(server.api("/consultations")).send().await?;
+    let resp = server
+        .http()
+        .get(server.api("/consultations"))
+        .send()
+        .await?;
     assert_eq!(resp.status(), 401);
     Ok(())
 }
@@ -37,11 +41,19 @@ async fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
             .header("content-type", "application/json")
             .body(body)
     };
-    for body in ["{not json", r#"{"invite_ttl_secs":"soon"}"#, r#"{"surprise":1}"#, r#"{"invite_ttl_secs":0}"#] {
+    for body in [
+        "{not json",
+        r#"{"invite_ttl_secs":"soon"}"#,
+        r#"{"surprise":1}"#,
+        r#"{"invite_ttl_secs":0}"#,
+    ] {
         let resp = post(body).send().await?;
         assert_eq!(resp.status(), 400, "{body}");
         let err: Value = resp.json().await?;
-        assert!(!err["error"]["message"].as_str().unwrap().is_empty(), "{body}");
+        assert!(
+            !err["error"]["message"].as_str().unwrap().is_empty(),
+            "{body}"
+        );
     }
     let list: Vec<ConsultationSummary> = server
         .http()
@@ -51,7 +63,10 @@ async fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
         .await?
         .json()
         .await?;
-    assert!(list.is_empty(), "a refused request created something: {list:?}");
+    assert!(
+        list.is_empty(),
+        "a refused request created something: {list:?}"
+    );
     let resp = post(r#"{"invite_ttl_secs":600}"#).send().await?;
     assert_eq!(resp.status(), 201);
     let resp = server
@@ -104,7 +119,9 @@ async fn clinicians_join_with_issued_tokens_and_patients_with_new_invites() -> R
     // Clinicians may admit too.
     clinician.expect_type("waiting_room").await?;
     clinician
-        .send(ClientMessage::Admit { participant_id: patient.id() })
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
         .await?;
     match patient.expect_type("admitted").await? {
         ServerMessage::Admitted { peers, .. } => assert_eq!(peers.len(), 2),
@@ -119,7 +136,10 @@ async fn clinicians_join_with_issued_tokens_and_patients_with_new_invites() -> R
         .await?
         .json()
         .await?;
-    assert_eq!((summary.seats, summary.waiting, summary.connected), (3, 0, 3));
+    assert_eq!(
+        (summary.seats, summary.waiting, summary.connected),
+        (3, 0, 3)
+    );
     Ok(())
 }
 
@@ -129,7 +149,11 @@ async fn the_audit_log_records_who_and_when_but_no_names() -> Result<()> {
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Maria Privacy").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     patient.send(ClientMessage::Leave).await?;
     patient.expect_close().await?;
@@ -142,9 +166,18 @@ async fn the_audit_log_records_who_and_when_but_no_names() -> Result<()> {
         .send()
         .await?;
     let text = resp.text().await?;
-    assert!(!text.contains("Maria"), "a name reached the audit log: {text}");
-    assert!(!text.contains("127.0.0.1"), "an address reached the audit log");
-    assert!(!text.contains(&c.invite_code), "an invite code reached the audit log");
+    assert!(
+        !text.contains("Maria"),
+        "a name reached the audit log: {text}"
+    );
+    assert!(
+        !text.contains("127.0.0.1"),
+        "an address reached the audit log"
+    );
+    assert!(
+        !text.contains(&c.invite_code),
+        "an invite code reached the audit log"
+    );
     let log: Vec<Value> = serde_json::from_str(&text)?;
     let events: Vec<(&str, Option<&str>)> = log
         .iter()
@@ -161,7 +194,10 @@ async fn the_audit_log_records_who_and_when_but_no_names() -> Result<()> {
         ]
     );
     assert_eq!(log[3]["actor_id"], serde_json::json!(doctor.id().0));
-    assert!(log.windows(2).all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64()));
+    assert!(
+        log.windows(2)
+            .all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64())
+    );
 
     // Nothing but hashes of invite codes is in the database file either.
     let db = std::fs::read(server.data_dir.path().join("bedside.db"))?;
@@ -174,11 +210,18 @@ async fn the_audit_log_records_who_and_when_but_no_names() -> Result<()> {
 #[tokio::test]
 async fn metrics_and_health_are_served() -> Result<()> {
     let server = TestServer::start().await?;
-    let health = server.http().get(format!("{}/healthz", server.base_url)).send().await?;
+    let health = server
+        .http()
+        .get(format!("{}/healthz", server.base_url))
+        .send()
+        .await?;
     assert_eq!(health.status(), 200);
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
-    doctor.conn.send_raw(bedside_client_core::signaling::Message::Text("{".into())).await?;
+    doctor
+        .conn
+        .send_raw(bedside_client_core::signaling::Message::Text("{".into()))
+        .await?;
     doctor.expect_type("error").await?;
     let m = server.metrics().await?;
     for line in [
@@ -198,7 +241,11 @@ async fn self_signed_tls_serves_wss() -> Result<()> {
     let mut config = test_config();
     config.tls.mode = TlsMode::SelfSigned;
     let server = TestServer::start_with(config).await?;
-    assert!(server.ws_url.starts_with("wss://127.0.0.1:"), "{}", server.ws_url);
+    assert!(
+        server.ws_url.starts_with("wss://127.0.0.1:"),
+        "{}",
+        server.ws_url
+    );
     let cert = std::fs::read(server.data_dir.path().join("dev-cert.pem"))?;
 
     // The API over HTTPS, trusting the development certificate.
@@ -226,7 +273,11 @@ async fn self_signed_tls_serves_wss() -> Result<()> {
     ));
     // A client that does not trust the certificate cannot connect.
     let untrusting = tls_config(None).map_err(anyhow::Error::msg)?;
-    assert!(SignalingConnection::connect(&server.ws_url, Some(untrusting)).await.is_err());
+    assert!(
+        SignalingConnection::connect(&server.ws_url, Some(untrusting))
+            .await
+            .is_err()
+    );
     Ok(())
 }
 

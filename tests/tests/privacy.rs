@@ -37,12 +37,17 @@ async fn nothing_identifying_reaches_the_logs() -> Result<()> {
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Zelda Quintana").await?;
     doctor
-        .send(ClientMessage::Admit { participant_id: patient.id() })
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
         .await?;
     patient.expect_type("admitted").await?;
     let sdp = "v=0\r\no=- 4611731400430051336 2 IN IP4 203.0.113.77\r\ns=SECRET-SDP\r\n";
     patient
-        .send(ClientMessage::Offer { to: doctor.id(), sdp: sdp.into() })
+        .send(ClientMessage::Offer {
+            to: doctor.id(),
+            sdp: sdp.into(),
+        })
         .await?;
     doctor.expect_type("offer").await?;
     patient
@@ -58,14 +63,21 @@ async fn nothing_identifying_reaches_the_logs() -> Result<()> {
         .await?;
     doctor.expect_type("ice_candidate").await?;
     patient
-        .send(ClientMessage::Stats { report: StatsReport { rtt_ms: Some(33.0), ..Default::default() } })
+        .send(ClientMessage::Stats {
+            report: StatsReport {
+                rtt_ms: Some(33.0),
+                ..Default::default()
+            },
+        })
         .await?;
     // A bad token and a bad invite code are refused without being echoed into the log.
     let mut intruder = server.connect().await?;
     intruder
         .send(ClientMessage::Join {
             protocol_version: 1,
-            auth: bedside_protocol::JoinAuth::Token { token: "forged.TOKEN-LEAK.value".into() },
+            auth: bedside_protocol::JoinAuth::Token {
+                token: "forged.TOKEN-LEAK.value".into(),
+            },
             display_name: Some("Intruder Name".into()),
         })
         .await?;
@@ -74,15 +86,21 @@ async fn nothing_identifying_reaches_the_logs() -> Result<()> {
     patient.conn.abort();
     doctor.expect_type("peer_reconnecting").await?;
     let mut back = server.connect().await?;
-    back.send(ClientMessage::Resume { protocol_version: 1, resume_token: resume.clone() })
-        .await?;
+    back.send(ClientMessage::Resume {
+        protocol_version: 1,
+        resume_token: resume.clone(),
+    })
+    .await?;
     back.expect_type("admitted").await?;
     doctor.expect_type("peer_back").await?;
     drop(server);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone())?;
-    assert!(text.contains("joined"), "the log captured nothing useful:\n{text}");
+    assert!(
+        text.contains("joined"),
+        "the log captured nothing useful:\n{text}"
+    );
     let secrets = [
         "Zelda",
         "Quintana",
@@ -99,7 +117,10 @@ async fn nothing_identifying_reaches_the_logs() -> Result<()> {
         "test-admin-key",
     ];
     for secret in secrets {
-        assert!(!text.contains(secret), "{secret:?} reached the log:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "{secret:?} reached the log:\n{text}"
+        );
     }
     Ok(())
 }

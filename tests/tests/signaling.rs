@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use bedside_client_core::signaling::Message;
 use bedside_protocol::{
     ClientMessage, ErrorCode, IceCandidate, JoinAuth, LeaveReason, MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION, Role, ServerMessage, close_code,
 };
 use bedside_server::auth::{TokenKind, Tokens, unix_now};
 use bedside_tests::{Client, TestServer, test_config};
-use bedside_client_core::signaling::Message;
 
 fn offer(to: &bedside_protocol::ParticipantId) -> ClientMessage {
     ClientMessage::Offer {
@@ -24,7 +24,12 @@ async fn patient_waits_until_the_doctor_admits_then_both_see_each_other() -> Res
     let c = server.create_consultation().await?;
     let mut doctor = server.connect().await?;
     match doctor.join_token(&c.doctor_token).await? {
-        ServerMessage::Joined { role, resumed, rejoin_window_secs, .. } => {
+        ServerMessage::Joined {
+            role,
+            resumed,
+            rejoin_window_secs,
+            ..
+        } => {
             assert_eq!(role, Role::Doctor);
             assert!(!resumed);
             assert_eq!(rejoin_window_secs, 60);
@@ -59,7 +64,9 @@ async fn patient_waits_until_the_doctor_admits_then_both_see_each_other() -> Res
     assert!(waiting[0].connected);
 
     doctor
-        .send(ClientMessage::Admit { participant_id: patient.id() })
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
         .await?;
     match patient.next().await? {
         ServerMessage::Admitted { peers, .. } => {
@@ -91,7 +98,9 @@ async fn a_denied_patient_is_told_and_disconnected() -> Result<()> {
     let mut patient = server.waiting_patient(&c, "Bo").await?;
     doctor.expect_type("waiting_room").await?;
     doctor
-        .send(ClientMessage::Deny { participant_id: patient.id() })
+        .send(ClientMessage::Deny {
+            participant_id: patient.id(),
+        })
         .await?;
     assert_eq!(patient.next().await?, ServerMessage::Denied);
     assert_eq!(patient.expect_close().await?, close_code::DENIED);
@@ -101,7 +110,9 @@ async fn a_denied_patient_is_told_and_disconnected() -> Result<()> {
     }
     // Denying someone who is gone is an error, not a crash.
     doctor
-        .send(ClientMessage::Deny { participant_id: patient.id() })
+        .send(ClientMessage::Deny {
+            participant_id: patient.id(),
+        })
         .await?;
     doctor.expect_error(ErrorCode::UnknownParticipant).await?;
     Ok(())
@@ -124,7 +135,9 @@ async fn session_descriptions_and_candidates_flow_only_after_admission() -> Resu
     patient.expect_silence(Duration::from_millis(200)).await?;
 
     doctor
-        .send(ClientMessage::Admit { participant_id: patient.id() })
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
         .await?;
     patient.expect_type("admitted").await?;
     doctor.expect_type("peer_joined").await?;
@@ -138,9 +151,14 @@ async fn session_descriptions_and_candidates_flow_only_after_admission() -> Resu
         other => panic!("{other:?}"),
     }
     doctor
-        .send(ClientMessage::Answer { to: patient.id(), sdp: "v=0\r\n".into() })
+        .send(ClientMessage::Answer {
+            to: patient.id(),
+            sdp: "v=0\r\n".into(),
+        })
         .await?;
-    assert!(matches!(patient.next().await?, ServerMessage::Answer { from, .. } if from == doctor.id()));
+    assert!(
+        matches!(patient.next().await?, ServerMessage::Answer { from, .. } if from == doctor.id())
+    );
     let candidate = IceCandidate {
         candidate: "candidate:1 1 udp 2130706431 192.0.2.1 50000 typ host".into(),
         sdp_mid: Some("0".into()),
@@ -148,17 +166,27 @@ async fn session_descriptions_and_candidates_flow_only_after_admission() -> Resu
         username_fragment: None,
     };
     patient
-        .send(ClientMessage::IceCandidate { to: doctor.id(), candidate: candidate.clone() })
+        .send(ClientMessage::IceCandidate {
+            to: doctor.id(),
+            candidate: candidate.clone(),
+        })
         .await?;
     match doctor.expect_type("ice_candidate").await? {
-        ServerMessage::IceCandidate { from, candidate: got } => {
+        ServerMessage::IceCandidate {
+            from,
+            candidate: got,
+        } => {
             assert_eq!(from, patient.id());
             assert_eq!(got, candidate);
         }
         other => panic!("{other:?}"),
     }
-    doctor.send(ClientMessage::IceRestart { to: patient.id() }).await?;
-    assert!(matches!(patient.next().await?, ServerMessage::IceRestart { from } if from == doctor.id()));
+    doctor
+        .send(ClientMessage::IceRestart { to: patient.id() })
+        .await?;
+    assert!(
+        matches!(patient.next().await?, ServerMessage::IceRestart { from } if from == doctor.id())
+    );
 
     // Addressing yourself or a stranger is refused.
     patient.send(offer(&patient.id())).await?;
@@ -176,10 +204,18 @@ async fn a_patient_may_not_admit_or_deny() -> Result<()> {
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut first = server.waiting_patient(&c, "First").await?;
-    doctor.send(ClientMessage::Admit { participant_id: first.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: first.id(),
+        })
+        .await?;
     first.expect_type("admitted").await?;
     let second = server.waiting_patient(&c, "Second").await?;
-    first.send(ClientMessage::Admit { participant_id: second.id() }).await?;
+    first
+        .send(ClientMessage::Admit {
+            participant_id: second.id(),
+        })
+        .await?;
     first.expect_error(ErrorCode::Forbidden).await?;
     Ok(())
 }
@@ -190,7 +226,11 @@ async fn resume_inside_the_window_restores_the_same_seat() -> Result<()> {
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Di").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     doctor.expect_type("peer_joined").await?;
 
@@ -203,10 +243,18 @@ async fn resume_inside_the_window_restores_the_same_seat() -> Result<()> {
     }
 
     let mut back = server.connect().await?;
-    back.send(ClientMessage::Resume { protocol_version: PROTOCOL_VERSION, resume_token: token })
-        .await?;
+    back.send(ClientMessage::Resume {
+        protocol_version: PROTOCOL_VERSION,
+        resume_token: token,
+    })
+    .await?;
     match back.next().await? {
-        ServerMessage::Joined { participant_id, role, resumed, .. } => {
+        ServerMessage::Joined {
+            participant_id,
+            role,
+            resumed,
+            ..
+        } => {
             assert_eq!(participant_id, pid);
             assert_eq!(role, Role::Patient);
             assert!(resumed);
@@ -237,9 +285,15 @@ async fn resuming_on_a_new_link_replaces_a_half_open_old_one() -> Result<()> {
     let token = doctor.resume_token.clone().unwrap();
     let mut second = server.connect().await?;
     second
-        .send(ClientMessage::Resume { protocol_version: PROTOCOL_VERSION, resume_token: token })
+        .send(ClientMessage::Resume {
+            protocol_version: PROTOCOL_VERSION,
+            resume_token: token,
+        })
         .await?;
-    assert!(matches!(second.next().await?, ServerMessage::Joined { resumed: true, .. }));
+    assert!(matches!(
+        second.next().await?,
+        ServerMessage::Joined { resumed: true, .. }
+    ));
     assert_eq!(doctor.expect_close().await?, close_code::REPLACED);
     Ok(())
 }
@@ -252,21 +306,31 @@ async fn after_the_window_the_seat_is_released_and_resume_is_refused_cleanly() -
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Eve").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     let (pid, token) = (patient.id(), patient.resume_token.clone().unwrap());
     patient.conn.abort();
     doctor.expect_type("peer_reconnecting").await?;
     match doctor.expect_type("peer_left").await? {
-        ServerMessage::PeerLeft { participant_id, reason } => {
+        ServerMessage::PeerLeft {
+            participant_id,
+            reason,
+        } => {
             assert_eq!(participant_id, pid);
             assert_eq!(reason, LeaveReason::TimedOut);
         }
         other => panic!("{other:?}"),
     }
     let mut late = server.connect().await?;
-    late.send(ClientMessage::Resume { protocol_version: PROTOCOL_VERSION, resume_token: token })
-        .await?;
+    late.send(ClientMessage::Resume {
+        protocol_version: PROTOCOL_VERSION,
+        resume_token: token,
+    })
+    .await?;
     late.expect_error(ErrorCode::ResumeExpired).await?;
     // The connection stays usable: the patient can join again from the start.
     late.join_invite(&c.invite_code, None).await?;
@@ -280,7 +344,11 @@ async fn leave_releases_the_seat_at_once() -> Result<()> {
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Flo").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     patient.send(ClientMessage::Leave).await?;
     assert_eq!(patient.expect_close().await?, close_code::NORMAL);
@@ -302,7 +370,14 @@ async fn expired_forged_and_wrong_kind_tokens_are_refused() -> Result<()> {
 
     let cases = [
         (
-            ours.issue(TokenKind::Join, &cid, Role::Doctor, "t", unix_now() - 7200, hour),
+            ours.issue(
+                TokenKind::Join,
+                &cid,
+                Role::Doctor,
+                "t",
+                unix_now() - 7200,
+                hour,
+            ),
             ErrorCode::TokenExpired,
         ),
         (
@@ -311,7 +386,14 @@ async fn expired_forged_and_wrong_kind_tokens_are_refused() -> Result<()> {
         ),
         // A resume token is not a join token.
         (
-            ours.issue(TokenKind::Resume, &cid, Role::Doctor, "p-x", unix_now(), hour),
+            ours.issue(
+                TokenKind::Resume,
+                &cid,
+                Role::Doctor,
+                "p-x",
+                unix_now(),
+                hour,
+            ),
             ErrorCode::InvalidToken,
         ),
         ("garbage".to_owned(), ErrorCode::InvalidToken),
@@ -341,14 +423,19 @@ async fn expired_forged_and_wrong_kind_tokens_are_refused() -> Result<()> {
     }
     // A join token is not a resume token either.
     client
-        .send(ClientMessage::Resume { protocol_version: PROTOCOL_VERSION, resume_token: c.doctor_token.clone() })
+        .send(ClientMessage::Resume {
+            protocol_version: PROTOCOL_VERSION,
+            resume_token: c.doctor_token.clone(),
+        })
         .await?;
     client.expect_error(ErrorCode::InvalidToken).await?;
     // Wrong protocol version.
     client
         .send(ClientMessage::Join {
             protocol_version: 99,
-            auth: JoinAuth::Token { token: c.doctor_token.clone() },
+            auth: JoinAuth::Token {
+                token: c.doctor_token.clone(),
+            },
             display_name: None,
         })
         .await?;
@@ -364,7 +451,11 @@ async fn malformed_input_gets_clear_errors_and_costs_the_others_nothing() -> Res
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Gus").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     doctor.expect_type("peer_joined").await?;
 
@@ -378,27 +469,39 @@ async fn malformed_input_gets_clear_errors_and_costs_the_others_nothing() -> Res
     for (text, code) in bad {
         patient.conn.send_raw(Message::Text(text.into())).await?;
         match patient.expect_type("error").await? {
-            ServerMessage::Error { code: got, message, .. } => {
+            ServerMessage::Error {
+                code: got, message, ..
+            } => {
                 assert_eq!(got, code, "{text}");
                 assert!(!message.is_empty());
             }
             other => panic!("{other:?}"),
         }
     }
-    patient.conn.send_raw(Message::Binary(vec![1, 2, 3].into())).await?;
+    patient
+        .conn
+        .send_raw(Message::Binary(vec![1, 2, 3].into()))
+        .await?;
     patient.expect_error(ErrorCode::MalformedMessage).await?;
     // Joining twice on one connection.
     patient.join_invite(&c.invite_code, None).await.unwrap_err();
 
     // The patient is still in the call and the doctor noticed nothing.
     patient.send(ClientMessage::Ping { nonce: 9 }).await?;
-    assert_eq!(patient.expect_type("pong").await?, ServerMessage::Pong { nonce: 9 });
+    assert_eq!(
+        patient.expect_type("pong").await?,
+        ServerMessage::Pong { nonce: 9 }
+    );
     patient.send(offer(&doctor.id())).await?;
     doctor.expect_type("offer").await?;
     doctor.expect_silence(Duration::from_millis(200)).await?;
 
     // An oversize frame closes only the sender, with 1009.
-    let huge = format!(r#"{{"type":"offer","to":"{}","sdp":"{}"}}"#, doctor.id(), "a".repeat(MAX_MESSAGE_BYTES));
+    let huge = format!(
+        r#"{{"type":"offer","to":"{}","sdp":"{}"}}"#,
+        doctor.id(),
+        "a".repeat(MAX_MESSAGE_BYTES)
+    );
     patient.conn.send_raw(Message::Text(huge.into())).await?;
     assert_eq!(patient.expect_close().await?, close_code::MESSAGE_TOO_BIG);
     // The doctor sees the patient's link drop (the seat is held), not an error of its own.
@@ -442,7 +545,9 @@ async fn invite_code_guessing_is_rate_limited_per_source() -> Result<()> {
         guesser
             .send(ClientMessage::Join {
                 protocol_version: PROTOCOL_VERSION,
-                auth: JoinAuth::InviteCode { code: "22222-22222".into() },
+                auth: JoinAuth::InviteCode {
+                    code: "22222-22222".into(),
+                },
                 display_name: None,
             })
             .await?;
@@ -452,7 +557,9 @@ async fn invite_code_guessing_is_rate_limited_per_source() -> Result<()> {
     guesser
         .send(ClientMessage::Join {
             protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode { code: c.invite_code.clone() },
+            auth: JoinAuth::InviteCode {
+                code: c.invite_code.clone(),
+            },
             display_name: None,
         })
         .await?;
@@ -472,7 +579,11 @@ async fn a_silent_link_is_detected_and_its_seat_held() -> Result<()> {
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Hal").await?;
-    doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
     patient.expect_type("admitted").await?;
     doctor.expect_type("peer_joined").await?;
     // The patient's app freezes: it stops reading, so it never answers the server's pings.
@@ -480,10 +591,16 @@ async fn a_silent_link_is_detected_and_its_seat_held() -> Result<()> {
     let started = std::time::Instant::now();
     // Meanwhile the doctor keeps reading (its client answers pings), and sees the patient go.
     match doctor.expect_type("peer_reconnecting").await? {
-        ServerMessage::PeerReconnecting { participant_id } => assert_eq!(participant_id, frozen.id()),
+        ServerMessage::PeerReconnecting { participant_id } => {
+            assert_eq!(participant_id, frozen.id())
+        }
         other => panic!("{other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     drop(frozen);
     Ok(())
 }
@@ -502,14 +619,19 @@ async fn ending_a_consultation_closes_it_for_everyone() -> Result<()> {
         .await?;
     assert_eq!(resp.status(), 204);
     for client in [&mut doctor, &mut patient] {
-        assert!(matches!(client.expect_type("ended").await?, ServerMessage::Ended { .. }));
+        assert!(matches!(
+            client.expect_type("ended").await?,
+            ServerMessage::Ended { .. }
+        ));
         assert_eq!(client.expect_close().await?, close_code::ENDED);
     }
     let mut again = server.connect().await?;
     again
         .send(ClientMessage::Join {
             protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::Token { token: c.doctor_token.clone() },
+            auth: JoinAuth::Token {
+                token: c.doctor_token.clone(),
+            },
             display_name: None,
         })
         .await?;
@@ -517,7 +639,9 @@ async fn ending_a_consultation_closes_it_for_everyone() -> Result<()> {
     again
         .send(ClientMessage::Join {
             protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode { code: c.invite_code.clone() },
+            auth: JoinAuth::InviteCode {
+                code: c.invite_code.clone(),
+            },
             display_name: None,
         })
         .await?;
@@ -537,7 +661,9 @@ async fn a_full_consultation_refuses_more_seats() -> Result<()> {
     third
         .send(ClientMessage::Join {
             protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode { code: c.invite_code.clone() },
+            auth: JoinAuth::InviteCode {
+                code: c.invite_code.clone(),
+            },
             display_name: None,
         })
         .await?;
@@ -571,12 +697,19 @@ async fn three_hundred_concurrent_consultations() -> Result<()> {
             let c = server.create_consultation().await?;
             let mut doctor = server.doctor(&c).await?;
             let mut patient = server.waiting_patient(&c, "P").await?;
-            doctor.send(ClientMessage::Admit { participant_id: patient.id() }).await?;
+            doctor
+                .send(ClientMessage::Admit {
+                    participant_id: patient.id(),
+                })
+                .await?;
             patient.expect_type("admitted").await?;
             patient.send(offer(&doctor.id())).await?;
             doctor.expect_type("offer").await?;
             doctor
-                .send(ClientMessage::Answer { to: patient.id(), sdp: "v=0\r\n".into() })
+                .send(ClientMessage::Answer {
+                    to: patient.id(),
+                    sdp: "v=0\r\n".into(),
+                })
                 .await?;
             patient.expect_type("answer").await?;
             anyhow::Ok((doctor, patient))
@@ -587,7 +720,10 @@ async fn three_hundred_concurrent_consultations() -> Result<()> {
         held.push(t.await??);
     }
     let metrics = server.metrics().await?;
-    assert!(metrics.contains("bedside_consultations_active 300"), "{metrics}");
+    assert!(
+        metrics.contains("bedside_consultations_active 300"),
+        "{metrics}"
+    );
     assert!(metrics.contains("bedside_participants_connected 600"));
     assert!(metrics.contains("bedside_admissions_total 300"));
     drop(held);

@@ -1,0 +1,233 @@
+//! `cargo xtask <command>`: the project's commands, so that the README needs only two.
+//!
+//! - `demo`: a local clinic on this computer (server with its embedded store), with a
+//!   consultation ready to join.
+//! - `test`: installs the system packages the suites need (Debian, as root), then runs every
+//!   test in the workspace.
+//! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
+//! - `lint`: rustfmt and clippy, as CI expects them.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the test suites need.
+const TEST_PACKAGES: &[&str] = &["pkg-config", "coturn"];
+/// Debian packages the demo needs.
+const DEMO_PACKAGES: &[&str] = &["pkg-config"];
+
+const DEMO_ADDR: &str = "127.0.0.1:8443";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(),
+        Some("test") => test(&args[1..]),
+        Some("bench-signaling") => bench_signaling(&args[1..]),
+        Some("lint") => lint(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | lint>"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Installs missing Debian packages when running as root; otherwise says exactly what to run.
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !is_root {
+        bail!(
+            "missing system packages; install them with:\n  sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    ensure_packages(TEST_PACKAGES)?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("code is not formatted: run cargo fmt --all")?;
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    if root().join("fuzz/Cargo.toml").exists() {
+        // The fuzz targets must keep building (running them needs nightly and cargo-fuzz).
+        run(cargo().args(["check", "--manifest-path", "fuzz/Cargo.toml", "--bins"]))?;
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn bench_signaling(extra: &[String]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bedside-server",
+        "-p",
+        "bedside-tests",
+        "--bin",
+        "bedside-server",
+        "--bin",
+        "signaling-bench",
+    ]))?;
+    run(Command::new(root().join("target/release/signaling-bench"))
+        .current_dir(root())
+        .args(extra))
+}
+
+fn demo() -> Result<()> {
+    ensure_packages(DEMO_PACKAGES)?;
+    run(cargo().args(["build", "-p", "bedside-server"]))?;
+    let data_dir = root().join(".bedside-data");
+    let mut server = Command::new(root().join("target/debug/bedside-server"))
+        .args(["--listen", DEMO_ADDR, "--data-dir"])
+        .arg(&data_dir)
+        .spawn()
+        .context("starting bedside-server")?;
+    let ready = wait_healthy(Duration::from_secs(20));
+    if let Err(e) = ready {
+        let _ = server.kill();
+        return Err(e);
+    }
+    let key = std::fs::read_to_string(data_dir.join("admin-api-key"))
+        .context("reading the generated administration key")?;
+    let (status, body) = http("POST", "/api/v1/consultations", Some(key.trim()))?;
+    if status != 201 {
+        let _ = server.kill();
+        bail!("creating a consultation: HTTP {status}: {body}");
+    }
+    let created: serde_json::Value = serde_json::from_str(&body)?;
+    println!();
+    println!(
+        "Local clinic running at http://{DEMO_ADDR} (store: {})",
+        data_dir.display()
+    );
+    println!(
+        "  signaling:            {}",
+        created["ws_url"].as_str().unwrap_or("")
+    );
+    println!(
+        "  consultation:         {}",
+        created["consultation_id"].as_str().unwrap_or("")
+    );
+    println!(
+        "  patient invite code:  {}",
+        created["invite_code"].as_str().unwrap_or("")
+    );
+    println!(
+        "  doctor token:         {}",
+        created["doctor_token"].as_str().unwrap_or("")
+    );
+    println!("  metrics:              http://{DEMO_ADDR}/metrics");
+    println!("The desktop app and a simulated patient join here once issues #4 and #6 land.");
+    println!("Press Ctrl-C to stop.");
+    let status = server.wait()?;
+    if !status.success() && status.code().is_some() {
+        bail!("bedside-server exited with {status}");
+    }
+    Ok(())
+}
+
+fn wait_healthy(timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((200, _)) = http("GET", "/healthz", None) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the server did not answer on {DEMO_ADDR} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A minimal HTTP/1.1 request to the demo server on loopback.
+fn http(method: &str, path: &str, bearer: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(DEMO_ADDR)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = bearer
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {DEMO_ADDR}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

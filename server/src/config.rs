@@ -228,8 +228,10 @@ mod tests {
 
     #[test]
     fn inconsistent_settings_are_refused() {
-        let mut c = Config::default();
-        c.keepalive_timeout_secs = 1;
+        let c = Config {
+            keepalive_timeout_secs: 1,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
         let mut c = Config::default();
         c.ice.turn_urls = vec!["turn:x:3478".into()];
@@ -241,9 +243,11 @@ mod tests {
 
     #[test]
     fn tls_auto_is_off_only_on_loopback() {
-        let mut c = Config::default();
-        assert!(!c.tls_enabled());
-        c.listen = "0.0.0.0:8443".parse().unwrap();
+        assert!(!Config::default().tls_enabled());
+        let c = Config {
+            listen: "0.0.0.0:8443".parse().unwrap(),
+            ..Config::default()
+        };
         assert!(c.tls_enabled());
     }
 }

@@ -298,23 +298,24 @@ impl Hub {
         }
     }
 
-    /// Sends `make(seat)` to every connected, admitted seat other than `except`.
+    /// Sends `msg` to every connected seat that `to` picks.
+    fn send_to(&self, r: &Room, to: impl Fn(&ParticipantId, &Seat) -> bool, msg: ServerMessage) {
+        for (pid, seat) in &r.seats {
+            if let Some(conn) = seat.conn.as_ref().filter(|_| to(pid, seat)) {
+                conn.send(&self.metrics, msg.clone());
+            }
+        }
+    }
+
+    /// Sends `make(subject's seat)` to every admitted seat other than the subject.
     fn broadcast_admitted(
         &self,
         r: &Room,
-        except: &ParticipantId,
+        subject: &ParticipantId,
         make: impl Fn(&Seat) -> ServerMessage,
     ) {
-        let Some(subject) = r.seats.get(except) else {
-            return;
-        };
-        let msg = make(subject);
-        for (pid, seat) in &r.seats {
-            if pid != except && seat.admitted {
-                if let Some(conn) = &seat.conn {
-                    conn.send(&self.metrics, msg.clone());
-                }
-            }
+        if let Some(seat) = r.seats.get(subject) {
+            self.send_to(r, |pid, s| pid != subject && s.admitted, make(seat));
         }
     }
 
@@ -323,30 +324,15 @@ impl Hub {
             participant_id: left.clone(),
             reason,
         };
-        for seat in r.seats.values() {
-            if seat.admitted {
-                if let Some(conn) = &seat.conn {
-                    conn.send(&self.metrics, msg.clone());
-                }
-            }
-        }
+        self.send_to(r, |_, s| s.admitted, msg);
     }
 
     /// Tells every connected doctor and clinician what the waiting room looks like now.
     fn send_waiting_room(&self, r: &Room) {
-        let waiting = waiting_of(r);
-        for seat in r.seats.values() {
-            if seat.admitted && seat.role.can_admit() {
-                if let Some(conn) = &seat.conn {
-                    conn.send(
-                        &self.metrics,
-                        ServerMessage::WaitingRoom {
-                            waiting: waiting.clone(),
-                        },
-                    );
-                }
-            }
-        }
+        let msg = ServerMessage::WaitingRoom {
+            waiting: waiting_of(r),
+        };
+        self.send_to(r, |_, s| s.admitted && s.role.can_admit(), msg);
     }
 
     /// Lets a waiting patient in, or turns them away.

@@ -29,11 +29,12 @@ pub struct TestServer {
 
 /// A configuration for tests: port 0, fixed secrets, short timers.
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.admin_api_key = "test-admin-key-0123456789".into();
-    config.token_secret = "test-token-secret".into();
-    config
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_api_key: "test-admin-key-0123456789".into(),
+        token_secret: "test-token-secret".into(),
+        ..Config::default()
+    }
 }
 
 impl TestServer {

@@ -1,7 +1,11 @@
 //! The shared heart of Bedside's doctor desktop app and patient mobile apps.
 //!
-//! So far: [`signaling`], the WebSocket connection to the clinic server that speaks
-//! `bedside-protocol`. The call state machine, media and the WebRTC driver are being built
-//! (issue #4).
+//! - [`call`]: the consultation's call logic, one sans-IO state machine (with [`backoff`]).
+//! - [`signaling`]: the WebSocket connection to the clinic server that speaks
+//!   `bedside-protocol`.
+//!
+//! Media and the WebRTC driver are being built (issue #4).
 
+pub mod backoff;
+pub mod call;
 pub mod signaling;

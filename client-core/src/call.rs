@@ -1,0 +1,947 @@
+//! The consultation's call logic as one sans-IO state machine.
+//!
+//! [`Call`] owns every decision: joining, the waiting room, who offers to whom, ICE restarts,
+//! resuming the seat after a lost signaling link (and escalating to a full rejoin), leaving. It
+//! never reads the clock, never spawns and holds no lock: time comes in with every input, and
+//! the RNG used for backoff jitter is passed in at construction. A driver feeds it inputs
+//! (`handle_*`) and carries out its outputs ([`Call::poll_output`]) until
+//! [`Call::poll_timeout`], when it calls [`Call::handle_timeout`].
+//!
+//! Inputs: user commands ([`UserCommand`]), signaling events ([`SignalingEvent`]), media engine
+//! events ([`EngineEvent`]), call statistics, timeouts. Outputs ([`Output`]): signaling commands
+//! (open, send, close), engine commands (create a peer connection, apply a description, restart
+//! ICE...), and events for the UI ([`CallEvent`]).
+//!
+//! Reconnection follows LiveKit's policy: a lost signaling link is first resumed cheaply (same
+//! seat, resume token, media untouched); if the server says the seat is gone the call escalates
+//! to a full rejoin and stays escalated; it never retries after an authentication failure or a
+//! server-ordered end (denied, ended, replaced), and gives up after `give_up_after`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bedside_protocol::{
+    ClientMessage, ErrorCode, IceCandidate, IceServer, JoinAuth, LeaveReason, PROTOCOL_VERSION,
+    ParticipantId, Peer, Role, ServerMessage, StatsReport, WaitingPatient, close_code,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::backoff::Backoff;
+
+/// Timers and limits of the call logic.
+#[derive(Clone, Debug)]
+pub struct CallConfig {
+    pub backoff: Backoff,
+    /// How long one attempt to open the WebSocket and be seated may take.
+    pub join_timeout: Duration,
+    /// How often the client pings the server when nothing else is said.
+    pub ping_interval: Duration,
+    /// Silence from the server after which the signaling link counts as lost.
+    pub signaling_dead_after: Duration,
+    /// How long an ICE restart may take before the peer connection is rebuilt.
+    pub ice_restart_timeout: Duration,
+    /// How long the call keeps trying to get its signaling back before it ends.
+    pub give_up_after: Duration,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        CallConfig {
+            backoff: Backoff::default(),
+            join_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(5),
+            signaling_dead_after: Duration::from_secs(12),
+            ice_restart_timeout: Duration::from_secs(8),
+            give_up_after: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the user (or the host app) asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UserCommand {
+    Join {
+        auth: JoinAuth,
+        display_name: Option<String>,
+    },
+    Admit(ParticipantId),
+    Deny(ParticipantId),
+    SetMicrophoneMuted(bool),
+    SetCameraEnabled(bool),
+    SetAudioOnly(bool),
+    /// The host saw the network change (Wi-Fi to cellular...): reconnect everything now.
+    NetworkChanged,
+    Leave,
+}
+
+/// What happened to the signaling WebSocket.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SignalingEvent {
+    /// The WebSocket is open.
+    Opened,
+    Message(ServerMessage),
+    /// The server closed it with this code.
+    Closed(u16),
+    /// It could not be opened, or broke without a close.
+    Failed,
+}
+
+/// The state of one peer connection, as WebRTC reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerConnectionState {
+    New,
+    Connecting,
+    Connected,
+    Disconnected,
+    Failed,
+    Closed,
+}
+
+/// What the media engine reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineEvent {
+    LocalDescription {
+        peer: ParticipantId,
+        kind: SdpKind,
+        sdp: String,
+    },
+    LocalCandidate {
+        peer: ParticipantId,
+        candidate: IceCandidate,
+    },
+    ConnectionState {
+        peer: ParticipantId,
+        state: PeerConnectionState,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SdpKind {
+    Offer,
+    Answer,
+}
+
+/// What the signaling driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SignalingCommand {
+    /// Open the WebSocket (closing any old one first).
+    Open,
+    Send(ClientMessage),
+    Close,
+}
+
+/// What the media engine must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineCommand {
+    /// Create a peer connection for `peer` with our tracks. An offerer then produces an offer
+    /// (as [`EngineEvent::LocalDescription`]); an answerer waits for one.
+    CreatePeer {
+        peer: ParticipantId,
+        offerer: bool,
+        ice_servers: Vec<IceServer>,
+    },
+    /// Apply the remote description; for an offer, answer it (as a `LocalDescription`).
+    SetRemoteDescription {
+        peer: ParticipantId,
+        kind: SdpKind,
+        sdp: String,
+    },
+    AddRemoteCandidate {
+        peer: ParticipantId,
+        candidate: IceCandidate,
+    },
+    /// Gather fresh candidates and produce an offer with new ICE credentials.
+    RestartIce {
+        peer: ParticipantId,
+    },
+    ClosePeer {
+        peer: ParticipantId,
+    },
+    SetMicrophoneMuted(bool),
+    SetCameraEnabled(bool),
+    /// Stop (or resume) sending video, keeping audio.
+    SetAudioOnly(bool),
+}
+
+/// The call as the UI shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallState {
+    Idle,
+    /// Opening the link and entering the consultation for the first time.
+    Joining,
+    /// In the waiting room.
+    Waiting,
+    /// Admitted, nobody else is here yet.
+    WaitingForPeers,
+    /// Admitted, media being set up.
+    Connecting,
+    Connected,
+    /// The signaling link or a peer's media is being restored.
+    Reconnecting,
+    Ended(EndReason),
+}
+
+/// Why a call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    Left,
+    Denied,
+    ConsultationEnded,
+    /// The seat was resumed on another device.
+    Replaced,
+    /// The server refused our credentials (expired token, unknown invite code...).
+    AuthFailed(ErrorCode),
+    /// The consultation does not exist or is full.
+    Refused(ErrorCode),
+    /// The server could not be reached again within `give_up_after`.
+    ConnectionLost,
+}
+
+/// Events for the UI.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallEvent {
+    State(CallState),
+    /// Who we are, once seated.
+    Seated {
+        participant_id: ParticipantId,
+        role: Role,
+    },
+    WaitingRoom(Vec<WaitingPatient>),
+    PeerJoined(Peer),
+    PeerLeft {
+        participant_id: ParticipantId,
+        reason: LeaveReason,
+    },
+    /// The peer's signaling link dropped; its seat is held.
+    PeerReconnecting(ParticipantId),
+    PeerBack(ParticipantId),
+    PeerMedia {
+        participant_id: ParticipantId,
+        state: PeerConnectionState,
+    },
+    MicrophoneMuted(bool),
+    CameraEnabled(bool),
+    AudioOnly(bool),
+    /// A refusal that does not end the call (e.g. admitting someone who already left).
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Signaling(SignalingCommand),
+    Engine(EngineCommand),
+    Event(CallEvent),
+}
+
+#[derive(Clone, Debug)]
+struct PeerConn {
+    info: Peer,
+    offerer: bool,
+    media: PeerConnectionState,
+    /// Set while an ICE restart is under way: rebuild the connection if still down by then.
+    restart_deadline: Option<Instant>,
+    /// A restart was wanted while signaling was down: do it once we are seated again.
+    restart_pending: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Idle,
+    /// Getting (back) to a seat. `open_at` is when to open the WebSocket next (`None` while an
+    /// attempt is under way, until `deadline`).
+    Connecting {
+        attempt: u32,
+        open_at: Option<Instant>,
+        deadline: Option<Instant>,
+        /// When the link was lost (or the first join began): bounds the whole effort.
+        since: Instant,
+        /// Send `resume` (true) or a full `join`.
+        resume: bool,
+        open: bool,
+    },
+    Seated {
+        admitted: bool,
+    },
+    Leaving,
+    Ended(EndReason),
+}
+
+/// The consultation's call logic. See the module documentation.
+pub struct Call {
+    config: CallConfig,
+    rng: StdRng,
+    phase: Phase,
+    auth: Option<JoinAuth>,
+    display_name: Option<String>,
+    me: Option<(ParticipantId, Role)>,
+    resume_token: Option<String>,
+    /// Once a resume failed, later losses go straight to a full rejoin.
+    escalated: bool,
+    ever_seated: bool,
+    ice_servers: Vec<IceServer>,
+    peers: BTreeMap<ParticipantId, PeerConn>,
+    last_heard: Option<Instant>,
+    next_ping: Option<Instant>,
+    ping_nonce: u64,
+    muted: bool,
+    camera: bool,
+    audio_only: bool,
+    shown: CallState,
+    out: VecDeque<Output>,
+}
+
+impl Call {
+    /// A call that has not joined yet. `seed` feeds the backoff jitter.
+    pub fn new(config: CallConfig, seed: u64) -> Self {
+        Call {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            phase: Phase::Idle,
+            auth: None,
+            display_name: None,
+            me: None,
+            resume_token: None,
+            escalated: false,
+            ever_seated: false,
+            ice_servers: Vec::new(),
+            peers: BTreeMap::new(),
+            last_heard: None,
+            next_ping: None,
+            ping_nonce: 0,
+            muted: false,
+            camera: true,
+            audio_only: false,
+            shown: CallState::Idle,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The call as the UI shows it.
+    pub fn state(&self) -> CallState {
+        match &self.phase {
+            Phase::Idle => CallState::Idle,
+            Phase::Ended(reason) => CallState::Ended(reason.clone()),
+            Phase::Connecting { .. } if !self.ever_seated => CallState::Joining,
+            Phase::Connecting { .. } => CallState::Reconnecting,
+            Phase::Leaving => self.shown.clone(),
+            Phase::Seated { admitted: false } => CallState::Waiting,
+            Phase::Seated { admitted: true } => {
+                if self.peers.is_empty() {
+                    CallState::WaitingForPeers
+                } else if self
+                    .peers
+                    .values()
+                    .all(|p| p.media == PeerConnectionState::Connected)
+                {
+                    CallState::Connected
+                } else if self.peers.values().any(|p| p.restart_deadline.is_some()) {
+                    CallState::Reconnecting
+                } else {
+                    CallState::Connecting
+                }
+            }
+        }
+    }
+
+    pub fn participant_id(&self) -> Option<&ParticipantId> {
+        self.me.as_ref().map(|(p, _)| p)
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values().map(|p| &p.info)
+    }
+
+    pub fn is_audio_only(&self) -> bool {
+        self.audio_only
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Call::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        match &self.phase {
+            Phase::Connecting {
+                open_at, deadline, ..
+            } => {
+                consider(*open_at);
+                consider(*deadline);
+            }
+            Phase::Seated { .. } | Phase::Leaving => {
+                consider(self.next_ping);
+                consider(
+                    self.last_heard
+                        .map(|h| h + self.config.signaling_dead_after),
+                );
+            }
+            Phase::Idle | Phase::Ended(_) => {}
+        }
+        if !matches!(self.phase, Phase::Ended(_)) {
+            for p in self.peers.values() {
+                consider(p.restart_deadline);
+            }
+        }
+        t
+    }
+
+    pub fn handle_user(&mut self, now: Instant, cmd: UserCommand) {
+        match cmd {
+            UserCommand::Join { auth, display_name } => {
+                if matches!(self.phase, Phase::Idle | Phase::Ended(_)) {
+                    self.auth = Some(auth);
+                    self.display_name = display_name;
+                    self.escalated = false;
+                    self.ever_seated = false;
+                    self.phase = Phase::Connecting {
+                        attempt: 0,
+                        open_at: Some(now),
+                        deadline: None,
+                        since: now,
+                        resume: false,
+                        open: false,
+                    };
+                }
+            }
+            UserCommand::Admit(pid) => self.send(ClientMessage::Admit {
+                participant_id: pid,
+            }),
+            UserCommand::Deny(pid) => self.send(ClientMessage::Deny {
+                participant_id: pid,
+            }),
+            UserCommand::SetMicrophoneMuted(m) => {
+                self.muted = m;
+                self.engine(EngineCommand::SetMicrophoneMuted(m));
+                self.event(CallEvent::MicrophoneMuted(m));
+            }
+            UserCommand::SetCameraEnabled(on) => {
+                self.camera = on;
+                self.engine(EngineCommand::SetCameraEnabled(on));
+                self.event(CallEvent::CameraEnabled(on));
+            }
+            UserCommand::SetAudioOnly(on) => {
+                self.audio_only = on;
+                self.engine(EngineCommand::SetAudioOnly(on));
+                self.event(CallEvent::AudioOnly(on));
+            }
+            UserCommand::NetworkChanged => {
+                if let Phase::Seated { .. } = self.phase {
+                    // The old link is bound to an address that is gone: do not wait for the
+                    // keepalive to notice. Resume at once, and restart ICE meanwhile.
+                    self.signaling(SignalingCommand::Close);
+                    self.lost_signaling(now, true);
+                }
+                let peers: Vec<_> = self.peers.keys().cloned().collect();
+                for peer in peers {
+                    self.restart_ice(now, &peer);
+                }
+            }
+            UserCommand::Leave => match self.phase {
+                Phase::Seated { .. } => {
+                    self.send(ClientMessage::Leave);
+                    self.phase = Phase::Leaving;
+                }
+                Phase::Idle | Phase::Ended(_) | Phase::Leaving => {}
+                Phase::Connecting { .. } => {
+                    self.signaling(SignalingCommand::Close);
+                    self.end(EndReason::Left);
+                }
+            },
+        }
+        self.update_state();
+    }
+
+    pub fn handle_signaling(&mut self, now: Instant, event: SignalingEvent) {
+        match event {
+            SignalingEvent::Opened => {
+                if let Phase::Connecting {
+                    open: open @ false,
+                    resume,
+                    ..
+                } = &mut self.phase
+                {
+                    *open = true;
+                    let resume = *resume;
+                    self.last_heard = Some(now);
+                    let msg = match (&self.resume_token, resume) {
+                        (Some(token), true) => ClientMessage::Resume {
+                            protocol_version: PROTOCOL_VERSION,
+                            resume_token: token.clone(),
+                        },
+                        _ => ClientMessage::Join {
+                            protocol_version: PROTOCOL_VERSION,
+                            auth: self.auth.clone().expect("joining without auth"),
+                            display_name: self.display_name.clone(),
+                        },
+                    };
+                    self.signaling(SignalingCommand::Send(msg));
+                }
+            }
+            SignalingEvent::Message(msg) => {
+                self.last_heard = Some(now);
+                self.on_message(now, msg);
+            }
+            SignalingEvent::Closed(code) => self.on_closed(now, Some(code)),
+            SignalingEvent::Failed => self.on_closed(now, None),
+        }
+        self.update_state();
+    }
+
+    pub fn handle_engine(&mut self, now: Instant, event: EngineEvent) {
+        match event {
+            EngineEvent::LocalDescription { peer, kind, sdp } => {
+                if self.peers.contains_key(&peer) {
+                    self.send(match kind {
+                        SdpKind::Offer => ClientMessage::Offer { to: peer, sdp },
+                        SdpKind::Answer => ClientMessage::Answer { to: peer, sdp },
+                    });
+                }
+            }
+            EngineEvent::LocalCandidate { peer, candidate } => {
+                if self.peers.contains_key(&peer) {
+                    self.send(ClientMessage::IceCandidate {
+                        to: peer,
+                        candidate,
+                    });
+                }
+            }
+            EngineEvent::ConnectionState { peer, state } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if p.media == state {
+                    return;
+                }
+                p.media = state;
+                self.event(CallEvent::PeerMedia {
+                    participant_id: peer.clone(),
+                    state,
+                });
+                match state {
+                    PeerConnectionState::Connected => {
+                        let p = self.peers.get_mut(&peer).expect("present");
+                        p.restart_deadline = None;
+                        p.restart_pending = false;
+                    }
+                    PeerConnectionState::Disconnected | PeerConnectionState::Failed => {
+                        if self.peers[&peer].restart_deadline.is_none() {
+                            self.restart_ice(now, &peer);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.update_state();
+    }
+
+    /// A call-quality sample from the driver, sent on to the server as telemetry.
+    pub fn handle_stats(&mut self, _now: Instant, mut report: StatsReport) {
+        report.audio_only = Some(self.audio_only);
+        if matches!(self.phase, Phase::Seated { admitted: true }) {
+            self.send(ClientMessage::Stats { report });
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase.clone() {
+            Phase::Connecting {
+                attempt,
+                open_at,
+                deadline,
+                since,
+                resume,
+                ..
+            } => {
+                if open_at.is_some_and(|t| now >= t) {
+                    self.signaling(SignalingCommand::Open);
+                    self.phase = Phase::Connecting {
+                        attempt,
+                        open_at: None,
+                        deadline: Some(now + self.config.join_timeout),
+                        since,
+                        resume,
+                        open: false,
+                    };
+                } else if deadline.is_some_and(|t| now >= t) {
+                    self.signaling(SignalingCommand::Close);
+                    self.retry(now);
+                }
+            }
+            Phase::Seated { .. } | Phase::Leaving => {
+                if self
+                    .last_heard
+                    .is_some_and(|h| now >= h + self.config.signaling_dead_after)
+                {
+                    self.signaling(SignalingCommand::Close);
+                    if self.phase == Phase::Leaving {
+                        self.end(EndReason::Left);
+                    } else {
+                        self.lost_signaling(now, false);
+                    }
+                } else if self.next_ping.is_some_and(|t| now >= t) {
+                    self.ping_nonce += 1;
+                    self.send(ClientMessage::Ping {
+                        nonce: self.ping_nonce,
+                    });
+                    self.next_ping = Some(now + self.config.ping_interval);
+                }
+            }
+            Phase::Idle | Phase::Ended(_) => {}
+        }
+        let expired: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.restart_deadline.is_some_and(|t| now >= t))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for peer in expired {
+            self.rebuild_peer(now, &peer);
+        }
+        self.update_state();
+    }
+
+    fn on_message(&mut self, now: Instant, msg: ServerMessage) {
+        match msg {
+            ServerMessage::Joined {
+                participant_id,
+                role,
+                resume_token,
+                resumed,
+                ..
+            } => {
+                if !resumed {
+                    // A new seat: every old peer connection belonged to the old one.
+                    self.close_all_peers();
+                }
+                self.me = Some((participant_id.clone(), role));
+                self.resume_token = Some(resume_token);
+                self.ever_seated = true;
+                self.phase = Phase::Seated { admitted: false };
+                self.next_ping = Some(now + self.config.ping_interval);
+                self.event(CallEvent::Seated {
+                    participant_id,
+                    role,
+                });
+            }
+            ServerMessage::Waiting => {
+                self.phase = Phase::Seated { admitted: false };
+            }
+            ServerMessage::Admitted { peers, ice_servers } => {
+                self.phase = Phase::Seated { admitted: true };
+                self.ice_servers = ice_servers;
+                // Peers we had that are gone now left while we were away.
+                let listed: Vec<ParticipantId> =
+                    peers.iter().map(|p| p.participant_id.clone()).collect();
+                let stale: Vec<ParticipantId> = self
+                    .peers
+                    .keys()
+                    .filter(|id| !listed.contains(id))
+                    .cloned()
+                    .collect();
+                for id in stale {
+                    self.remove_peer(&id, LeaveReason::Left);
+                }
+                // We were admitted after everyone listed: we offer to each.
+                for peer in peers {
+                    let id = peer.participant_id.clone();
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.info = peer;
+                        if p.restart_pending {
+                            self.restart_ice(now, &id);
+                        }
+                    } else {
+                        self.add_peer(peer, true);
+                    }
+                }
+            }
+            ServerMessage::Denied => self.end(EndReason::Denied),
+            ServerMessage::WaitingRoom { waiting } => self.event(CallEvent::WaitingRoom(waiting)),
+            ServerMessage::PeerJoined { peer } => {
+                if !self.peers.contains_key(&peer.participant_id) {
+                    self.event(CallEvent::PeerJoined(peer.clone()));
+                    self.add_peer(peer, false);
+                }
+            }
+            ServerMessage::PeerLeft {
+                participant_id,
+                reason,
+            } => self.remove_peer(&participant_id, reason),
+            ServerMessage::PeerReconnecting { participant_id } => {
+                if let Some(p) = self.peers.get_mut(&participant_id) {
+                    p.info.connected = false;
+                    self.event(CallEvent::PeerReconnecting(participant_id));
+                }
+            }
+            ServerMessage::PeerBack { participant_id } => {
+                if let Some(p) = self.peers.get_mut(&participant_id) {
+                    p.info.connected = true;
+                    self.event(CallEvent::PeerBack(participant_id));
+                }
+            }
+            ServerMessage::Offer { from, sdp } => {
+                if !self.peers.contains_key(&from) {
+                    // An offer from someone we were not told about (a race with peer_joined).
+                    let peer = Peer {
+                        participant_id: from.clone(),
+                        role: Role::Clinician,
+                        display_name: None,
+                        connected: true,
+                    };
+                    self.add_peer(peer, false);
+                }
+                self.engine(EngineCommand::SetRemoteDescription {
+                    peer: from,
+                    kind: SdpKind::Offer,
+                    sdp,
+                });
+            }
+            ServerMessage::Answer { from, sdp } => {
+                if self.peers.contains_key(&from) {
+                    self.engine(EngineCommand::SetRemoteDescription {
+                        peer: from,
+                        kind: SdpKind::Answer,
+                        sdp,
+                    });
+                }
+            }
+            ServerMessage::IceCandidate { from, candidate } => {
+                if self.peers.contains_key(&from) {
+                    self.engine(EngineCommand::AddRemoteCandidate {
+                        peer: from,
+                        candidate,
+                    });
+                }
+            }
+            ServerMessage::IceRestart { from } => {
+                if self.peers.get(&from).is_some_and(|p| p.offerer) {
+                    self.restart_ice(now, &from);
+                }
+            }
+            ServerMessage::IceServers { ice_servers } => self.ice_servers = ice_servers,
+            ServerMessage::Ended { .. } => self.end(EndReason::ConsultationEnded),
+            ServerMessage::Error { code, message, .. } => self.on_error(now, code, message),
+            ServerMessage::Ping { nonce } => self.send(ClientMessage::Pong { nonce }),
+            ServerMessage::Pong { .. } => {}
+        }
+    }
+
+    fn on_error(&mut self, now: Instant, code: ErrorCode, message: String) {
+        let joining = matches!(self.phase, Phase::Connecting { .. });
+        match code {
+            ErrorCode::ResumeExpired if joining => {
+                // The seat is gone: rejoin from the start, and stay escalated.
+                self.escalated = true;
+                self.close_all_peers();
+                if let Phase::Connecting { resume, .. } = &mut self.phase {
+                    *resume = false;
+                }
+                self.signaling(SignalingCommand::Send(ClientMessage::Join {
+                    protocol_version: PROTOCOL_VERSION,
+                    auth: self.auth.clone().expect("seated calls have auth"),
+                    display_name: self.display_name.clone(),
+                }));
+            }
+            ErrorCode::InvalidToken | ErrorCode::TokenExpired | ErrorCode::InvalidInviteCode
+                if joining =>
+            {
+                self.signaling(SignalingCommand::Close);
+                self.end(EndReason::AuthFailed(code));
+            }
+            ErrorCode::ConsultationNotFound
+            | ErrorCode::ConsultationFull
+            | ErrorCode::UnsupportedVersion
+                if joining =>
+            {
+                self.signaling(SignalingCommand::Close);
+                self.end(EndReason::Refused(code));
+            }
+            ErrorCode::RateLimited | ErrorCode::Internal if joining => {
+                self.signaling(SignalingCommand::Close);
+                self.retry(now);
+            }
+            _ => self.event(CallEvent::Error { code, message }),
+        }
+    }
+
+    fn on_closed(&mut self, now: Instant, code: Option<u16>) {
+        match (&self.phase, code) {
+            (Phase::Idle | Phase::Ended(_), _) => {}
+            (Phase::Leaving, _) => self.end(EndReason::Left),
+            (_, Some(close_code::DENIED)) => self.end(EndReason::Denied),
+            (_, Some(close_code::ENDED)) => self.end(EndReason::ConsultationEnded),
+            (_, Some(close_code::REPLACED)) => self.end(EndReason::Replaced),
+            (Phase::Connecting { .. }, _) => self.retry(now),
+            (Phase::Seated { .. }, _) => self.lost_signaling(now, false),
+        }
+    }
+
+    /// The seat's link is gone: try to get it back (resume unless escalated).
+    fn lost_signaling(&mut self, now: Instant, immediately: bool) {
+        let delay = if immediately {
+            Duration::ZERO
+        } else {
+            self.config.backoff.delay(0, &mut self.rng)
+        };
+        self.phase = Phase::Connecting {
+            attempt: 0,
+            open_at: Some(now + delay),
+            deadline: None,
+            since: now,
+            resume: !self.escalated && self.resume_token.is_some(),
+            open: false,
+        };
+        self.next_ping = None;
+    }
+
+    /// One attempt failed: wait and try again, unless it is time to give up.
+    fn retry(&mut self, now: Instant) {
+        let Phase::Connecting {
+            attempt,
+            since,
+            resume,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
+        if now.duration_since(since) >= self.config.give_up_after {
+            self.end(EndReason::ConnectionLost);
+            return;
+        }
+        let attempt = attempt + 1;
+        let delay = self.config.backoff.delay(attempt, &mut self.rng);
+        self.phase = Phase::Connecting {
+            attempt,
+            open_at: Some(now + delay),
+            deadline: None,
+            since,
+            resume,
+            open: false,
+        };
+    }
+
+    fn add_peer(&mut self, info: Peer, offerer: bool) {
+        let id = info.participant_id.clone();
+        self.peers.insert(
+            id.clone(),
+            PeerConn {
+                info,
+                offerer,
+                media: PeerConnectionState::New,
+                restart_deadline: None,
+                restart_pending: false,
+            },
+        );
+        self.engine(EngineCommand::CreatePeer {
+            peer: id,
+            offerer,
+            ice_servers: self.ice_servers.clone(),
+        });
+    }
+
+    fn remove_peer(&mut self, id: &ParticipantId, reason: LeaveReason) {
+        if self.peers.remove(id).is_some() {
+            self.engine(EngineCommand::ClosePeer { peer: id.clone() });
+            self.event(CallEvent::PeerLeft {
+                participant_id: id.clone(),
+                reason,
+            });
+        }
+    }
+
+    fn close_all_peers(&mut self) {
+        let ids: Vec<_> = self.peers.keys().cloned().collect();
+        for id in ids {
+            self.remove_peer(&id, LeaveReason::Left);
+        }
+    }
+
+    /// Restarts ICE with a peer: the offerer does it, the answerer asks the offerer to.
+    fn restart_ice(&mut self, now: Instant, peer: &ParticipantId) {
+        let seated = matches!(self.phase, Phase::Seated { admitted: true });
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        p.restart_deadline = Some(now + self.config.ice_restart_timeout);
+        if !seated {
+            p.restart_pending = true;
+            return;
+        }
+        p.restart_pending = false;
+        if p.offerer {
+            self.engine(EngineCommand::RestartIce { peer: peer.clone() });
+        } else {
+            self.send(ClientMessage::IceRestart { to: peer.clone() });
+        }
+    }
+
+    /// An ICE restart did not bring the peer back in time: start over with a new connection.
+    fn rebuild_peer(&mut self, now: Instant, peer: &ParticipantId) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        p.restart_deadline = Some(now + self.config.ice_restart_timeout);
+        if !matches!(self.phase, Phase::Seated { admitted: true }) {
+            p.restart_pending = true;
+            return;
+        }
+        let offerer = p.offerer;
+        p.media = PeerConnectionState::New;
+        self.engine(EngineCommand::ClosePeer { peer: peer.clone() });
+        self.engine(EngineCommand::CreatePeer {
+            peer: peer.clone(),
+            offerer,
+            ice_servers: self.ice_servers.clone(),
+        });
+    }
+
+    fn end(&mut self, reason: EndReason) {
+        let ids: Vec<_> = self.peers.keys().cloned().collect();
+        for id in ids {
+            self.engine(EngineCommand::ClosePeer { peer: id });
+        }
+        self.peers.clear();
+        self.next_ping = None;
+        self.phase = Phase::Ended(reason);
+    }
+
+    fn send(&mut self, msg: ClientMessage) {
+        // Messages while the link is down are dropped: what matters is renegotiated after the
+        // resume (an ICE restart brings fresh candidates).
+        if matches!(self.phase, Phase::Seated { .. }) {
+            self.signaling(SignalingCommand::Send(msg));
+        }
+    }
+
+    fn signaling(&mut self, cmd: SignalingCommand) {
+        self.out.push_back(Output::Signaling(cmd));
+    }
+
+    fn engine(&mut self, cmd: EngineCommand) {
+        self.out.push_back(Output::Engine(cmd));
+    }
+
+    fn event(&mut self, event: CallEvent) {
+        self.out.push_back(Output::Event(event));
+    }
+
+    fn update_state(&mut self) {
+        let state = self.state();
+        if state != self.shown {
+            self.shown = state.clone();
+            self.event(CallEvent::State(state));
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The call state machine in virtual time: every transition, no sockets, no sleeping. A test of
+//! minutes of call time runs in microseconds because the machine never reads the clock.
+
+use std::time::{Duration, Instant};
+
+use bedside_client_core::call::*;
+use bedside_protocol::*;
+
+struct Harness {
+    call: Call,
+    now: Instant,
+    out: Vec<Output>,
+}
+
+fn pid(s: &str) -> ParticipantId {
+    ParticipantId(s.into())
+}
+
+fn peer(s: &str, role: Role) -> Peer {
+    Peer {
+        participant_id: pid(s),
+        role,
+        display_name: None,
+        connected: true,
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            call: Call::new(CallConfig::default(), 42),
+            now: Instant::now(),
+            out: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        while let Some(o) = self.call.poll_output() {
+            self.out.push(o);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Moves virtual time forward by `d`, firing every timeout on the way.
+    fn advance(&mut self, d: Duration) -> Vec<Output> {
+        let end = self.now + d;
+        while let Some(t) = self.call.poll_timeout() {
+            if t > end {
+                break;
+            }
+            self.now = self.now.max(t);
+            self.call.handle_timeout(self.now);
+            while let Some(o) = self.call.poll_output() {
+                self.out.push(o);
+            }
+        }
+        self.now = end;
+        self.drain()
+    }
+
+    fn user(&mut self, cmd: UserCommand) -> Vec<Output> {
+        self.call.handle_user(self.now, cmd);
+        self.drain()
+    }
+
+    fn sig(&mut self, ev: SignalingEvent) -> Vec<Output> {
+        self.call.handle_signaling(self.now, ev);
+        self.drain()
+    }
+
+    fn msg(&mut self, m: ServerMessage) -> Vec<Output> {
+        self.sig(SignalingEvent::Message(m))
+    }
+
+    fn engine(&mut self, ev: EngineEvent) -> Vec<Output> {
+        self.call.handle_engine(self.now, ev);
+        self.drain()
+    }
+
+    fn joined(&mut self, me: &str, role: Role, resumed: bool) -> Vec<Output> {
+        self.msg(ServerMessage::Joined {
+            protocol_version: 1,
+            participant_id: pid(me),
+            consultation_id: ConsultationId("c".into()),
+            role,
+            resume_token: format!("resume-{me}"),
+            rejoin_window_secs: 60,
+            resumed,
+        })
+    }
+
+    /// Join to the point where the WebSocket is open and `join` was sent.
+    fn open_and_join(&mut self, auth: JoinAuth) -> Vec<Output> {
+        self.user(UserCommand::Join {
+            auth,
+            display_name: Some("Ana".into()),
+        });
+        let opened = self.advance(Duration::ZERO);
+        assert!(
+            opened.contains(&Output::Signaling(SignalingCommand::Open)),
+            "{opened:?}"
+        );
+        self.sig(SignalingEvent::Opened)
+    }
+
+    /// A patient admitted with a doctor present and media connected.
+    fn connected_patient() -> Self {
+        let mut h = Harness::new();
+        h.open_and_join(JoinAuth::InviteCode { code: "X".into() });
+        h.joined("pat", Role::Patient, false);
+        h.msg(ServerMessage::Waiting);
+        h.msg(ServerMessage::Admitted {
+            peers: vec![peer("doc", Role::Doctor)],
+            ice_servers: vec![],
+        });
+        h.engine(EngineEvent::ConnectionState {
+            peer: pid("doc"),
+            state: PeerConnectionState::Connected,
+        });
+        assert_eq!(h.call.state(), CallState::Connected);
+        h
+    }
+}
+
+fn sent(out: &[Output]) -> Vec<&ClientMessage> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Signaling(SignalingCommand::Send(m)) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn engine(out: &[Output]) -> Vec<&EngineCommand> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Engine(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn states(out: &[Output]) -> Vec<&CallState> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Event(CallEvent::State(s)) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn opens(out: &[Output]) -> usize {
+    out.iter()
+        .filter(|o| **o == Output::Signaling(SignalingCommand::Open))
+        .count()
+}
+
+#[test]
+fn a_patient_joins_waits_is_admitted_and_offers_to_the_doctor() {
+    let mut h = Harness::new();
+    let out = h.open_and_join(JoinAuth::InviteCode {
+        code: "K7QM".into(),
+    });
+    assert!(matches!(
+        sent(&out)[..],
+        [ClientMessage::Join { display_name: Some(n), .. }] if n == "Ana"
+    ));
+    assert_eq!(h.call.state(), CallState::Joining);
+    h.joined("pat", Role::Patient, false);
+    let out = h.msg(ServerMessage::Waiting);
+    assert_eq!(h.call.state(), CallState::Waiting);
+    assert!(engine(&out).is_empty(), "no media before admission");
+
+    let out = h.msg(ServerMessage::Admitted {
+        peers: vec![peer("doc", Role::Doctor)],
+        ice_servers: vec![IceServer {
+            urls: vec!["turn:x".into()],
+            username: Some("u".into()),
+            credential: Some("p".into()),
+        }],
+    });
+    // Admitted later than the doctor: we offer.
+    assert!(matches!(
+        engine(&out)[..],
+        [EngineCommand::CreatePeer { peer, offerer: true, ice_servers }] if peer == &pid("doc") && ice_servers.len() == 1
+    ));
+    assert_eq!(h.call.state(), CallState::Connecting);
+
+    let out = h.engine(EngineEvent::LocalDescription {
+        peer: pid("doc"),
+        kind: SdpKind::Offer,
+        sdp: "offer".into(),
+    });
+    assert_eq!(
+        sent(&out),
+        [&ClientMessage::Offer {
+            to: pid("doc"),
+            sdp: "offer".into()
+        }]
+    );
+    let out = h.msg(ServerMessage::Answer {
+        from: pid("doc"),
+        sdp: "answer".into(),
+    });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::SetRemoteDescription {
+            peer: pid("doc"),
+            kind: SdpKind::Answer,
+            sdp: "answer".into()
+        }]
+    );
+    let cand = IceCandidate {
+        candidate: "candidate:1".into(),
+        sdp_mid: None,
+        sdp_mline_index: Some(0),
+        username_fragment: None,
+    };
+    let out = h.engine(EngineEvent::LocalCandidate {
+        peer: pid("doc"),
+        candidate: cand.clone(),
+    });
+    assert_eq!(
+        sent(&out),
+        [&ClientMessage::IceCandidate {
+            to: pid("doc"),
+            candidate: cand.clone()
+        }]
+    );
+    let out = h.msg(ServerMessage::IceCandidate {
+        from: pid("doc"),
+        candidate: cand.clone(),
+    });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::AddRemoteCandidate {
+            peer: pid("doc"),
+            candidate: cand
+        }]
+    );
+    let out = h.engine(EngineEvent::ConnectionState {
+        peer: pid("doc"),
+        state: PeerConnectionState::Connected,
+    });
+    assert_eq!(states(&out), [&CallState::Connected]);
+}
+
+#[test]
+fn a_doctor_admits_and_answers_the_patients_offer() {
+    let mut h = Harness::new();
+    h.open_and_join(JoinAuth::Token { token: "t".into() });
+    h.joined("doc", Role::Doctor, false);
+    h.msg(ServerMessage::Admitted {
+        peers: vec![],
+        ice_servers: vec![],
+    });
+    assert_eq!(h.call.state(), CallState::WaitingForPeers);
+    let waiting = vec![WaitingPatient {
+        participant_id: pid("pat"),
+        display_name: Some("Ana".into()),
+        waiting_secs: 3,
+        connected: true,
+    }];
+    let out = h.msg(ServerMessage::WaitingRoom {
+        waiting: waiting.clone(),
+    });
+    assert!(out.contains(&Output::Event(CallEvent::WaitingRoom(waiting))));
+    let out = h.user(UserCommand::Admit(pid("pat")));
+    assert_eq!(
+        sent(&out),
+        [&ClientMessage::Admit {
+            participant_id: pid("pat")
+        }]
+    );
+    let out = h.msg(ServerMessage::PeerJoined {
+        peer: peer("pat", Role::Patient),
+    });
+    assert!(matches!(
+        engine(&out)[..],
+        [EngineCommand::CreatePeer { offerer: false, .. }]
+    ));
+    let out = h.msg(ServerMessage::Offer {
+        from: pid("pat"),
+        sdp: "o".into(),
+    });
+    assert!(matches!(
+        engine(&out)[..],
+        [EngineCommand::SetRemoteDescription {
+            kind: SdpKind::Offer,
+            ..
+        }]
+    ));
+    let out = h.engine(EngineEvent::LocalDescription {
+        peer: pid("pat"),
+        kind: SdpKind::Answer,
+        sdp: "a".into(),
+    });
+    assert_eq!(
+        sent(&out),
+        [&ClientMessage::Answer {
+            to: pid("pat"),
+            sdp: "a".into()
+        }]
+    );
+}
+
+#[test]
+fn denied_ends_the_call_without_retrying() {
+    let mut h = Harness::new();
+    h.open_and_join(JoinAuth::InviteCode { code: "X".into() });
+    h.joined("pat", Role::Patient, false);
+    h.msg(ServerMessage::Waiting);
+    h.msg(ServerMessage::Denied);
+    h.sig(SignalingEvent::Closed(close_code::DENIED));
+    assert_eq!(h.call.state(), CallState::Ended(EndReason::Denied));
+    let later = h.advance(Duration::from_secs(600));
+    assert_eq!(opens(&later), 0);
+    assert_eq!(h.call.poll_timeout(), None);
+}
+
+#[test]
+fn a_lost_link_resumes_the_seat_and_keeps_the_media() {
+    let mut h = Harness::connected_patient();
+    let out = h.sig(SignalingEvent::Failed);
+    assert_eq!(states(&out), [&CallState::Reconnecting]);
+    assert!(
+        engine(&out).is_empty(),
+        "media is not touched when only signaling drops"
+    );
+    // The first attempt comes within the first backoff ceiling (250 ms).
+    let out = h.advance(Duration::from_millis(250));
+    assert_eq!(opens(&out), 1);
+    let out = h.sig(SignalingEvent::Opened);
+    assert_eq!(
+        sent(&out),
+        [&ClientMessage::Resume {
+            protocol_version: 1,
+            resume_token: "resume-pat".into()
+        }]
+    );
+    h.joined("pat", Role::Patient, true);
+    let out = h.msg(ServerMessage::Admitted {
+        peers: vec![peer("doc", Role::Doctor)],
+        ice_servers: vec![],
+    });
+    assert!(
+        engine(&out).is_empty(),
+        "no renegotiation after a cheap resume: {out:?}"
+    );
+    assert_eq!(states(&out), [&CallState::Connected]);
+}
+
+#[test]
+fn failed_attempts_back_off_with_jitter_and_give_up_after_the_limit() {
+    let mut h = Harness::connected_patient();
+    h.sig(SignalingEvent::Failed);
+    let mut attempt_times = Vec::new();
+    let start = h.now;
+    loop {
+        let out = h.advance(Duration::from_millis(10));
+        if opens(&out) > 0 {
+            attempt_times.push(h.now.duration_since(start));
+            h.sig(SignalingEvent::Failed);
+        }
+        if matches!(h.call.state(), CallState::Ended(_)) {
+            break;
+        }
+        assert!(
+            h.now.duration_since(start) < Duration::from_secs(200),
+            "never gave up"
+        );
+    }
+    assert_eq!(h.call.state(), CallState::Ended(EndReason::ConnectionLost));
+    let gaps: Vec<Duration> = attempt_times.windows(2).map(|w| w[1] - w[0]).collect();
+    // Gaps are bounded by the doubling ceiling (plus one 10 ms step of the harness).
+    let b = bedside_client_core::backoff::Backoff::default();
+    for (n, gap) in gaps.iter().enumerate() {
+        assert!(
+            *gap <= b.ceiling(n as u32 + 1) + Duration::from_millis(10),
+            "gap {n}: {gap:?}"
+        );
+    }
+    // The cap holds attempts to at least one every 5 s: about two minutes means many tries.
+    assert!(attempt_times.len() >= 20, "{}", attempt_times.len());
+    assert!(h.now.duration_since(start) >= Duration::from_secs(120));
+}
+
+#[test]
+fn an_expired_seat_escalates_to_a_full_rejoin_and_stays_escalated() {
+    let mut h = Harness::connected_patient();
+    h.sig(SignalingEvent::Closed(close_code::GOING_AWAY));
+    h.advance(Duration::from_millis(250));
+    h.sig(SignalingEvent::Opened);
+    let out = h.msg(ServerMessage::Error {
+        code: ErrorCode::ResumeExpired,
+        message: "gone".into(),
+        in_reply_to: Some("resume".into()),
+    });
+    // The old peer connection belonged to the old seat.
+    assert!(engine(&out).contains(&&EngineCommand::ClosePeer { peer: pid("doc") }));
+    assert!(matches!(sent(&out)[..], [ClientMessage::Join { .. }]));
+    h.joined("pat2", Role::Patient, false);
+    h.msg(ServerMessage::Waiting);
+    assert_eq!(h.call.state(), CallState::Waiting);
+    // A second loss goes straight to join, not resume.
+    h.sig(SignalingEvent::Failed);
+    h.advance(Duration::from_millis(250));
+    let out = h.sig(SignalingEvent::Opened);
+    assert!(
+        matches!(sent(&out)[..], [ClientMessage::Join { .. }]),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn authentication_failures_and_server_orders_are_final() {
+    for (event, reason) in [
+        (
+            SignalingEvent::Message(ServerMessage::Error {
+                code: ErrorCode::TokenExpired,
+                message: String::new(),
+                in_reply_to: None,
+            }),
+            EndReason::AuthFailed(ErrorCode::TokenExpired),
+        ),
+        (
+            SignalingEvent::Closed(close_code::ENDED),
+            EndReason::ConsultationEnded,
+        ),
+        (
+            SignalingEvent::Closed(close_code::REPLACED),
+            EndReason::Replaced,
+        ),
+    ] {
+        let mut h = Harness::connected_patient();
+        h.sig(SignalingEvent::Failed);
+        h.advance(Duration::from_millis(250));
+        h.sig(SignalingEvent::Opened);
+        let out = h.sig(event);
+        assert_eq!(h.call.state(), CallState::Ended(reason));
+        assert!(engine(&out).contains(&&EngineCommand::ClosePeer { peer: pid("doc") }));
+        assert_eq!(opens(&h.advance(Duration::from_secs(300))), 0);
+    }
+}
+
+#[test]
+fn a_join_that_gets_no_answer_times_out_and_retries() {
+    let mut h = Harness::new();
+    h.open_and_join(JoinAuth::Token { token: "t".into() });
+    let out = h.advance(Duration::from_secs(10));
+    assert!(out.contains(&Output::Signaling(SignalingCommand::Close)));
+    let out = h.advance(Duration::from_millis(500));
+    assert_eq!(opens(&out), 1);
+    assert_eq!(h.call.state(), CallState::Joining);
+}
+
+#[test]
+fn a_silent_server_is_noticed_by_the_keepalive() {
+    let mut h = Harness::connected_patient();
+    // Pings go out every 5 s while seated.
+    let out = h.advance(Duration::from_secs(5));
+    assert!(matches!(sent(&out)[..], [ClientMessage::Ping { .. }]));
+    // The server answers nothing for 12 s: the link counts as lost.
+    let out = h.advance(Duration::from_secs(7));
+    assert!(
+        out.contains(&Output::Signaling(SignalingCommand::Close)),
+        "{out:?}"
+    );
+    assert_eq!(h.call.state(), CallState::Reconnecting);
+    // Any message resets the silence timer.
+    let mut h = Harness::connected_patient();
+    for _ in 0..10 {
+        h.advance(Duration::from_secs(4));
+        h.msg(ServerMessage::Pong { nonce: 1 });
+    }
+    assert_eq!(h.call.state(), CallState::Connected);
+}
+
+#[test]
+fn ice_disconnect_restarts_from_the_offerer_and_asks_from_the_answerer() {
+    // The patient offered: it restarts ICE itself.
+    let mut h = Harness::connected_patient();
+    let out = h.engine(EngineEvent::ConnectionState {
+        peer: pid("doc"),
+        state: PeerConnectionState::Disconnected,
+    });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::RestartIce { peer: pid("doc") }]
+    );
+    assert_eq!(h.call.state(), CallState::Reconnecting);
+    h.engine(EngineEvent::ConnectionState {
+        peer: pid("doc"),
+        state: PeerConnectionState::Connected,
+    });
+    assert_eq!(h.call.state(), CallState::Connected);
+
+    // The doctor answered: it asks the patient to restart.
+    let mut d = Harness::new();
+    d.open_and_join(JoinAuth::Token { token: "t".into() });
+    d.joined("doc", Role::Doctor, false);
+    d.msg(ServerMessage::Admitted {
+        peers: vec![],
+        ice_servers: vec![],
+    });
+    d.msg(ServerMessage::PeerJoined {
+        peer: peer("pat", Role::Patient),
+    });
+    d.engine(EngineEvent::ConnectionState {
+        peer: pid("pat"),
+        state: PeerConnectionState::Connected,
+    });
+    let out = d.engine(EngineEvent::ConnectionState {
+        peer: pid("pat"),
+        state: PeerConnectionState::Failed,
+    });
+    assert_eq!(sent(&out), [&ClientMessage::IceRestart { to: pid("pat") }]);
+    // And when asked, the offerer restarts.
+    let out = h.msg(ServerMessage::IceRestart { from: pid("doc") });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::RestartIce { peer: pid("doc") }]
+    );
+}
+
+#[test]
+fn an_ice_restart_that_does_not_recover_rebuilds_the_peer_connection() {
+    let mut h = Harness::connected_patient();
+    h.engine(EngineEvent::ConnectionState {
+        peer: pid("doc"),
+        state: PeerConnectionState::Failed,
+    });
+    let out = h.advance(Duration::from_secs(8));
+    assert_eq!(
+        engine(&out),
+        [
+            &EngineCommand::ClosePeer { peer: pid("doc") },
+            &EngineCommand::CreatePeer {
+                peer: pid("doc"),
+                offerer: true,
+                ice_servers: vec![]
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_network_change_resumes_signaling_and_restarts_ice_at_once() {
+    let mut h = Harness::connected_patient();
+    let out = h.user(UserCommand::NetworkChanged);
+    assert!(out.contains(&Output::Signaling(SignalingCommand::Close)));
+    // Signaling is down, so the restart waits for the resume...
+    assert!(engine(&out).is_empty());
+    let out = h.advance(Duration::ZERO);
+    assert_eq!(opens(&out), 1, "reconnects without backoff");
+    h.sig(SignalingEvent::Opened);
+    h.joined("pat", Role::Patient, true);
+    let out = h.msg(ServerMessage::Admitted {
+        peers: vec![peer("doc", Role::Doctor)],
+        ice_servers: vec![],
+    });
+    // ...and happens as soon as the seat is back.
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::RestartIce { peer: pid("doc") }]
+    );
+}
+
+#[test]
+fn peers_come_and_go_with_the_server_s_word() {
+    let mut h = Harness::connected_patient();
+    let out = h.msg(ServerMessage::PeerReconnecting {
+        participant_id: pid("doc"),
+    });
+    assert!(out.contains(&Output::Event(CallEvent::PeerReconnecting(pid("doc")))));
+    let out = h.msg(ServerMessage::PeerBack {
+        participant_id: pid("doc"),
+    });
+    assert!(out.contains(&Output::Event(CallEvent::PeerBack(pid("doc")))));
+    let out = h.msg(ServerMessage::PeerLeft {
+        participant_id: pid("doc"),
+        reason: LeaveReason::TimedOut,
+    });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::ClosePeer { peer: pid("doc") }]
+    );
+    assert_eq!(h.call.state(), CallState::WaitingForPeers);
+}
+
+#[test]
+fn leave_says_goodbye_and_ends_when_the_server_closes() {
+    let mut h = Harness::connected_patient();
+    let out = h.user(UserCommand::Leave);
+    assert_eq!(sent(&out), [&ClientMessage::Leave]);
+    let out = h.sig(SignalingEvent::Closed(close_code::NORMAL));
+    assert_eq!(h.call.state(), CallState::Ended(EndReason::Left));
+    assert!(engine(&out).contains(&&EngineCommand::ClosePeer { peer: pid("doc") }));
+    assert_eq!(opens(&h.advance(Duration::from_secs(60))), 0);
+}
+
+#[test]
+fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
+    let mut h = Harness::connected_patient();
+    let out = h.user(UserCommand::SetAudioOnly(true));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetAudioOnly(true))));
+    assert!(out.contains(&Output::Event(CallEvent::AudioOnly(true))));
+    assert!(h.call.is_audio_only());
+    let out = h.user(UserCommand::SetMicrophoneMuted(true));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetMicrophoneMuted(true))));
+    let out = h.user(UserCommand::SetCameraEnabled(false));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetCameraEnabled(false))));
+    // Stats go to the server as telemetry, saying whether the call is audio-only.
+    h.call.handle_stats(
+        h.now,
+        StatsReport {
+            rtt_ms: Some(40.0),
+            ..Default::default()
+        },
+    );
+    let out = h.drain();
+    assert!(matches!(
+        sent(&out)[..],
+        [ClientMessage::Stats { report }] if report.audio_only == Some(true) && report.rtt_ms == Some(40.0)
+    ));
+}
+
+#[test]
+fn an_hour_of_virtual_time_runs_instantly() {
+    let mut h = Harness::connected_patient();
+    for _ in 0..720 {
+        h.advance(Duration::from_secs(5));
+        h.msg(ServerMessage::Pong { nonce: 0 });
+    }
+    assert_eq!(h.call.state(), CallState::Connected);
+}

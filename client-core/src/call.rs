@@ -159,9 +159,8 @@ pub enum EngineCommand {
         peer: ParticipantId,
     },
     SetMicrophoneMuted(bool),
-    SetCameraEnabled(bool),
-    /// Stop (or resume) sending video, keeping audio.
-    SetAudioOnly(bool),
+    /// Send video or not (off while the camera is off or the call is audio-only).
+    SetVideoSending(bool),
 }
 
 /// The call as the UI shows it.
@@ -359,6 +358,10 @@ impl Call {
         self.audio_only
     }
 
+    fn video_sending(&self) -> bool {
+        self.camera && !self.audio_only
+    }
+
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -427,12 +430,12 @@ impl Call {
             }
             UserCommand::SetCameraEnabled(on) => {
                 self.camera = on;
-                self.engine(EngineCommand::SetCameraEnabled(on));
+                self.engine(EngineCommand::SetVideoSending(self.video_sending()));
                 self.event(CallEvent::CameraEnabled(on));
             }
             UserCommand::SetAudioOnly(on) => {
                 self.audio_only = on;
-                self.engine(EngineCommand::SetAudioOnly(on));
+                self.engine(EngineCommand::SetVideoSending(self.video_sending()));
                 self.event(CallEvent::AudioOnly(on));
             }
             UserCommand::NetworkChanged => {
@@ -534,10 +537,10 @@ impl Call {
                         p.restart_deadline = None;
                         p.restart_pending = false;
                     }
-                    PeerConnectionState::Disconnected | PeerConnectionState::Failed => {
-                        if self.peers[&peer].restart_deadline.is_none() {
-                            self.restart_ice(now, &peer);
-                        }
+                    PeerConnectionState::Disconnected | PeerConnectionState::Failed
+                        if self.peers[&peer].restart_deadline.is_none() =>
+                    {
+                        self.restart_ice(now, &peer);
                     }
                     _ => {}
                 }

@@ -8,4 +8,6 @@
 
 pub mod backoff;
 pub mod call;
+pub mod driver;
+pub mod engine;
 pub mod signaling;

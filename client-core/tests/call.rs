@@ -603,13 +603,19 @@ fn leave_says_goodbye_and_ends_when_the_server_closes() {
 fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
     let mut h = Harness::connected_patient();
     let out = h.user(UserCommand::SetAudioOnly(true));
-    assert!(out.contains(&Output::Engine(EngineCommand::SetAudioOnly(true))));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(false))));
     assert!(out.contains(&Output::Event(CallEvent::AudioOnly(true))));
     assert!(h.call.is_audio_only());
     let out = h.user(UserCommand::SetMicrophoneMuted(true));
     assert!(out.contains(&Output::Engine(EngineCommand::SetMicrophoneMuted(true))));
     let out = h.user(UserCommand::SetCameraEnabled(false));
-    assert!(out.contains(&Output::Engine(EngineCommand::SetCameraEnabled(false))));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(false))));
+    // Leaving audio-only with the camera off still sends no video; turning the camera on does.
+    let out = h.user(UserCommand::SetAudioOnly(false));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(false))));
+    let out = h.user(UserCommand::SetCameraEnabled(true));
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(true))));
+    h.user(UserCommand::SetAudioOnly(true));
     // Stats go to the server as telemetry, saying whether the call is audio-only.
     h.call.handle_stats(
         h.now,

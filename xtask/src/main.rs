@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the test suites need.
-const TEST_PACKAGES: &[&str] = &["pkg-config", "coturn"];
+const TEST_PACKAGES: &[&str] = &["pkg-config", "cmake", "nasm", "coturn"];
 /// Debian packages the demo needs.
-const DEMO_PACKAGES: &[&str] = &["pkg-config"];
+const DEMO_PACKAGES: &[&str] = &["pkg-config", "cmake", "nasm"];
 
 const DEMO_ADDR: &str = "127.0.0.1:8443";
 

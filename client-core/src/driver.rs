@@ -1,0 +1,252 @@
+//! The tokio driver: owns the signaling WebSocket and the WebRTC [`Engine`], feeds the
+//! [`Call`] state machine and carries out its outputs. It decides nothing itself; it reads the
+//! clock (the state machine does not) and does I/O.
+//!
+//! [`start`] returns a [`ClientHandle`] (commands in) and a stream of [`CallEvent`]s (out): the
+//! one API the desktop app and the mobile bindings build on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::call::{
+    Call, CallConfig, CallEvent, Output, SignalingCommand, SignalingEvent, UserCommand,
+};
+use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks, RemoteMedia};
+use crate::signaling::{Incoming, SignalingConnection};
+
+/// How a client reaches its clinic and sets up media.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// The server's signaling URL (`wss://clinic.example/ws`).
+    pub server_url: String,
+    /// TLS settings for `wss://` (`None`: the web's root certificates).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub engine: EngineSettings,
+    pub call: CallConfig,
+    /// Seeds the reconnection jitter.
+    pub seed: u64,
+}
+
+impl ClientOptions {
+    pub fn new(server_url: impl Into<String>) -> Self {
+        ClientOptions {
+            server_url: server_url.into(),
+            tls: None,
+            engine: EngineSettings::default(),
+            call: CallConfig::default(),
+            seed: rand::random(),
+        }
+    }
+}
+
+/// Commands into a running client. Dropping it leaves the consultation.
+pub struct ClientHandle {
+    commands: mpsc::UnboundedSender<UserCommand>,
+    tracks: Arc<LocalTracks>,
+    task: JoinHandle<()>,
+}
+
+impl ClientHandle {
+    pub fn send(&self, cmd: UserCommand) {
+        let _ = self.commands.send(cmd);
+    }
+
+    /// The local tracks the media pipeline writes encoded audio and video into.
+    pub fn tracks(&self) -> &Arc<LocalTracks> {
+        &self.tracks
+    }
+
+    /// Waits until the client has ended (after `Leave`, or when the call ended otherwise).
+    pub async fn finished(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// What [`start`] gives back: commands in, events and remote media out.
+pub struct Client {
+    pub handle: ClientHandle,
+    pub events: mpsc::UnboundedReceiver<CallEvent>,
+    pub media: mpsc::Receiver<RemoteMedia>,
+}
+
+/// Starts a client; it does nothing until it is sent [`UserCommand::Join`].
+pub fn start(options: ClientOptions) -> Result<Client, EngineError> {
+    let tracks = LocalTracks::new("bedside")?;
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let (media_tx, media) = mpsc::channel(1024);
+    let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+    let engine = Engine::new(options.engine.clone(), tracks.clone(), engine_tx, media_tx);
+    let call = Call::new(options.call.clone(), options.seed);
+    let driver = Driver {
+        options,
+        call,
+        engine,
+        engine_rx,
+        commands: command_rx,
+        events: event_tx,
+        link: None,
+        generation: 0,
+        signaling_tx: None,
+    };
+    let task = tokio::spawn(driver.run());
+    Ok(Client {
+        handle: ClientHandle {
+            commands,
+            tracks,
+            task,
+        },
+        events,
+        media,
+    })
+}
+
+/// What the signaling task reports, tagged with the link it belongs to.
+struct LinkEvent {
+    generation: u64,
+    event: SignalingEvent,
+}
+
+struct Driver {
+    options: ClientOptions,
+    call: Call,
+    engine: Engine,
+    engine_rx: mpsc::UnboundedReceiver<crate::call::EngineEvent>,
+    commands: mpsc::UnboundedReceiver<UserCommand>,
+    events: mpsc::UnboundedSender<CallEvent>,
+    /// Messages to the current signaling link.
+    link: Option<mpsc::UnboundedSender<bedside_protocol::ClientMessage>>,
+    /// Which link is current: events from older ones are ignored.
+    generation: u64,
+    signaling_tx: Option<mpsc::UnboundedSender<LinkEvent>>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let (link_tx, mut link_rx) = mpsc::unbounded_channel::<LinkEvent>();
+        self.signaling_tx = Some(link_tx);
+        let mut commands_open = true;
+        loop {
+            self.carry_out().await;
+            if matches!(self.call.state(), crate::call::CallState::Ended(_)) {
+                break;
+            }
+            let deadline = self.call.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = self.commands.recv(), if commands_open => match cmd {
+                    Some(cmd) => self.call.handle_user(Instant::now(), cmd),
+                    None => {
+                        // The handle was dropped: leave.
+                        commands_open = false;
+                        self.call.handle_user(Instant::now(), UserCommand::Leave);
+                    }
+                },
+                Some(ev) = link_rx.recv() => {
+                    if ev.generation == self.generation {
+                        self.call.handle_signaling(Instant::now(), ev.event);
+                    }
+                }
+                Some(ev) = self.engine_rx.recv() => self.call.handle_engine(Instant::now(), ev),
+                _ = sleep => self.call.handle_timeout(Instant::now()),
+            }
+        }
+        self.engine.close_all().await;
+        self.link = None;
+    }
+
+    /// Carries out everything the state machine asked for.
+    async fn carry_out(&mut self) {
+        while let Some(output) = self.call.poll_output() {
+            match output {
+                Output::Signaling(SignalingCommand::Open) => self.open_link(),
+                Output::Signaling(SignalingCommand::Send(msg)) => {
+                    if let Some(link) = &self.link {
+                        let _ = link.send(msg);
+                    }
+                }
+                Output::Signaling(SignalingCommand::Close) => {
+                    self.link = None;
+                    self.generation += 1;
+                }
+                Output::Engine(cmd) => {
+                    if let Err(e) = self.engine.execute(cmd).await {
+                        tracing::warn!(error = %e, "media engine command failed");
+                    }
+                }
+                Output::Event(event) => {
+                    let _ = self.events.send(event);
+                }
+            }
+        }
+    }
+
+    /// Opens a new signaling link in its own task; the old one (if any) is dropped.
+    fn open_link(&mut self) {
+        self.generation += 1;
+        let generation = self.generation;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.link = Some(tx);
+        let events = self.signaling_tx.clone().expect("set in run");
+        let url = self.options.server_url.clone();
+        let tls = self.options.tls.clone();
+        tokio::spawn(link_task(url, tls, generation, rx, events));
+    }
+}
+
+async fn link_task(
+    url: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    generation: u64,
+    mut outbound: mpsc::UnboundedReceiver<bedside_protocol::ClientMessage>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+) {
+    let report = |event| {
+        let _ = events.send(LinkEvent { generation, event });
+    };
+    let connect = SignalingConnection::connect(&url, tls);
+    let mut conn = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => conn,
+        _ => {
+            report(SignalingEvent::Failed);
+            return;
+        }
+    };
+    report(SignalingEvent::Opened);
+    loop {
+        tokio::select! {
+            incoming = conn.recv() => match incoming {
+                Ok(Incoming::Message(msg)) => report(SignalingEvent::Message(msg)),
+                Ok(Incoming::Closed { code, .. }) => {
+                    report(SignalingEvent::Closed(code));
+                    return;
+                }
+                Err(_) => {
+                    report(SignalingEvent::Failed);
+                    return;
+                }
+            },
+            out = outbound.recv() => match out {
+                Some(msg) => {
+                    if conn.send(&msg).await.is_err() {
+                        report(SignalingEvent::Failed);
+                        return;
+                    }
+                }
+                // The driver dropped this link.
+                None => {
+                    conn.close().await;
+                    return;
+                }
+            },
+        }
+    }
+}

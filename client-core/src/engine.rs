@@ -1,0 +1,448 @@
+//! The WebRTC engine: carries out the call state machine's [`EngineCommand`]s on `webrtc` 0.21
+//! peer connections (one per remote participant) and reports back [`EngineEvent`]s. It makes no
+//! decisions: who offers, when to restart ICE and when to rebuild are the state machine's.
+//!
+//! Every peer connection carries the same two local tracks ([`LocalTracks`]: H.264 video and
+//! Opus audio, written once and sent to every peer) and delivers what it receives as
+//! [`RemoteMedia`] on a channel the media pipeline reads. DTLS-SRTP is always on (WebRTC has no
+//! unencrypted mode).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
+use rtc::interceptor::Registry;
+use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceServer, RTCIceTransportPolicy,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
+    register_default_interceptors,
+};
+
+use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+
+/// Payload types Bedside negotiates (both ends are Bedside, so they are fixed).
+pub const OPUS_PAYLOAD_TYPE: u8 = 111;
+pub const H264_PAYLOAD_TYPE: u8 = 125;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("webrtc: {0}")]
+    WebRtc(#[from] webrtc::error::Error),
+    #[error("no peer connection for that participant")]
+    UnknownPeer,
+}
+
+/// Where the engine's sockets live and which candidates it may use.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Local UDP addresses to bind (one host candidate each). Port 0 picks a free port.
+    pub udp_addrs: Vec<String>,
+    /// Use only relay (TURN) candidates.
+    pub relay_only: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            udp_addrs: vec!["0.0.0.0:0".into()],
+            relay_only: false,
+        }
+    }
+}
+
+/// Audio or video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// What arrives from a peer: one RTP packet (decrypted), for the media pipeline.
+#[derive(Debug, Clone)]
+pub struct RemoteMedia {
+    pub peer: ParticipantId,
+    pub kind: MediaKind,
+    pub packet: rtc::rtp::Packet,
+    pub arrived: Instant,
+}
+
+fn h264_codec() -> RTCRtpCodec {
+    let feedback = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    };
+    RTCRtpCodec {
+        mime_type: "video/H264".to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+            .to_owned(),
+        rtcp_feedback: vec![
+            feedback("ccm", "fir"),
+            feedback("nack", ""),
+            feedback("nack", "pli"),
+            feedback("transport-cc", ""),
+        ],
+    }
+}
+
+fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "transport-cc".to_owned(),
+            parameter: String::new(),
+        }],
+    }
+}
+
+/// The local audio and video tracks, shared by every peer connection. Writing a sample sends it
+/// to every peer it is bound to.
+pub struct LocalTracks {
+    pub video: Arc<TrackLocalStaticSample>,
+    pub audio: Arc<TrackLocalStaticSample>,
+    video_ssrc: u32,
+    audio_ssrc: u32,
+    /// Video is not sent while false (audio-only or camera off).
+    pub video_enabled: AtomicBool,
+    /// Audio is not sent while false (muted).
+    pub audio_enabled: AtomicBool,
+}
+
+impl LocalTracks {
+    pub fn new(stream_id: &str) -> Result<Arc<Self>, EngineError> {
+        let now = Instant::now();
+        let make = |kind: RtpCodecKind, codec: RTCRtpCodec, ssrc: u32| {
+            TrackLocalStaticSample::new(
+                now,
+                MediaStreamTrack::new(
+                    stream_id.to_owned(),
+                    format!("{stream_id}-{kind}"),
+                    format!("{kind}"),
+                    kind,
+                    vec![RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters {
+                            ssrc: Some(ssrc),
+                            ..Default::default()
+                        },
+                        codec,
+                        ..Default::default()
+                    }],
+                ),
+            )
+        };
+        let video_ssrc = rand::random::<u32>();
+        let audio_ssrc = rand::random::<u32>();
+        Ok(Arc::new(LocalTracks {
+            video: Arc::new(make(RtpCodecKind::Video, h264_codec(), video_ssrc)?),
+            audio: Arc::new(make(RtpCodecKind::Audio, opus_codec(), audio_ssrc)?),
+            video_ssrc,
+            audio_ssrc,
+            video_enabled: AtomicBool::new(true),
+            audio_enabled: AtomicBool::new(true),
+        }))
+    }
+
+    /// Sends one H.264 access unit (Annex-B) lasting `duration`.
+    pub async fn write_video(
+        &self,
+        data: bytes::Bytes,
+        duration: Duration,
+    ) -> Result<(), EngineError> {
+        if !self.video_enabled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.video
+            .sample_writer(self.video_ssrc, H264_PAYLOAD_TYPE)
+            .write_sample(&Sample {
+                data,
+                duration,
+                ..Sample::new(Instant::now())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sends one Opus packet lasting `duration`.
+    pub async fn write_audio(
+        &self,
+        data: bytes::Bytes,
+        duration: Duration,
+    ) -> Result<(), EngineError> {
+        if !self.audio_enabled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.audio
+            .sample_writer(self.audio_ssrc, OPUS_PAYLOAD_TYPE)
+            .write_sample(&Sample {
+                data,
+                duration,
+                ..Sample::new(Instant::now())
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+struct Handler {
+    peer: ParticipantId,
+    events: mpsc::UnboundedSender<EngineEvent>,
+    media: mpsc::Sender<RemoteMedia>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let _ = self.events.send(EngineEvent::LocalCandidate {
+                peer: self.peer.clone(),
+                candidate: IceCandidate {
+                    candidate: init.candidate,
+                    sdp_mid: init.sdp_mid,
+                    sdp_mline_index: init.sdp_mline_index,
+                    username_fragment: init.username_fragment,
+                },
+            });
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let state = match state {
+            RTCPeerConnectionState::Connecting => PeerConnectionState::Connecting,
+            RTCPeerConnectionState::Connected => PeerConnectionState::Connected,
+            RTCPeerConnectionState::Disconnected => PeerConnectionState::Disconnected,
+            RTCPeerConnectionState::Failed => PeerConnectionState::Failed,
+            RTCPeerConnectionState::Closed => PeerConnectionState::Closed,
+            // New, Unspecified and any state a later version adds.
+            _ => PeerConnectionState::New,
+        };
+        let _ = self.events.send(EngineEvent::ConnectionState {
+            peer: self.peer.clone(),
+            state,
+        });
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let kind = match track.kind().await {
+            RtpCodecKind::Video => MediaKind::Video,
+            _ => MediaKind::Audio,
+        };
+        let (peer, media) = (self.peer.clone(), self.media.clone());
+        tokio::spawn(async move {
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    let item = RemoteMedia {
+                        peer: peer.clone(),
+                        kind,
+                        packet,
+                        arrived: Instant::now(),
+                    };
+                    // A full pipeline drops packets rather than stalling the transport.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = media.try_send(item) {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The peer connections of one call.
+pub struct Engine {
+    settings: EngineSettings,
+    tracks: Arc<LocalTracks>,
+    peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
+    events: mpsc::UnboundedSender<EngineEvent>,
+    media: mpsc::Sender<RemoteMedia>,
+}
+
+impl Engine {
+    pub fn new(
+        settings: EngineSettings,
+        tracks: Arc<LocalTracks>,
+        events: mpsc::UnboundedSender<EngineEvent>,
+        media: mpsc::Sender<RemoteMedia>,
+    ) -> Self {
+        Engine {
+            settings,
+            tracks,
+            peers: HashMap::new(),
+            events,
+            media,
+        }
+    }
+
+    pub fn tracks(&self) -> &Arc<LocalTracks> {
+        &self.tracks
+    }
+
+    /// The peer connection for `peer`, for statistics.
+    pub fn peer(&self, peer: &ParticipantId) -> Option<&Arc<dyn PeerConnection>> {
+        self.peers.get(peer)
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = &ParticipantId> {
+        self.peers.keys()
+    }
+
+    /// Carries out one command of the call state machine.
+    pub async fn execute(&mut self, cmd: EngineCommand) -> Result<(), EngineError> {
+        match cmd {
+            EngineCommand::CreatePeer {
+                peer,
+                offerer,
+                ice_servers,
+            } => {
+                if let Some(old) = self.peers.remove(&peer) {
+                    let _ = old.close().await;
+                }
+                let pc = self.build(&peer, ice_servers).await?;
+                self.peers.insert(peer.clone(), pc.clone());
+                if offerer {
+                    let offer = pc.create_offer(None).await?;
+                    pc.set_local_description(offer.clone()).await?;
+                    self.local_description(peer, SdpKind::Offer, offer.sdp);
+                }
+            }
+            EngineCommand::SetRemoteDescription { peer, kind, sdp } => {
+                let pc = self
+                    .peers
+                    .get(&peer)
+                    .ok_or(EngineError::UnknownPeer)?
+                    .clone();
+                match kind {
+                    SdpKind::Offer => {
+                        pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
+                            .await?;
+                        let answer = pc.create_answer(None).await?;
+                        pc.set_local_description(answer.clone()).await?;
+                        self.local_description(peer, SdpKind::Answer, answer.sdp);
+                    }
+                    SdpKind::Answer => {
+                        pc.set_remote_description(RTCSessionDescription::answer(sdp)?)
+                            .await?;
+                    }
+                }
+            }
+            EngineCommand::AddRemoteCandidate { peer, candidate } => {
+                let pc = self.peers.get(&peer).ok_or(EngineError::UnknownPeer)?;
+                if candidate.candidate.is_empty() {
+                    return Ok(());
+                }
+                pc.add_ice_candidate(RTCIceCandidateInit {
+                    candidate: candidate.candidate,
+                    sdp_mid: candidate.sdp_mid,
+                    sdp_mline_index: candidate.sdp_mline_index,
+                    username_fragment: candidate.username_fragment,
+                    url: None,
+                })
+                .await?;
+            }
+            EngineCommand::RestartIce { peer } => {
+                let pc = self
+                    .peers
+                    .get(&peer)
+                    .ok_or(EngineError::UnknownPeer)?
+                    .clone();
+                pc.restart_ice().await?;
+                let offer = pc.create_offer(None).await?;
+                pc.set_local_description(offer.clone()).await?;
+                self.local_description(peer, SdpKind::Offer, offer.sdp);
+            }
+            EngineCommand::ClosePeer { peer } => {
+                if let Some(pc) = self.peers.remove(&peer) {
+                    pc.close().await?;
+                }
+            }
+            EngineCommand::SetMicrophoneMuted(muted) => {
+                self.tracks.audio_enabled.store(!muted, Ordering::Relaxed);
+            }
+            EngineCommand::SetVideoSending(on) => {
+                self.tracks.video_enabled.store(on, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every peer connection.
+    pub async fn close_all(&mut self) {
+        for (_, pc) in self.peers.drain() {
+            let _ = pc.close().await;
+        }
+    }
+
+    fn local_description(&self, peer: ParticipantId, kind: SdpKind, sdp: String) {
+        let _ = self
+            .events
+            .send(EngineEvent::LocalDescription { peer, kind, sdp });
+    }
+
+    async fn build(
+        &self,
+        peer: &ParticipantId,
+        ice_servers: Vec<IceServer>,
+    ) -> Result<Arc<dyn PeerConnection>, EngineError> {
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: opus_codec(),
+                payload_type: OPUS_PAYLOAD_TYPE,
+            },
+            RtpCodecKind::Audio,
+        )?;
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: h264_codec(),
+                payload_type: H264_PAYLOAD_TYPE,
+            },
+            RtpCodecKind::Video,
+        )?;
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let servers = ice_servers
+            .into_iter()
+            .map(|s| RTCIceServer {
+                urls: s.urls,
+                username: s.username.unwrap_or_default(),
+                credential: s.credential.unwrap_or_default(),
+            })
+            .collect();
+        let mut config = RTCConfigurationBuilder::new().with_ice_servers(servers);
+        if self.settings.relay_only {
+            config = config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
+        }
+        let handler = Arc::new(Handler {
+            peer: peer.clone(),
+            events: self.events.clone(),
+            media: self.media.clone(),
+        });
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(config.build())
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .with_handler(handler)
+            .with_udp_addrs(self.settings.udp_addrs.clone())
+            .build()
+            .await?;
+        pc.add_track(self.tracks.audio.clone() as Arc<dyn TrackLocal>)
+            .await?;
+        pc.add_track(self.tracks.video.clone() as Arc<dyn TrackLocal>)
+            .await?;
+        Ok(Arc::new(pc))
+    }
+}

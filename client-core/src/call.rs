@@ -222,6 +222,11 @@ pub enum CallEvent {
     MicrophoneMuted(bool),
     CameraEnabled(bool),
     AudioOnly(bool),
+    /// Call quality with one peer, about once a second.
+    Stats {
+        participant_id: ParticipantId,
+        report: StatsReport,
+    },
     /// A refusal that does not end the call (e.g. admitting someone who already left).
     Error {
         code: ErrorCode,
@@ -549,9 +554,18 @@ impl Call {
         self.update_state();
     }
 
-    /// A call-quality sample from the driver, sent on to the server as telemetry.
-    pub fn handle_stats(&mut self, _now: Instant, mut report: StatsReport) {
+    /// A call-quality sample for one peer from the driver: shown to the UI and sent on to the
+    /// server as telemetry.
+    pub fn handle_stats(&mut self, _now: Instant, peer: ParticipantId, mut report: StatsReport) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
         report.audio_only = Some(self.audio_only);
+        report.connection_state = Some(format!("{:?}", self.peers[&peer].media).to_lowercase());
+        self.event(CallEvent::Stats {
+            participant_id: peer,
+            report: report.clone(),
+        });
         if matches!(self.phase, Phase::Seated { admitted: true }) {
             self.send(ClientMessage::Stats { report });
         }

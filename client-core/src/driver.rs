@@ -5,17 +5,21 @@
 //! [`start`] returns a [`ClientHandle`] (commands in) and a stream of [`CallEvent`]s (out): the
 //! one API the desktop app and the mobile bindings build on.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bedside_protocol::ParticipantId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use webrtc::peer_connection::StatsSelector;
 
 use crate::call::{
     Call, CallConfig, CallEvent, Output, SignalingCommand, SignalingEvent, UserCommand,
 };
 use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks, RemoteMedia};
 use crate::signaling::{Incoming, SignalingConnection};
+use crate::stats::{RawStats, StatsTracker};
 
 /// How a client reaches its clinic and sets up media.
 #[derive(Clone)]
@@ -91,6 +95,7 @@ pub fn start(options: ClientOptions) -> Result<Client, EngineError> {
         link: None,
         generation: 0,
         signaling_tx: None,
+        trackers: HashMap::new(),
     };
     let task = tokio::spawn(driver.run());
     Ok(Client {
@@ -122,13 +127,19 @@ struct Driver {
     /// Which link is current: events from older ones are ignored.
     generation: u64,
     signaling_tx: Option<mpsc::UnboundedSender<LinkEvent>>,
+    trackers: HashMap<ParticipantId, StatsTracker>,
 }
+
+/// How often call statistics are read.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(mut self) {
         let (link_tx, mut link_rx) = mpsc::unbounded_channel::<LinkEvent>();
         self.signaling_tx = Some(link_tx);
         let mut commands_open = true;
+        let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.carry_out().await;
             if matches!(self.call.state(), crate::call::CallState::Ended(_)) {
@@ -157,6 +168,7 @@ impl Driver {
                 }
                 Some(ev) = self.engine_rx.recv() => self.call.handle_engine(Instant::now(), ev),
                 _ = sleep => self.call.handle_timeout(Instant::now()),
+                _ = stats_tick.tick() => self.collect_stats().await,
             }
         }
         self.engine.close_all().await;
@@ -187,6 +199,27 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Reads each peer connection's statistics and hands them to the state machine.
+    async fn collect_stats(&mut self) {
+        let peers: Vec<_> = self.engine.peer_ids().cloned().collect();
+        for peer in peers {
+            let Some(pc) = self.engine.peer(&peer).cloned() else {
+                continue;
+            };
+            let now = Instant::now();
+            let report = pc.get_stats(now, StatsSelector::None).await;
+            let raw = RawStats::from_report(&report);
+            let sample = self
+                .trackers
+                .entry(peer.clone())
+                .or_default()
+                .sample(now, raw);
+            self.call.handle_stats(now, peer, sample);
+        }
+        let live: Vec<_> = self.engine.peer_ids().cloned().collect();
+        self.trackers.retain(|p, _| live.contains(p));
     }
 
     /// Opens a new signaling link in its own task; the old one (if any) is dropped.

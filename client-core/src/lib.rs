@@ -11,3 +11,4 @@ pub mod call;
 pub mod driver;
 pub mod engine;
 pub mod signaling;
+pub mod stats;

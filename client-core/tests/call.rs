@@ -619,6 +619,7 @@ fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
     // Stats go to the server as telemetry, saying whether the call is audio-only.
     h.call.handle_stats(
         h.now,
+        pid("doc"),
         StatsReport {
             rtt_ms: Some(40.0),
             ..Default::default()
@@ -629,6 +630,14 @@ fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
         sent(&out)[..],
         [ClientMessage::Stats { report }] if report.audio_only == Some(true) && report.rtt_ms == Some(40.0)
     ));
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Event(CallEvent::Stats { report, .. })
+        if report.connection_state.as_deref() == Some("connected"))
+    ));
+    // Stats about someone who is not a peer are ignored.
+    h.call
+        .handle_stats(h.now, pid("stranger"), StatsReport::default());
+    assert!(h.drain().is_empty());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
 use bedside_client_core::driver::{self, Client, ClientOptions};
 use bedside_client_core::engine::{EngineSettings, MediaKind};
-use bedside_protocol::{JoinAuth, LeaveReason};
+use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason};
 use bedside_tests::TestServer;
 
 fn client(server: &TestServer) -> Result<Client> {
@@ -121,6 +121,17 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
         patient_saw >= 10,
         "patient received {patient_saw} video packets"
     );
+
+    // Statistics arrive about once a second: a round-trip time and the pair type (host on
+    // loopback).
+    let report = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
+        CallEvent::Stats { report, .. } if report.rtt_ms.is_some() => Some(report.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(report.candidate_pair, Some(CandidatePairType::Host));
+    assert!(report.rtt_ms.unwrap() < 200.0, "{report:?}");
+    assert_eq!(report.connection_state.as_deref(), Some("connected"));
 
     // The patient leaves: the doctor sees them go, the patient's call ends.
     patient.handle.send(UserCommand::Leave);

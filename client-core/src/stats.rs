@@ -1,0 +1,184 @@
+//! Call statistics: what a peer connection's WebRTC stats say, turned into the once-a-second
+//! [`StatsReport`] the UI shows and the server receives as telemetry.
+//!
+//! Two steps: [`RawStats::from_report`] reads the counters out of a `webrtc` stats report (the
+//! only part that knows that crate), and [`StatsTracker::sample`] turns two successive readings
+//! into rates and percentages (pure, time passed in, unit-tested). Per `shared/NOTES.md`, the
+//! crate's sender-side figures from receiver reports read 0, so loss is measured on the
+//! receiving side, and inbound jitter comes in RTP clock units.
+
+use std::time::Instant;
+
+use bedside_protocol::{CandidatePairType, StatsReport, VideoStats};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use webrtc::peer_connection::{RTCIceCandidateType, RTCStatsReport, RTCStatsReportEntry};
+
+/// Counters read from one stats report.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RawStats {
+    /// Current round-trip time of the nominated candidate pair, seconds.
+    pub rtt_secs: Option<f64>,
+    pub candidate_pair: Option<CandidatePairType>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub audio_packets_received: u64,
+    pub audio_packets_lost: i64,
+    /// Interarrival jitter of received audio, in RTP clock units (48 kHz).
+    pub audio_jitter: f64,
+    pub video_packets_received: u64,
+    pub video_packets_lost: i64,
+    pub video_bytes_received: u64,
+    pub nacks_sent: u64,
+    pub plis_sent: u64,
+}
+
+impl RawStats {
+    pub fn from_report(report: &RTCStatsReport) -> Self {
+        let mut raw = RawStats::default();
+        let pair = report
+            .candidate_pairs()
+            .find(|p| p.nominated)
+            .or_else(|| report.candidate_pairs().max_by_key(|p| p.bytes_received));
+        if let Some(pair) = pair {
+            if pair.current_round_trip_time > 0.0 {
+                raw.rtt_secs = Some(pair.current_round_trip_time);
+            }
+            raw.bytes_sent = pair.bytes_sent;
+            raw.bytes_received = pair.bytes_received;
+            // webrtc 0.21 names the pair's local candidate `candidate:X` but files the entry
+            // under `RTCLocalIceCandidate_candidate:X`: accept either.
+            let id = pair.local_candidate_id.as_str();
+            let local = report.iter().find_map(|entry| match entry {
+                RTCStatsReportEntry::LocalCandidate(c)
+                    if entry.id() == id || entry.id().strip_suffix(id).is_some() =>
+                {
+                    Some(c)
+                }
+                _ => None,
+            });
+            if let Some(c) = local {
+                raw.candidate_pair = match c.candidate_type {
+                    RTCIceCandidateType::Host => Some(CandidatePairType::Host),
+                    RTCIceCandidateType::Srflx => Some(CandidatePairType::Srflx),
+                    RTCIceCandidateType::Prflx => Some(CandidatePairType::Prflx),
+                    RTCIceCandidateType::Relay => Some(CandidatePairType::Relay),
+                    _ => None,
+                };
+            }
+        }
+        for inbound in report.inbound_rtp_streams() {
+            let received = &inbound.received_rtp_stream_stats;
+            match received.rtp_stream_stats.kind {
+                RtpCodecKind::Audio => {
+                    raw.audio_packets_received += received.packets_received;
+                    raw.audio_packets_lost += received.packets_lost;
+                    raw.audio_jitter = raw.audio_jitter.max(received.jitter);
+                }
+                _ => {
+                    raw.video_packets_received += received.packets_received;
+                    raw.video_packets_lost += received.packets_lost;
+                    raw.video_bytes_received += inbound.bytes_received;
+                }
+            }
+            raw.nacks_sent += u64::from(inbound.nack_count);
+            raw.plis_sent += u64::from(inbound.pli_count);
+        }
+        raw
+    }
+}
+
+/// Turns successive [`RawStats`] into a [`StatsReport`].
+#[derive(Debug, Default)]
+pub struct StatsTracker {
+    prev: Option<(Instant, RawStats)>,
+}
+
+fn loss_pct(received: u64, lost: i64) -> Option<f64> {
+    let lost = lost.max(0) as f64;
+    let total = received as f64 + lost;
+    (total > 0.0).then(|| 100.0 * lost / total)
+}
+
+impl StatsTracker {
+    /// The report for the interval since the previous sample (totals on the first).
+    pub fn sample(&mut self, now: Instant, raw: RawStats) -> StatsReport {
+        let (dt, base) = match self.prev {
+            Some((at, prev)) => (now.duration_since(at).as_secs_f64(), prev),
+            None => (0.0, RawStats::default()),
+        };
+        self.prev = Some((now, raw));
+        let received = (raw.audio_packets_received + raw.video_packets_received)
+            .saturating_sub(base.audio_packets_received + base.video_packets_received);
+        let lost = (raw.audio_packets_lost + raw.video_packets_lost)
+            - (base.audio_packets_lost + base.video_packets_lost);
+        let rate = |bytes: u64, base: u64| {
+            (dt > 0.0).then(|| bytes.saturating_sub(base) as f64 * 8.0 / dt / 1000.0)
+        };
+        StatsReport {
+            rtt_ms: raw.rtt_secs.map(|s| s * 1000.0),
+            loss_in_pct: loss_pct(received, lost),
+            audio_jitter_ms: (raw.audio_packets_received > 0)
+                .then(|| raw.audio_jitter / 48_000.0 * 1000.0),
+            candidate_pair: raw.candidate_pair,
+            video_received: rate(raw.video_bytes_received, base.video_bytes_received).map(|kbps| {
+                VideoStats {
+                    bitrate_kbps: kbps,
+                    ..Default::default()
+                }
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rates_and_loss_are_per_interval() {
+        let t0 = Instant::now();
+        let mut tracker = StatsTracker::default();
+        let first = tracker.sample(
+            t0,
+            RawStats {
+                rtt_secs: Some(0.042),
+                candidate_pair: Some(CandidatePairType::Relay),
+                audio_packets_received: 95,
+                audio_packets_lost: 5,
+                audio_jitter: 960.0,
+                video_bytes_received: 1000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(first.rtt_ms, Some(42.0));
+        assert_eq!(first.candidate_pair, Some(CandidatePairType::Relay));
+        assert_eq!(first.loss_in_pct, Some(5.0));
+        assert_eq!(first.audio_jitter_ms, Some(20.0));
+        assert_eq!(first.video_received, None, "no rate without an interval");
+
+        // One second later: 100 more packets, none lost; 125 kB more video.
+        let second = tracker.sample(
+            t0 + Duration::from_secs(1),
+            RawStats {
+                rtt_secs: Some(0.05),
+                audio_packets_received: 195,
+                audio_packets_lost: 5,
+                video_bytes_received: 126_000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(second.loss_in_pct, Some(0.0));
+        assert_eq!(second.video_received.unwrap().bitrate_kbps, 1000.0);
+    }
+
+    #[test]
+    fn nothing_received_means_no_loss_figure() {
+        let mut tracker = StatsTracker::default();
+        let r = tracker.sample(Instant::now(), RawStats::default());
+        assert_eq!(r.loss_in_pct, None);
+        assert_eq!(r.rtt_ms, None);
+        assert_eq!(r.audio_jitter_ms, None);
+    }
+}

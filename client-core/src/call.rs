@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::backoff::Backoff;
+use crate::quality::{LADDER, QualityConfig, QualityController, VideoTarget};
 
 /// Timers and limits of the call logic.
 #[derive(Clone, Debug)]
@@ -161,6 +162,13 @@ pub enum EngineCommand {
     SetMicrophoneMuted(bool),
     /// Send video or not (off while the camera is off or the call is audio-only).
     SetVideoSending(bool),
+    /// Encode video at this size, frame rate and bitrate (the quality ladder moved).
+    SetVideoEncoding {
+        width: u32,
+        height: u32,
+        fps: u32,
+        bitrate_kbps: u32,
+    },
 }
 
 /// The call as the UI shows it.
@@ -221,7 +229,12 @@ pub enum CallEvent {
     },
     MicrophoneMuted(bool),
     CameraEnabled(bool),
-    AudioOnly(bool),
+    /// Whether the call is audio-only now, and whether the user asked for it (`manual`) or the
+    /// network forced it.
+    AudioOnly {
+        on: bool,
+        manual: bool,
+    },
     /// Call quality with one peer, about once a second.
     Stats {
         participant_id: ParticipantId,
@@ -293,7 +306,9 @@ pub struct Call {
     ping_nonce: u64,
     muted: bool,
     camera: bool,
+    /// Audio-only because the user asked.
     audio_only: bool,
+    quality: QualityController,
     shown: CallState,
     out: VecDeque<Output>,
 }
@@ -319,6 +334,7 @@ impl Call {
             muted: false,
             camera: true,
             audio_only: false,
+            quality: QualityController::new(QualityConfig::default(), 0),
             shown: CallState::Idle,
             out: VecDeque::new(),
         }
@@ -359,12 +375,13 @@ impl Call {
         self.peers.values().map(|p| &p.info)
     }
 
+    /// Whether no video is sent for lack of bandwidth or by the user's choice.
     pub fn is_audio_only(&self) -> bool {
-        self.audio_only
+        self.audio_only || self.quality.target() == VideoTarget::AudioOnly
     }
 
     fn video_sending(&self) -> bool {
-        self.camera && !self.audio_only
+        self.camera && !self.is_audio_only()
     }
 
     /// The next thing for the driver to do.
@@ -441,7 +458,10 @@ impl Call {
             UserCommand::SetAudioOnly(on) => {
                 self.audio_only = on;
                 self.engine(EngineCommand::SetVideoSending(self.video_sending()));
-                self.event(CallEvent::AudioOnly(on));
+                self.event(CallEvent::AudioOnly {
+                    on: self.is_audio_only(),
+                    manual: on,
+                });
             }
             UserCommand::NetworkChanged => {
                 if let Phase::Seated { .. } = self.phase {
@@ -560,7 +580,7 @@ impl Call {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        report.audio_only = Some(self.audio_only);
+        report.audio_only = Some(self.is_audio_only());
         report.connection_state = Some(format!("{:?}", self.peers[&peer].media).to_lowercase());
         self.event(CallEvent::Stats {
             participant_id: peer,
@@ -568,6 +588,30 @@ impl Call {
         });
         if matches!(self.phase, Phase::Seated { admitted: true }) {
             self.send(ClientMessage::Stats { report });
+        }
+    }
+
+    /// The congestion controller's bandwidth estimate for what we send, kbps.
+    pub fn handle_bandwidth(&mut self, now: Instant, estimate_kbps: u32) {
+        let was_audio_only = self.is_audio_only();
+        let Some(target) = self.quality.handle_estimate(now, estimate_kbps) else {
+            return;
+        };
+        if let VideoTarget::Video { rung, bitrate_kbps } = target {
+            let r = LADDER[rung];
+            self.engine(EngineCommand::SetVideoEncoding {
+                width: r.width,
+                height: r.height,
+                fps: r.fps,
+                bitrate_kbps,
+            });
+        }
+        if self.is_audio_only() != was_audio_only {
+            self.engine(EngineCommand::SetVideoSending(self.video_sending()));
+            self.event(CallEvent::AudioOnly {
+                on: self.is_audio_only(),
+                manual: self.audio_only,
+            });
         }
     }
 

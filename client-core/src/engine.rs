@@ -376,6 +376,11 @@ impl Engine {
             EngineCommand::SetVideoSending(on) => {
                 self.tracks.video_enabled.store(on, Ordering::Relaxed);
             }
+            EngineCommand::SetVideoEncoding { .. } => {
+                // The encoder belongs to the media pipeline, which is not wired to the driver
+                // yet (issue #4): until it is, encoding settings have nothing to change.
+                tracing::debug!("video encoding change ignored: no media pipeline yet");
+            }
         }
         Ok(())
     }

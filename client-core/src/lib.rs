@@ -10,5 +10,6 @@ pub mod backoff;
 pub mod call;
 pub mod driver;
 pub mod engine;
+pub mod quality;
 pub mod signaling;
 pub mod stats;

@@ -604,7 +604,10 @@ fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
     let mut h = Harness::connected_patient();
     let out = h.user(UserCommand::SetAudioOnly(true));
     assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(false))));
-    assert!(out.contains(&Output::Event(CallEvent::AudioOnly(true))));
+    assert!(out.contains(&Output::Event(CallEvent::AudioOnly {
+        on: true,
+        manual: true
+    })));
     assert!(h.call.is_audio_only());
     let out = h.user(UserCommand::SetMicrophoneMuted(true));
     assert!(out.contains(&Output::Engine(EngineCommand::SetMicrophoneMuted(true))));
@@ -648,4 +651,51 @@ fn an_hour_of_virtual_time_runs_instantly() {
         h.msg(ServerMessage::Pong { nonce: 0 });
     }
     assert_eq!(h.call.state(), CallState::Connected);
+}
+
+#[test]
+fn a_bandwidth_collapse_goes_audio_only_and_recovery_brings_video_back() {
+    let mut h = Harness::connected_patient();
+    let feed = |h: &mut Harness, kbps: u32, secs: u64| {
+        let mut out = Vec::new();
+        for _ in 0..secs * 10 {
+            h.now += Duration::from_millis(100);
+            h.call.handle_bandwidth(h.now, kbps);
+            out.extend(h.drain());
+        }
+        out
+    };
+    feed(&mut h, 3000, 3);
+    assert!(!h.call.is_audio_only());
+    let out = feed(&mut h, 100, 3);
+    assert!(
+        out.contains(&Output::Event(CallEvent::AudioOnly {
+            on: true,
+            manual: false
+        })),
+        "{out:?}"
+    );
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(false))));
+    assert!(h.call.is_audio_only());
+    // Telemetry says so.
+    h.call
+        .handle_stats(h.now, pid("doc"), StatsReport::default());
+    assert!(
+        sent(&h.drain()).iter().any(
+            |m| matches!(m, ClientMessage::Stats { report } if report.audio_only == Some(true))
+        )
+    );
+    let out = feed(&mut h, 2000, 10);
+    assert!(
+        out.contains(&Output::Event(CallEvent::AudioOnly {
+            on: false,
+            manual: false
+        })),
+        "{out:?}"
+    );
+    assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(true))));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Engine(EngineCommand::SetVideoEncoding { width: 320, .. })
+    )));
 }

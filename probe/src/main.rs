@@ -1,0 +1,63 @@
+//! `bedside-probe`: joins a consultation headless and prints a JSON quality report.
+
+use std::time::Duration;
+
+use bedside_probe::{ProbeOptions, run};
+use bedside_protocol::JoinAuth;
+use clap::Parser;
+
+/// A headless Bedside participant: as a doctor (--token) it admits whoever waits, as a patient
+/// (--invite) it waits to be admitted. Prints a JSON report when it leaves.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The server's signaling URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8443/ws")]
+    server: String,
+    /// Join with this doctor or clinician token.
+    #[arg(long, conflicts_with = "invite", required_unless_present = "invite")]
+    token: Option<String>,
+    /// Join as a patient with this invite code.
+    #[arg(long)]
+    invite: Option<String>,
+    /// The name shown to the doctor.
+    #[arg(long, default_value = "Probe")]
+    name: String,
+    /// Seconds to stay connected.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Use only TURN relay candidates.
+    #[arg(long)]
+    relay_only: bool,
+    /// Local address for host candidates.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    udp: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let auth = match (args.token, args.invite) {
+        (Some(token), _) => JoinAuth::Token { token },
+        (None, Some(code)) => JoinAuth::InviteCode { code },
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let report = run(ProbeOptions {
+        server_url: args.server,
+        auth,
+        display_name: Some(args.name),
+        duration: Duration::from_secs(args.duration),
+        relay_only: args.relay_only,
+        udp_addrs: vec![args.udp],
+        send_rtp: true,
+    })
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod call;
 pub mod driver;
 pub mod engine;
+pub mod media;
 pub mod quality;
 pub mod signaling;
 pub mod stats;

@@ -1,0 +1,209 @@
+//! Where raw media comes from: pull-style source traits, and a push-fed source for hosts whose
+//! cameras and microphones deliver frames by callback (Camera2, AVFoundation, cpal).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::frame::{AudioFrame, VideoFrame};
+
+/// The answer of a source asked for its next frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture<T> {
+    /// A frame is ready.
+    Frame(T),
+    /// The device is there but has no new frame yet: ask again later.
+    Pending,
+    /// There is no device (no camera, no microphone, or it was lost). A normal state, not an error:
+    /// the call goes on without this medium.
+    NoDevice,
+}
+
+impl<T> Capture<T> {
+    /// The frame, if one is ready.
+    pub fn into_frame(self) -> Option<T> {
+        match self {
+            Capture::Frame(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// A source of video frames, polled by the call driver.
+///
+/// `now_us` is the session clock in microseconds: sources never read the clock themselves.
+pub trait VideoSource: Send {
+    /// The next frame to send, if any.
+    fn poll_video(&mut self, now_us: u64) -> Capture<VideoFrame>;
+}
+
+/// A source of 20 ms audio frames, polled by the call driver.
+pub trait AudioSource: Send {
+    /// The next 20 ms frame to send, if any.
+    fn poll_audio(&mut self, now_us: u64) -> Capture<AudioFrame>;
+}
+
+/// A source that never has a device: "no camera" / "no microphone".
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDevice;
+
+impl VideoSource for NoDevice {
+    fn poll_video(&mut self, _now_us: u64) -> Capture<VideoFrame> {
+        Capture::NoDevice
+    }
+}
+
+impl AudioSource for NoDevice {
+    fn poll_audio(&mut self, _now_us: u64) -> Capture<AudioFrame> {
+        Capture::NoDevice
+    }
+}
+
+#[derive(Debug)]
+struct Shared<T> {
+    queue: VecDeque<T>,
+    capacity: usize,
+    device_present: bool,
+    pushers: usize,
+    dropped: u64,
+}
+
+fn lock<T>(m: &Mutex<Shared<T>>) -> MutexGuard<'_, Shared<T>> {
+    // A poisoned lock only means a pusher panicked mid-push; the queue itself stays consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host's end of a push-fed source: the platform capture callback calls [`FramePusher::push`].
+///
+/// Cloneable and `Send`; pushing never blocks for long (one short lock) and never fails. When
+/// the queue is full the oldest frame is dropped (live media: newest wins).
+#[derive(Debug)]
+pub struct FramePusher<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+impl<T> Clone for FramePusher<T> {
+    fn clone(&self) -> Self {
+        lock(&self.shared).pushers += 1;
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The driver's end of a push-fed source: implements [`VideoSource`] for `VideoFrame` and
+/// [`AudioSource`] for `AudioFrame`.
+#[derive(Debug)]
+pub struct PushedSource<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+/// A push-fed source holding at most `capacity` frames (at least 1).
+///
+/// Video typically uses a capacity of 1 or 2 (latest frame wins), audio 5 to 10 frames.
+/// The source reports [`Capture::NoDevice`] until the host calls
+/// [`FramePusher::set_device_present`]`(true)` or pushes a frame, and again once every pusher is
+/// dropped.
+pub fn push_source<T>(capacity: usize) -> (FramePusher<T>, PushedSource<T>) {
+    let shared = Arc::new(Mutex::new(Shared {
+        queue: VecDeque::new(),
+        capacity: capacity.max(1),
+        device_present: false,
+        pushers: 1,
+        dropped: 0,
+    }));
+    (
+        FramePusher {
+            shared: shared.clone(),
+        },
+        PushedSource { shared },
+    )
+}
+
+impl<T> FramePusher<T> {
+    /// Pushes a captured frame; marks the device present.
+    pub fn push(&self, frame: T) {
+        let mut s = lock(&self.shared);
+        s.device_present = true;
+        if s.queue.len() >= s.capacity {
+            s.queue.pop_front();
+            s.dropped += 1;
+        }
+        s.queue.push_back(frame);
+    }
+
+    /// Declares that the device exists (e.g. opened but no frame yet) or is gone (unplugged,
+    /// permission revoked). When gone, queued frames are discarded.
+    pub fn set_device_present(&self, present: bool) {
+        let mut s = lock(&self.shared);
+        s.device_present = present;
+        if !present {
+            s.queue.clear();
+        }
+    }
+}
+
+impl<T> Drop for FramePusher<T> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.shared);
+        s.pushers -= 1;
+    }
+}
+
+impl<T> PushedSource<T> {
+    /// Takes the oldest queued frame.
+    pub fn poll(&mut self) -> Capture<T> {
+        let mut s = lock(&self.shared);
+        if let Some(f) = s.queue.pop_front() {
+            return Capture::Frame(f);
+        }
+        if s.device_present && s.pushers > 0 {
+            Capture::Pending
+        } else {
+            Capture::NoDevice
+        }
+    }
+
+    /// Frames dropped because the driver did not poll fast enough.
+    pub fn dropped(&self) -> u64 {
+        lock(&self.shared).dropped
+    }
+}
+
+impl VideoSource for PushedSource<VideoFrame> {
+    fn poll_video(&mut self, _now_us: u64) -> Capture<VideoFrame> {
+        self.poll()
+    }
+}
+
+impl AudioSource for PushedSource<AudioFrame> {
+    fn poll_audio(&mut self, _now_us: u64) -> Capture<AudioFrame> {
+        self.poll()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_source_states() {
+        let (pusher, mut src) = push_source::<AudioFrame>(2);
+        assert_eq!(src.poll_audio(0), Capture::NoDevice);
+        pusher.set_device_present(true);
+        assert_eq!(src.poll_audio(0), Capture::Pending);
+        for i in 0..3 {
+            pusher.push(AudioFrame::silence(i));
+        }
+        assert_eq!(src.dropped(), 1);
+        assert_eq!(src.poll_audio(0).into_frame().unwrap().capture_us, 1);
+        assert_eq!(src.poll_audio(0).into_frame().unwrap().capture_us, 2);
+        assert_eq!(src.poll_audio(0), Capture::Pending);
+        let p2 = pusher.clone();
+        drop(pusher);
+        assert_eq!(src.poll_audio(0), Capture::Pending);
+        drop(p2);
+        assert_eq!(src.poll_audio(0), Capture::NoDevice);
+        let mut none = NoDevice;
+        assert_eq!(VideoSource::poll_video(&mut none, 0), Capture::NoDevice);
+    }
+}

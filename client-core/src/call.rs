@@ -162,6 +162,8 @@ pub enum EngineCommand {
     SetMicrophoneMuted(bool),
     /// Send video or not (off while the camera is off or the call is audio-only).
     SetVideoSending(bool),
+    /// Send a keyframe now (a peer's media just connected and needs one to start decoding).
+    RequestKeyframe,
     /// Encode video at this size, frame rate and bitrate (the quality ladder moved).
     SetVideoEncoding {
         width: u32,
@@ -561,6 +563,7 @@ impl Call {
                         let p = self.peers.get_mut(&peer).expect("present");
                         p.restart_deadline = None;
                         p.restart_pending = false;
+                        self.engine(EngineCommand::RequestKeyframe);
                     }
                     PeerConnectionState::Disconnected | PeerConnectionState::Failed
                         if self.peers[&peer].restart_deadline.is_none() =>

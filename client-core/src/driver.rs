@@ -14,10 +14,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use webrtc::peer_connection::StatsSelector;
 
+use crate::call::EngineCommand;
 use crate::call::{
     Call, CallConfig, CallEvent, Output, SignalingCommand, SignalingEvent, UserCommand,
 };
-use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks, RemoteMedia};
+use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks};
+use crate::media::H264Config;
+use crate::pipeline::{self, MediaSources, Received, SendCommand, SendStats};
 use crate::signaling::{Incoming, SignalingConnection};
 use crate::stats::{RawStats, StatsTracker};
 
@@ -32,6 +35,8 @@ pub struct ClientOptions {
     pub call: CallConfig,
     /// Seeds the reconnection jitter.
     pub seed: u64,
+    /// The video encoder's starting point (the quality ladder moves it).
+    pub video: H264Config,
 }
 
 impl ClientOptions {
@@ -42,6 +47,7 @@ impl ClientOptions {
             engine: EngineSettings::default(),
             call: CallConfig::default(),
             seed: rand::random(),
+            video: H264Config::default(),
         }
     }
 }
@@ -69,21 +75,26 @@ impl ClientHandle {
     }
 }
 
-/// What [`start`] gives back: commands in, events and remote media out.
+/// What [`start`] gives back: commands in, events out, and what was received.
 pub struct Client {
     pub handle: ClientHandle,
     pub events: mpsc::UnboundedReceiver<CallEvent>,
-    pub media: mpsc::Receiver<RemoteMedia>,
+    /// Remote video (latest frame per participant) and receive statistics.
+    pub received: Received,
+    pub sent: Arc<SendStats>,
 }
 
-/// Starts a client; it does nothing until it is sent [`UserCommand::Join`].
-pub fn start(options: ClientOptions) -> Result<Client, EngineError> {
+/// Starts a client capturing from `sources`; it does nothing until it is sent
+/// [`UserCommand::Join`].
+pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, EngineError> {
     let tracks = LocalTracks::new("bedside")?;
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (event_tx, events) = mpsc::unbounded_channel();
-    let (media_tx, media) = mpsc::channel(1024);
+    let (media_tx, media_rx) = std::sync::mpsc::sync_channel(1024);
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
     let engine = Engine::new(options.engine.clone(), tracks.clone(), engine_tx, media_tx);
+    let received = pipeline::start_receiver(media_rx);
+    let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);
     let call = Call::new(options.call.clone(), options.seed);
     let driver = Driver {
         options,
@@ -96,6 +107,7 @@ pub fn start(options: ClientOptions) -> Result<Client, EngineError> {
         generation: 0,
         signaling_tx: None,
         trackers: HashMap::new(),
+        media,
     };
     let task = tokio::spawn(driver.run());
     Ok(Client {
@@ -105,7 +117,8 @@ pub fn start(options: ClientOptions) -> Result<Client, EngineError> {
             task,
         },
         events,
-        media,
+        received,
+        sent,
     })
 }
 
@@ -128,6 +141,8 @@ struct Driver {
     generation: u64,
     signaling_tx: Option<mpsc::UnboundedSender<LinkEvent>>,
     trackers: HashMap<ParticipantId, StatsTracker>,
+    /// Commands to the media send thread.
+    media: std::sync::mpsc::Sender<SendCommand>,
 }
 
 /// How often call statistics are read.
@@ -173,6 +188,7 @@ impl Driver {
         }
         self.engine.close_all().await;
         self.link = None;
+        let _ = self.media.send(SendCommand::Stop);
     }
 
     /// Carries out everything the state machine asked for.
@@ -188,6 +204,22 @@ impl Driver {
                 Output::Signaling(SignalingCommand::Close) => {
                     self.link = None;
                     self.generation += 1;
+                }
+                Output::Engine(EngineCommand::RequestKeyframe) => {
+                    let _ = self.media.send(SendCommand::Keyframe);
+                }
+                Output::Engine(EngineCommand::SetVideoEncoding {
+                    width,
+                    height,
+                    fps,
+                    bitrate_kbps,
+                }) => {
+                    let _ = self.media.send(SendCommand::Encoding {
+                        width,
+                        height,
+                        fps,
+                        bitrate_kbps,
+                    });
                 }
                 Output::Engine(cmd) => {
                     if let Err(e) = self.engine.execute(cmd).await {

@@ -4,7 +4,7 @@
 //!
 //! Every peer connection carries the same two local tracks ([`LocalTracks`]: H.264 video and
 //! Opus audio, written once and sent to every peer) and delivers what it receives as
-//! [`RemoteMedia`] on a channel the media pipeline reads. DTLS-SRTP is always on (WebRTC has no
+//! [`RemoteMedia`] on a channel the media pipeline (`pipeline.rs`) reads. DTLS-SRTP is always on (WebRTC has no
 //! unencrypted mode).
 
 use std::collections::HashMap;
@@ -203,7 +203,7 @@ impl LocalTracks {
 struct Handler {
     peer: ParticipantId,
     events: mpsc::UnboundedSender<EngineEvent>,
-    media: mpsc::Sender<RemoteMedia>,
+    media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
 
 #[async_trait::async_trait]
@@ -254,7 +254,9 @@ impl PeerConnectionEventHandler for Handler {
                         arrived: Instant::now(),
                     };
                     // A full pipeline drops packets rather than stalling the transport.
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = media.try_send(item) {
+                    if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) =
+                        media.try_send(item)
+                    {
                         break;
                     }
                 }
@@ -269,7 +271,7 @@ pub struct Engine {
     tracks: Arc<LocalTracks>,
     peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
     events: mpsc::UnboundedSender<EngineEvent>,
-    media: mpsc::Sender<RemoteMedia>,
+    media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
 
 impl Engine {
@@ -277,7 +279,7 @@ impl Engine {
         settings: EngineSettings,
         tracks: Arc<LocalTracks>,
         events: mpsc::UnboundedSender<EngineEvent>,
-        media: mpsc::Sender<RemoteMedia>,
+        media: std::sync::mpsc::SyncSender<RemoteMedia>,
     ) -> Self {
         Engine {
             settings,
@@ -376,10 +378,8 @@ impl Engine {
             EngineCommand::SetVideoSending(on) => {
                 self.tracks.video_enabled.store(on, Ordering::Relaxed);
             }
-            EngineCommand::SetVideoEncoding { .. } => {
-                // The encoder belongs to the media pipeline, which is not wired to the driver
-                // yet (issue #4): until it is, encoding settings have nothing to change.
-                tracing::debug!("video encoding change ignored: no media pipeline yet");
+            EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
+                // The encoder belongs to the media pipeline: the driver routes these there.
             }
         }
         Ok(())

@@ -11,6 +11,7 @@ pub mod call;
 pub mod driver;
 pub mod engine;
 pub mod media;
+pub mod pipeline;
 pub mod quality;
 pub mod signaling;
 pub mod stats;

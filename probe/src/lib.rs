@@ -2,19 +2,23 @@
 //! whoever waits; as a patient it waits), stays for a given time, leaves, and reports what it
 //! measured as JSON. Clinics use it to test a deployment; the tests and benches use it too.
 //!
-//! Today it measures the connection (time to connect, candidate pair, RTT, loss, state
-//! transitions, reconnections) and the RTP it receives per kind. Decoded frames, glass-to-glass
-//! and mouth-to-ear latency, and which peer's tone it heard come with the media pipeline
-//! (issue #4).
+//! It sends synthetic media (the moving test pattern and its participant tone, both carrying
+//! markers) and measures the connection (time to connect, candidate pair, RTT, loss, state
+//! transitions, reconnections) and the media it receives: frames decoded, decoded frame rate,
+//! glass-to-glass and mouth-to-ear latency, the share of audio frames played from real packets,
+//! and which participant's tone it heard.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use bedside_client_core::call::{CallEvent, CallState, UserCommand};
 use bedside_client_core::driver::{self, ClientOptions};
-use bedside_client_core::engine::{EngineSettings, MediaKind};
+use bedside_client_core::engine::EngineSettings;
+use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
+use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth};
 use serde::Serialize;
+use std::sync::atomic::Ordering;
 
 /// How the probe joins.
 #[derive(Clone, Debug)]
@@ -29,9 +33,32 @@ pub struct ProbeOptions {
     pub relay_only: bool,
     /// Local UDP addresses for host candidates.
     pub udp_addrs: Vec<String>,
-    /// Send marker RTP on both tracks while connected (until the media pipeline lands, this is
-    /// what the far end counts).
-    pub send_rtp: bool,
+    /// Size of the synthetic picture sent.
+    pub width: u32,
+    pub height: u32,
+    /// Video bitrate to start at, kbps.
+    pub bitrate_kbps: u32,
+}
+
+impl ProbeOptions {
+    /// Defaults for a 720p probe of `server_url` joining with `auth`.
+    pub fn new(server_url: impl Into<String>, auth: JoinAuth) -> Self {
+        ProbeOptions {
+            server_url: server_url.into(),
+            auth,
+            display_name: Some("Probe".into()),
+            duration: Duration::from_secs(10),
+            relay_only: false,
+            udp_addrs: vec!["0.0.0.0:0".into()],
+            width: 1280,
+            height: 720,
+            bitrate_kbps: 1500,
+        }
+    }
+
+    fn is_patient(&self) -> bool {
+        matches!(self.auth, JoinAuth::InviteCode { .. })
+    }
 }
 
 /// What the probe measured.
@@ -45,8 +72,22 @@ pub struct Report {
     pub rtt_ms_p50: Option<f64>,
     pub rtt_ms_p95: Option<f64>,
     pub loss_in_pct_max: Option<f64>,
-    pub audio_packets_received: u64,
-    pub video_packets_received: u64,
+    pub video_frames_sent: u64,
+    pub audio_frames_sent: u64,
+    pub video_frames_decoded: u64,
+    pub decoded_fps: Option<f64>,
+    /// Frame counters that never arrived between two that did.
+    pub video_frames_missing: u64,
+    pub received_resolution: Option<(u32, u32)>,
+    pub glass_to_glass_ms_p50: Option<f64>,
+    pub glass_to_glass_ms_p95: Option<f64>,
+    pub audio_frames_received: u64,
+    /// Share of played audio frames that came from their own packet (not FEC or concealment).
+    pub audio_played_share: Option<f64>,
+    pub mouth_to_ear_ms_p50: Option<f64>,
+    pub mouth_to_ear_ms_p95: Option<f64>,
+    /// Whose tone was heard: "doctor" or "patient".
+    pub heard: Option<String>,
     /// Times the call went into reconnecting.
     pub reconnections: u32,
     /// Every state the call went through, with milliseconds since the start.
@@ -68,7 +109,19 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         udp_addrs: options.udp_addrs.clone(),
         relay_only: options.relay_only,
     };
-    let mut client = driver::start(client_options)?;
+    client_options.video = H264Config {
+        width: options.width,
+        height: options.height,
+        bitrate_bps: options.bitrate_kbps * 1000,
+        ..H264Config::default()
+    };
+    let (tag, tone) = if options.is_patient() {
+        (2, PATIENT_TONE_HZ)
+    } else {
+        (1, DOCTOR_TONE_HZ)
+    };
+    let sources = MediaSources::synthetic(options.width, options.height, tag, tone);
+    let mut client = driver::start(client_options, sources)?;
     let started = Instant::now();
     client.handle.send(UserCommand::Join {
         auth: options.auth.clone(),
@@ -78,7 +131,6 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     let mut rtts = Vec::new();
     // Until connected, the probe waits up to `duration` for someone to come.
     let mut deadline = tokio::time::Instant::now() + options.duration;
-    let mut sender = None;
     let mut left = false;
     loop {
         tokio::select! {
@@ -96,9 +148,6 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                                     report.connected = true;
                                     report.time_to_connect_ms = Some(ms);
                                     deadline = tokio::time::Instant::now() + options.duration;
-                                    if options.send_rtp {
-                                        sender = Some(tokio::spawn(send_rtp(client.handle.tracks().clone())));
-                                    }
                                 }
                             }
                             CallState::Reconnecting => report.reconnections += 1,
@@ -129,10 +178,6 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     _ => {}
                 }
             }
-            Some(media) = client.media.recv() => match media.kind {
-                MediaKind::Audio => report.audio_packets_received += 1,
-                MediaKind::Video => report.video_packets_received += 1,
-            },
             _ = tokio::time::sleep_until(deadline) => {
                 if left {
                     // The server did not confirm the leave in time; stop anyway.
@@ -144,8 +189,34 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
             }
         }
     }
-    if let Some(sender) = sender {
-        sender.abort();
+    report.video_frames_sent = client.sent.video_frames_encoded.load(Ordering::Relaxed);
+    report.audio_frames_sent = client.sent.audio_frames_encoded.load(Ordering::Relaxed);
+    // The media of the first remote participant (probes test two-party calls).
+    if let Some(rx) = client.received.stats().into_values().next() {
+        report.video_frames_decoded = rx.video_frames_decoded;
+        report.decoded_fps = rx.decoded_fps();
+        report.video_frames_missing = rx.frames_missing;
+        report.received_resolution = (rx.width > 0).then_some((rx.width, rx.height));
+        let mut g2g = rx.glass_to_glass_ms.clone();
+        g2g.sort_by(f64::total_cmp);
+        report.glass_to_glass_ms_p50 = percentile(&g2g, 0.5);
+        report.glass_to_glass_ms_p95 = percentile(&g2g, 0.95);
+        let played = rx.audio_frames_played + rx.audio_frames_fec + rx.audio_frames_concealed;
+        report.audio_frames_received = played;
+        report.audio_played_share =
+            (played > 0).then(|| rx.audio_frames_played as f64 / played as f64);
+        let mut m2e = rx.mouth_to_ear_ms.clone();
+        m2e.sort_by(f64::total_cmp);
+        report.mouth_to_ear_ms_p50 = percentile(&m2e, 0.5);
+        report.mouth_to_ear_ms_p95 = percentile(&m2e, 0.95);
+        report.heard = rx.tone_heard().map(|hz| {
+            if hz == DOCTOR_TONE_HZ as u32 {
+                "doctor"
+            } else {
+                "patient"
+            }
+            .to_owned()
+        });
     }
     rtts.sort_by(f64::total_cmp);
     report.rtt_ms_p50 = percentile(&rtts, 0.5);
@@ -154,24 +225,4 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         bail!("could not join: {:?}", report.ended);
     }
     Ok(report)
-}
-
-/// Sends marker packets on both tracks (not decodable media: the media pipeline replaces this).
-async fn send_rtp(tracks: std::sync::Arc<bedside_client_core::engine::LocalTracks>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let mut n: u32 = 0;
-    loop {
-        tick.tick().await;
-        n = n.wrapping_add(1);
-        let _ = tracks
-            .write_audio(n.to_be_bytes().to_vec().into(), Duration::from_millis(20))
-            .await;
-        if n % 2 == 0 {
-            let mut au = vec![0, 0, 0, 1, 0x65];
-            au.extend_from_slice(&n.to_be_bytes());
-            let _ = tracks
-                .write_video(au.into(), Duration::from_millis(40))
-                .await;
-        }
-    }
 }

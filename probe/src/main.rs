@@ -32,6 +32,15 @@ struct Args {
     /// Local address for host candidates.
     #[arg(long, default_value = "0.0.0.0:0")]
     udp: String,
+    /// Width of the synthetic picture sent.
+    #[arg(long, default_value_t = 1280)]
+    width: u32,
+    /// Height of the synthetic picture sent.
+    #[arg(long, default_value_t = 720)]
+    height: u32,
+    /// Starting video bitrate, kbps.
+    #[arg(long, default_value_t = 1500)]
+    bitrate_kbps: u32,
 }
 
 #[tokio::main]
@@ -49,13 +58,14 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires one"),
     };
     let report = run(ProbeOptions {
-        server_url: args.server,
-        auth,
         display_name: Some(args.name),
         duration: Duration::from_secs(args.duration),
         relay_only: args.relay_only,
         udp_addrs: vec![args.udp],
-        send_rtp: true,
+        width: args.width,
+        height: args.height,
+        bitrate_kbps: args.bitrate_kbps,
+        ..ProbeOptions::new(args.server, auth)
     })
     .await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -7,17 +7,29 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
 use bedside_client_core::driver::{self, Client, ClientOptions};
-use bedside_client_core::engine::{EngineSettings, MediaKind};
+use bedside_client_core::engine::EngineSettings;
+use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
+use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason};
 use bedside_tests::TestServer;
 
-fn client(server: &TestServer) -> Result<Client> {
+/// A client sending a small synthetic picture (tagged `tag`) and the tone `tone_hz`.
+fn client(server: &TestServer, tag: u8, tone_hz: f32) -> Result<Client> {
     let mut options = ClientOptions::new(&server.ws_url);
     options.engine = EngineSettings {
         udp_addrs: vec!["127.0.0.1:0".into()],
         relay_only: false,
     };
-    Ok(driver::start(options)?)
+    options.video = H264Config {
+        width: 320,
+        height: 180,
+        bitrate_bps: 300_000,
+        ..H264Config::default()
+    };
+    Ok(driver::start(
+        options,
+        MediaSources::synthetic(320, 180, tag, tone_hz),
+    )?)
 }
 
 /// Waits for an event that `pick` accepts, up to `within`.
@@ -53,7 +65,7 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     let server = TestServer::start().await?;
     let c = server.create_consultation().await?;
 
-    let mut doctor = client(&server)?;
+    let mut doctor = client(&server, 1, DOCTOR_TONE_HZ)?;
     doctor.handle.send(UserCommand::Join {
         auth: JoinAuth::Token {
             token: c.doctor_token.clone(),
@@ -62,7 +74,7 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     });
     wait_state(&mut doctor, CallState::WaitingForPeers).await?;
 
-    let mut patient = client(&server)?;
+    let mut patient = client(&server, 2, PATIENT_TONE_HZ)?;
     patient.handle.send(UserCommand::Join {
         auth: JoinAuth::InviteCode {
             code: c.invite_code.clone(),
@@ -78,49 +90,62 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     })
     .await?;
     // No media before admission.
-    assert!(patient.media.try_recv().is_err());
+    assert!(patient.received.stats().is_empty());
     doctor.handle.send(UserCommand::Admit(waiting));
 
     wait_state(&mut patient, CallState::Connected).await?;
     wait_state(&mut doctor, CallState::Connected).await?;
 
-    // Encrypted RTP both ways: the patient sends audio, the doctor sends video.
-    let (pt, dt) = (
-        patient.handle.tracks().clone(),
-        doctor.handle.tracks().clone(),
-    );
-    let sender = tokio::spawn(async move {
-        for i in 0..50u8 {
-            pt.write_audio(vec![0xf8, i, 1, 2, 3].into(), Duration::from_millis(20))
-                .await?;
-            dt.write_video(
-                vec![0, 0, 0, 1, 0x65, 0x88, i, 4, 5, 6].into(),
-                Duration::from_millis(33),
-            )
-            .await?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    // Each side decodes the other's video (markers read, counters advancing) and hears the
+    // other's tone, through DTLS-SRTP.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let done = [
+            (&doctor, 2u8, PATIENT_TONE_HZ),
+            (&patient, 1u8, DOCTOR_TONE_HZ),
+        ]
+        .iter()
+        .all(|(c, _, tone)| {
+            c.received.stats().values().any(|s| {
+                s.frames_with_marker >= 20
+                    && s.audio_frames_played >= 50
+                    && s.tone_heard() == Some(*tone as u32)
+            })
+        });
+        if done {
+            break;
         }
-        anyhow::Ok(())
-    });
-    let mut doctor_heard = 0;
-    let mut patient_saw = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while (doctor_heard < 10 || patient_saw < 10) && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            Some(m) = doctor.media.recv() => if m.kind == MediaKind::Audio { doctor_heard += 1 },
-            Some(m) = patient.media.recv() => if m.kind == MediaKind::Video { patient_saw += 1 },
-            _ = tokio::time::sleep_until(deadline) => {}
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "media did not flow: doctor received {:?}, patient received {:?}",
+                doctor.received.stats(),
+                patient.received.stats()
+            );
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    sender.await??;
-    assert!(
-        doctor_heard >= 10,
-        "doctor received {doctor_heard} audio packets"
-    );
-    assert!(
-        patient_saw >= 10,
-        "patient received {patient_saw} video packets"
-    );
+    for c in [&doctor, &patient] {
+        let stats = c.received.stats();
+        let s = stats.values().next().unwrap();
+        assert_eq!((s.width, s.height), (320, 180));
+        assert!(
+            s.glass_to_glass_ms
+                .iter()
+                .all(|ms| (0.0..2000.0).contains(ms)),
+            "{s:?}"
+        );
+        assert!(!s.mouth_to_ear_ms.is_empty(), "no audio marker read: {s:?}");
+        assert!(
+            c.sent
+                .video_frames_encoded
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 20
+        );
+    }
+    // The remote video sink holds the latest decoded frame for the UI.
+    let peer = doctor.received.stats().keys().next().unwrap().clone();
+    let (seq, frame) = doctor.received.video(&peer).unwrap().latest();
+    assert!(seq > 0 && frame.is_some());
 
     // Statistics arrive about once a second: a round-trip time and the pair type (host on
     // loopback).

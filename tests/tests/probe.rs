@@ -10,13 +10,12 @@ use bedside_tests::TestServer;
 
 fn options(server: &TestServer, auth: JoinAuth) -> ProbeOptions {
     ProbeOptions {
-        server_url: server.ws_url.clone(),
-        auth,
-        display_name: Some("Probe".into()),
-        duration: Duration::from_secs(3),
-        relay_only: false,
+        duration: Duration::from_secs(4),
         udp_addrs: vec!["127.0.0.1:0".into()],
-        send_rtp: true,
+        width: 320,
+        height: 180,
+        bitrate_kbps: 300,
+        ..ProbeOptions::new(server.ws_url.clone(), auth)
     }
 }
 
@@ -42,10 +41,17 @@ async fn a_doctor_probe_admits_a_patient_probe_and_both_report() -> Result<()> {
         assert!(r.time_to_connect_ms.is_some(), "{who}");
         assert_eq!(r.candidate_pair, Some(CandidatePairType::Host), "{who}");
         assert!(r.rtt_ms_p50.is_some(), "{who}: {r:?}");
-        assert!(r.audio_packets_received > 50, "{who}: {r:?}");
-        assert!(r.video_packets_received > 25, "{who}: {r:?}");
+        assert!(r.video_frames_sent > 60, "{who}: {r:?}");
+        assert!(r.video_frames_decoded > 30, "{who}: {r:?}");
+        assert_eq!(r.received_resolution, Some((320, 180)), "{who}");
+        assert!(r.glass_to_glass_ms_p95.is_some(), "{who}: {r:?}");
+        assert!(r.mouth_to_ear_ms_p50.is_some(), "{who}: {r:?}");
+        assert!(r.audio_frames_received > 100, "{who}: {r:?}");
         assert_eq!(r.ended.as_deref(), Some("Left"), "{who}: {r:?}");
     }
+    // Each heard the other.
+    assert_eq!(doctor.heard.as_deref(), Some("patient"));
+    assert_eq!(patient.heard.as_deref(), Some("doctor"));
     // The patient went through the waiting room first.
     assert!(
         patient.states.iter().any(|(_, s)| s == "Waiting"),

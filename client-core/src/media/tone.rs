@@ -71,6 +71,8 @@ impl Default for ToneConfig {
 pub struct ToneSource {
     config: ToneConfig,
     frame_index: u64,
+    /// Added to `frame_index` in the markers (see [`ToneSource::with_index_base`]).
+    index_base: u64,
     phase: f64,
     start_us: Option<u64>,
 }
@@ -107,9 +109,18 @@ impl ToneSource {
         Self {
             config,
             frame_index: 0,
+            index_base: 0,
             phase: 0.0,
             start_us: None,
         }
+    }
+
+    /// Numbers markers from `base` instead of 0. A sender that passes its wall-clock time in
+    /// frames (`unix_us / 20_000`) lets a receiver on a synchronized clock turn a marker back
+    /// into a capture time, across processes.
+    pub fn with_index_base(mut self, base: u64) -> Self {
+        self.index_base = base;
+        self
     }
 
     /// The configuration.
@@ -147,7 +158,7 @@ impl ToneSource {
             self.frame_index % period
         };
         let marker_start = self.frame_index - if period == 0 { 0 } else { in_period };
-        let symbols = marker_symbols(marker_start as u16);
+        let symbols = marker_symbols(self.index_base.wrapping_add(marker_start) as u16);
         let mut frame = AudioFrame::silence(capture_us);
         let amp = f64::from(self.config.amplitude);
         for (s, out) in frame.samples.iter_mut().enumerate() {

@@ -1,0 +1,458 @@
+//! The media pipeline: the threads that turn captured frames into encoded samples on the local
+//! tracks, and received RTP into decoded frames and played audio, with the measurements a call
+//! report needs (decoded frame rate, glass-to-glass and mouth-to-ear latency, which tone was
+//! heard).
+//!
+//! Encoding and decoding are CPU work, so they run on two threads of their own ("send" and
+//! "receive"); the async side only moves encoded samples onto the tracks. The pipeline decides
+//! nothing about the call: the state machine's `SetVideoSending`/`SetVideoEncoding`/
+//! `RequestKeyframe` reach it as [`SendCommand`]s.
+//!
+//! Time base: synthetic markers carry wall-clock microseconds modulo 2^48 ([`wall_us`]), so two
+//! processes on the same host (a test, a probe, a bench) measure latency across processes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bedside_protocol::ParticipantId;
+use rtc::media::io::sample_builder::SampleBuilder;
+use rtc::rtp::codec::h264::H264Packet;
+use tokio::sync::mpsc;
+
+use crate::engine::{LocalTracks, MediaKind, RemoteMedia};
+use crate::media::{
+    AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ, FRAME_US,
+    H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
+    PATIENT_TONE_HZ, PatternConfig, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig,
+    ToneSource, VideoSource, detect_tone, read_marker,
+};
+
+const WRAP_48: u64 = 1 << 48;
+
+/// Wall-clock microseconds modulo 2^48: the time base of synthetic markers.
+pub fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64 % WRAP_48)
+        .unwrap_or(0)
+}
+
+/// `later - earlier` on the 48-bit wall clock, in milliseconds.
+fn elapsed_ms(later: u64, earlier: u64) -> f64 {
+    ((later + WRAP_48 - earlier) % WRAP_48) as f64 / 1000.0
+}
+
+/// What a participant captures.
+pub struct MediaSources {
+    pub video: Box<dyn VideoSource>,
+    pub audio: Box<dyn AudioSource>,
+}
+
+impl MediaSources {
+    /// No camera and no microphone (a normal state: the call still connects).
+    pub fn none() -> Self {
+        MediaSources {
+            video: Box::new(NoDevice),
+            audio: Box::new(NoDevice),
+        }
+    }
+
+    /// The moving test pattern (its frames carry a counter, the capture time and `tag`) and a
+    /// tone with markers (`tone_hz`: [`DOCTOR_TONE_HZ`] or [`PATIENT_TONE_HZ`]).
+    pub fn synthetic(width: u32, height: u32, tag: u8, tone_hz: f32) -> Self {
+        let pattern = TestPatternSource::new(PatternConfig {
+            width,
+            height,
+            fps: 30,
+            tag,
+        })
+        .expect("valid pattern size");
+        let tone = ToneSource::new(ToneConfig {
+            freq_hz: tone_hz,
+            ..Default::default()
+        })
+        .with_index_base(wall_us() / FRAME_US);
+        MediaSources {
+            video: Box::new(pattern),
+            audio: Box::new(tone),
+        }
+    }
+}
+
+/// What the call asks of the sender.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SendCommand {
+    Encoding {
+        width: u32,
+        height: u32,
+        fps: u32,
+        bitrate_kbps: u32,
+    },
+    Keyframe,
+    Stop,
+}
+
+/// What the sender has done.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    pub video_frames_encoded: AtomicU64,
+    pub audio_frames_encoded: AtomicU64,
+}
+
+enum Encoded {
+    Video(bytes::Bytes, Duration),
+    Audio(bytes::Bytes),
+}
+
+/// How often the sender forces a keyframe, so a receiver that lost one recovers without a PLI.
+const KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Starts the send thread and the task writing its output to the tracks.
+pub fn start_sender(
+    mut sources: MediaSources,
+    tracks: Arc<LocalTracks>,
+    video: H264Config,
+) -> (std_mpsc::Sender<SendCommand>, Arc<SendStats>) {
+    let (commands, command_rx) = std_mpsc::channel();
+    let stats = Arc::new(SendStats::default());
+    let (out_tx, mut out_rx) = mpsc::channel::<Encoded>(64);
+    let thread_stats = stats.clone();
+    let thread_tracks = tracks.clone();
+    std::thread::Builder::new()
+        .name("bedside-media-send".into())
+        .spawn(move || {
+            let mut encoder = match H264Encoder::new(video) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "no video encoder");
+                    None
+                }
+            };
+            let mut opus = OpusEncoder::new(OpusConfig::default()).ok();
+            let mut fps = video.max_fps.max(1.0);
+            let mut last_keyframe = Instant::now();
+            loop {
+                match command_rx.recv_timeout(Duration::from_millis(5)) {
+                    Ok(SendCommand::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                        return;
+                    }
+                    Ok(SendCommand::Keyframe) => {
+                        if let Some(e) = encoder.as_mut() {
+                            e.request_keyframe();
+                        }
+                    }
+                    Ok(SendCommand::Encoding {
+                        width,
+                        height,
+                        fps: f,
+                        bitrate_kbps,
+                    }) => {
+                        if let Some(e) = encoder.as_mut() {
+                            let c = *e.config();
+                            if (c.width, c.height) != (width, height) {
+                                let _ = e.set_resolution(width, height);
+                            }
+                            let _ = e.set_max_fps(f as f32);
+                            let _ = e.set_bitrate(bitrate_kbps * 1000);
+                            fps = f.max(1) as f32;
+                        }
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                let now = wall_us();
+                // Audio: every frame that is due (the tone source never skips).
+                while let Capture::Frame(frame) = sources.audio.poll_audio(now) {
+                    if !thread_tracks.audio_enabled.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Some(Ok(packet)) = opus.as_mut().map(|o| o.encode(&frame)) {
+                        thread_stats
+                            .audio_frames_encoded
+                            .fetch_add(1, Ordering::Relaxed);
+                        let _ = out_tx.blocking_send(Encoded::Audio(packet.into()));
+                    }
+                }
+                if let Capture::Frame(frame) = sources.video.poll_video(now) {
+                    if !thread_tracks.video_enabled.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let Some(encoder) = encoder.as_mut() else {
+                        continue;
+                    };
+                    if last_keyframe.elapsed() >= KEYFRAME_INTERVAL {
+                        encoder.request_keyframe();
+                    }
+                    match encoder.encode(&frame) {
+                        Ok(Some(au)) => {
+                            if au.keyframe {
+                                last_keyframe = Instant::now();
+                            }
+                            thread_stats
+                                .video_frames_encoded
+                                .fetch_add(1, Ordering::Relaxed);
+                            let duration = Duration::from_secs_f32(1.0 / fps);
+                            let _ = out_tx.blocking_send(Encoded::Video(au.data.into(), duration));
+                        }
+                        Ok(None) => {} // Rate control skipped this frame.
+                        Err(e) => tracing::warn!(error = %e, "video encode failed"),
+                    }
+                }
+            }
+        })
+        .expect("spawn the media send thread");
+    tokio::spawn(async move {
+        while let Some(encoded) = out_rx.recv().await {
+            let result = match encoded {
+                Encoded::Video(data, duration) => tracks.write_video(data, duration).await,
+                Encoded::Audio(data) => tracks.write_audio(data, Duration::from_millis(20)).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "writing a sample failed");
+            }
+        }
+    });
+    (commands, stats)
+}
+
+/// What one remote participant's media looked like, as measured on arrival.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveStats {
+    pub video_frames_decoded: u64,
+    pub video_decode_errors: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Frames whose marker was read.
+    pub frames_with_marker: u64,
+    /// Frame counters that never arrived between two that did.
+    pub frames_missing: u64,
+    /// Glass-to-glass latency of each frame with a marker, ms.
+    pub glass_to_glass_ms: Vec<f64>,
+    pub audio_frames_played: u64,
+    pub audio_frames_fec: u64,
+    pub audio_frames_concealed: u64,
+    /// Mouth-to-ear latency of each audio marker, ms.
+    pub mouth_to_ear_ms: Vec<f64>,
+    /// How often each participant tone was heard (Hz → frames).
+    pub tones: HashMap<u32, u64>,
+    pub audio_buffer_ms: u32,
+    /// When the first and the latest frame were decoded (for the frame rate).
+    pub first_frame: Option<Instant>,
+    pub last_frame: Option<Instant>,
+    last_counter: Option<u32>,
+}
+
+impl ReceiveStats {
+    /// Decoded frames per second between the first and the latest frame.
+    pub fn decoded_fps(&self) -> Option<f64> {
+        let secs = self
+            .last_frame?
+            .duration_since(self.first_frame?)
+            .as_secs_f64();
+        (secs > 0.5).then(|| (self.video_frames_decoded.saturating_sub(1)) as f64 / secs)
+    }
+
+    /// The participant tone heard most.
+    pub fn tone_heard(&self) -> Option<u32> {
+        self.tones
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(hz, _)| *hz)
+    }
+}
+
+type ReceivedMap = HashMap<ParticipantId, (Arc<LatestFrame>, ReceiveStats)>;
+
+/// Remote video sinks and receive statistics, shared with the UI and the probe.
+#[derive(Clone, Default)]
+pub struct Received {
+    inner: Arc<Mutex<ReceivedMap>>,
+}
+
+impl Received {
+    /// The latest decoded frame of `peer`'s video.
+    pub fn video(&self, peer: &ParticipantId) -> Option<Arc<LatestFrame>> {
+        self.lock().get(peer).map(|(sink, _)| sink.clone())
+    }
+
+    pub fn stats(&self) -> HashMap<ParticipantId, ReceiveStats> {
+        self.lock()
+            .iter()
+            .map(|(p, (_, s))| (p.clone(), s.clone()))
+            .collect()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, (Arc<LatestFrame>, ReceiveStats)>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct PeerRx {
+    video: SampleBuilder<H264Packet>,
+    decoder: Option<H264Decoder>,
+    audio: Option<AudioPlayoutBuffer>,
+    markers: AudioMarkerReader,
+    samples_played: u64,
+    sink: Arc<LatestFrame>,
+}
+
+/// Starts the receive thread; it reads `media` until the sender side closes.
+pub fn start_receiver(media: std_mpsc::Receiver<RemoteMedia>) -> Received {
+    let received = Received::default();
+    let shared = received.clone();
+    std::thread::Builder::new()
+        .name("bedside-media-recv".into())
+        .spawn(move || receive_loop(media, shared))
+        .expect("spawn the media receive thread");
+    received
+}
+
+fn receive_loop(media: std_mpsc::Receiver<RemoteMedia>, shared: Received) {
+    let epoch = Instant::now();
+    let mut peers: HashMap<ParticipantId, PeerRx> = HashMap::new();
+    let mut next_pull = Instant::now() + Duration::from_millis(20);
+    loop {
+        let wait = next_pull.saturating_duration_since(Instant::now());
+        match media.recv_timeout(wait) {
+            Ok(item) => {
+                let rx = peers.entry(item.peer.clone()).or_insert_with(|| {
+                    let sink = Arc::new(LatestFrame::new());
+                    shared
+                        .lock()
+                        .insert(item.peer.clone(), (sink.clone(), ReceiveStats::default()));
+                    PeerRx {
+                        video: SampleBuilder::new(256, H264Packet::default(), 90_000)
+                            .with_max_time_delay(Duration::from_millis(500)),
+                        decoder: H264Decoder::new().ok(),
+                        audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
+                        markers: AudioMarkerReader::new(),
+                        samples_played: 0,
+                        sink,
+                    }
+                });
+                match item.kind {
+                    MediaKind::Video => receive_video(&item, rx, &shared),
+                    MediaKind::Audio => {
+                        if let Some(buffer) = rx.audio.as_mut() {
+                            let arrival = item.arrived.duration_since(epoch).as_micros() as u64;
+                            buffer.push(
+                                item.packet.header.sequence_number,
+                                item.packet.header.timestamp,
+                                item.packet.payload.to_vec(),
+                                arrival,
+                            );
+                        }
+                    }
+                }
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if Instant::now() >= next_pull {
+            next_pull += Duration::from_millis(20);
+            let now_us = Instant::now().duration_since(epoch).as_micros() as u64;
+            for (peer, rx) in peers.iter_mut() {
+                play_audio(peer, rx, now_us, &shared);
+            }
+        }
+    }
+}
+
+fn receive_video(item: &RemoteMedia, rx: &mut PeerRx, shared: &Received) {
+    rx.video.push(item.arrived, item.packet.clone());
+    while let Some(sample) = rx.video.pop(item.arrived) {
+        let Some(decoder) = rx.decoder.as_mut() else {
+            return;
+        };
+        let decoded = decoder.decode(&sample.data, 0);
+        let now = wall_us();
+        let mut map = shared.lock();
+        let Some((_, stats)) = map.get_mut(&item.peer) else {
+            return;
+        };
+        match decoded {
+            Ok(Some(frame)) => {
+                stats.video_frames_decoded += 1;
+                stats.width = frame.width();
+                stats.height = frame.height();
+                let at = Instant::now();
+                stats.first_frame.get_or_insert(at);
+                stats.last_frame = Some(at);
+                if let Some(marker) = read_marker(&frame) {
+                    stats.frames_with_marker += 1;
+                    stats
+                        .glass_to_glass_ms
+                        .push(elapsed_ms(now, marker.capture_us));
+                    if let Some(last) = stats.last_counter {
+                        stats.frames_missing +=
+                            u64::from(marker.counter.wrapping_sub(last).saturating_sub(1));
+                    }
+                    stats.last_counter = Some(marker.counter);
+                }
+                drop(map);
+                rx.sink.publish(frame);
+            }
+            Ok(None) => {}
+            Err(_) => stats.video_decode_errors += 1,
+        }
+    }
+}
+
+fn play_audio(peer: &ParticipantId, rx: &mut PeerRx, now_us: u64, shared: &Received) {
+    let Some(buffer) = rx.audio.as_mut() else {
+        return;
+    };
+    if buffer.stats().played + buffer.stats().fec_recovered + buffer.stats().concealed == 0
+        && buffer.buffered_ms() == 0
+    {
+        return; // Nothing has arrived yet.
+    }
+    let playout = buffer.pull(now_us);
+    let now = wall_us();
+    let samples = &playout.frame.samples[..];
+    rx.samples_played += samples.len() as u64;
+    let markers = rx.markers.push(samples);
+    let tone = detect_tone(samples, &[DOCTOR_TONE_HZ, PATIENT_TONE_HZ]);
+    let mut map = shared.lock();
+    let Some((_, stats)) = map.get_mut(peer) else {
+        return;
+    };
+    match playout.kind {
+        PlayoutKind::Normal => stats.audio_frames_played += 1,
+        PlayoutKind::Fec => stats.audio_frames_fec += 1,
+        PlayoutKind::Concealed => stats.audio_frames_concealed += 1,
+        _ => {}
+    }
+    stats.audio_buffer_ms = buffer.buffered_ms();
+    if let Some(hz) = tone {
+        *stats.tones.entry(hz as u32).or_default() += 1;
+    }
+    for marker in markers {
+        // The marker's frame was captured at (wall frame number) * 20 ms; find the latest such
+        // wall time not after now with the same low 16 bits.
+        let now_frames = now / FRAME_US;
+        let back = (now_frames as u16).wrapping_sub(marker.frame_index) as u64;
+        let captured = (now_frames - back) * FRAME_US;
+        // It started playing this long ago.
+        let since_start_us = (rx.samples_played - marker.sample_offset) * 1_000_000 / 48_000;
+        let latency = elapsed_ms(now, captured) - since_start_us as f64 / 1000.0;
+        if (0.0..10_000.0).contains(&latency) {
+            stats.mouth_to_ear_ms.push(latency);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elapsed_wraps_around_48_bits() {
+        assert_eq!(elapsed_ms(5_000, 1_000), 4.0);
+        assert_eq!(elapsed_ms(500, WRAP_48 - 1_500), 2.0);
+    }
+}

@@ -1,0 +1,174 @@
+//! Counters of a running relay: atomics, cheap to read from any thread.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Error codes counted separately (anything else counts as the last slot).
+pub const ERROR_CODES: [u16; 14] = [
+    400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 0,
+];
+
+/// Upper bounds (microseconds) of the allocation latency histogram buckets; the last is +Inf.
+pub const LATENCY_BUCKETS_US: [u64; 7] = [10, 50, 100, 500, 1_000, 5_000, u64::MAX];
+
+/// Live counters of one relay. Read with [`Metrics::snapshot`] or [`Metrics::prometheus`].
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Allocations alive now (gauge).
+    pub active_allocations: AtomicI64,
+    /// Allocations created since start.
+    pub allocations_total: AtomicU64,
+    /// Packets relayed (both directions).
+    pub relayed_packets: AtomicU64,
+    /// Payload bytes relayed (both directions).
+    pub relayed_bytes: AtomicU64,
+    /// Packets dropped: no permission, bandwidth quota, send failures.
+    pub dropped_packets: AtomicU64,
+    /// STUN Binding requests answered.
+    pub binding_requests: AtomicU64,
+    /// Error responses sent, by code (indices of [`ERROR_CODES`]).
+    pub errors: [AtomicU64; ERROR_CODES.len()],
+    /// Sum of Allocate handling times in microseconds.
+    pub allocate_latency_us_sum: AtomicU64,
+    /// Number of Allocate requests timed.
+    pub allocate_latency_count: AtomicU64,
+    /// Histogram of Allocate handling times (buckets of [`LATENCY_BUCKETS_US`], not cumulative).
+    pub allocate_latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+}
+
+/// A plain copy of [`Metrics`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Allocations alive now.
+    pub active_allocations: i64,
+    /// Allocations created since start.
+    pub allocations_total: u64,
+    /// Packets relayed.
+    pub relayed_packets: u64,
+    /// Payload bytes relayed.
+    pub relayed_bytes: u64,
+    /// Packets dropped.
+    pub dropped_packets: u64,
+    /// Binding requests answered.
+    pub binding_requests: u64,
+    /// Error responses by code (code 0 means "other"), only nonzero ones.
+    pub errors: Vec<(u16, u64)>,
+    /// Sum of Allocate handling times in microseconds.
+    pub allocate_latency_us_sum: u64,
+    /// Number of Allocate requests timed.
+    pub allocate_latency_count: u64,
+}
+
+impl Metrics {
+    /// Counts an error response.
+    pub fn error(&self, code: u16) {
+        let i = ERROR_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(ERROR_CODES.len() - 1);
+        self.errors[i].fetch_add(1, Relaxed);
+    }
+
+    /// Error responses sent with `code` so far.
+    pub fn errors_with(&self, code: u16) -> u64 {
+        ERROR_CODES
+            .iter()
+            .position(|c| *c == code)
+            .map(|i| self.errors[i].load(Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Records how long one Allocate took to handle.
+    pub fn allocate_latency(&self, us: u64) {
+        self.allocate_latency_us_sum.fetch_add(us, Relaxed);
+        self.allocate_latency_count.fetch_add(1, Relaxed);
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BUCKETS_US.len() - 1);
+        self.allocate_latency_buckets[i].fetch_add(1, Relaxed);
+    }
+
+    /// A plain copy.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            active_allocations: self.active_allocations.load(Relaxed),
+            allocations_total: self.allocations_total.load(Relaxed),
+            relayed_packets: self.relayed_packets.load(Relaxed),
+            relayed_bytes: self.relayed_bytes.load(Relaxed),
+            dropped_packets: self.dropped_packets.load(Relaxed),
+            binding_requests: self.binding_requests.load(Relaxed),
+            errors: ERROR_CODES
+                .iter()
+                .zip(self.errors.iter())
+                .map(|(c, n)| (*c, n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            allocate_latency_us_sum: self.allocate_latency_us_sum.load(Relaxed),
+            allocate_latency_count: self.allocate_latency_count.load(Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition (metric names prefixed `bedside_turn_`).
+    pub fn prometheus(&self) -> String {
+        let s = self.snapshot();
+        let mut o = String::new();
+        let _ = writeln!(o, "# TYPE bedside_turn_active_allocations gauge");
+        let _ = writeln!(
+            o,
+            "bedside_turn_active_allocations {}",
+            s.active_allocations
+        );
+        for (name, v) in [
+            ("allocations_total", s.allocations_total),
+            ("relayed_packets_total", s.relayed_packets),
+            ("relayed_bytes_total", s.relayed_bytes),
+            ("dropped_packets_total", s.dropped_packets),
+            ("binding_requests_total", s.binding_requests),
+        ] {
+            let _ = writeln!(o, "# TYPE bedside_turn_{name} counter");
+            let _ = writeln!(o, "bedside_turn_{name} {v}");
+        }
+        let _ = writeln!(o, "# TYPE bedside_turn_error_responses_total counter");
+        for (c, n) in ERROR_CODES.iter().zip(self.errors.iter()) {
+            let code = if *c == 0 {
+                "other".to_string()
+            } else {
+                c.to_string()
+            };
+            let _ = writeln!(
+                o,
+                "bedside_turn_error_responses_total{{code=\"{code}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# TYPE bedside_turn_allocate_seconds histogram");
+        let mut cum = 0;
+        for (b, n) in LATENCY_BUCKETS_US
+            .iter()
+            .zip(self.allocate_latency_buckets.iter())
+        {
+            cum += n.load(Relaxed);
+            let le = if *b == u64::MAX {
+                "+Inf".to_string()
+            } else {
+                format!("{}", *b as f64 / 1e6)
+            };
+            let _ = writeln!(
+                o,
+                "bedside_turn_allocate_seconds_bucket{{le=\"{le}\"}} {cum}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "bedside_turn_allocate_seconds_sum {}",
+            s.allocate_latency_us_sum as f64 / 1e6
+        );
+        let _ = writeln!(
+            o,
+            "bedside_turn_allocate_seconds_count {}",
+            s.allocate_latency_count
+        );
+        o
+    }
+}

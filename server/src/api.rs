@@ -94,7 +94,9 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let mut body = state.metrics.render();
     if let Some(extra) = &state.extra_metrics {
-        body.push_str(&extra());
+        // OpenMetrics ends with `# EOF`: the relay's families go before it.
+        let end = body.rfind("# EOF").unwrap_or(body.len());
+        body.insert_str(end, &extra());
     }
     (
         [(

@@ -2,9 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use bedside_protocol::{ConsultationId, ErrorCode, ParticipantId, Role};
-use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -186,19 +184,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// TURN REST API credentials (coturn's `use-auth-secret`): username `expiry:user`, password
-/// base64(HMAC-SHA1(secret, username)).
-pub fn turn_rest_credentials(
-    secret: &str,
-    user: &str,
-    ttl: Duration,
-    now_unix: u64,
-) -> (String, String) {
-    let username = format!("{}:{user}", now_unix + ttl.as_secs());
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(username.as_bytes());
-    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    (username, password)
-}
+/// base64(HMAC-SHA1(secret, username)). The relay checks them with the same function.
+pub use bedside_turn::rest_credentials as turn_rest_credentials;
 
 #[cfg(test)]
 mod tests {

@@ -30,7 +30,30 @@ pub struct Config {
     pub max_participants: usize,
     pub tls: TlsConfig,
     pub ice: IceConfig,
+    pub turn: TurnSection,
 }
+
+/// The bundled STUN/TURN relay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct TurnSection {
+    pub enabled: bool,
+    pub public_host: String,
+    pub relay: bedside_turn::TurnConfig,
+}
+
+impl Default for TurnSection {
+    fn default() -> Self {
+        TurnSection {
+            enabled: true,
+            public_host: String::new(),
+            relay: bedside_turn::TurnConfig::default(),
+        }
+    }
+}
+
+/// The port the relay listens on unless configured otherwise.
+pub const TURN_PORT: u16 = 3478;
 
 /// How the server terminates TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +101,7 @@ impl Default for Config {
             max_participants: 8,
             tls: TlsConfig::default(),
             ice: IceConfig::default(),
+            turn: TurnSection::default(),
         }
     }
 }
@@ -163,6 +187,16 @@ impl Config {
         if !self.ice.turn_urls.is_empty() && self.ice.turn_secret.is_empty() {
             return bad("ice.turn-urls needs ice.turn-secret");
         }
+        if self.turn.enabled
+            && self.listen.ip().is_unspecified()
+            && self.turn.relay.relay_ips.is_empty()
+            && self.turn.public_host.is_empty()
+        {
+            return bad(
+                "listening on all addresses: set turn.public-host and turn.relay.relay-ips \
+                 (the address peers reach the relay at), or turn.enabled = false",
+            );
+        }
         if self.tls.mode == TlsMode::Files
             && (self.tls.cert.as_os_str().is_empty() || self.tls.key.as_os_str().is_empty())
         {
@@ -190,6 +224,24 @@ impl Config {
 
     pub fn rejoin_window(&self) -> Duration {
         Duration::from_secs(self.rejoin_window_secs)
+    }
+
+    /// The relay's configuration with what was left unset filled in: it listens on the
+    /// signaling address's IP, port 3478 (UDP and TCP), and uses `secret`.
+    pub fn turn_relay(&self, secret: &str) -> bedside_turn::TurnConfig {
+        let defaults = bedside_turn::TurnConfig::default();
+        let mut relay = self.turn.relay.clone();
+        let here = SocketAddr::new(self.listen.ip(), TURN_PORT);
+        if relay.listen_udp == defaults.listen_udp {
+            relay.listen_udp = vec![here];
+        }
+        if relay.listen_tcp == defaults.listen_tcp {
+            relay.listen_tcp = vec![here];
+        }
+        if relay.auth_secret.is_empty() {
+            relay.auth_secret = secret.to_owned();
+        }
+        relay
     }
 
     /// Whether TLS is on, once `auto` is resolved against the listen address.

@@ -50,6 +50,8 @@ pub enum ServerError {
     },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Turn(#[from] bedside_turn::TurnError),
 }
 
 /// Extra Prometheus text appended to `/metrics` (the TURN relay's, when it runs in-process).
@@ -75,6 +77,67 @@ pub struct Server {
     state: Arc<AppState>,
     generated_admin_key: bool,
     data_dir: PathBuf,
+    turn: Option<bedside_turn::TurnHandle>,
+}
+
+/// Starts the bundled relay with its secret (configured, or generated once and kept in the
+/// store).
+pub async fn start_turn(
+    config: &Config,
+    store: &Store,
+) -> Result<(bedside_turn::TurnHandle, String), ServerError> {
+    let secret = if !config.turn.relay.auth_secret.is_empty() {
+        config.turn.relay.auth_secret.clone()
+    } else if !config.ice.turn_secret.is_empty() {
+        config.ice.turn_secret.clone()
+    } else {
+        store
+            .setting_or_init("turn_secret", || auth::random_secret(24))
+            .await?
+    };
+    let relay = config.turn_relay(&secret);
+    // The relay stops through `TurnHandle::shutdown`.
+    let handle = bedside_turn::start(relay, std::future::pending()).await?;
+    Ok((handle, secret))
+}
+
+/// The ICE servers that hand clients the bundled relay: STUN and TURN over UDP, TURN over TCP,
+/// and TURN over TLS when it listens for it.
+fn ice_for_relay(
+    config: &Config,
+    relay: &bedside_turn::TurnHandle,
+    secret: &str,
+) -> config::IceConfig {
+    let host = |addr: &SocketAddr| -> String {
+        let ip = if addr.ip().is_unspecified() {
+            relay.relay_ips().first().copied().unwrap_or(addr.ip())
+        } else {
+            addr.ip()
+        };
+        if !config.turn.public_host.is_empty() {
+            config.turn.public_host.clone()
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
+    };
+    let mut ice = config.ice.clone();
+    for a in relay.udp_addrs() {
+        ice.stun_urls.push(format!("stun:{}:{}", host(a), a.port()));
+        ice.turn_urls
+            .push(format!("turn:{}:{}?transport=udp", host(a), a.port()));
+    }
+    for a in relay.tcp_addrs() {
+        ice.turn_urls
+            .push(format!("turn:{}:{}?transport=tcp", host(a), a.port()));
+    }
+    for a in relay.tls_addrs() {
+        ice.turn_urls
+            .push(format!("turns:{}:{}?transport=tcp", host(a), a.port()));
+    }
+    ice.turn_secret = secret.to_owned();
+    ice
 }
 
 impl Server {
@@ -123,13 +186,32 @@ impl Server {
             )
         };
 
+        let (turn, ice) = if config.turn.enabled {
+            let (relay, secret) = start_turn(&config, &store).await?;
+            let ice = if config.ice.turn_urls.is_empty() {
+                ice_for_relay(&config, &relay, &secret)
+            } else {
+                config.ice.clone()
+            };
+            (Some(relay), ice)
+        } else {
+            (None, config.ice.clone())
+        };
+        let extra_metrics = match (&turn, extra_metrics) {
+            (Some(relay), None) => {
+                let relay_metrics = relay.metrics();
+                Some(Box::new(move || relay_metrics.prometheus()) as ExtraMetrics)
+            }
+            (_, extra) => extra,
+        };
+
         let metrics = Arc::new(Metrics::default());
         let tokens = Arc::new(Tokens::new(token_secret.as_bytes()));
         let hub = Hub::new(
             store.clone(),
             metrics.clone(),
             tokens.clone(),
-            config.ice.clone(),
+            ice,
             config.rejoin_window(),
             config.max_participants,
         );
@@ -152,6 +234,7 @@ impl Server {
             state,
             generated_admin_key,
             data_dir,
+            turn,
         })
     }
 
@@ -185,6 +268,11 @@ impl Server {
 
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// The bundled relay, when it runs.
+    pub fn turn(&self) -> Option<&bedside_turn::TurnHandle> {
+        self.turn.as_ref()
     }
 
     /// Serves until `shutdown` completes, then closes every WebSocket with "going away" (seats
@@ -231,6 +319,10 @@ impl Server {
             }
         };
         janitor.abort();
+        if let Some(relay) = self.turn {
+            relay.shutdown();
+            relay.join().await;
+        }
         self.state.store.flush_audit().await?;
         result.map_err(ServerError::Io)
     }

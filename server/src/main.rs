@@ -24,6 +24,9 @@ struct Args {
     /// Print the default configuration, with comments, and exit.
     #[arg(long)]
     print_config: bool,
+    /// Run only the bundled STUN/TURN relay (the [turn.relay] settings), no signaling.
+    #[arg(long)]
+    only_turn: bool,
 }
 
 #[tokio::main]
@@ -50,6 +53,21 @@ async fn main() -> anyhow::Result<()> {
     }
     raise_open_files_limit();
     let shutdown = shutdown_signal();
+    if args.only_turn {
+        config.validate()?;
+        let store = bedside_server::store::Store::open(&config.data_dir())?;
+        let (relay, _) = bedside_server::start_turn(&config, &store).await?;
+        println!(
+            "bedside-server relay only: STUN/TURN on UDP {:?}, TCP {:?}, TLS {:?}",
+            relay.udp_addrs(),
+            relay.tcp_addrs(),
+            relay.tls_addrs()
+        );
+        shutdown.await;
+        relay.shutdown();
+        relay.join().await;
+        return Ok(());
+    }
     let server = Server::bind(config)
         .await
         .context("starting bedside-server")?;
@@ -66,6 +84,14 @@ async fn main() -> anyhow::Result<()> {
         server.base_url(),
         server.ws_url()
     );
+    if let Some(relay) = server.turn() {
+        println!(
+            "STUN/TURN relay on UDP {:?}, TCP {:?}, TLS {:?}",
+            relay.udp_addrs(),
+            relay.tcp_addrs(),
+            relay.tls_addrs()
+        );
+    }
     server.serve(shutdown).await?;
     Ok(())
 }

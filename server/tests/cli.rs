@@ -42,9 +42,18 @@ fn a_bad_config_file_is_refused_with_the_reason() {
 #[test]
 fn starts_with_no_config_prints_the_key_once_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    // The relay on free ports too, so the test does not depend on 3478 being free.
+    let config = dir.path().join("bedside.toml");
+    std::fs::write(
+        &config,
+        "[turn.relay]\nlisten-udp = [\"127.0.0.1:0\"]\nlisten-tcp = [\"127.0.0.1:0\"]\n",
+    )
+    .unwrap();
     let start = || {
         bin()
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
             .arg(dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -79,6 +88,54 @@ fn starts_with_no_config_prints_the_key_once_and_stops_on_sigterm() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     assert!(first.contains("listening on"), "{first}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn only_turn_runs_the_relay_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bedside.toml");
+    std::fs::write(
+        &config,
+        "[turn.relay]\nlisten-udp = [\"127.0.0.1:0\"]\nlisten-tcp = [\"127.0.0.1:0\"]\n",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["--only-turn", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(
+        first.contains("relay only: STUN/TURN on UDP [127.0.0.1:"),
+        "{first}"
+    );
+    // A STUN binding request over UDP gets a success response.
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&[7u8; 12]);
+    sock.send_to(&req, ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert!(n >= 20);
+    assert_eq!(&buf[..2], &[0x01, 0x01], "binding success response");
+    assert_eq!(&buf[8..20], &[7u8; 12], "same transaction id");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }

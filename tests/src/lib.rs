@@ -27,14 +27,26 @@ pub struct TestServer {
     http: reqwest::Client,
 }
 
-/// A configuration for tests: port 0, fixed secrets, short timers.
+/// A configuration for tests: port 0, fixed secrets, no relay (see [`with_turn`]).
 pub fn test_config() -> Config {
-    Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_api_key: "test-admin-key-0123456789".into(),
         token_secret: "test-token-secret".into(),
         ..Config::default()
-    }
+    };
+    config.turn.enabled = false;
+    config
+}
+
+/// `config` with the bundled relay on free loopback ports. Loopback peers are allowed, which is
+/// for tests only: every participant here is on 127.0.0.1.
+pub fn with_turn(mut config: Config) -> Config {
+    config.turn.enabled = true;
+    config.turn.relay.listen_udp = vec!["127.0.0.1:0".parse().unwrap()];
+    config.turn.relay.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    config.turn.relay.allow_loopback_peers = true;
+    config
 }
 
 impl TestServer {

@@ -11,14 +11,18 @@ use bedside_client_core::engine::EngineSettings;
 use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
 use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason};
-use bedside_tests::TestServer;
+use bedside_tests::{TestServer, test_config, with_turn};
 
 /// A client sending a small synthetic picture (tagged `tag`) and the tone `tone_hz`.
 fn client(server: &TestServer, tag: u8, tone_hz: f32) -> Result<Client> {
+    client_with(server, tag, tone_hz, false)
+}
+
+fn client_with(server: &TestServer, tag: u8, tone_hz: f32, relay_only: bool) -> Result<Client> {
     let mut options = ClientOptions::new(&server.ws_url);
     options.engine = EngineSettings {
         udp_addrs: vec!["127.0.0.1:0".into()],
-        relay_only: false,
+        relay_only,
     };
     options.video = H264Config {
         width: 320,
@@ -173,5 +177,84 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     })
     .await?;
     wait_state(&mut doctor, CallState::WaitingForPeers).await?;
+    Ok(())
+}
+
+/// Media decoded both ways, with each side's tone heard by the other.
+async fn media_flows(doctor: &Client, patient: &Client) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = [(doctor, PATIENT_TONE_HZ), (patient, DOCTOR_TONE_HZ)]
+            .iter()
+            .all(|(c, tone)| {
+                c.received.stats().values().any(|s| {
+                    s.frames_with_marker >= 20
+                        && s.audio_frames_played >= 50
+                        && s.tone_heard() == Some(*tone as u32)
+                })
+            });
+        if done {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "media did not flow: doctor received {:?}, patient received {:?}",
+                doctor.received.stats(),
+                patient.received.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
+    let server = TestServer::start_with(with_turn(test_config())).await?;
+    let c = server.create_consultation().await?;
+    let mut doctor = client_with(&server, 1, DOCTOR_TONE_HZ, true)?;
+    doctor.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        display_name: None,
+    });
+    wait_state(&mut doctor, CallState::WaitingForPeers).await?;
+    let mut patient = client_with(&server, 2, PATIENT_TONE_HZ, true)?;
+    patient.handle.send(UserCommand::Join {
+        auth: JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
+        },
+        display_name: None,
+    });
+    let waiting = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
+        CallEvent::WaitingRoom(w) if !w.is_empty() => Some(w[0].participant_id.clone()),
+        _ => None,
+    })
+    .await?;
+    doctor.handle.send(UserCommand::Admit(waiting));
+    wait_state(&mut patient, CallState::Connected).await?;
+    wait_state(&mut doctor, CallState::Connected).await?;
+    let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
+        CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(report.candidate_pair, Some(CandidatePairType::Relay));
+    media_flows(&doctor, &patient).await?;
+    // The relay says so too.
+    let metrics = server.metrics().await?;
+    let allocations: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bedside_turn_active_allocations "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("relay metrics on /metrics");
+    assert!(allocations >= 2, "{metrics}");
+    let relayed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bedside_turn_relayed_packets_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(relayed > 100, "{relayed}");
+    assert!(metrics.trim_end().ends_with("# EOF"));
     Ok(())
 }

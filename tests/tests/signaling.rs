@@ -729,3 +729,45 @@ async fn three_hundred_concurrent_consultations() -> Result<()> {
     drop(held);
     Ok(())
 }
+
+#[tokio::test]
+async fn admitted_participants_get_the_bundled_relay_with_short_lived_credentials() -> Result<()> {
+    let mut config = bedside_tests::with_turn(test_config());
+    config.turn.relay.auth_secret = "test-turn-secret".into();
+    let server = TestServer::start_with(config).await?;
+    let c = server.create_consultation().await?;
+    let mut doctor = server.connect().await?;
+    doctor.join_token(&c.doctor_token).await?;
+    let ice = match doctor.expect_type("admitted").await? {
+        ServerMessage::Admitted { ice_servers, .. } => ice_servers,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        ice.iter()
+            .any(|s| s.urls.iter().any(|u| u.starts_with("stun:127.0.0.1:")))
+    );
+    let turn = ice
+        .iter()
+        .find(|s| {
+            s.urls
+                .iter()
+                .any(|u| u.starts_with("turn:127.0.0.1:") && u.ends_with("?transport=udp"))
+        })
+        .expect("a TURN server");
+    assert!(turn.urls.iter().any(|u| u.ends_with("?transport=tcp")));
+    // TURN REST credentials bound to this participant, expiring within the configured TTL.
+    let username = turn.username.clone().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, doctor.id().0);
+    let expiry: u64 = expiry.parse()?;
+    let now = unix_now();
+    assert!(expiry > now && expiry <= now + 600 + 5, "{expiry} vs {now}");
+    let (_, expected) = bedside_server::auth::turn_rest_credentials(
+        "test-turn-secret",
+        user,
+        Duration::from_secs(expiry - now),
+        now,
+    );
+    assert_eq!(turn.credential.as_deref(), Some(expected.as_str()));
+    Ok(())
+}

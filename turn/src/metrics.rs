@@ -119,17 +119,18 @@ impl Metrics {
             "bedside_turn_active_allocations {}",
             s.active_allocations
         );
+        // OpenMetrics: a counter family is named without `_total`; its sample carries it.
         for (name, v) in [
-            ("allocations_total", s.allocations_total),
-            ("relayed_packets_total", s.relayed_packets),
-            ("relayed_bytes_total", s.relayed_bytes),
-            ("dropped_packets_total", s.dropped_packets),
-            ("binding_requests_total", s.binding_requests),
+            ("allocations", s.allocations_total),
+            ("relayed_packets", s.relayed_packets),
+            ("relayed_bytes", s.relayed_bytes),
+            ("dropped_packets", s.dropped_packets),
+            ("binding_requests", s.binding_requests),
         ] {
             let _ = writeln!(o, "# TYPE bedside_turn_{name} counter");
-            let _ = writeln!(o, "bedside_turn_{name} {v}");
+            let _ = writeln!(o, "bedside_turn_{name}_total {v}");
         }
-        let _ = writeln!(o, "# TYPE bedside_turn_error_responses_total counter");
+        let _ = writeln!(o, "# TYPE bedside_turn_error_responses counter");
         for (c, n) in ERROR_CODES.iter().zip(self.errors.iter()) {
             let code = if *c == 0 {
                 "other".to_string()

@@ -1,10 +1,14 @@
 //! `cargo xtask <command>`: the project's commands, so that the README needs only two.
 //!
-//! - `demo`: a local clinic on this computer (server with its embedded store), with a
-//!   consultation ready to join.
+//! - `demo`: a local clinic on this computer (server with its embedded store and relay), a
+//!   simulated patient in a consultation, and a headless doctor that admits the patient, holds a
+//!   call and prints what it measured. The server and the patient stay up afterwards.
 //! - `test`: installs the system packages the suites need (Debian, as root), then runs every
 //!   test in the workspace.
 //! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
+//! - `bench-call [ARGS]`: a 720p call between two probes, in release.
+//! - `bench-turn`: the relay against coturn, in release.
+//! - `bench-media`: codec and pattern figures (criterion-free bench), in release.
 //! - `lint`: rustfmt and clippy, as CI expects them.
 
 use std::io::{Read, Write};
@@ -28,6 +32,11 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench-signaling") => bench_signaling(&args[1..]),
+        Some("bench-call") => bench_call(&args[1..]),
+        Some("bench-turn") => bench_turn(),
+        Some("bench-media") => {
+            run(cargo().args(["bench", "-p", "bedside-client-core", "--bench", "media"]))
+        }
         Some("lint") => lint(),
         _ => {
             eprintln!(
@@ -141,9 +150,37 @@ fn bench_signaling(extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
+fn bench_call(extra: &[String]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bedside-server",
+        "-p",
+        "bedside-probe",
+        "-p",
+        "bedside-tests",
+        "--bin",
+        "bedside-server",
+        "--bin",
+        "bedside-probe",
+        "--bin",
+        "call-bench",
+    ]))?;
+    run(Command::new(root().join("target/release/call-bench"))
+        .current_dir(root())
+        .args(extra))
+}
+
+fn bench_turn() -> Result<()> {
+    ensure_packages(TEST_PACKAGES)?;
+    run(cargo().args(["build", "--release", "-p", "bedside-turn"]))?;
+    run(Command::new(root().join("target/release/turn-bench")).current_dir(root()))
+}
+
 fn demo() -> Result<()> {
     ensure_packages(DEMO_PACKAGES)?;
-    run(cargo().args(["build", "-p", "bedside-server"]))?;
+    run(cargo().args(["build", "-p", "bedside-server", "-p", "bedside-probe"]))?;
     let data_dir = root().join(".bedside-data");
     let mut server = Command::new(root().join("target/debug/bedside-server"))
         .args(["--listen", DEMO_ADDR, "--data-dir"])
@@ -163,6 +200,31 @@ fn demo() -> Result<()> {
         bail!("creating a consultation: HTTP {status}: {body}");
     }
     let created: serde_json::Value = serde_json::from_str(&body)?;
+    let ws = created["ws_url"].as_str().unwrap_or("").to_owned();
+    let probe = |auth: &str, secret: &str, seconds: &str| {
+        Command::new(root().join("target/debug/bedside-probe"))
+            .args(["--server", &ws, auth, secret, "--duration", seconds])
+            .args(["--width", "640", "--height", "360", "--bitrate-kbps", "800"])
+            .args(["--udp", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+    };
+    // A simulated patient waits in the waiting room (and stays an hour).
+    let mut patient = probe(
+        "--invite",
+        created["invite_code"].as_str().unwrap_or(""),
+        "3600",
+    )?;
+    println!(
+        "A simulated patient joined the waiting room; a headless doctor admits them for 15 s..."
+    );
+    let doctor = probe(
+        "--token",
+        created["doctor_token"].as_str().unwrap_or(""),
+        "15",
+    )?;
+    let report = doctor.wait_with_output()?;
+    println!("{}", String::from_utf8_lossy(&report.stdout));
     println!();
     println!(
         "Local clinic running at http://{DEMO_ADDR} (store: {})",
@@ -185,9 +247,11 @@ fn demo() -> Result<()> {
         created["doctor_token"].as_str().unwrap_or("")
     );
     println!("  metrics:              http://{DEMO_ADDR}/metrics");
-    println!("The desktop app and a simulated patient join here once issues #4 and #6 land.");
-    println!("Press Ctrl-C to stop.");
+    println!("Above: the headless doctor's report of its call with the simulated patient, who");
+    println!("stays in the consultation. The desktop app joins here once issue #6 lands.");
+    println!("Ctrl-C stops everything.");
     let status = server.wait()?;
+    let _ = patient.kill();
     if !status.success() && status.code().is_some() {
         bail!("bedside-server exited with {status}");
     }

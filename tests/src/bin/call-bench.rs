@@ -1,0 +1,172 @@
+//! Call quality bench: a 720p30 consultation on loopback between two `bedside-probe` processes
+//! through a `bedside-server` process, all release builds. Prints, per client: encoded and
+//! decoded frame rates, glass-to-glass video latency p50/p95, mouth-to-ear audio latency
+//! p50/p95, and CPU used (share of one core, from /proc).
+//!
+//! `cargo xtask bench-call` builds and runs it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bedside_server::api::CreatedConsultation;
+use clap::Parser;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Seconds of connected call to measure.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value_t = 1280)]
+    width: u32,
+    #[arg(long, default_value_t = 720)]
+    height: u32,
+    #[arg(long, default_value_t = 1500)]
+    bitrate_kbps: u32,
+    /// Release binaries.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+}
+
+const ADMIN_KEY: &str = "bench-admin-key-0123456789";
+
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("bad stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
+             [turn]\nenabled = false\n",
+            dir.path().join("data").display()
+        ),
+    )?;
+    let mut server = tokio::process::Command::new(args.bin_dir.join("bedside-server"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting bedside-server (build it in release first)")?;
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next_line().await?.context("server exited")?;
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let ws = format!("{}/ws", base.replacen("http://", "ws://", 1));
+    let c: CreatedConsultation = reqwest::Client::new()
+        .post(format!("{base}/api/v1/consultations"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+
+    let probe = |auth: [&str; 2]| {
+        let mut cmd = tokio::process::Command::new(args.bin_dir.join("bedside-probe"));
+        cmd.args(["--server", &ws, auth[0], auth[1]])
+            .args(["--duration", &args.seconds.to_string()])
+            .args(["--width", &args.width.to_string()])
+            .args(["--height", &args.height.to_string()])
+            .args(["--bitrate-kbps", &args.bitrate_kbps.to_string()])
+            .args(["--udp", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn()
+    };
+    let started = Instant::now();
+    let mut doctor = probe(["--token", &c.doctor_token])?;
+    let mut patient = probe(["--invite", &c.invite_code])?;
+    let pids = [doctor.id().unwrap(), patient.id().unwrap()];
+    // CPU is sampled just before the probes leave, so start-up and tear-down barely count.
+    let mut cpu = [0.0; 2];
+    let sample_at = Duration::from_secs(args.seconds + 1);
+    tokio::time::sleep(sample_at).await;
+    for (i, pid) in pids.iter().enumerate() {
+        cpu[i] = cpu_secs(*pid).unwrap_or(0.0);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let mut reports = Vec::new();
+    for child in [&mut doctor, &mut patient] {
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await?;
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+        if !status.success() {
+            bail!("probe failed: {status}");
+        }
+        reports.push(serde_json::from_str::<Value>(&out).context("probe report")?);
+    }
+    let _ = server.start_kill();
+
+    println!(
+        "{}x{} call at {} kbps, {} s connected, on {} cores",
+        args.width,
+        args.height,
+        args.bitrate_kbps,
+        args.seconds,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9}",
+        "client",
+        "sent fps",
+        "dec fps",
+        "g2g p50",
+        "g2g p95",
+        "m2e p50",
+        "m2e p95",
+        "heard",
+        "CPU/core"
+    );
+    for (i, (name, r)) in ["doctor", "patient"].iter().zip(&reports).enumerate() {
+        let f = |k: &str| r[k].as_f64();
+        let ms = |k: &str| f(k).map_or("-".into(), |v| format!("{v:.1} ms"));
+        let sent_fps = f("video_frames_sent").map(|n| n / args.seconds as f64);
+        println!(
+            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>8.0}%",
+            name,
+            sent_fps.map_or("-".into(), |v| format!("{v:.1}")),
+            f("decoded_fps").map_or("-".into(), |v| format!("{v:.1}")),
+            ms("glass_to_glass_ms_p50"),
+            ms("glass_to_glass_ms_p95"),
+            ms("mouth_to_ear_ms_p50"),
+            ms("mouth_to_ear_ms_p95"),
+            r["heard"].as_str().unwrap_or("-"),
+            100.0 * cpu[i] / wall
+        );
+    }
+    println!(
+        "CPU is the probe process's whole life (join, {} s of call, leave) over its wall time; \
+         each probe also renders the synthetic 720p pattern.",
+        args.seconds
+    );
+    Ok(())
+}

@@ -44,6 +44,8 @@ pub struct CallConfig {
     pub ice_restart_timeout: Duration,
     /// How long the call keeps trying to get its signaling back before it ends.
     pub give_up_after: Duration,
+    /// The size video is captured at: the quality ladder never climbs above it.
+    pub video_size: (u32, u32),
 }
 
 impl Default for CallConfig {
@@ -55,6 +57,7 @@ impl Default for CallConfig {
             signaling_dead_after: Duration::from_secs(12),
             ice_restart_timeout: Duration::from_secs(8),
             give_up_after: Duration::from_secs(120),
+            video_size: (1280, 720),
         }
     }
 }
@@ -319,7 +322,6 @@ impl Call {
     /// A call that has not joined yet. `seed` feeds the backoff jitter.
     pub fn new(config: CallConfig, seed: u64) -> Self {
         Call {
-            config,
             rng: StdRng::seed_from_u64(seed),
             phase: Phase::Idle,
             auth: None,
@@ -336,9 +338,13 @@ impl Call {
             muted: false,
             camera: true,
             audio_only: false,
-            quality: QualityController::new(QualityConfig::default(), 0),
+            quality: QualityController::new(
+                QualityConfig::default(),
+                QualityController::top_rung_for(config.video_size.0, config.video_size.1),
+            ),
             shown: CallState::Idle,
             out: VecDeque::new(),
+            config,
         }
     }
 

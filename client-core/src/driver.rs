@@ -95,7 +95,9 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     let engine = Engine::new(options.engine.clone(), tracks.clone(), engine_tx, media_tx);
     let received = pipeline::start_receiver(media_rx);
     let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);
-    let call = Call::new(options.call.clone(), options.seed);
+    let mut call_config = options.call.clone();
+    call_config.video_size = (options.video.width, options.video.height);
+    let call = Call::new(call_config, options.seed);
     let driver = Driver {
         options,
         call,
@@ -147,6 +149,8 @@ struct Driver {
 
 /// How often call statistics are read.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the congestion controller's estimate is handed to the quality ladder.
+pub const BANDWIDTH_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Driver {
     async fn run(mut self) {
@@ -155,6 +159,8 @@ impl Driver {
         let mut commands_open = true;
         let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bandwidth_tick = tokio::time::interval(BANDWIDTH_INTERVAL);
+        bandwidth_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.carry_out().await;
             if matches!(self.call.state(), crate::call::CallState::Ended(_)) {
@@ -184,6 +190,11 @@ impl Driver {
                 Some(ev) = self.engine_rx.recv() => self.call.handle_engine(Instant::now(), ev),
                 _ = sleep => self.call.handle_timeout(Instant::now()),
                 _ = stats_tick.tick() => self.collect_stats().await,
+                _ = bandwidth_tick.tick() => {
+                    if let Some(kbps) = self.engine.bandwidth_estimate_kbps() {
+                        self.call.handle_bandwidth(Instant::now(), kbps);
+                    }
+                }
             }
         }
         self.engine.close_all().await;

@@ -13,13 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
-use rtc::interceptor::Registry;
+use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport, Registry};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    CongestionFeedback, configure_congestion_control,
+};
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
     RTCRtpEncodingParameters, RtpCodecKind,
 };
+use std::sync::atomic::AtomicU64;
 use tokio::sync::mpsc;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
@@ -200,6 +204,50 @@ impl LocalTracks {
     }
 }
 
+/// Bounds of the congestion controller's estimate, bits per second. It starts high enough for
+/// 720p so a good link does not begin at the bottom of the quality ladder.
+const GCC_INITIAL_BPS: f64 = 1_500_000.0;
+const GCC_MIN_BPS: f64 = 30_000.0;
+const GCC_MAX_BPS: f64 = 2_500_000.0;
+
+/// GCC with its target bitrate published where the driver can read it (the estimator lives
+/// inside the interceptor chain; this is the crate's `bandwidth-estimation-from-disk` pattern).
+struct PublishingEstimator {
+    inner: Gcc,
+    target: Arc<AtomicU64>,
+}
+
+impl PublishingEstimator {
+    fn publish(&self) {
+        self.target
+            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl BandwidthEstimator for PublishingEstimator {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        self.inner.on_reports(now, reports);
+        self.publish();
+    }
+
+    fn target_bitrate(&self) -> f64 {
+        self.inner.target_bitrate()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now);
+        self.publish();
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+
+    fn stats(&self) -> EstimatorStats {
+        self.inner.stats()
+    }
+}
+
 struct Handler {
     peer: ParticipantId,
     events: mpsc::UnboundedSender<EngineEvent>,
@@ -270,6 +318,8 @@ pub struct Engine {
     settings: EngineSettings,
     tracks: Arc<LocalTracks>,
     peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
+    /// Each peer connection's congestion-controller estimate (f64 bits, bits per second).
+    estimates: HashMap<ParticipantId, Arc<AtomicU64>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -285,9 +335,20 @@ impl Engine {
             settings,
             tracks,
             peers: HashMap::new(),
+            estimates: HashMap::new(),
             events,
             media,
         }
+    }
+
+    /// The lowest send-side bandwidth estimate over all peers, kbps: the one shared video
+    /// encoding has to fit. `None` without peers.
+    pub fn bandwidth_estimate_kbps(&self) -> Option<u32> {
+        self.estimates
+            .values()
+            .map(|e| f64::from_bits(e.load(Ordering::Relaxed)))
+            .min_by(f64::total_cmp)
+            .map(|bps| (bps / 1000.0) as u32)
     }
 
     pub fn tracks(&self) -> &Arc<LocalTracks> {
@@ -314,7 +375,9 @@ impl Engine {
                 if let Some(old) = self.peers.remove(&peer) {
                     let _ = old.close().await;
                 }
-                let pc = self.build(&peer, ice_servers).await?;
+                let estimate = Arc::new(AtomicU64::new(GCC_INITIAL_BPS.to_bits()));
+                let pc = self.build(&peer, ice_servers, estimate.clone()).await?;
+                self.estimates.insert(peer.clone(), estimate);
                 self.peers.insert(peer.clone(), pc.clone());
                 if offerer {
                     let offer = pc.create_offer(None).await?;
@@ -368,6 +431,7 @@ impl Engine {
                 self.local_description(peer, SdpKind::Offer, offer.sdp);
             }
             EngineCommand::ClosePeer { peer } => {
+                self.estimates.remove(&peer);
                 if let Some(pc) = self.peers.remove(&peer) {
                     pc.close().await?;
                 }
@@ -387,6 +451,7 @@ impl Engine {
 
     /// Closes every peer connection.
     pub async fn close_all(&mut self) {
+        self.estimates.clear();
         for (_, pc) in self.peers.drain() {
             let _ = pc.close().await;
         }
@@ -402,6 +467,7 @@ impl Engine {
         &self,
         peer: &ParticipantId,
         ice_servers: Vec<IceServer>,
+        estimate: Arc<AtomicU64>,
     ) -> Result<Arc<dyn PeerConnection>, EngineError> {
         let mut media_engine = MediaEngine::default();
         media_engine.register_codec(
@@ -418,7 +484,17 @@ impl Engine {
             },
             RtpCodecKind::Video,
         )?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let estimator = PublishingEstimator {
+            inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
+            target: estimate,
+        };
+        let registry = configure_congestion_control(
+            Registry::new(),
+            estimator,
+            CongestionFeedback::Twcc,
+            &mut media_engine,
+        )?;
+        let registry = register_default_interceptors(registry, &mut media_engine)?;
         let servers = ice_servers
             .into_iter()
             .map(|s| RTCIceServer {

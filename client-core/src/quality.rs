@@ -109,6 +109,8 @@ impl Default for QualityConfig {
 #[derive(Debug)]
 pub struct QualityController {
     config: QualityConfig,
+    /// The best rung allowed (what the camera or the configuration gives).
+    top: usize,
     target: VideoTarget,
     /// Since when the budget has been pointing down (or up).
     down_since: Option<Instant>,
@@ -118,11 +120,12 @@ pub struct QualityController {
 }
 
 impl QualityController {
-    /// Starts at `rung` (0 is the best).
+    /// Starts at, and never climbs above, `rung` (0 is the best).
     pub fn new(config: QualityConfig, rung: usize) -> Self {
         let rung = rung.min(LADDER.len() - 1);
         QualityController {
             config,
+            top: rung,
             target: VideoTarget::Video {
                 rung,
                 bitrate_kbps: LADDER[rung].max_kbps,
@@ -135,6 +138,14 @@ impl QualityController {
 
     pub fn target(&self) -> VideoTarget {
         self.target
+    }
+
+    /// The best rung a `width` x `height` source can fill.
+    pub fn top_rung_for(width: u32, height: u32) -> usize {
+        LADDER
+            .iter()
+            .position(|r| r.width <= width && r.height <= height)
+            .unwrap_or(LADDER.len() - 1)
     }
 
     /// The video budget an estimate leaves, kbps.
@@ -197,7 +208,8 @@ impl QualityController {
                 } else {
                     self.down_since = None;
                     let up = rung.checked_sub(1).filter(|&r| {
-                        budget as f64 >= LADDER[r].min_kbps as f64 * self.config.up_margin
+                        r >= self.top
+                            && budget as f64 >= LADDER[r].min_kbps as f64 * self.config.up_margin
                     });
                     match up {
                         Some(r) if held(&mut self.up_since, now, self.config.up_after) => {
@@ -225,8 +237,23 @@ impl QualityController {
             self.down_since = None;
             self.up_since = None;
         }
-        let changed = next != self.target;
-        self.target = next;
+        // Bitrate wiggles under 10% inside a rung are not worth retuning the encoder for.
+        let changed = match (next, self.target) {
+            (
+                VideoTarget::Video {
+                    rung: a,
+                    bitrate_kbps: x,
+                },
+                VideoTarget::Video {
+                    rung: b,
+                    bitrate_kbps: y,
+                },
+            ) => a != b || x.abs_diff(y) * 10 > y,
+            (a, b) => a != b,
+        };
+        if changed {
+            self.target = next;
+        }
         changed.then_some(next)
     }
 }
@@ -359,6 +386,26 @@ mod tests {
             changes.extend(feed(&mut q, &mut t, 2000, Duration::from_secs(2)));
             changes.extend(feed(&mut q, &mut t, 50, Duration::from_secs(1)));
         }
+        assert!(changes.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn the_ladder_never_climbs_above_the_source() {
+        let top = QualityController::top_rung_for(640, 360);
+        assert_eq!(LADDER[top].height, 360);
+        let mut q = QualityController::new(QualityConfig::default(), top);
+        let mut t = Instant::now();
+        feed(&mut q, &mut t, 5000, Duration::from_secs(30));
+        assert_eq!(rung_of(q.target()), Some(top));
+        assert_eq!(QualityController::top_rung_for(100, 100), LADDER.len() - 1);
+    }
+
+    #[test]
+    fn small_bitrate_wiggles_do_not_retune_the_encoder() {
+        let mut q = QualityController::new(QualityConfig::default(), 2);
+        let mut t = Instant::now();
+        feed(&mut q, &mut t, 800, Duration::from_secs(1));
+        let changes = feed(&mut q, &mut t, 790, Duration::from_secs(1));
         assert!(changes.is_empty(), "{changes:?}");
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::auth::{self, Tokens};
 use crate::config::IceConfig;
 use crate::metrics::{Metrics, ResultLabel, RoleLabel};
-use crate::store::{AuditEvent, AuditKind, Store};
+use crate::store::{AuditEvent, AuditKind, SeatRow, Store};
 
 /// What the hub asks a connection task to do.
 #[derive(Debug)]
@@ -244,6 +244,7 @@ impl Hub {
                 .inc();
             self.store
                 .audit(AuditEvent::new(cid, AuditKind::Joined).participant(&pid, role));
+            self.store.seat_taken(cid, &pid, role, admitted);
             self.welcome(&r, &pid, false);
             if admitted {
                 self.broadcast_admitted(&r, &pid, |seat| ServerMessage::PeerJoined {
@@ -363,6 +364,7 @@ impl Hub {
             seat.admitted = true;
             let role = seat.role;
             self.metrics.admissions.inc();
+            self.store.seat_admitted(target);
             self.store.audit(
                 AuditEvent::new(&cid, AuditKind::Admitted)
                     .participant(target, role)
@@ -384,6 +386,7 @@ impl Hub {
         } else {
             let seat = r.seats.remove(target).expect("checked above");
             self.metrics.denials.inc();
+            self.store.seat_released(target);
             if let Some(conn) = &seat.conn {
                 self.metrics.participants_connected.dec();
                 conn.send(&self.metrics, ServerMessage::Denied);
@@ -454,6 +457,7 @@ impl Hub {
                 return;
             }
             let seat = r.seats.remove(&seated.participant_id).expect("present");
+            self.store.seat_released(&seated.participant_id);
             if seat.conn.is_some() {
                 self.metrics.participants_connected.dec();
             }
@@ -514,8 +518,56 @@ impl Hub {
         }
         drop(r);
         tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, "link dropped, seat held");
+        self.start_window(seated.clone(), generation);
+    }
+
+    /// Whether `pid` holds a seat in a live room.
+    pub fn has_seat(&self, cid: &ConsultationId, pid: &ParticipantId) -> bool {
+        self.room(cid)
+            .is_some_and(|room| lock(&room).seats.contains_key(pid))
+    }
+
+    /// Brings back a consultation's persisted seats after a restart: every seat starts its link
+    /// down, with a fresh rejoin window, so each participant can resume it. Seats already live
+    /// are left alone.
+    pub fn restore(self: &Arc<Self>, cid: &ConsultationId, seats: Vec<SeatRow>) {
+        let room = self.room_or_create(cid);
+        let mut r = lock(&room);
+        if r.closed {
+            return;
+        }
+        for row in seats {
+            if r.seats.contains_key(&row.participant_id) {
+                continue;
+            }
+            let seq = r.next_seq;
+            r.next_seq += 1;
+            r.seats.insert(
+                row.participant_id.clone(),
+                Seat {
+                    role: row.role,
+                    display_name: None,
+                    admitted: row.admitted,
+                    conn: None,
+                    joined_at: Instant::now(),
+                    seq,
+                    generation: 1,
+                },
+            );
+            self.start_window(
+                Seated {
+                    consultation_id: cid.clone(),
+                    participant_id: row.participant_id,
+                    role: row.role,
+                },
+                1,
+            );
+        }
+    }
+
+    /// Releases the seat when the rejoin window passes without a resume.
+    fn start_window(self: &Arc<Self>, seated: Seated, generation: u64) {
         let hub = Arc::clone(self);
-        let seated = seated.clone();
         let window = self.rejoin_window;
         tokio::spawn(async move {
             tokio::time::sleep(window).await;

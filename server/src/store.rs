@@ -6,8 +6,9 @@
 //! channel and awaits the answer, so no async task blocks on the disk, no lock is contended and
 //! no thread is created per query. Audit events are queued on the same channel without waiting
 //! and written in batches, one transaction per burst (a storm of joins costs one commit per
-//! batch, not one per join); the worker writes a batch when nothing else is queued, after at
-//! most `AUDIT_BATCH_DELAY`, or at `AUDIT_BATCH_MAX` events.
+//! batch, not one per join); the worker writes a batch after at most `AUDIT_BATCH_DELAY`, at
+//! `AUDIT_BATCH_MAX` events, or before any query. Seats (ids, role, admission: never a name) are
+//! persisted the same way, so a consultation survives a server restart.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -114,7 +115,30 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 enum Cmd {
     Call(Job),
     Audit(AuditEvent),
+    Seat(SeatWrite),
     Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// A change to the persisted seats (see [`Store::seat_taken`]).
+#[derive(Debug, Clone)]
+enum SeatWrite {
+    Taken {
+        pid: ParticipantId,
+        cid: ConsultationId,
+        role: Role,
+        admitted: bool,
+    },
+    Admitted(ParticipantId),
+    Released(ParticipantId),
+    AllReleased(ConsultationId),
+}
+
+/// A seat as persisted: enough to give it back after a restart, and nothing about the person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeatRow {
+    pub participant_id: ParticipantId,
+    pub role: Role,
+    pub admitted: bool,
 }
 
 /// How long an audit event may wait for company before it is written.
@@ -159,6 +183,13 @@ CREATE TABLE IF NOT EXISTS audit (
     actor_id TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_by_consultation ON audit(consultation_id, id);
+CREATE TABLE IF NOT EXISTS seats (
+    participant_id TEXT PRIMARY KEY,
+    consultation_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    admitted INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seats_by_consultation ON seats(consultation_id);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -227,6 +258,53 @@ impl Store {
     pub fn audit(&self, event: AuditEvent) {
         // If the worker is gone the server is shutting down; there is no one to tell.
         let _ = self.tx.send(Cmd::Audit(event));
+    }
+
+    /// Persists a new seat, so that it survives a server restart (ids and role only).
+    pub fn seat_taken(
+        &self,
+        cid: &ConsultationId,
+        pid: &ParticipantId,
+        role: Role,
+        admitted: bool,
+    ) {
+        let _ = self.tx.send(Cmd::Seat(SeatWrite::Taken {
+            pid: pid.clone(),
+            cid: cid.clone(),
+            role,
+            admitted,
+        }));
+    }
+
+    pub fn seat_admitted(&self, pid: &ParticipantId) {
+        let _ = self.tx.send(Cmd::Seat(SeatWrite::Admitted(pid.clone())));
+    }
+
+    pub fn seat_released(&self, pid: &ParticipantId) {
+        let _ = self.tx.send(Cmd::Seat(SeatWrite::Released(pid.clone())));
+    }
+
+    pub fn seats_released(&self, cid: &ConsultationId) {
+        let _ = self.tx.send(Cmd::Seat(SeatWrite::AllReleased(cid.clone())));
+    }
+
+    /// The persisted seats of a consultation (after every pending write).
+    pub async fn seats(&self, cid: ConsultationId) -> Result<Vec<SeatRow>, StoreError> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT participant_id, role, admitted FROM seats WHERE consultation_id = ?1",
+            )?;
+            stmt.query_map([cid.0], |r| {
+                let role: String = r.get(1)?;
+                Ok(SeatRow {
+                    participant_id: ParticipantId(r.get(0)?),
+                    role: parse_role(&role).unwrap_or(Role::Patient),
+                    admitted: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+        .await
     }
 
     /// Waits until every audit event sent so far is written.
@@ -356,6 +434,7 @@ impl Store {
                 params![id.0, now],
             )?;
             tx.execute("DELETE FROM invites WHERE consultation_id = ?1", [&id.0])?;
+            tx.execute("DELETE FROM seats WHERE consultation_id = ?1", [&id.0])?;
             tx.commit()?;
             Ok(n == 1)
         })
@@ -423,6 +502,7 @@ fn parse_kind(s: &str) -> Option<AuditKind> {
 
 fn worker(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
     let mut pending: Vec<AuditEvent> = Vec::new();
+    let mut seats: Vec<SeatWrite> = Vec::new();
     let mut flushes = Vec::new();
     // When the oldest unwritten audit event arrived.
     let mut oldest: Option<Instant> = None;
@@ -442,34 +522,68 @@ fn worker(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
             }
         };
         match cmd {
-            Some(Cmd::Call(job)) => job(&mut conn),
+            Some(Cmd::Call(job)) => {
+                // A query sees every write queued before it.
+                write_batch(&mut conn, &mut pending, &mut seats);
+                oldest = None;
+                job(&mut conn)
+            }
             Some(Cmd::Audit(event)) => {
                 oldest.get_or_insert_with(Instant::now);
                 pending.push(event);
+            }
+            Some(Cmd::Seat(write)) => {
+                oldest.get_or_insert_with(Instant::now);
+                seats.push(write);
             }
             Some(Cmd::Flush(done)) => flushes.push(done),
             None => {}
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= AUDIT_BATCH_DELAY)
-            || pending.len() >= AUDIT_BATCH_MAX
+            || pending.len() + seats.len() >= AUDIT_BATCH_MAX
             || !flushes.is_empty();
         if due {
-            write_audit(&mut conn, &mut pending);
+            write_batch(&mut conn, &mut pending, &mut seats);
             oldest = None;
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
         }
     }
-    write_audit(&mut conn, &mut pending);
+    write_batch(&mut conn, &mut pending, &mut seats);
 }
 
-fn write_audit(conn: &mut Connection, pending: &mut Vec<AuditEvent>) {
-    if pending.is_empty() {
+/// Writes queued audit events and seat changes in one transaction.
+fn write_batch(conn: &mut Connection, pending: &mut Vec<AuditEvent>, seats: &mut Vec<SeatWrite>) {
+    if pending.is_empty() && seats.is_empty() {
         return;
     }
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
+        for write in seats.iter() {
+            match write {
+                SeatWrite::Taken {
+                    pid,
+                    cid,
+                    role,
+                    admitted,
+                } => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO seats(participant_id, consultation_id, role, admitted)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![pid.0, cid.0, role.as_str(), admitted])?,
+                SeatWrite::Admitted(pid) => tx
+                    .prepare_cached("UPDATE seats SET admitted = 1 WHERE participant_id = ?1")?
+                    .execute([&pid.0])?,
+                SeatWrite::Released(pid) => tx
+                    .prepare_cached("DELETE FROM seats WHERE participant_id = ?1")?
+                    .execute([&pid.0])?,
+                SeatWrite::AllReleased(cid) => tx
+                    .prepare_cached("DELETE FROM seats WHERE consultation_id = ?1")?
+                    .execute([&cid.0])?,
+            };
+        }
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO audit(at_ms, consultation_id, participant_id, role, event, actor_id)
@@ -489,9 +603,10 @@ fn write_audit(conn: &mut Connection, pending: &mut Vec<AuditEvent>) {
         tx.commit()
     })();
     if let Err(e) = result {
-        tracing::error!(error = %e, lost = pending.len(), "audit log write failed");
+        tracing::error!(error = %e, lost = pending.len() + seats.len(), "store write failed");
     }
     pending.clear();
+    seats.clear();
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ impl Conn {
                     protocol_version,
                     resume_token,
                 },
-            ) => self.resume(protocol_version, &resume_token),
+            ) => self.resume(protocol_version, &resume_token).await,
             (Some(_), ClientMessage::Join { .. } | ClientMessage::Resume { .. }) => Err((
                 ErrorCode::AlreadyJoined,
                 "this connection already has a seat",
@@ -333,7 +333,7 @@ impl Conn {
         Ok(())
     }
 
-    fn resume(&mut self, version: u32, token: &str) -> Result<(), (ErrorCode, &'static str)> {
+    async fn resume(&mut self, version: u32, token: &str) -> Result<(), (ErrorCode, &'static str)> {
         if version != PROTOCOL_VERSION {
             return Err((
                 ErrorCode::UnsupportedVersion,
@@ -346,6 +346,16 @@ impl Conn {
             .verify(token, TokenKind::Resume)
             .map_err(|e| (e.code(), "the resume token was refused"))?;
         let pid = bedside_protocol::ParticipantId(claims.sub);
+        if !state.hub.has_seat(&claims.cid, &pid) {
+            // Not live here: after a restart, the seat may be in the store.
+            match state.store.seats(claims.cid.clone()).await {
+                Ok(seats) if seats.iter().any(|s| s.participant_id == pid) => {
+                    state.hub.restore(&claims.cid, seats);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "store lookup failed"),
+            }
+        }
         match state.hub.resume(&claims.cid, &pid, &self.handle) {
             Ok(seated) => {
                 self.seated = Some(seated);

@@ -95,6 +95,20 @@ impl TestServer {
         Ok(())
     }
 
+    /// Stops the server gracefully and starts it again on the same address and store, as an
+    /// administrator's restart would.
+    pub async fn restart(self) -> Result<TestServer> {
+        let addr: std::net::SocketAddr = self
+            .base_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()?;
+        let mut config = self.config.clone();
+        config.listen = addr;
+        let dir = self.stop_keep_data().await?;
+        TestServer::start_in(config, dir).await
+    }
+
     /// Stops the server and gives back its data directory.
     pub async fn stop_keep_data(mut self) -> Result<tempfile::TempDir> {
         self.shutdown().await?;

@@ -258,3 +258,74 @@ async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
     assert!(metrics.trim_end().ends_with("# EOF"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_call_keeps_the_media_and_the_seats() -> Result<()> {
+    let server = TestServer::start().await?;
+    let c = server.create_consultation().await?;
+    let mut doctor = client(&server, 1, DOCTOR_TONE_HZ)?;
+    doctor.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        display_name: None,
+    });
+    let doctor_id = wait_for(&mut doctor, Duration::from_secs(10), |e| match e {
+        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
+        _ => None,
+    })
+    .await?;
+    let mut patient = client(&server, 2, PATIENT_TONE_HZ)?;
+    patient.handle.send(UserCommand::Join {
+        auth: JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
+        },
+        display_name: None,
+    });
+    let patient_id = wait_for(&mut patient, Duration::from_secs(10), |e| match e {
+        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
+        _ => None,
+    })
+    .await?;
+    doctor.handle.send(UserCommand::Admit(patient_id.clone()));
+    wait_state(&mut patient, CallState::Connected).await?;
+    wait_state(&mut doctor, CallState::Connected).await?;
+    media_flows(&doctor, &patient).await?;
+
+    let decoded = |c: &Client| -> u64 {
+        c.received
+            .stats()
+            .values()
+            .map(|s| s.video_frames_decoded)
+            .sum()
+    };
+    let before = decoded(&patient);
+    // The server goes away (graceful: "going away") and comes back on the same address.
+    let server = server.restart().await?;
+    wait_state(&mut patient, CallState::Reconnecting).await?;
+    wait_state(&mut patient, CallState::Connected).await?;
+    wait_state(&mut doctor, CallState::Connected).await?;
+    // Media kept flowing peer to peer through it all.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        decoded(&patient) > before + 20,
+        "{} -> {}",
+        before,
+        decoded(&patient)
+    );
+    let audit = server
+        .http()
+        .get(server.api(&format!("/consultations/{}/audit", c.consultation_id)))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?
+        .text()
+        .await?;
+    // Same seats: two joins before the restart, two resumes after it (a rejoin would be a
+    // third join, and the patient would be back in the waiting room).
+    assert_eq!(audit.matches("\"joined\"").count(), 2, "{audit}");
+    assert_eq!(audit.matches("\"resumed\"").count(), 2, "{audit}");
+    assert!(audit.contains(&doctor_id.0) && audit.contains(&patient_id.0));
+    assert!(!audit.contains("\"timed_out\""), "{audit}");
+    Ok(())
+}

@@ -15,3 +15,8 @@ pub mod pipeline;
 pub mod quality;
 pub mod signaling;
 pub mod stats;
+
+/// The default log filter for client programs: warnings from Bedside, nothing from the
+/// webrtc-rs crates, whose messages name socket addresses (no addresses in logs).
+pub const LOG_FILTER: &str = "warn,rtc=off,rtc_ice=off,rtc_dtls=off,rtc_srtp=off,rtc_sctp=off,\
+                              rtc_turn=off,rtc_stun=off,rtc_mdns=off,rtc_interceptor=off,webrtc=off";

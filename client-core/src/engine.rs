@@ -169,18 +169,7 @@ impl LocalTracks {
         data: bytes::Bytes,
         duration: Duration,
     ) -> Result<(), EngineError> {
-        if !self.video_enabled.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        self.video
-            .sample_writer(self.video_ssrc, H264_PAYLOAD_TYPE)
-            .write_sample(&Sample {
-                data,
-                duration,
-                ..Sample::new(Instant::now())
-            })
-            .await?;
-        Ok(())
+        self.write(MediaKind::Video, data, duration).await
     }
 
     /// Sends one Opus packet lasting `duration`.
@@ -189,11 +178,34 @@ impl LocalTracks {
         data: bytes::Bytes,
         duration: Duration,
     ) -> Result<(), EngineError> {
-        if !self.audio_enabled.load(Ordering::Relaxed) {
+        self.write(MediaKind::Audio, data, duration).await
+    }
+
+    async fn write(
+        &self,
+        kind: MediaKind,
+        data: bytes::Bytes,
+        duration: Duration,
+    ) -> Result<(), EngineError> {
+        let (track, enabled, ssrc, payload_type) = match kind {
+            MediaKind::Video => (
+                &self.video,
+                &self.video_enabled,
+                self.video_ssrc,
+                H264_PAYLOAD_TYPE,
+            ),
+            MediaKind::Audio => (
+                &self.audio,
+                &self.audio_enabled,
+                self.audio_ssrc,
+                OPUS_PAYLOAD_TYPE,
+            ),
+        };
+        if !enabled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.audio
-            .sample_writer(self.audio_ssrc, OPUS_PAYLOAD_TYPE)
+        track
+            .sample_writer(ssrc, payload_type)
             .write_sample(&Sample {
                 data,
                 duration,

@@ -1,2 +1,20 @@
-//! The doctor's desktop app (egui/eframe). Not built yet: see issue #6. It will be a view over
-//! `bedside-client-core`'s client handle and make no call decisions of its own.
+//! The doctor's desktop app (egui/eframe): a view over `bedside-client-core`'s client handle.
+//!
+//! - [`model`]: the pure state ([`AppModel`]) the screens show, changed only by
+//!   [`AppModel::apply`] with the client's `CallEvent`s, and the [`UiCommand`]s clicks produce.
+//! - [`view`]: draws a model and returns the commands clicked; no I/O, testable without a server.
+//! - [`app`]: the eframe app: drains events at the start of each frame, uploads the newest remote
+//!   frame, runs the view and carries out its commands on the tokio runtime.
+//! - [`clinic`]: background work (in-process clinic server, REST, the call client, demo patient).
+//!
+//! The app makes no call decisions: admitting, reconnecting, audio-only fallback and quality all
+//! live in `bedside-client-core`.
+
+pub mod app;
+pub mod clinic;
+pub mod model;
+pub mod video;
+pub mod view;
+
+pub use model::{AppModel, Screen, UiCommand};
+pub use view::{Drafts, VideoView, view};

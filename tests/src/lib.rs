@@ -201,6 +201,16 @@ impl Client {
         Ok(self.conn.send(&msg).await?)
     }
 
+    /// Sends `join` without waiting for the answer.
+    pub async fn send_join(&mut self, auth: JoinAuth) -> Result<()> {
+        self.send(ClientMessage::Join {
+            protocol_version: PROTOCOL_VERSION,
+            auth,
+            display_name: None,
+        })
+        .await
+    }
+
     /// Sends `join` with a token and waits for `joined`.
     pub async fn join_token(&mut self, token: &str) -> Result<ServerMessage> {
         self.send(ClientMessage::Join {
@@ -299,4 +309,19 @@ impl Client {
     pub fn id(&self) -> bedside_protocol::ParticipantId {
         self.participant_id.clone().expect("joined")
     }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
 }

@@ -412,13 +412,7 @@ async fn expired_forged_and_wrong_kind_tokens_are_refused() -> Result<()> {
     ];
     let mut client = server.connect().await?;
     for (token, code) in cases {
-        client
-            .send(ClientMessage::Join {
-                protocol_version: PROTOCOL_VERSION,
-                auth: JoinAuth::Token { token },
-                display_name: None,
-            })
-            .await?;
+        client.send_join(JoinAuth::Token { token }).await?;
         client.expect_error(code).await?;
     }
     // A join token is not a resume token either.
@@ -543,24 +537,16 @@ async fn invite_code_guessing_is_rate_limited_per_source() -> Result<()> {
     let mut guesser = server.connect().await?;
     for _ in 0..5 {
         guesser
-            .send(ClientMessage::Join {
-                protocol_version: PROTOCOL_VERSION,
-                auth: JoinAuth::InviteCode {
-                    code: "22222-22222".into(),
-                },
-                display_name: None,
+            .send_join(JoinAuth::InviteCode {
+                code: "22222-22222".into(),
             })
             .await?;
         guesser.expect_error(ErrorCode::InvalidInviteCode).await?;
     }
     // Now even the right code is refused from this source for a while.
     guesser
-        .send(ClientMessage::Join {
-            protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode {
-                code: c.invite_code.clone(),
-            },
-            display_name: None,
+        .send_join(JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
         })
         .await?;
     guesser.expect_error(ErrorCode::RateLimited).await?;
@@ -627,22 +613,14 @@ async fn ending_a_consultation_closes_it_for_everyone() -> Result<()> {
     }
     let mut again = server.connect().await?;
     again
-        .send(ClientMessage::Join {
-            protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::Token {
-                token: c.doctor_token.clone(),
-            },
-            display_name: None,
+        .send_join(JoinAuth::Token {
+            token: c.doctor_token.clone(),
         })
         .await?;
     again.expect_error(ErrorCode::ConsultationNotFound).await?;
     again
-        .send(ClientMessage::Join {
-            protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode {
-                code: c.invite_code.clone(),
-            },
-            display_name: None,
+        .send_join(JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
         })
         .await?;
     again.expect_error(ErrorCode::InvalidInviteCode).await?;
@@ -659,12 +637,8 @@ async fn a_full_consultation_refuses_more_seats() -> Result<()> {
     let _patient = server.waiting_patient(&c, "J").await?;
     let mut third = server.connect().await?;
     third
-        .send(ClientMessage::Join {
-            protocol_version: PROTOCOL_VERSION,
-            auth: JoinAuth::InviteCode {
-                code: c.invite_code.clone(),
-            },
-            display_name: None,
+        .send_join(JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
         })
         .await?;
     third.expect_error(ErrorCode::ConsultationFull).await?;

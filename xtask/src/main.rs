@@ -1,8 +1,9 @@
 //! `cargo xtask <command>`: the project's commands, so that the README needs only two.
 //!
-//! - `demo`: a local clinic on this computer (server with its embedded store and relay), a
-//!   simulated patient in a consultation, and a headless doctor that admits the patient, holds a
-//!   call and prints what it measured. The server and the patient stay up afterwards.
+//! - `demo`: with a display, the doctor's desktop app with a local clinic in-process and a
+//!   simulated patient waiting; headless, the local clinic (server with its embedded store and
+//!   relay), a simulated patient, and a headless doctor that admits the patient, holds a call and
+//!   prints what it measured.
 //! - `test`: installs the system packages the suites need (Debian, as root), then runs every
 //!   test in the workspace.
 //! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
@@ -19,8 +20,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages the test suites need.
-const TEST_PACKAGES: &[&str] = &["pkg-config", "cmake", "nasm", "coturn"];
+/// Debian packages the test suites need: codec builds, coturn for the relay's interop tests,
+/// and an X server with screenshots and the GL/X libraries eframe loads for the desktop test.
+const TEST_PACKAGES: &[&str] = &[
+    "pkg-config",
+    "cmake",
+    "nasm",
+    "coturn",
+    "xvfb",
+    "x11-apps",
+    "imagemagick",
+    "libgl1-mesa-dri",
+    "libegl1",
+    "libxkbcommon-x11-0",
+    "libxcursor1",
+    "libxi6",
+    "libxrandr2",
+];
 /// Debian packages the demo needs.
 const DEMO_PACKAGES: &[&str] = &["pkg-config", "cmake", "nasm"];
 
@@ -113,6 +129,14 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run cargo fmt --all")?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The desktop end-to-end test's screenshot, kept as an artifact of the run.
+    let shot = root().join("target/desktop-e2e.png");
+    if shot.exists() {
+        let dir = root().join("ci-artifacts");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&shot, dir.join("desktop-e2e.png"))?;
+        eprintln!("xtask: screenshot of the desktop call saved to ci-artifacts/desktop-e2e.png");
+    }
     if root().join("fuzz/Cargo.toml").exists() {
         // The fuzz targets must keep building (running them needs nightly and cargo-fuzz).
         run(cargo().args(["check", "--manifest-path", "fuzz/Cargo.toml", "--bins"]))?;
@@ -180,6 +204,18 @@ fn bench_turn() -> Result<()> {
 
 fn demo() -> Result<()> {
     ensure_packages(DEMO_PACKAGES)?;
+    let has_display = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()));
+    if has_display {
+        // The doctor's app, with a local clinic in-process and a simulated patient waiting.
+        run(cargo().args(["build", "-p", "bedside-desktop"]))?;
+        return run(Command::new(root().join("target/debug/bedside-desktop"))
+            .arg("--demo")
+            .arg("--data-dir")
+            .arg(root().join(".bedside-data/desktop")));
+    }
+    eprintln!("xtask: no display: running the clinic and a call headless");
     run(cargo().args(["build", "-p", "bedside-server", "-p", "bedside-probe"]))?;
     let data_dir = root().join(".bedside-data");
     let mut server = Command::new(root().join("target/debug/bedside-server"))

@@ -33,19 +33,6 @@ struct Args {
 
 const ADMIN_KEY: &str = "bench-admin-key-0123456789";
 
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("bad stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / hz)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -106,7 +93,7 @@ async fn main() -> Result<()> {
     let sample_at = Duration::from_secs(args.seconds + 1);
     tokio::time::sleep(sample_at).await;
     for (i, pid) in pids.iter().enumerate() {
-        cpu[i] = cpu_secs(*pid).unwrap_or(0.0);
+        cpu[i] = bedside_tests::process_cpu_time(*pid).map_or(0.0, |d| d.as_secs_f64());
     }
     let wall = started.elapsed().as_secs_f64();
     let mut reports = Vec::new();

@@ -64,21 +64,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// CPU time (user + system) a process has used so far.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("bad stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -330,9 +315,9 @@ async fn main() -> Result<()> {
     }
 
     // 3. The storm: every remaining consultation at once.
-    let cpu_before_storm = cpu_time(pid)?;
+    let cpu_before_storm = bedside_tests::process_cpu_time(pid)?;
     let me = std::process::id();
-    let own_cpu_before_storm = cpu_time(me)?;
+    let own_cpu_before_storm = bedside_tests::process_cpu_time(me)?;
     let t = Instant::now();
     let mut latencies = Vec::new();
     let mut failures = 0;
@@ -352,8 +337,8 @@ async fn main() -> Result<()> {
         }
     }
     let storm_secs = t.elapsed().as_secs_f64();
-    let storm_cpu = cpu_time(pid)? - cpu_before_storm;
-    let own_storm_cpu = cpu_time(me)? - own_cpu_before_storm;
+    let storm_cpu = bedside_tests::process_cpu_time(pid)? - cpu_before_storm;
+    let own_storm_cpu = bedside_tests::process_cpu_time(me)? - own_cpu_before_storm;
     latencies.sort();
 
     // 4. Hold everything, then measure.

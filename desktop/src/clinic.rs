@@ -1,0 +1,209 @@
+//! Background work the app starts on its tokio runtime: an in-process clinic server, the REST
+//! call that opens a consultation, the doctor's client and the demo patient. Everything here
+//! reports back through [`AppMsg`] and a repaint; nothing here touches the UI.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bedside_client_core::call::{CallEvent, UserCommand};
+use bedside_client_core::driver::{self, ClientHandle, ClientOptions};
+use bedside_client_core::engine::EngineSettings;
+use bedside_client_core::media::DOCTOR_TONE_HZ;
+use bedside_client_core::pipeline::{MediaSources, Received};
+use bedside_protocol::JoinAuth;
+use bedside_server::api::CreatedConsultation;
+use bedside_server::{Config, Server};
+use tokio::sync::oneshot;
+
+/// What background tasks tell the UI thread.
+pub enum AppMsg {
+    /// The doctor's client exists and has been told to join.
+    Session {
+        handle: ClientHandle,
+        received: Received,
+        clinic_label: String,
+        invite_code: Option<String>,
+    },
+    /// A local clinic is up (kept alive by `stop`; dropping it stops the server).
+    LocalClinic {
+        stop: oneshot::Sender<()>,
+    },
+    Event(CallEvent),
+    Failed(String),
+}
+
+/// Sends to the UI thread and wakes it.
+#[derive(Clone)]
+pub struct UiSender {
+    tx: std::sync::mpsc::Sender<AppMsg>,
+    wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+}
+
+impl UiSender {
+    pub fn new(
+        tx: std::sync::mpsc::Sender<AppMsg>,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        UiSender {
+            tx,
+            wake: std::sync::Arc::new(wake),
+        }
+    }
+
+    pub fn send(&self, msg: AppMsg) {
+        let _ = self.tx.send(msg);
+        (self.wake)();
+    }
+}
+
+/// How the app's local UDP sockets are bound (loopback for the local clinic and tests).
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    pub udp_addrs: Vec<String>,
+}
+
+/// The doctor's credentials for one consultation. Not `Debug`: the token is a secret.
+pub struct DoctorJoin {
+    pub ws_url: String,
+    pub token: String,
+    pub invite_code: Option<String>,
+}
+
+/// Starts a clinic server in this process with its store in `data_dir`, listening on
+/// 127.0.0.1 (a free port), and opens one consultation on it.
+pub async fn start_local_clinic(data_dir: PathBuf, ui: &UiSender) -> Result<DoctorJoin> {
+    std::fs::create_dir_all(&data_dir).context("creating the data directory")?;
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().expect("a socket address"),
+        data_dir,
+        ..Config::default()
+    };
+    config.turn.enabled = false;
+    let server = Server::bind(config)
+        .await
+        .context("starting the local clinic")?;
+    let base_url = server.base_url();
+    let ws_url = server.ws_url().to_owned();
+    let admin_key = server.admin_api_key().to_owned();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    ui.send(AppMsg::LocalClinic { stop });
+    let created = create_consultation(&base_url, &admin_key).await?;
+    tracing::info!("local clinic started, consultation created");
+    Ok(DoctorJoin {
+        ws_url,
+        token: created.doctor_token,
+        invite_code: Some(created.invite_code),
+    })
+}
+
+/// `POST /api/v1/consultations` with the admin key.
+pub async fn create_consultation(base_url: &str, admin_key: &str) -> Result<CreatedConsultation> {
+    let resp = reqwest::Client::new()
+        .post(format!("{base_url}/api/v1/consultations"))
+        .bearer_auth(admin_key)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .context("creating a consultation")?;
+    if resp.status() != reqwest::StatusCode::CREATED {
+        bail!("creating a consultation: HTTP {}", resp.status());
+    }
+    Ok(resp.json().await?)
+}
+
+/// Starts the doctor's client, joins, and forwards its events to the UI (the waker task).
+pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result<()> {
+    let mut options = ClientOptions::new(join.ws_url.clone());
+    options.engine = EngineSettings {
+        udp_addrs: net.udp_addrs.clone(),
+        relay_only: false,
+    };
+    options.video.width = 640;
+    options.video.height = 360;
+    // No camera or microphone on this build: send the doctor's test pattern and tone.
+    let sources = MediaSources::synthetic(640, 360, 1, DOCTOR_TONE_HZ);
+    let mut client = driver::start(options, sources).context("starting the call client")?;
+    client.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token { token: join.token },
+        display_name: Some("Doctor".into()),
+    });
+    let forward = ui.clone();
+    tokio::spawn(async move {
+        while let Some(event) = client.events.recv().await {
+            forward.send(AppMsg::Event(event));
+        }
+    });
+    ui.send(AppMsg::Session {
+        handle: client.handle,
+        received: client.received,
+        clinic_label: host_of(&join.ws_url),
+        invite_code: join.invite_code,
+    });
+    Ok(())
+}
+
+/// The host part of a URL, for the header (no path, no query, no credentials).
+pub fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or(rest);
+    host.rsplit('@').next().unwrap_or(host).to_owned()
+}
+
+/// A simulated patient (a probe with synthetic 640x360 media) waiting with `invite_code`.
+pub fn spawn_demo_patient(ws_url: String, invite_code: String, net: &NetOptions) {
+    let mut options =
+        bedside_probe::ProbeOptions::new(ws_url, JoinAuth::InviteCode { code: invite_code });
+    options.display_name = Some("Demo patient".into());
+    options.width = 640;
+    options.height = 360;
+    options.bitrate_kbps = 800;
+    options.duration = Duration::from_secs(3600);
+    options.udp_addrs = net.udp_addrs.clone();
+    tokio::spawn(async move {
+        match bedside_probe::run(options).await {
+            Ok(report) => tracing::info!(connected = report.connected, "demo patient finished"),
+            // The error may carry the server address: not logged.
+            Err(_) => tracing::warn!("demo patient failed"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_of_drops_path_and_credentials() {
+        assert_eq!(
+            super::host_of("wss://u:p@clinic.example:8443/ws?x=1"),
+            "clinic.example:8443"
+        );
+        assert_eq!(super::host_of("ws://127.0.0.1:5000/ws"), "127.0.0.1:5000");
+    }
+}
+
+#[cfg(test)]
+mod waker_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use bedside_client_core::call::{CallEvent, CallState};
+
+    use super::{AppMsg, UiSender};
+
+    #[test]
+    fn every_message_wakes_the_ui() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wakes = Arc::new(AtomicU32::new(0));
+        let w = wakes.clone();
+        let ui = UiSender::new(tx, move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        ui.send(AppMsg::Event(CallEvent::State(CallState::Joining)));
+        ui.clone().send(AppMsg::Failed("x".into()));
+        assert_eq!(wakes.load(Ordering::SeqCst), 2);
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+}

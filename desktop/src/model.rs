@@ -1,0 +1,292 @@
+//! The app's pure state: what the UI shows, updated only by [`AppModel::apply`] (events from
+//! `bedside-client-core`) and a few app-level notes (clinic started, failure). No I/O, no egui.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
+use bedside_protocol::{ParticipantId, Peer, Role, StatsReport, WaitingPatient};
+
+/// How many stats samples (about one a second) the plots keep.
+pub const HISTORY_LEN: usize = 120;
+/// Above this loss (percent) the patient's network is called poor.
+pub const POOR_LOSS_PCT: f64 = 5.0;
+/// Above this round-trip time (ms) the patient's network is called poor.
+pub const POOR_RTT_MS: f64 = 400.0;
+
+/// What a click asks for. The view only produces these; the app carries them out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UiCommand {
+    /// Run a clinic server in this process and open a consultation on it.
+    StartLocalClinic,
+    /// Join a consultation on a remote clinic as its doctor.
+    ConnectToClinic { ws_url: String, token: String },
+    /// Put text on the clipboard (the invite code).
+    Copy(String),
+    /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
+    Call(UserCommand),
+    /// Back to the connect screen after a call ended or failed.
+    Reset,
+}
+
+/// Which screen is up; derived from the state, never set by the view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Screen {
+    Connect,
+    Consultation,
+    InCall,
+    Ended,
+}
+
+/// One plotted series: `[sample index, value]` points, oldest dropped first.
+#[derive(Clone, Debug, Default)]
+pub struct Series(pub VecDeque<[f64; 2]>);
+
+impl Series {
+    fn push(&mut self, x: f64, y: Option<f64>) {
+        if let Some(y) = y.filter(|y| y.is_finite()) {
+            if self.0.len() == HISTORY_LEN {
+                self.0.pop_front();
+            }
+            self.0.push_back([x, y]);
+        }
+    }
+
+    pub fn last(&self) -> Option<f64> {
+        self.0.back().map(|p| p[1])
+    }
+
+    pub fn points(&self) -> Vec<[f64; 2]> {
+        self.0.iter().copied().collect()
+    }
+}
+
+/// Ring buffers of call quality with the remote participant.
+#[derive(Clone, Debug, Default)]
+pub struct StatsHistory {
+    pub samples: u64,
+    pub rtt_ms: Series,
+    pub loss_pct: Series,
+    pub bitrate_kbps: Series,
+    pub fps: Series,
+}
+
+impl StatsHistory {
+    /// Adds one sample. `shown_fps` (frames the app put on screen per second) stands in for the
+    /// received frame rate when the report has none.
+    pub fn push(&mut self, report: &StatsReport, shown_fps: Option<f64>) {
+        let x = self.samples as f64;
+        self.samples += 1;
+        self.rtt_ms.push(x, report.rtt_ms);
+        self.loss_pct.push(x, report.loss_in_pct);
+        let video = report.video_received.as_ref();
+        self.bitrate_kbps.push(x, video.map(|v| v.bitrate_kbps));
+        let fps = video.map(|v| v.fps).filter(|f| *f > 0.0).or(shown_fps);
+        self.fps.push(x, fps);
+    }
+}
+
+/// Everything the screens show.
+#[derive(Clone, Debug)]
+pub struct AppModel {
+    /// Set while a clinic is being started or a client connected ("Starting the local clinic…").
+    pub busy: Option<String>,
+    /// True once a client exists (the call screens apply).
+    pub has_session: bool,
+    /// Where we are connected, for the header (a host name, never a token).
+    pub clinic_label: Option<String>,
+    /// The patient's invite code, when we created the consultation.
+    pub invite_code: Option<String>,
+    pub call_state: CallState,
+    pub me: Option<ParticipantId>,
+    pub waiting: Vec<WaitingPatient>,
+    /// When `waiting` arrived (its `waiting_secs` count from then).
+    pub waiting_at: Option<Instant>,
+    /// Everybody else in the consultation.
+    pub peers: Vec<Peer>,
+    pub peers_reconnecting: HashSet<ParticipantId>,
+    pub mic_muted: bool,
+    pub camera_enabled: bool,
+    /// `Some(manual)` while audio-only.
+    pub audio_only: Option<bool>,
+    pub stats: StatsHistory,
+    pub last_stats: Option<StatsReport>,
+    /// The last non-fatal error, or why connecting failed.
+    pub error: Option<String>,
+    /// Remote video frames uploaded to the screen so far (set by the app).
+    pub remote_frames_shown: u64,
+    pub remote_size: Option<(u32, u32)>,
+    /// When the last stats sample came and how many frames had been shown by then.
+    pub frames_at_stats: Option<(Instant, u64)>,
+}
+
+impl Default for AppModel {
+    fn default() -> Self {
+        AppModel {
+            busy: None,
+            has_session: false,
+            clinic_label: None,
+            invite_code: None,
+            call_state: CallState::Idle,
+            me: None,
+            waiting: Vec::new(),
+            waiting_at: None,
+            peers: Vec::new(),
+            peers_reconnecting: HashSet::new(),
+            mic_muted: false,
+            camera_enabled: true,
+            audio_only: None,
+            stats: StatsHistory::default(),
+            last_stats: None,
+            error: None,
+            remote_frames_shown: 0,
+            remote_size: None,
+            frames_at_stats: None,
+        }
+    }
+}
+
+impl AppModel {
+    /// Applies one event from the call. This is the only way call state changes.
+    pub fn apply(&mut self, event: CallEvent) {
+        match event {
+            CallEvent::State(state) => {
+                if matches!(state, CallState::Ended(_)) {
+                    self.waiting.clear();
+                    self.peers.clear();
+                    self.peers_reconnecting.clear();
+                }
+                self.busy = None;
+                self.call_state = state;
+            }
+            CallEvent::Seated { participant_id, .. } => self.me = Some(participant_id),
+            CallEvent::WaitingRoom(list) => {
+                self.waiting = list;
+                self.waiting_at = Some(Instant::now());
+            }
+            CallEvent::PeerJoined(peer) => {
+                self.peers
+                    .retain(|p| p.participant_id != peer.participant_id);
+                self.peers.push(peer);
+            }
+            CallEvent::PeerLeft { participant_id, .. } => {
+                self.peers.retain(|p| p.participant_id != participant_id);
+                self.peers_reconnecting.remove(&participant_id);
+            }
+            CallEvent::PeerReconnecting(pid) => {
+                self.peers_reconnecting.insert(pid);
+            }
+            CallEvent::PeerBack(pid) => {
+                self.peers_reconnecting.remove(&pid);
+            }
+            CallEvent::PeerMedia { .. } => {}
+            CallEvent::MicrophoneMuted(m) => self.mic_muted = m,
+            CallEvent::CameraEnabled(c) => self.camera_enabled = c,
+            CallEvent::AudioOnly { on, manual } => self.audio_only = on.then_some(manual),
+            CallEvent::Stats { report, .. } => {
+                let now = Instant::now();
+                let shown_fps = self.frames_at_stats.and_then(|(at, frames)| {
+                    let secs = now.duration_since(at).as_secs_f64();
+                    (secs > 0.2 && self.remote_frames_shown > 0)
+                        .then(|| self.remote_frames_shown.saturating_sub(frames) as f64 / secs)
+                });
+                self.frames_at_stats = Some((now, self.remote_frames_shown));
+                self.stats.push(&report, shown_fps);
+                self.last_stats = Some(report);
+            }
+            CallEvent::Error { code, message } => {
+                self.error = Some(format!("{code:?}: {message}"));
+            }
+        }
+    }
+
+    pub fn screen(&self) -> Screen {
+        if !self.has_session {
+            return Screen::Connect;
+        }
+        match self.call_state {
+            CallState::Idle
+            | CallState::Joining
+            | CallState::Waiting
+            | CallState::WaitingForPeers => Screen::Consultation,
+            CallState::Connecting | CallState::Connected | CallState::Reconnecting => {
+                Screen::InCall
+            }
+            CallState::Ended(_) => Screen::Ended,
+        }
+    }
+
+    /// The remote participant shown large: the first patient, else anyone.
+    pub fn remote(&self) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .find(|p| p.role == Role::Patient)
+            .or_else(|| self.peers.first())
+    }
+
+    /// Whether the last stats sample says the patient's network is poor.
+    pub fn network_poor(&self) -> bool {
+        self.last_stats.as_ref().is_some_and(|s| {
+            s.loss_in_pct.is_some_and(|l| l > POOR_LOSS_PCT)
+                || s.rtt_ms.is_some_and(|r| r > POOR_RTT_MS)
+        })
+    }
+
+    /// The banners over the call, most important first.
+    pub fn banners(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.call_state {
+            CallState::Connecting => out.push("Connecting…".to_owned()),
+            CallState::Reconnecting => out.push("Reconnecting…".to_owned()),
+            _ => {}
+        }
+        if !self.peers_reconnecting.is_empty() {
+            out.push("The patient's connection dropped: holding their seat".to_owned());
+        }
+        match self.audio_only {
+            Some(true) => out.push("Audio only".to_owned()),
+            Some(false) => out.push("Audio only: the network is too weak for video".to_owned()),
+            None => {}
+        }
+        if self.network_poor() {
+            out.push("Patient's network is poor".to_owned());
+        }
+        out
+    }
+
+    /// Seconds a waiting patient has waited, counting from when the list arrived.
+    pub fn waited_secs(&self, patient: &WaitingPatient) -> u64 {
+        let since = self.waiting_at.map_or(0, |t| t.elapsed().as_secs());
+        patient.waiting_secs + since
+    }
+
+    /// Why the call ended, in words.
+    pub fn ended_text(&self) -> String {
+        match &self.call_state {
+            CallState::Ended(reason) => match reason {
+                EndReason::Left => "You left the consultation.".into(),
+                EndReason::Denied => "The clinic refused to seat you.".into(),
+                EndReason::ConsultationEnded => "The consultation has ended.".into(),
+                EndReason::Replaced => "You joined this consultation from another device.".into(),
+                EndReason::AuthFailed(code) => format!("The clinic refused the token ({code:?})."),
+                EndReason::Refused(code) => format!("The clinic refused to join ({code:?})."),
+                EndReason::ConnectionLost => "The connection to the clinic was lost.".into(),
+            },
+            _ => String::new(),
+        }
+    }
+
+    /// A summary without names, tokens or addresses, for the status file and logs.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "screen": format!("{:?}", self.screen()),
+            "call_state": format!("{:?}", self.call_state),
+            "waiting": self.waiting.len(),
+            "peers": self.peers.len(),
+            "remote_frames_shown": self.remote_frames_shown,
+            "remote_size": self.remote_size,
+            "banners": self.banners(),
+            "stats_samples": self.stats.samples,
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! The screens rendered from a model with egui_kittest (no server, no window, no GPU): what they
+//! show for each state, and which commands clicks produce.
+
+use bedside_client_core::call::{CallEvent, CallState, UserCommand};
+use bedside_desktop::{AppModel, Drafts, Screen, UiCommand, VideoView, view};
+use bedside_protocol::{ParticipantId, Peer, Role, StatsReport, VideoStats, WaitingPatient};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+
+struct State {
+    model: AppModel,
+    drafts: Drafts,
+    commands: Vec<UiCommand>,
+}
+
+fn harness(model: AppModel) -> Harness<'static, State> {
+    Harness::builder()
+        .with_size(egui::vec2(1200.0, 900.0))
+        .build_ui_state(
+            |ui, state: &mut State| {
+                let out = view(ui, &state.model, &mut state.drafts, &VideoView::default());
+                state.commands.extend(out);
+            },
+            State {
+                model,
+                drafts: Drafts::default(),
+                commands: Vec::new(),
+            },
+        )
+}
+
+fn pid(s: &str) -> ParticipantId {
+    ParticipantId(s.into())
+}
+
+fn consultation() -> AppModel {
+    let mut m = AppModel {
+        has_session: true,
+        invite_code: Some("ABCD-1234".into()),
+        ..AppModel::default()
+    };
+    m.apply(CallEvent::State(CallState::WaitingForPeers));
+    m
+}
+
+fn in_call() -> AppModel {
+    let mut m = consultation();
+    m.apply(CallEvent::PeerJoined(Peer {
+        participant_id: pid("p1"),
+        role: Role::Patient,
+        display_name: Some("Ada Lovelace".into()),
+        connected: true,
+    }));
+    m.apply(CallEvent::State(CallState::Connected));
+    m
+}
+
+fn report(rtt: f64, loss: f64) -> StatsReport {
+    StatsReport {
+        rtt_ms: Some(rtt),
+        loss_in_pct: Some(loss),
+        video_received: Some(VideoStats {
+            width: 640,
+            height: 360,
+            fps: 25.0,
+            bitrate_kbps: 700.0,
+        }),
+        ..StatsReport::default()
+    }
+}
+
+#[test]
+fn connect_screen_offers_both_ways() {
+    let mut h = harness(AppModel::default());
+    h.run();
+    assert_eq!(h.state().model.screen(), Screen::Connect);
+    h.get_by_label("Start a local clinic on this computer")
+        .click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::StartLocalClinic]);
+    // "Connect to a clinic" is the section title and the button.
+    assert!(h.query_all_by_label("Connect to a clinic").count() >= 1);
+}
+
+#[test]
+fn connect_button_sends_url_and_token() {
+    let mut h = harness(AppModel::default());
+    h.state_mut().drafts = Drafts {
+        ws_url: " ws://clinic.test/ws ".into(),
+        token: "secret-token".into(),
+    };
+    h.run();
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Connect to a clinic")
+        .click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::ConnectToClinic {
+            ws_url: "ws://clinic.test/ws".into(),
+            token: "secret-token".into()
+        }]
+    );
+}
+
+#[test]
+fn waiting_room_shows_patient_and_admit_deny_produce_commands() {
+    let mut m = consultation();
+    m.apply(CallEvent::WaitingRoom(vec![WaitingPatient {
+        participant_id: pid("p7"),
+        display_name: Some("Grace Hopper".into()),
+        waiting_secs: 42,
+        connected: true,
+    }]));
+    let mut h = harness(m);
+    h.run();
+    assert_eq!(h.state().model.screen(), Screen::Consultation);
+    h.get_by_label("Grace Hopper");
+    h.get_by_label("waiting 42 s");
+    h.get_by_label("ABCD-1234");
+    h.get_by_label("Admit").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Call(UserCommand::Admit(pid("p7")))]
+    );
+    h.state_mut().commands.clear();
+    h.get_by_label("Deny").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Call(UserCommand::Deny(pid("p7")))]
+    );
+    h.state_mut().commands.clear();
+    h.get_by_label("Copy").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Copy("ABCD-1234".into())]
+    );
+}
+
+#[test]
+fn empty_waiting_room_says_so() {
+    let mut h = harness(consultation());
+    h.run();
+    h.get_by_label("Nobody is waiting.");
+}
+
+#[test]
+fn in_call_shows_reconnecting_banner() {
+    let mut m = in_call();
+    m.apply(CallEvent::State(CallState::Reconnecting));
+    let mut h = harness(m);
+    h.run();
+    assert_eq!(h.state().model.screen(), Screen::InCall);
+    h.get_by_label("Reconnecting…");
+    h.get_by_label("Ada Lovelace");
+}
+
+#[test]
+fn in_call_shows_audio_only_banner_and_toggle() {
+    let mut m = in_call();
+    m.apply(CallEvent::AudioOnly {
+        on: true,
+        manual: false,
+    });
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("Audio only: the network is too weak for video");
+    // Not asked for by the doctor: the button still offers audio-only.
+    h.get_by_label("Audio only").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Call(UserCommand::SetAudioOnly(true))]
+    );
+
+    let mut m = in_call();
+    m.apply(CallEvent::AudioOnly {
+        on: true,
+        manual: true,
+    });
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("Video back on").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Call(UserCommand::SetAudioOnly(false))]
+    );
+}
+
+#[test]
+fn in_call_buttons_produce_commands() {
+    let mut h = harness(in_call());
+    h.run();
+    for (label, expected) in [
+        ("Mute", UserCommand::SetMicrophoneMuted(true)),
+        ("Camera off", UserCommand::SetCameraEnabled(false)),
+        ("Leave", UserCommand::Leave),
+    ] {
+        h.state_mut().commands.clear();
+        h.get_by_label(label).click();
+        h.run();
+        assert_eq!(
+            h.state().commands,
+            vec![UiCommand::Call(expected)],
+            "{label}"
+        );
+    }
+    // The model changes only through events: muting shows once the client confirms it.
+    h.state_mut().model.apply(CallEvent::MicrophoneMuted(true));
+    h.run();
+    h.get_by_label("Unmute");
+}
+
+#[test]
+fn poor_network_banner_and_stats_panel_render_with_history() {
+    let mut m = in_call();
+    for i in 0..30 {
+        m.apply(CallEvent::Stats {
+            participant_id: pid("p1"),
+            report: report(40.0 + f64::from(i), 0.5),
+        });
+    }
+    let mut h = harness(m);
+    h.run();
+    assert!(h.query_by_label("Patient's network is poor").is_none());
+    h.get_by_label("Call quality");
+    h.get_by_label("RTT (ms): 69.0");
+    h.get_by_label("Loss (%): 0.5");
+    h.get_by_label("Bitrate (kbps): 700.0");
+    h.get_by_label("Frame rate (fps): 25.0");
+    assert_eq!(h.state().model.stats.rtt_ms.0.len(), 30);
+
+    h.state_mut().model.apply(CallEvent::Stats {
+        participant_id: pid("p1"),
+        report: report(450.0, 0.0),
+    });
+    h.run();
+    h.get_by_label("Patient's network is poor");
+    h.state_mut().model.apply(CallEvent::Stats {
+        participant_id: pid("p1"),
+        report: report(50.0, 7.5),
+    });
+    h.run();
+    h.get_by_label("Patient's network is poor");
+}
+
+#[test]
+fn stats_history_is_a_ring_buffer() {
+    let mut m = in_call();
+    for i in 0..(bedside_desktop::model::HISTORY_LEN + 10) {
+        m.apply(CallEvent::Stats {
+            participant_id: pid("p1"),
+            report: report(i as f64, 0.0),
+        });
+    }
+    assert_eq!(m.stats.rtt_ms.0.len(), bedside_desktop::model::HISTORY_LEN);
+    assert_eq!(m.stats.rtt_ms.0.front().unwrap()[1], 10.0);
+}
+
+#[test]
+fn ended_screen_goes_back() {
+    let mut m = in_call();
+    m.apply(CallEvent::State(CallState::Ended(
+        bedside_client_core::call::EndReason::ConsultationEnded,
+    )));
+    let mut h = harness(m);
+    h.run();
+    assert_eq!(h.state().model.screen(), Screen::Ended);
+    h.get_by_label("The consultation has ended.");
+    h.get_by_label("Back to start").click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::Reset]);
+}
+
+#[test]
+fn status_json_has_no_names() {
+    let mut m = in_call();
+    m.apply(CallEvent::WaitingRoom(vec![WaitingPatient {
+        participant_id: pid("p9"),
+        display_name: Some("Secret Name".into()),
+        waiting_secs: 1,
+        connected: true,
+    }]));
+    let s = m.status_json().to_string();
+    assert!(
+        !s.contains("Secret Name") && !s.contains("Ada") && !s.contains("ABCD"),
+        "{s}"
+    );
+    assert!(s.contains("\"waiting\":1"), "{s}");
+}

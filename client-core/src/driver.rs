@@ -110,6 +110,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
         signaling_tx: None,
         trackers: HashMap::new(),
         media,
+        received: received.clone(),
     };
     let task = tokio::spawn(driver.run());
     Ok(Client {
@@ -145,6 +146,8 @@ struct Driver {
     trackers: HashMap<ParticipantId, StatsTracker>,
     /// Commands to the media send thread.
     media: std::sync::mpsc::Sender<SendCommand>,
+    /// What the media pipeline decoded, for the statistics.
+    received: Received,
 }
 
 /// How often call statistics are read.
@@ -246,6 +249,7 @@ impl Driver {
 
     /// Reads each peer connection's statistics and hands them to the state machine.
     async fn collect_stats(&mut self) {
+        let received = self.received.stats();
         let peers: Vec<_> = self.engine.peer_ids().cloned().collect();
         for peer in peers {
             let Some(pc) = self.engine.peer(&peer).cloned() else {
@@ -253,7 +257,13 @@ impl Driver {
             };
             let now = Instant::now();
             let report = pc.get_stats(now, StatsSelector::None).await;
-            let raw = RawStats::from_report(&report);
+            let mut raw = RawStats::from_report(&report);
+            if let Some(media) = received.get(&peer) {
+                raw.frames_decoded = media.video_frames_decoded;
+                raw.frame_width = media.width;
+                raw.frame_height = media.height;
+                raw.audio_buffer_ms = Some(media.audio_buffer_ms);
+            }
             let sample = self
                 .trackers
                 .entry(peer.clone())

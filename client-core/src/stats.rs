@@ -30,6 +30,12 @@ pub struct RawStats {
     pub video_bytes_received: u64,
     pub nacks_sent: u64,
     pub plis_sent: u64,
+    /// From the media pipeline, which decodes: frames decoded so far, their size, and the
+    /// audio playout buffer.
+    pub frames_decoded: u64,
+    pub frame_width: u32,
+    pub frame_height: u32,
+    pub audio_buffer_ms: Option<u32>,
 }
 
 impl RawStats {
@@ -123,9 +129,12 @@ impl StatsTracker {
             video_received: rate(raw.video_bytes_received, base.video_bytes_received).map(|kbps| {
                 VideoStats {
                     bitrate_kbps: kbps,
-                    ..Default::default()
+                    width: raw.frame_width,
+                    height: raw.frame_height,
+                    fps: raw.frames_decoded.saturating_sub(base.frames_decoded) as f64 / dt,
                 }
             }),
+            audio_buffer_ms: raw.audio_buffer_ms.map(f64::from),
             ..Default::default()
         }
     }
@@ -158,7 +167,7 @@ mod tests {
         assert_eq!(first.audio_jitter_ms, Some(20.0));
         assert_eq!(first.video_received, None, "no rate without an interval");
 
-        // One second later: 100 more packets, none lost; 125 kB more video.
+        // One second later: 100 more packets, none lost; 125 kB more video, 30 more frames.
         let second = tracker.sample(
             t0 + Duration::from_secs(1),
             RawStats {
@@ -166,11 +175,18 @@ mod tests {
                 audio_packets_received: 195,
                 audio_packets_lost: 5,
                 video_bytes_received: 126_000,
+                frames_decoded: 30,
+                frame_width: 1280,
+                frame_height: 720,
+                audio_buffer_ms: Some(40),
                 ..Default::default()
             },
         );
         assert_eq!(second.loss_in_pct, Some(0.0));
-        assert_eq!(second.video_received.unwrap().bitrate_kbps, 1000.0);
+        let video = second.video_received.unwrap();
+        assert_eq!(video.bitrate_kbps, 1000.0);
+        assert_eq!((video.width, video.height, video.fps), (1280, 720, 30.0));
+        assert_eq!(second.audio_buffer_ms, Some(40.0));
     }
 
     #[test]

@@ -161,6 +161,19 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     assert_eq!(report.candidate_pair, Some(CandidatePairType::Host));
     assert!(report.rtt_ms.unwrap() < 200.0, "{report:?}");
     assert_eq!(report.connection_state.as_deref(), Some("connected"));
+    // What the pipeline decoded is in the report too (resolution, frame rate, playout buffer).
+    let report = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
+        CallEvent::Stats { report, .. }
+            if report.video_received.as_ref().is_some_and(|v| v.fps > 0.0) =>
+        {
+            Some(report.clone())
+        }
+        _ => None,
+    })
+    .await?;
+    let video = report.video_received.unwrap();
+    assert_eq!((video.width, video.height), (320, 180));
+    assert!(report.audio_buffer_ms.is_some());
 
     // The patient leaves: the doctor sees them go, the patient's call ends.
     patient.handle.send(UserCommand::Leave);

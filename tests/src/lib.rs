@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// How long a test waits for any one expected message.
+pub mod netns;
+
 pub const STEP: Duration = Duration::from_secs(5);
 
 /// A server running on 127.0.0.1 with a temporary data directory.

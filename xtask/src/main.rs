@@ -21,12 +21,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the test suites need: codec builds, coturn for the relay's interop tests,
-/// and an X server with screenshots and the GL/X libraries eframe loads for the desktop test.
+/// iproute2 and nftables for the impairment lab, and an X server with screenshots and the GL/X
+/// libraries eframe loads for the desktop test.
 const TEST_PACKAGES: &[&str] = &[
     "pkg-config",
     "cmake",
     "nasm",
     "coturn",
+    "iproute2",
+    "nftables",
     "xvfb",
     "x11-apps",
     "imagemagick",

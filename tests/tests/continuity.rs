@@ -1,0 +1,187 @@
+//! Continuity scenarios in the impairment lab (network namespaces, nftables): the real server
+//! and two real probes on hosts of their own. Skips, saying why, where namespaces can't be made
+//! (not root, no iproute2 or nftables).
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bedside_tests::netns::{Lab, workspace_bin};
+use serde_json::Value;
+
+const ADMIN_KEY: &str = "lab-admin-key-0123456789";
+
+fn lab_or_skip() -> Option<()> {
+    if let Some(why) = Lab::unavailable() {
+        eprintln!("SKIPPED: the impairment lab cannot run here: {why}");
+        return None;
+    }
+    for bin in ["bedside-server", "bedside-probe"] {
+        if !workspace_bin(bin).exists() {
+            eprintln!("SKIPPED: {bin} is not built (cargo build --workspace)");
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Server on `srv`, a doctor probe on `doc` and a patient probe on `pat`, each staying
+/// `seconds` once connected. Returns the lab and the two probes' pids.
+fn consultation(seconds: u64) -> Result<(Lab, u32, u32)> {
+    let mut lab = Lab::new(&["srv", "doc", "pat"])?;
+    let dir = tempfile::tempdir()?;
+    let srv = lab.addr("srv");
+    let config = dir.path().join("lab.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{srv}:8443\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
+             [tls]\nmode = \"off\"\n[turn]\nenabled = false\n",
+            dir.path().join("data").display()
+        ),
+    )?;
+    let server = lab.spawn(
+        "srv",
+        &workspace_bin("bedside-server"),
+        &["--config", config.to_str().unwrap()],
+    )?;
+    // Wait until it listens (its first line says so).
+    let mut first = [0u8; 64];
+    lab.child(server)
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .context("server output")?;
+    std::mem::forget(dir); // The server uses it until the lab is dropped.
+    let body = lab.http(
+        "srv",
+        &srv.to_string(),
+        8443,
+        "POST",
+        "/api/v1/consultations",
+        ADMIN_KEY,
+    )?;
+    let created: Value = serde_json::from_str(&body).with_context(|| body.clone())?;
+    let ws = format!("ws://{srv}:8443/ws");
+    let secs = seconds.to_string();
+    let probe = |lab: &mut Lab, host: &str, auth: &str, secret: &str| {
+        let udp = format!("{}:0", lab.addr(host));
+        lab.spawn(
+            host,
+            &workspace_bin("bedside-probe"),
+            &[
+                "--server",
+                &ws,
+                auth,
+                secret,
+                "--duration",
+                &secs,
+                "--width",
+                "320",
+                "--height",
+                "180",
+                "--bitrate-kbps",
+                "300",
+                "--udp",
+                &udp,
+            ],
+        )
+    };
+    let doctor = probe(
+        &mut lab,
+        "doc",
+        "--token",
+        created["doctor_token"].as_str().unwrap(),
+    )?;
+    let patient = probe(
+        &mut lab,
+        "pat",
+        "--invite",
+        created["invite_code"].as_str().unwrap(),
+    )?;
+    Ok((lab, doctor, patient))
+}
+
+fn report(lab: &mut Lab, pid: u32) -> Result<Value> {
+    let child = lab.child(pid);
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out)?;
+    child.wait()?;
+    serde_json::from_str(&out).with_context(|| format!("probe report: {out}"))
+}
+
+#[test]
+fn a_signaling_outage_keeps_the_media_and_the_seat() -> Result<()> {
+    if lab_or_skip().is_none() {
+        return Ok(());
+    }
+    let (mut lab, doctor, patient) = consultation(30)?;
+    std::thread::sleep(Duration::from_secs(8));
+    // The patient's signaling link is cut for 15 s: the server drops everything the patient
+    // sends to its port. Media between the two hosts is untouched.
+    let pat = lab.addr("pat");
+    lab.nft(
+        "srv",
+        &format!(
+            "table inet lab {{\n chain input {{\n  type filter hook input priority 0;\n  \
+             ip saddr {pat} tcp dport 8443 drop\n }}\n}}\n"
+        ),
+    )?;
+    std::thread::sleep(Duration::from_secs(15));
+    lab.nft("srv", "delete table inet lab")?;
+    let patient = report(&mut lab, patient)?;
+    let doctor = report(&mut lab, doctor)?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(r["ended"], "Left", "{who}: {r}");
+        assert!(
+            r["decoded_fps"].as_f64().unwrap_or(0.0) > 10.0,
+            "{who}: {r}"
+        );
+    }
+    // The patient noticed the outage and got its seat back; the media did not stop: frames
+    // kept arriving with few gaps.
+    assert!(patient["reconnections"].as_u64().unwrap() >= 1, "{patient}");
+    let decoded = doctor["video_frames_decoded"].as_f64().unwrap();
+    let missing = doctor["video_frames_missing"].as_f64().unwrap();
+    assert!(missing / (decoded + missing) < 0.05, "{doctor}");
+    Ok(())
+}
+
+#[test]
+fn a_call_survives_ten_percent_random_loss() -> Result<()> {
+    if lab_or_skip().is_none() {
+        return Ok(());
+    }
+    let (mut lab, doctor, patient) = consultation(20)?;
+    // One packet in ten that reaches the patient's host is dropped, media and signaling alike.
+    lab.nft(
+        "pat",
+        "table inet lab {\n chain input {\n  type filter hook input priority 0;\n  \
+         numgen random mod 100 < 10 drop\n }\n}\n",
+    )?;
+    let patient = report(&mut lab, patient)?;
+    let doctor = report(&mut lab, doctor)?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(r["ended"], "Left", "{who}: {r}");
+    }
+    // The patient still sees video and hears the doctor, with losses measured and repaired.
+    assert!(
+        patient["video_frames_decoded"].as_u64().unwrap() > 100,
+        "{patient}"
+    );
+    assert_eq!(patient["heard"], "doctor", "{patient}");
+    let loss = patient["loss_in_pct_max"].as_f64().unwrap_or(0.0);
+    assert!(loss > 2.0, "the loss was not measured: {patient}");
+    eprintln!(
+        "10% loss: patient audio played from real packets {:.1}%, video frames decoded {}, \
+         missing {}, glass-to-glass p95 {} ms",
+        100.0 * patient["audio_played_share"].as_f64().unwrap_or(0.0),
+        patient["video_frames_decoded"],
+        patient["video_frames_missing"],
+        patient["glass_to_glass_ms_p95"]
+    );
+    Ok(())
+}

@@ -10,7 +10,8 @@ use bedside_client_core::driver::{self, Client, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
 use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
 use bedside_client_core::pipeline::MediaSources;
-use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason};
+use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason, ParticipantId};
+use bedside_server::api::CreatedConsultation;
 use bedside_tests::{TestServer, test_config, with_turn};
 
 /// A client sending a small synthetic picture (tagged `tag`) and the tone `tone_hz`.
@@ -193,6 +194,38 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     Ok(())
 }
 
+/// A doctor and an admitted patient with media connected; their participant ids.
+async fn connected_pair(
+    server: &TestServer,
+    c: &CreatedConsultation,
+    relay_only: bool,
+) -> Result<(Client, Client, ParticipantId, ParticipantId)> {
+    let seated = |e: &CallEvent| match e {
+        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
+        _ => None,
+    };
+    let mut doctor = client_with(server, 1, DOCTOR_TONE_HZ, relay_only)?;
+    doctor.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        display_name: None,
+    });
+    let doctor_id = wait_for(&mut doctor, Duration::from_secs(10), seated).await?;
+    let mut patient = client_with(server, 2, PATIENT_TONE_HZ, relay_only)?;
+    patient.handle.send(UserCommand::Join {
+        auth: JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
+        },
+        display_name: None,
+    });
+    let patient_id = wait_for(&mut patient, Duration::from_secs(10), seated).await?;
+    doctor.handle.send(UserCommand::Admit(patient_id.clone()));
+    wait_state(&mut patient, CallState::Connected).await?;
+    wait_state(&mut doctor, CallState::Connected).await?;
+    Ok((doctor, patient, doctor_id, patient_id))
+}
+
 /// Media decoded both ways, with each side's tone heard by the other.
 async fn media_flows(doctor: &Client, patient: &Client) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -224,29 +257,7 @@ async fn media_flows(doctor: &Client, patient: &Client) -> Result<()> {
 async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
     let server = TestServer::start_with(with_turn(test_config())).await?;
     let c = server.create_consultation().await?;
-    let mut doctor = client_with(&server, 1, DOCTOR_TONE_HZ, true)?;
-    doctor.handle.send(UserCommand::Join {
-        auth: JoinAuth::Token {
-            token: c.doctor_token.clone(),
-        },
-        display_name: None,
-    });
-    wait_state(&mut doctor, CallState::WaitingForPeers).await?;
-    let mut patient = client_with(&server, 2, PATIENT_TONE_HZ, true)?;
-    patient.handle.send(UserCommand::Join {
-        auth: JoinAuth::InviteCode {
-            code: c.invite_code.clone(),
-        },
-        display_name: None,
-    });
-    let waiting = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
-        CallEvent::WaitingRoom(w) if !w.is_empty() => Some(w[0].participant_id.clone()),
-        _ => None,
-    })
-    .await?;
-    doctor.handle.send(UserCommand::Admit(waiting));
-    wait_state(&mut patient, CallState::Connected).await?;
-    wait_state(&mut doctor, CallState::Connected).await?;
+    let (doctor, mut patient, _, _) = connected_pair(&server, &c, true).await?;
     let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
         CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
         _ => None,
@@ -276,33 +287,8 @@ async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
 async fn a_server_restart_mid_call_keeps_the_media_and_the_seats() -> Result<()> {
     let server = TestServer::start().await?;
     let c = server.create_consultation().await?;
-    let mut doctor = client(&server, 1, DOCTOR_TONE_HZ)?;
-    doctor.handle.send(UserCommand::Join {
-        auth: JoinAuth::Token {
-            token: c.doctor_token.clone(),
-        },
-        display_name: None,
-    });
-    let doctor_id = wait_for(&mut doctor, Duration::from_secs(10), |e| match e {
-        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
-        _ => None,
-    })
-    .await?;
-    let mut patient = client(&server, 2, PATIENT_TONE_HZ)?;
-    patient.handle.send(UserCommand::Join {
-        auth: JoinAuth::InviteCode {
-            code: c.invite_code.clone(),
-        },
-        display_name: None,
-    });
-    let patient_id = wait_for(&mut patient, Duration::from_secs(10), |e| match e {
-        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
-        _ => None,
-    })
-    .await?;
-    doctor.handle.send(UserCommand::Admit(patient_id.clone()));
-    wait_state(&mut patient, CallState::Connected).await?;
-    wait_state(&mut doctor, CallState::Connected).await?;
+    let (mut doctor, mut patient, doctor_id, patient_id) =
+        connected_pair(&server, &c, false).await?;
     media_flows(&doctor, &patient).await?;
 
     let decoded = |c: &Client| -> u64 {

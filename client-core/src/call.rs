@@ -303,6 +303,8 @@ pub struct Call {
     resume_token: Option<String>,
     /// Once a resume failed, later losses go straight to a full rejoin.
     escalated: bool,
+    /// Whether our seat was admitted when we last heard.
+    admitted: bool,
     ever_seated: bool,
     ice_servers: Vec<IceServer>,
     peers: BTreeMap<ParticipantId, PeerConn>,
@@ -329,6 +331,7 @@ impl Call {
             me: None,
             resume_token: None,
             escalated: false,
+            admitted: false,
             ever_seated: false,
             ice_servers: Vec::new(),
             peers: BTreeMap::new(),
@@ -698,7 +701,12 @@ impl Call {
                 self.me = Some((participant_id.clone(), role));
                 self.resume_token = Some(resume_token);
                 self.ever_seated = true;
-                self.phase = Phase::Seated { admitted: false };
+                // A resumed seat keeps its admission (the server confirms it next): the call
+                // does not flash through the waiting room on every reconnect.
+                self.admitted &= resumed;
+                self.phase = Phase::Seated {
+                    admitted: self.admitted,
+                };
                 self.next_ping = Some(now + self.config.ping_interval);
                 self.event(CallEvent::Seated {
                     participant_id,
@@ -706,9 +714,11 @@ impl Call {
                 });
             }
             ServerMessage::Waiting => {
+                self.admitted = false;
                 self.phase = Phase::Seated { admitted: false };
             }
             ServerMessage::Admitted { peers, ice_servers } => {
+                self.admitted = true;
                 self.phase = Phase::Seated { admitted: true };
                 self.ice_servers = ice_servers;
                 // Peers we had that are gone now left while we were away.

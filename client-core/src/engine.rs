@@ -31,7 +31,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceServer, RTCIceTransportPolicy,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
     register_default_interceptors,
 };
 
@@ -524,8 +524,19 @@ impl Engine {
             events: self.events.clone(),
             media: self.media.clone(),
         });
+        // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
+        // address may be gone. Notice a dead path in 2 s rather than the default 5 s.
+        let settings = SettingEngineBuilder::new()
+            .with_discard_local_candidates_during_ice_restart(true)
+            .with_ice_timeouts(
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_secs(10)),
+                Some(Duration::from_millis(500)),
+            )
+            .build();
         let pc = PeerConnectionBuilder::new()
             .with_configuration(config.build())
+            .with_setting_engine(settings)
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .with_handler(handler)

@@ -132,8 +132,17 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     // Until connected, the probe waits up to `duration` for someone to come.
     let mut deadline = tokio::time::Instant::now() + options.duration;
     let mut left = false;
+    // SIGUSR1 plays the host app's network-change signal (NWPathMonitor, ConnectivityManager).
+    #[cfg(unix)]
+    let mut network_changed =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     loop {
+        #[cfg(unix)]
+        let network_change = network_changed.recv();
+        #[cfg(not(unix))]
+        let network_change = std::future::pending::<Option<()>>();
         tokio::select! {
+            Some(()) = network_change => client.handle.send(UserCommand::NetworkChanged),
             event = client.events.recv() => {
                 let Some(event) = event else { break };
                 match event {

@@ -122,6 +122,33 @@ impl Lab {
         Self::addr_of(i)
     }
 
+    /// Moves `host` from address `from` to `to`, as a phone going from Wi-Fi to cellular does:
+    /// the new address appears, then the old one is gone.
+    pub fn handover(&self, host: &str, from: Ipv4Addr, to: Ipv4Addr) -> Result<()> {
+        let ns = self.ns(host);
+        // The new address is a secondary on the same subnet: without promotion, deleting the
+        // primary would delete it too and leave the host with no address at all.
+        sh(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.eth0.promote_secondaries=1",
+        ]))?;
+        ip(&["-n", &ns, "addr", "add", &format!("{to}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "del",
+            &format!("{from}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(())
+    }
+
     /// Starts `program` on `host`; it is killed when the lab is dropped.
     pub fn spawn(&mut self, host: &str, program: &std::path::Path, args: &[&str]) -> Result<u32> {
         let child = Command::new("ip")

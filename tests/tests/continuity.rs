@@ -28,6 +28,11 @@ fn lab_or_skip() -> Option<()> {
 /// Server on `srv`, a doctor probe on `doc` and a patient probe on `pat`, each staying
 /// `seconds` once connected. Returns the lab and the two probes' pids.
 fn consultation(seconds: u64) -> Result<(Lab, u32, u32)> {
+    consultation_with(seconds, false)
+}
+
+/// [`consultation`], with the patient's sockets on every address (`roaming`), as a phone's are.
+fn consultation_with(seconds: u64, roaming: bool) -> Result<(Lab, u32, u32)> {
     let mut lab = Lab::new(&["srv", "doc", "pat"])?;
     let dir = tempfile::tempdir()?;
     let srv = lab.addr("srv");
@@ -66,7 +71,11 @@ fn consultation(seconds: u64) -> Result<(Lab, u32, u32)> {
     let ws = format!("ws://{srv}:8443/ws");
     let secs = seconds.to_string();
     let probe = |lab: &mut Lab, host: &str, auth: &str, secret: &str| {
-        let udp = format!("{}:0", lab.addr(host));
+        let udp = if roaming && host == "pat" {
+            "0.0.0.0:0".to_owned()
+        } else {
+            format!("{}:0", lab.addr(host))
+        };
         lab.spawn(
             host,
             &workspace_bin("bedside-probe"),
@@ -182,6 +191,44 @@ fn a_call_survives_ten_percent_random_loss() -> Result<()> {
         patient["video_frames_decoded"],
         patient["video_frames_missing"],
         patient["glass_to_glass_ms_p95"]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_handover_restarts_ice_and_keeps_the_call() -> Result<()> {
+    if lab_or_skip().is_none() {
+        return Ok(());
+    }
+    let (mut lab, doctor, patient) = consultation_with(25, true)?;
+    std::thread::sleep(Duration::from_secs(8));
+    // Wi-Fi to cellular: the patient's address changes and the app says so.
+    let old = lab.addr("pat");
+    lab.handover("pat", old, std::net::Ipv4Addr::new(198, 18, 0, 13))?;
+    unsafe { libc::kill(patient as i32, libc::SIGUSR1) };
+    let patient = report(&mut lab, patient)?;
+    let doctor = report(&mut lab, doctor)?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(r["ended"], "Left", "{who}: {r}");
+    }
+    // The patient went through reconnecting and came back; the doctor kept receiving video
+    // after the handover.
+    let states: Vec<&str> = patient["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s[1].as_str())
+        .collect();
+    assert!(states.contains(&"Reconnecting"), "{states:?}");
+    // A resumed, admitted seat never goes back through the waiting room.
+    let after_connect = states.iter().skip_while(|s| **s != "Connected");
+    assert!(after_connect.clone().all(|s| *s != "Waiting"), "{states:?}");
+    let decoded = doctor["video_frames_decoded"].as_f64().unwrap();
+    assert!(decoded > 25.0 * 10.0, "video did not come back: {doctor}");
+    eprintln!(
+        "handover: doctor decoded {decoded} frames, {} missing; patient states {states:?}",
+        doctor["video_frames_missing"]
     );
     Ok(())
 }

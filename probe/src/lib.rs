@@ -92,6 +92,9 @@ pub struct Report {
     pub reconnections: u32,
     /// Every state the call went through, with milliseconds since the start.
     pub states: Vec<(u64, String)>,
+    /// When the call went audio-only (true) or back to video (false), milliseconds since the
+    /// start.
+    pub audio_only: Vec<(u64, bool)>,
     pub ended: Option<String>,
 }
 
@@ -166,6 +169,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                             }
                             _ => {}
                         }
+                    }
+                    CallEvent::AudioOnly { on, .. } => {
+                        report.audio_only.push((started.elapsed().as_millis() as u64, on));
                     }
                     // A doctor probe admits whoever waits.
                     CallEvent::WaitingRoom(waiting) => {

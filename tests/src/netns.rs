@@ -149,6 +149,37 @@ impl Lab {
         Ok(())
     }
 
+    /// Limits what `host` sends to `kbit` kbit/s (a token bucket on its interface), or lifts
+    /// the limit with `None`.
+    pub fn limit_uplink(&self, host: &str, kbit: Option<u32>) -> Result<()> {
+        let ns = self.ns(host);
+        match kbit {
+            Some(rate) => sh(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                &format!("{rate}kbit"),
+                "burst",
+                "16kb",
+                "latency",
+                "200ms",
+            ]))
+            .map(drop),
+            None => sh(Command::new("ip").args([
+                "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+            ]))
+            .map(drop),
+        }
+    }
+
     /// Starts `program` on `host`; it is killed when the lab is dropped.
     pub fn spawn(&mut self, host: &str, program: &std::path::Path, args: &[&str]) -> Result<u32> {
         let child = Command::new("ip")

@@ -232,3 +232,41 @@ fn a_handover_restarts_ice_and_keeps_the_call() -> Result<()> {
     );
     Ok(())
 }
+
+/// Known failing, kept as the acceptance test for the next step (run it with `--ignored`):
+/// measured here, a collapse to 100 kbit/s reaches audio-only after about 6.8 s (the target is
+/// 2 s), and video does not come back within 20 s of recovery, because while video is paused
+/// the congestion controller has too little traffic to probe the link with (padding or probing
+/// while audio-only is the missing piece).
+#[test]
+#[ignore = "GCC does not recover while audio-only: needs probing (issue #5)"]
+fn a_bandwidth_collapse_goes_audio_only_and_video_comes_back() -> Result<()> {
+    if lab_or_skip().is_none() {
+        return Ok(());
+    }
+    let (mut lab, doctor, patient) = consultation(40)?;
+    std::thread::sleep(Duration::from_secs(8));
+    // The patient's uplink collapses to 100 kbit/s for 12 s, then recovers.
+    lab.limit_uplink("pat", Some(100))?;
+    std::thread::sleep(Duration::from_secs(12));
+    lab.limit_uplink("pat", None)?;
+    let patient = report(&mut lab, patient)?;
+    let doctor = report(&mut lab, doctor)?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(r["ended"], "Left", "{who}: {r}");
+    }
+    // The patient's call went audio-only during the collapse and brought video back after it,
+    // and the doctor kept hearing the patient throughout.
+    let changes: Vec<(u64, bool)> = serde_json::from_value(patient["audio_only"].clone())?;
+    let went = changes.iter().find(|(_, on)| *on).map(|(t, _)| *t);
+    let back = changes.iter().rev().find(|(_, on)| !*on).map(|(t, _)| *t);
+    eprintln!("bandwidth collapse: audio-only changes {changes:?}");
+    assert!(went.is_some(), "never went audio-only: {patient}");
+    assert!(
+        back.is_some_and(|b| b > went.unwrap()),
+        "video never came back: {changes:?}"
+    );
+    assert_eq!(doctor["heard"], "patient", "{doctor}");
+    Ok(())
+}

@@ -30,6 +30,7 @@ const TEST_PACKAGES: &[&str] = &[
     "coturn",
     "iproute2",
     "nftables",
+    "libjna-java",
     "xvfb",
     "x11-apps",
     "imagemagick",
@@ -132,6 +133,25 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run cargo fmt --all")?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The mobile bindings as a Kotlin (JVM) and a Swift developer get them: generated, the
+    // Kotlin run against a real server, the Swift C header compiled and linked. The generator is
+    // behind a feature (slow to compile), so this is a second, smaller build.
+    let mut mobile = cargo();
+    mobile.args([
+        "test",
+        "-p",
+        "bedside-mobile",
+        "--features",
+        "bindgen",
+        "--test",
+        "bindgen",
+        "--test",
+        "kotlin",
+    ]);
+    if let Some(kotlinc) = kotlin_compiler() {
+        mobile.env("KOTLINC", kotlinc);
+    }
+    run(&mut mobile)?;
     // The desktop end-to-end test's screenshot, kept as an artifact of the run.
     let shot = root().join("target/desktop-e2e.png");
     if shot.exists() {
@@ -145,6 +165,27 @@ fn test(extra: &[String]) -> Result<()> {
         run(cargo().args(["check", "--manifest-path", "fuzz/Cargo.toml", "--bins"]))?;
     }
     Ok(())
+}
+
+/// The Kotlin 2.x compiler from the npm registry (Debian's kotlin is too old for uniffi's
+/// output), installed once under target/. `None` (and the Kotlin test says it skipped) when
+/// npm cannot fetch it.
+fn kotlin_compiler() -> Option<PathBuf> {
+    let dir = root().join("target/kotlin-compiler");
+    let kotlinc = dir.join("node_modules/kotlin-compiler/bin/kotlinc");
+    if !kotlinc.exists() {
+        let installed = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg("kotlin-compiler@2")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            eprintln!("xtask: could not install kotlin-compiler from npm");
+            return None;
+        }
+    }
+    kotlinc.exists().then_some(kotlinc)
 }
 
 fn lint() -> Result<()> {

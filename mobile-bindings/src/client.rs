@@ -1,0 +1,229 @@
+//! The client object: commands in, pushed capture in.
+
+use std::sync::Arc;
+
+use bedside_client_core::call::UserCommand;
+use bedside_client_core::driver::{self, ClientHandle, ClientOptions};
+use bedside_client_core::engine::EngineSettings;
+use bedside_client_core::media::frame::{AudioFrame, FRAME_SAMPLES, Rotation, VideoFrame};
+use bedside_client_core::media::source::{FramePusher, push_source};
+use bedside_client_core::pipeline::{MediaSources, wall_us};
+use bedside_protocol::JoinAuth;
+
+use crate::error::BedsideError;
+use crate::listener::{ClientListener, ListenerHandle, ListenerSlot, dispatch};
+use crate::types::ClientOptionsFfi;
+
+/// Pushed video frames queued at most (newest wins).
+const VIDEO_QUEUE: usize = 2;
+/// Pushed 20 ms audio frames queued at most.
+const AUDIO_QUEUE: usize = 10;
+
+/// One patient's connection to a clinic. Every method returns at once; what happens is reported
+/// to the [`ClientListener`]. Dropping the client leaves the consultation and stops its threads.
+#[derive(uniffi::Object)]
+pub struct BedsideClient {
+    handle: ClientHandle,
+    video: FramePusher<VideoFrame>,
+    audio: FramePusher<AudioFrame>,
+    listeners: Arc<ListenerSlot>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+#[uniffi::export]
+impl BedsideClient {
+    /// A client for the clinic at `server_url` (`wss://clinic.example/ws`). It owns its own
+    /// runtime (two worker threads) and does nothing until [`BedsideClient::join_with_invite`].
+    #[uniffi::constructor]
+    pub fn new(server_url: String, options: ClientOptionsFfi) -> Result<Arc<Self>, BedsideError> {
+        if !(server_url.starts_with("ws://") || server_url.starts_with("wss://")) {
+            return Err(BedsideError::invalid(format!(
+                "server URL must start with ws:// or wss://, got {server_url:?}"
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bedside")
+            .enable_all()
+            .build()
+            .map_err(BedsideError::internal)?;
+        let mut core = ClientOptions::new(server_url);
+        core.engine = EngineSettings {
+            udp_addrs: options.udp_addrs,
+            relay_only: options.relay_only,
+        };
+        core.video.width = options.video_width;
+        core.video.height = options.video_height;
+        core.video.bitrate_bps = options.video_bitrate_bps;
+        let (video, video_source) = push_source::<VideoFrame>(VIDEO_QUEUE);
+        let (audio, audio_source) = push_source::<AudioFrame>(AUDIO_QUEUE);
+        let sources = MediaSources {
+            video: Box::new(video_source),
+            audio: Box::new(audio_source),
+        };
+        let client = {
+            let _entered = runtime.enter();
+            driver::start(core, sources)?
+        };
+        let listeners = Arc::new(ListenerSlot::default());
+        runtime.spawn(dispatch(client.events, client.received, listeners.clone()));
+        Ok(Arc::new(BedsideClient {
+            handle: client.handle,
+            video,
+            audio,
+            listeners,
+            runtime: Some(runtime),
+        }))
+    }
+
+    /// Installs `listener` (replacing any other) until the returned handle is dropped or
+    /// cancelled. Keep the handle.
+    pub fn set_listener(&self, listener: Arc<dyn ClientListener>) -> Arc<ListenerHandle> {
+        Arc::new(self.listeners.install(listener))
+    }
+
+    /// Joins the consultation as a patient with the invite code from the link.
+    pub fn join_with_invite(&self, code: String, display_name: Option<String>) {
+        self.handle.send(UserCommand::Join {
+            auth: JoinAuth::InviteCode { code },
+            display_name,
+        });
+    }
+
+    pub fn leave(&self) {
+        self.handle.send(UserCommand::Leave);
+    }
+
+    pub fn set_muted(&self, muted: bool) {
+        self.handle.send(UserCommand::SetMicrophoneMuted(muted));
+    }
+
+    pub fn set_camera_enabled(&self, enabled: bool) {
+        self.handle.send(UserCommand::SetCameraEnabled(enabled));
+    }
+
+    pub fn set_audio_only(&self, audio_only: bool) {
+        self.handle.send(UserCommand::SetAudioOnly(audio_only));
+    }
+
+    /// The OS reported a network change (Wi-Fi to cellular...): client-core reconnects now.
+    pub fn network_changed(&self) {
+        self.handle.send(UserCommand::NetworkChanged);
+    }
+
+    /// The app went to (or came back from) the background. client-core has no command for
+    /// this yet, so it only writes a log line: the call goes on as before. Whether to stop the
+    /// camera is the app's choice (`set_camera_enabled`, or stop pushing frames).
+    pub fn app_backgrounded(&self, backgrounded: bool) {
+        tracing::info!(
+            backgrounded,
+            "app backgrounded changed (no call command yet)"
+        );
+    }
+
+    /// One captured camera picture, I420 tightly packed (`y`: width*height bytes, `u` and `v`:
+    /// width/2*height/2 each; even dimensions), to be displayed rotated clockwise by
+    /// `rotation_degrees` (0, 90, 180 or 270). Frames of another size than the encoder's are
+    /// scaled. Call from the capture thread; never blocks.
+    pub fn push_video_frame(
+        &self,
+        width: u32,
+        height: u32,
+        y: Vec<u8>,
+        u: Vec<u8>,
+        v: Vec<u8>,
+        rotation_degrees: u16,
+    ) -> Result<(), BedsideError> {
+        let rotation = Rotation::from_degrees(rotation_degrees).ok_or_else(|| {
+            BedsideError::invalid(format!(
+                "rotation must be 0, 90, 180 or 270, got {rotation_degrees}"
+            ))
+        })?;
+        let mut frame = VideoFrame::new(width, height, y, u, v, wall_us())?;
+        frame.rotation = rotation;
+        self.video.push(frame);
+        Ok(())
+    }
+
+    /// 20 ms of microphone audio: exactly 960 samples, 48 kHz mono. Never blocks.
+    pub fn push_audio_samples(&self, samples: Vec<i16>) -> Result<(), BedsideError> {
+        if samples.len() != FRAME_SAMPLES {
+            return Err(BedsideError::invalid(format!(
+                "audio must come in {FRAME_SAMPLES} samples, got {}",
+                samples.len()
+            )));
+        }
+        self.audio
+            .push(AudioFrame::from_slice(&samples, wall_us())?);
+        Ok(())
+    }
+
+    /// Whether a camera is open (`false`: permission revoked, camera taken by another app).
+    /// Pushing a frame also marks it present.
+    pub fn set_camera_present(&self, present: bool) {
+        self.video.set_device_present(present);
+    }
+
+    /// Whether a microphone is open. Pushing samples also marks it present.
+    pub fn set_microphone_present(&self, present: bool) {
+        self.audio.set_device_present(present);
+    }
+}
+
+impl Drop for BedsideClient {
+    /// Sends `Leave` and stops the runtime without waiting (the drop may happen on one of its
+    /// own threads). To leave cleanly, call `leave()` and wait for `Ended` before dropping.
+    fn drop(&mut self) {
+        self.handle.send(UserCommand::Leave);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::default_client_options;
+
+    fn client() -> Arc<BedsideClient> {
+        BedsideClient::new("ws://127.0.0.1:9/ws".into(), default_client_options()).unwrap()
+    }
+
+    #[test]
+    fn bad_arguments_are_invalid_argument_errors() {
+        let err = BedsideClient::new("https://x".into(), default_client_options()).err();
+        assert!(matches!(err, Some(BedsideError::InvalidArgument { .. })));
+        let c = client();
+        let plane = |n: usize| vec![0u8; n];
+        assert!(
+            c.push_video_frame(4, 2, plane(8), plane(2), plane(2), 90)
+                .is_ok()
+        );
+        for (w, h, y, rot) in [(4, 2, 7, 0), (3, 2, 6, 0), (4, 2, 8, 45)] {
+            let r = c.push_video_frame(w, h, plane(y), plane(2), plane(2), rot);
+            assert!(
+                matches!(r, Err(BedsideError::InvalidArgument { .. })),
+                "{w}x{h} {y} {rot}"
+            );
+        }
+        assert!(c.push_audio_samples(vec![0; 960]).is_ok());
+        assert!(matches!(
+            c.push_audio_samples(vec![0; 959]),
+            Err(BedsideError::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn commands_before_join_and_drop_do_not_panic() {
+        let c = client();
+        c.set_muted(true);
+        c.set_camera_enabled(false);
+        c.set_audio_only(true);
+        c.network_changed();
+        c.app_backgrounded(true);
+        c.set_camera_present(false);
+        c.leave();
+        drop(c);
+    }
+}

@@ -327,3 +327,34 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
 }
+
+/// A `bedside-server` process (a bench's), started from `binary` with `config`; it is killed
+/// when dropped. Returns the child and its base URL, read from its "listening on" line.
+pub async fn spawn_server_process(
+    binary: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<(tokio::process::Child, String)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut server = tokio::process::Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} (build it in release first)", binary.display()))?;
+    let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
+    let base = loop {
+        let line = lines.next_line().await?.context("the server exited")?;
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    };
+    // Keep reading, so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((server, base))
+}

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use bedside_server::api::CreatedConsultation;
 use clap::Parser;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -46,22 +46,8 @@ async fn main() -> Result<()> {
             dir.path().join("data").display()
         ),
     )?;
-    let mut server = tokio::process::Command::new(args.bin_dir.join("bedside-server"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting bedside-server (build it in release first)")?;
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next_line().await?.context("server exited")?;
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (mut server, base) =
+        bedside_tests::spawn_server_process(&args.bin_dir.join("bedside-server"), &config).await?;
     let ws = format!("{}/ws", base.replacen("http://", "ws://", 1));
     let c: CreatedConsultation = reqwest::Client::new()
         .post(format!("{base}/api/v1/consultations"))
@@ -152,7 +138,7 @@ async fn main() -> Result<()> {
     }
     println!(
         "CPU is the probe process's whole life (join, {} s of call, leave) over its wall time; \
-         each probe also renders the synthetic 720p pattern.",
+         each probe also renders the synthetic test pattern it sends.",
         args.seconds
     );
     Ok(())

@@ -11,7 +11,6 @@
 //! `cargo xtask bench-signaling` builds it in release and runs it.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,6 @@ use bedside_client_core::signaling::{Incoming, SignalingConnection};
 use bedside_protocol::{ClientMessage, JoinAuth, PROTOCOL_VERSION, ServerMessage};
 use bedside_server::api::CreatedConsultation;
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Semaphore, watch};
 
 #[derive(Parser, Debug)]
@@ -217,23 +215,8 @@ async fn main() -> Result<()> {
             dir.path().join("data").display()
         ),
     )?;
-    let mut server = tokio::process::Command::new(&args.server)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", args.server.display()))?;
+    let (mut server, base) = bedside_tests::spawn_server_process(&args.server, &config).await?;
     let pid = server.id().context("server pid")?;
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next_line().await?.context("server exited")?;
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let ws_url = format!("{}/ws", base.replacen("http://", "ws://", 1));
     let server_addr: std::net::SocketAddr = base.trim_start_matches("http://").parse()?;
     println!(

@@ -742,6 +742,9 @@ impl Call {
                             self.restart_ice(now, &id);
                         }
                     } else {
+                        // Someone already in the consultation: the UI hears of them as it does
+                        // of anyone who joins later.
+                        self.event(CallEvent::PeerJoined(peer.clone()));
                         self.add_peer(peer, true);
                     }
                 }

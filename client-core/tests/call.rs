@@ -184,6 +184,14 @@ fn a_patient_joins_waits_is_admitted_and_offers_to_the_doctor() {
         engine(&out)[..],
         [EngineCommand::CreatePeer { peer, offerer: true, ice_servers }] if peer == &pid("doc") && ice_servers.len() == 1
     ));
+    // The doctor, already there, is announced to the UI like anyone who joins.
+    assert!(
+        out.contains(&Output::Event(CallEvent::PeerJoined(peer(
+            "doc",
+            Role::Doctor
+        )))),
+        "{out:?}"
+    );
     assert_eq!(h.call.state(), CallState::Connecting);
 
     let out = h.engine(EngineEvent::LocalDescription {

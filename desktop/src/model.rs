@@ -72,17 +72,15 @@ pub struct StatsHistory {
 }
 
 impl StatsHistory {
-    /// Adds one sample. `shown_fps` (frames the app put on screen per second) stands in for the
-    /// received frame rate when the report has none.
-    pub fn push(&mut self, report: &StatsReport, shown_fps: Option<f64>) {
+    /// Adds one sample.
+    pub fn push(&mut self, report: &StatsReport) {
         let x = self.samples as f64;
         self.samples += 1;
         self.rtt_ms.push(x, report.rtt_ms);
         self.loss_pct.push(x, report.loss_in_pct);
         let video = report.video_received.as_ref();
         self.bitrate_kbps.push(x, video.map(|v| v.bitrate_kbps));
-        let fps = video.map(|v| v.fps).filter(|f| *f > 0.0).or(shown_fps);
-        self.fps.push(x, fps);
+        self.fps.push(x, video.map(|v| v.fps));
     }
 }
 
@@ -116,8 +114,6 @@ pub struct AppModel {
     /// Remote video frames uploaded to the screen so far (set by the app).
     pub remote_frames_shown: u64,
     pub remote_size: Option<(u32, u32)>,
-    /// When the last stats sample came and how many frames had been shown by then.
-    pub frames_at_stats: Option<(Instant, u64)>,
 }
 
 impl Default for AppModel {
@@ -141,7 +137,6 @@ impl Default for AppModel {
             error: None,
             remote_frames_shown: 0,
             remote_size: None,
-            frames_at_stats: None,
         }
     }
 }
@@ -184,14 +179,7 @@ impl AppModel {
             CallEvent::CameraEnabled(c) => self.camera_enabled = c,
             CallEvent::AudioOnly { on, manual } => self.audio_only = on.then_some(manual),
             CallEvent::Stats { report, .. } => {
-                let now = Instant::now();
-                let shown_fps = self.frames_at_stats.and_then(|(at, frames)| {
-                    let secs = now.duration_since(at).as_secs_f64();
-                    (secs > 0.2 && self.remote_frames_shown > 0)
-                        .then(|| self.remote_frames_shown.saturating_sub(frames) as f64 / secs)
-                });
-                self.frames_at_stats = Some((now, self.remote_frames_shown));
-                self.stats.push(&report, shown_fps);
+                self.stats.push(&report);
                 self.last_stats = Some(report);
             }
             CallEvent::Error { code, message } => {

@@ -125,17 +125,14 @@ pub(crate) async fn dispatch(
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { break };
-                // Whose video to poll: anyone an event names, until they leave. (Peers already
-                // present when we are admitted get no `PeerJoined`, only `PeerMedia`.)
+                // Whose video to poll: every peer from `PeerJoined` (which also announces those
+                // already present when we are admitted) until `PeerLeft`.
                 match &event {
                     CallEvent::PeerLeft { participant_id, .. } => {
                         peers.remove(participant_id);
                     }
-                    CallEvent::PeerJoined(bedside_protocol::Peer { participant_id, .. })
-                    | CallEvent::PeerMedia { participant_id, .. }
-                    | CallEvent::PeerBack(participant_id)
-                    | CallEvent::Stats { participant_id, .. } => {
-                        peers.entry(participant_id.clone()).or_insert(0);
+                    CallEvent::PeerJoined(peer) => {
+                        peers.entry(peer.participant_id.clone()).or_insert(0);
                     }
                     _ => {}
                 }

@@ -118,6 +118,8 @@ pub enum EngineEvent {
         peer: ParticipantId,
         state: PeerConnectionState,
     },
+    /// The peer asked for a video keyframe (RTCP PLI or FIR): it lost video and cannot decode.
+    KeyframeRequested { peer: ParticipantId },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,15 +318,22 @@ pub struct Call {
     /// Audio-only because the user asked.
     audio_only: bool,
     quality: QualityController,
+    /// When we last asked the encoder for a keyframe because a peer requested one.
+    last_keyframe: Option<Instant>,
     shown: CallState,
     out: VecDeque<Output>,
 }
+
+/// Keyframe requests closer together than this share one keyframe: a burst of PLIs after a
+/// loss (or one per peer in a group) must not turn the video into a stream of keyframes.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 
 impl Call {
     /// A call that has not joined yet. `seed` feeds the backoff jitter.
     pub fn new(config: CallConfig, seed: u64) -> Self {
         Call {
             rng: StdRng::seed_from_u64(seed),
+            last_keyframe: None,
             phase: Phase::Idle,
             auth: None,
             display_name: None,
@@ -580,6 +589,15 @@ impl Call {
                         self.restart_ice(now, &peer);
                     }
                     _ => {}
+                }
+            }
+            EngineEvent::KeyframeRequested { peer } => {
+                let recent = self
+                    .last_keyframe
+                    .is_some_and(|at| now.duration_since(at) < KEYFRAME_REQUEST_INTERVAL);
+                if self.peers.contains_key(&peer) && self.video_sending() && !recent {
+                    self.last_keyframe = Some(now);
+                    self.engine(EngineCommand::RequestKeyframe);
                 }
             }
         }

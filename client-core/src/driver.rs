@@ -93,7 +93,8 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     let (media_tx, media_rx) = std::sync::mpsc::sync_channel(1024);
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
     let engine = Engine::new(options.engine.clone(), tracks.clone(), engine_tx, media_tx);
-    let received = pipeline::start_receiver(media_rx);
+    let (keyframe_tx, keyframe_rx) = mpsc::unbounded_channel();
+    let received = pipeline::start_receiver(media_rx, keyframe_tx);
     let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);
     let mut call_config = options.call.clone();
     call_config.video_size = (options.video.width, options.video.height);
@@ -103,6 +104,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
         call,
         engine,
         engine_rx,
+        keyframe_needed: keyframe_rx,
         commands: command_rx,
         events: event_tx,
         link: None,
@@ -111,6 +113,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
         trackers: HashMap::new(),
         media,
         received: received.clone(),
+        sent: sent.clone(),
     };
     let task = tokio::spawn(driver.run());
     Ok(Client {
@@ -136,6 +139,8 @@ struct Driver {
     call: Call,
     engine: Engine,
     engine_rx: mpsc::UnboundedReceiver<crate::call::EngineEvent>,
+    /// Participants whose video the pipeline cannot decode: they are sent a PLI.
+    keyframe_needed: mpsc::UnboundedReceiver<ParticipantId>,
     commands: mpsc::UnboundedReceiver<UserCommand>,
     events: mpsc::UnboundedSender<CallEvent>,
     /// Messages to the current signaling link.
@@ -148,6 +153,7 @@ struct Driver {
     media: std::sync::mpsc::Sender<SendCommand>,
     /// What the media pipeline decoded, for the statistics.
     received: Received,
+    sent: Arc<SendStats>,
 }
 
 /// How often call statistics are read.
@@ -190,7 +196,19 @@ impl Driver {
                         self.call.handle_signaling(Instant::now(), ev.event);
                     }
                 }
-                Some(ev) = self.engine_rx.recv() => self.call.handle_engine(Instant::now(), ev),
+                Some(ev) = self.engine_rx.recv() => {
+                    if matches!(ev, crate::call::EngineEvent::KeyframeRequested { .. }) {
+                        self.sent
+                            .keyframe_requests_received
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.call.handle_engine(Instant::now(), ev);
+                }
+                Some(peer) = self.keyframe_needed.recv() => {
+                    if let Err(e) = self.engine.request_keyframe_from(&peer).await {
+                        tracing::debug!(error = %e, "keyframe request failed");
+                    }
+                }
                 _ = sleep => self.call.handle_timeout(Instant::now()),
                 _ = stats_tick.tick() => self.collect_stats().await,
                 _ = bandwidth_tick.tick() => {
@@ -258,6 +276,9 @@ impl Driver {
             let now = Instant::now();
             let report = pc.get_stats(now, StatsSelector::None).await;
             let mut raw = RawStats::from_report(&report);
+            if let Some(feedback) = self.engine.send_feedback(&peer) {
+                raw.sent = feedback.sent_loss();
+            }
             if let Some(media) = received.get(&peer) {
                 raw.frames_decoded = media.video_frames_decoded;
                 raw.frame_width = media.width;

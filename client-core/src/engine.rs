@@ -2,31 +2,46 @@
 //! peer connections (one per remote participant) and reports back [`EngineEvent`]s. It makes no
 //! decisions: who offers, when to restart ICE and when to rebuild are the state machine's.
 //!
-//! Every peer connection carries the same two local tracks ([`LocalTracks`]: H.264 video and
-//! Opus audio, written once and sent to every peer) and delivers what it receives as
-//! [`RemoteMedia`] on a channel the media pipeline (`pipeline.rs`) reads. DTLS-SRTP is always on (WebRTC has no
-//! unencrypted mode).
+//! Each peer connection gets its own pair of local tracks (H.264 video and Opus audio) from
+//! [`LocalTracks`]: the pipeline encodes once and [`LocalTracks`] packetizes each access unit for
+//! every peer (a `webrtc` 0.21 track bound to several peer connections sends only to the last
+//! one bound). What a peer connection receives goes out as [`RemoteMedia`] on a channel the media
+//! pipeline (`pipeline.rs`) reads. DTLS-SRTP is always on (WebRTC has no unencrypted mode).
+//!
+//! RTCP from the far end: [`FeedbackForwarder`] lets keyframe requests (PLI, FIR) and reception
+//! reports through to the application, so a peer's PLI becomes [`EngineEvent::KeyframeRequested`]
+//! and its receiver reports give the loss on what we send ([`SendFeedback`]), which the crate's
+//! own sender statistics leave at 0. The other way, [`Engine::request_keyframe_from`] sends a PLI
+//! for a peer's video when the pipeline cannot decode it.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
-use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport, Registry};
+use rtc::interceptor::{
+    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, Packet, PacketReport,
+    Registry, Slot, StreamInfo, TaggedPacket,
+};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
     CongestionFeedback, configure_congestion_control,
 };
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::reception_report::ReceptionReport;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
     RTCRtpEncodingParameters, RtpCodecKind,
 };
 use std::sync::atomic::AtomicU64;
 use tokio::sync::mpsc;
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
@@ -116,28 +131,26 @@ fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// The local audio and video tracks, shared by every peer connection. Writing a sample sends it
-/// to every peer it is bound to.
-pub struct LocalTracks {
-    pub video: Arc<TrackLocalStaticSample>,
-    pub audio: Arc<TrackLocalStaticSample>,
+/// One peer connection's local tracks: its own packetizers, sequence numbers and SSRCs.
+pub struct PeerTracks {
+    video: Arc<TrackLocalStaticSample>,
+    audio: Arc<TrackLocalStaticSample>,
     video_ssrc: u32,
     audio_ssrc: u32,
-    /// Video is not sent while false (audio-only or camera off).
-    pub video_enabled: AtomicBool,
-    /// Audio is not sent while false (muted).
-    pub audio_enabled: AtomicBool,
 }
 
-impl LocalTracks {
-    pub fn new(stream_id: &str) -> Result<Arc<Self>, EngineError> {
+impl PeerTracks {
+    fn new(stream_id: &str) -> Result<Self, EngineError> {
         let now = Instant::now();
+        // Track ids must differ from the far end's: `webrtc` routes inbound RTCP to a track by
+        // id, looking at received tracks first, so two Bedside clients naming their tracks alike
+        // would hand our feedback to the track we receive.
         let make = |kind: RtpCodecKind, codec: RTCRtpCodec, ssrc: u32| {
             TrackLocalStaticSample::new(
                 now,
                 MediaStreamTrack::new(
                     stream_id.to_owned(),
-                    format!("{stream_id}-{kind}"),
+                    format!("{stream_id}-{kind}-{ssrc:08x}"),
                     format!("{kind}"),
                     kind,
                     vec![RTCRtpEncodingParameters {
@@ -153,17 +166,57 @@ impl LocalTracks {
         };
         let video_ssrc = rand::random::<u32>();
         let audio_ssrc = rand::random::<u32>();
-        Ok(Arc::new(LocalTracks {
+        Ok(PeerTracks {
             video: Arc::new(make(RtpCodecKind::Video, h264_codec(), video_ssrc)?),
             audio: Arc::new(make(RtpCodecKind::Audio, opus_codec(), audio_ssrc)?),
             video_ssrc,
             audio_ssrc,
+        })
+    }
+}
+
+/// The local audio and video of the call: one encoding, sent to every peer connection on that
+/// peer's own [`PeerTracks`].
+pub struct LocalTracks {
+    stream_id: String,
+    peers: Mutex<HashMap<ParticipantId, Arc<PeerTracks>>>,
+    /// Video is not sent while false (audio-only or camera off).
+    pub video_enabled: AtomicBool,
+    /// Audio is not sent while false (muted).
+    pub audio_enabled: AtomicBool,
+}
+
+impl LocalTracks {
+    pub fn new(stream_id: &str) -> Result<Arc<Self>, EngineError> {
+        Ok(Arc::new(LocalTracks {
+            stream_id: stream_id.to_owned(),
+            peers: Mutex::new(HashMap::new()),
             video_enabled: AtomicBool::new(true),
             audio_enabled: AtomicBool::new(true),
         }))
     }
 
-    /// Sends one H.264 access unit (Annex-B) lasting `duration`.
+    /// Fresh tracks for `peer`'s (new) peer connection; they replace any it had.
+    fn add_peer(&self, peer: &ParticipantId) -> Result<Arc<PeerTracks>, EngineError> {
+        let tracks = Arc::new(PeerTracks::new(&self.stream_id)?);
+        self.lock().insert(peer.clone(), tracks.clone());
+        Ok(tracks)
+    }
+
+    fn remove_peer(&self, peer: &ParticipantId) {
+        self.lock().remove(peer);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, Arc<PeerTracks>>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many peer connections the media goes to.
+    pub fn peer_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Sends one H.264 access unit (Annex-B) lasting `duration` to every peer.
     pub async fn write_video(
         &self,
         data: bytes::Bytes,
@@ -172,7 +225,7 @@ impl LocalTracks {
         self.write(MediaKind::Video, data, duration).await
     }
 
-    /// Sends one Opus packet lasting `duration`.
+    /// Sends one Opus packet lasting `duration` to every peer.
     pub async fn write_audio(
         &self,
         data: bytes::Bytes,
@@ -181,38 +234,185 @@ impl LocalTracks {
         self.write(MediaKind::Audio, data, duration).await
     }
 
+    /// Writes to every peer; a peer whose connection is not ready yet (or is gone) does not keep
+    /// the others from getting the sample. Returns the last error, if any.
     async fn write(
         &self,
         kind: MediaKind,
         data: bytes::Bytes,
         duration: Duration,
     ) -> Result<(), EngineError> {
-        let (track, enabled, ssrc, payload_type) = match kind {
-            MediaKind::Video => (
-                &self.video,
-                &self.video_enabled,
-                self.video_ssrc,
-                H264_PAYLOAD_TYPE,
-            ),
-            MediaKind::Audio => (
-                &self.audio,
-                &self.audio_enabled,
-                self.audio_ssrc,
-                OPUS_PAYLOAD_TYPE,
-            ),
+        let enabled = match kind {
+            MediaKind::Video => &self.video_enabled,
+            MediaKind::Audio => &self.audio_enabled,
         };
         if !enabled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        track
-            .sample_writer(ssrc, payload_type)
-            .write_sample(&Sample {
-                data,
-                duration,
-                ..Sample::new(Instant::now())
-            })
-            .await?;
+        let targets: Vec<Arc<PeerTracks>> = self.lock().values().cloned().collect();
+        let sample = Sample {
+            data,
+            duration,
+            ..Sample::new(Instant::now())
+        };
+        let mut result = Ok(());
+        for peer in targets {
+            let (track, ssrc, payload_type) = match kind {
+                MediaKind::Video => (&peer.video, peer.video_ssrc, H264_PAYLOAD_TYPE),
+                MediaKind::Audio => (&peer.audio, peer.audio_ssrc, OPUS_PAYLOAD_TYPE),
+            };
+            if let Err(e) = track
+                .sample_writer(ssrc, payload_type)
+                .write_sample(&sample)
+                .await
+            {
+                result = Err(e.into());
+            }
+        }
+        result
+    }
+}
+
+/// What a peer's latest reception report says about one of our streams: cumulative packets
+/// lost and the extended highest sequence number received (RFC 3550 6.4.1). Two readings give
+/// the loss over the interval between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamLoss {
+    pub packets_lost: i64,
+    pub highest_sequence: u64,
+}
+
+/// [`StreamLoss`] for our audio and our video to one peer (`None` before its first report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SentLoss {
+    pub audio: Option<StreamLoss>,
+    pub video: Option<StreamLoss>,
+}
+
+/// Feedback about what we send to one peer, filled from its RTCP.
+#[derive(Debug, Default)]
+pub struct SendFeedback {
+    loss: Mutex<SentLoss>,
+    /// Keyframe requests (PLI or FIR) received.
+    pub keyframe_requests: std::sync::atomic::AtomicU64,
+}
+
+impl SendFeedback {
+    fn record(&self, tracks: &PeerTracks, report: &ReceptionReport) {
+        // Cumulative lost is a signed 24-bit field: a negative count (duplicates) counts as 0.
+        let lost = if report.total_lost >= 0x80_0000 {
+            0
+        } else {
+            i64::from(report.total_lost)
+        };
+        let stream = Some(StreamLoss {
+            packets_lost: lost,
+            highest_sequence: u64::from(report.last_sequence_number),
+        });
+        let mut loss = self.loss.lock().unwrap_or_else(|p| p.into_inner());
+        if report.ssrc == tracks.audio_ssrc {
+            loss.audio = stream;
+        } else if report.ssrc == tracks.video_ssrc {
+            loss.video = stream;
+        }
+    }
+
+    /// The latest reports on our streams.
+    pub fn sent_loss(&self) -> SentLoss {
+        *self.loss.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lets the far end's keyframe requests and reception reports reach the application (the
+/// pattern of the crate's `rtcp-processing` example). Inbound RTCP otherwise ends at the end of
+/// the interceptor chain; everything else stays there. It sits after every built-in
+/// interceptor, so they have all seen the whole packet first.
+#[derive(Default)]
+struct FeedbackForwarder {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+fn wanted_feedback(packet: &dyn rtc::rtcp::Packet) -> bool {
+    let any = packet.as_any();
+    any.is::<PictureLossIndication>()
+        || any.is::<FullIntraRequest>()
+        || any.is::<ReceiverReport>()
+        || any.is::<SenderReport>()
+}
+
+impl rtc::sansio::Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackForwarder {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| wanted_feedback(p.as_ref()))
+                .cloned()
+                .collect();
+            if wanted.is_empty() {
+                return Ok(());
+            }
+            msg.message.packet = Packet::Rtcp(wanted);
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read.push_back(msg);
         Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for FeedbackForwarder {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// Reads the far end's feedback on one of our tracks until the track is unbound.
+async fn read_feedback(
+    track: Arc<TrackLocalStaticSample>,
+    tracks: Arc<PeerTracks>,
+    feedback: Arc<SendFeedback>,
+    peer: ParticipantId,
+    events: mpsc::UnboundedSender<EngineEvent>,
+) {
+    while let Some(event) = track.poll().await {
+        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+            continue;
+        };
+        let mut keyframe = false;
+        for packet in &packets {
+            let any = packet.as_any();
+            if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                keyframe = true;
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                rr.reports.iter().for_each(|r| feedback.record(&tracks, r));
+            } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                sr.reports.iter().for_each(|r| feedback.record(&tracks, r));
+            }
+        }
+        if keyframe {
+            feedback.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = events.send(EngineEvent::KeyframeRequested { peer: peer.clone() });
+        }
     }
 }
 
@@ -260,10 +460,14 @@ impl BandwidthEstimator for PublishingEstimator {
     }
 }
 
+/// The remote video track of each peer, for sending it keyframe requests.
+type RemoteVideo = Arc<Mutex<HashMap<ParticipantId, Arc<dyn TrackRemote>>>>;
+
 struct Handler {
     peer: ParticipantId,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
+    remote_video: RemoteVideo,
 }
 
 #[async_trait::async_trait]
@@ -303,6 +507,12 @@ impl PeerConnectionEventHandler for Handler {
             RtpCodecKind::Video => MediaKind::Video,
             _ => MediaKind::Audio,
         };
+        if kind == MediaKind::Video {
+            self.remote_video
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.peer.clone(), track.clone());
+        }
         let (peer, media) = (self.peer.clone(), self.media.clone());
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
@@ -332,6 +542,9 @@ pub struct Engine {
     peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
     /// Each peer connection's congestion-controller estimate (f64 bits, bits per second).
     estimates: HashMap<ParticipantId, Arc<AtomicU64>>,
+    /// What each peer reports about the media we send it.
+    feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
+    remote_video: RemoteVideo,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -348,6 +561,8 @@ impl Engine {
             tracks,
             peers: HashMap::new(),
             estimates: HashMap::new(),
+            feedback: HashMap::new(),
+            remote_video: RemoteVideo::default(),
             events,
             media,
         }
@@ -376,6 +591,35 @@ impl Engine {
         self.peers.keys()
     }
 
+    /// What `peer` reports about the media we send it.
+    pub fn send_feedback(&self, peer: &ParticipantId) -> Option<&Arc<SendFeedback>> {
+        self.feedback.get(peer)
+    }
+
+    /// Asks `peer` for a video keyframe (RTCP PLI), when its video cannot be decoded. Does
+    /// nothing before its video track has arrived.
+    pub async fn request_keyframe_from(&self, peer: &ParticipantId) -> Result<(), EngineError> {
+        let track = self
+            .remote_video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned();
+        let Some(track) = track else {
+            return Ok(());
+        };
+        let Some(media_ssrc) = track.ssrcs().await.first().copied() else {
+            return Ok(());
+        };
+        track
+            .write_rtcp(vec![Box::new(PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            })])
+            .await?;
+        Ok(())
+    }
+
     /// Carries out one command of the call state machine.
     pub async fn execute(&mut self, cmd: EngineCommand) -> Result<(), EngineError> {
         match cmd {
@@ -387,6 +631,7 @@ impl Engine {
                 if let Some(old) = self.peers.remove(&peer) {
                     let _ = old.close().await;
                 }
+                self.forget(&peer);
                 let estimate = Arc::new(AtomicU64::new(GCC_INITIAL_BPS.to_bits()));
                 let pc = self.build(&peer, ice_servers, estimate.clone()).await?;
                 self.estimates.insert(peer.clone(), estimate);
@@ -443,7 +688,7 @@ impl Engine {
                 self.local_description(peer, SdpKind::Offer, offer.sdp);
             }
             EngineCommand::ClosePeer { peer } => {
-                self.estimates.remove(&peer);
+                self.forget(&peer);
                 if let Some(pc) = self.peers.remove(&peer) {
                     pc.close().await?;
                 }
@@ -463,10 +708,24 @@ impl Engine {
 
     /// Closes every peer connection.
     pub async fn close_all(&mut self) {
-        self.estimates.clear();
+        let peers: Vec<_> = self.peers.keys().cloned().collect();
+        for peer in &peers {
+            self.forget(peer);
+        }
         for (_, pc) in self.peers.drain() {
             let _ = pc.close().await;
         }
+    }
+
+    /// Drops what belonged to `peer`'s peer connection (not the connection itself).
+    fn forget(&mut self, peer: &ParticipantId) {
+        self.estimates.remove(peer);
+        self.feedback.remove(peer);
+        self.tracks.remove_peer(peer);
+        self.remote_video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
     }
 
     fn local_description(&self, peer: ParticipantId, kind: SdpKind, sdp: String) {
@@ -476,7 +735,7 @@ impl Engine {
     }
 
     async fn build(
-        &self,
+        &mut self,
         peer: &ParticipantId,
         ice_servers: Vec<IceServer>,
         estimate: Arc<AtomicU64>,
@@ -500,8 +759,10 @@ impl Engine {
             inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
             target: estimate,
         };
+        // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
+        let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
         let registry = configure_congestion_control(
-            Registry::new(),
+            registry,
             estimator,
             CongestionFeedback::Twcc,
             &mut media_engine,
@@ -523,6 +784,7 @@ impl Engine {
             peer: peer.clone(),
             events: self.events.clone(),
             media: self.media.clone(),
+            remote_video: self.remote_video.clone(),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
         // address may be gone. Notice a dead path in 2 s rather than the default 5 s.
@@ -543,10 +805,22 @@ impl Engine {
             .with_udp_addrs(self.settings.udp_addrs.clone())
             .build()
             .await?;
-        pc.add_track(self.tracks.audio.clone() as Arc<dyn TrackLocal>)
+        let tracks = self.tracks.add_peer(peer)?;
+        pc.add_track(tracks.audio.clone() as Arc<dyn TrackLocal>)
             .await?;
-        pc.add_track(self.tracks.video.clone() as Arc<dyn TrackLocal>)
+        pc.add_track(tracks.video.clone() as Arc<dyn TrackLocal>)
             .await?;
+        let feedback = Arc::new(SendFeedback::default());
+        self.feedback.insert(peer.clone(), feedback.clone());
+        for track in [tracks.audio.clone(), tracks.video.clone()] {
+            tokio::spawn(read_feedback(
+                track,
+                tracks.clone(),
+                feedback.clone(),
+                peer.clone(),
+                self.events.clone(),
+            ));
+        }
         Ok(Arc::new(pc))
     }
 }

@@ -27,7 +27,7 @@ use crate::media::{
     AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ, FRAME_US,
     H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
     PATIENT_TONE_HZ, PatternConfig, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig,
-    ToneSource, VideoSource, detect_tone, read_marker,
+    ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -100,6 +100,8 @@ pub enum SendCommand {
 pub struct SendStats {
     pub video_frames_encoded: AtomicU64,
     pub audio_frames_encoded: AtomicU64,
+    /// Keyframe requests (PLI/FIR) received from peers, before rate limiting.
+    pub keyframe_requests_received: AtomicU64,
 }
 
 enum Encoded {
@@ -222,6 +224,10 @@ pub fn start_sender(
 pub struct ReceiveStats {
     pub video_frames_decoded: u64,
     pub video_decode_errors: u64,
+    /// Frames not decoded because a reference was lost: the picture froze until a keyframe.
+    pub video_frames_skipped: u64,
+    /// Keyframe requests (PLI) sent to this participant.
+    pub keyframes_requested: u64,
     pub width: u32,
     pub height: u32,
     /// Frames whose marker was read.
@@ -294,24 +300,39 @@ impl Received {
 struct PeerRx {
     video: SampleBuilder<H264Packet>,
     decoder: Option<H264Decoder>,
+    /// Packets of the video were lost for good: nothing decodes until the next keyframe.
+    lost_reference: bool,
+    last_keyframe_request: Option<Instant>,
     audio: Option<AudioPlayoutBuffer>,
     markers: AudioMarkerReader,
     samples_played: u64,
     sink: Arc<LatestFrame>,
 }
 
-/// Starts the receive thread; it reads `media` until the sender side closes.
-pub fn start_receiver(media: std_mpsc::Receiver<RemoteMedia>) -> Received {
+/// While a participant's video cannot be decoded, ask it for a keyframe this often.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Starts the receive thread; it reads `media` until the sender side closes. When a
+/// participant's video cannot be decoded (lost packets, a decoder error, no keyframe yet), the
+/// participant is sent on `keyframe_needed`, at most every [`KEYFRAME_REQUEST_INTERVAL`].
+pub fn start_receiver(
+    media: std_mpsc::Receiver<RemoteMedia>,
+    keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
+) -> Received {
     let received = Received::default();
     let shared = received.clone();
     std::thread::Builder::new()
         .name("bedside-media-recv".into())
-        .spawn(move || receive_loop(media, shared))
+        .spawn(move || receive_loop(media, shared, keyframe_needed))
         .expect("spawn the media receive thread");
     received
 }
 
-fn receive_loop(media: std_mpsc::Receiver<RemoteMedia>, shared: Received) {
+fn receive_loop(
+    media: std_mpsc::Receiver<RemoteMedia>,
+    shared: Received,
+    keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
+) {
     let epoch = Instant::now();
     let mut peers: HashMap<ParticipantId, PeerRx> = HashMap::new();
     let mut next_pull = Instant::now() + Duration::from_millis(20);
@@ -328,6 +349,8 @@ fn receive_loop(media: std_mpsc::Receiver<RemoteMedia>, shared: Received) {
                         video: SampleBuilder::new(256, H264Packet::default(), 90_000)
                             .with_max_time_delay(Duration::from_millis(500)),
                         decoder: H264Decoder::new().ok(),
+                        lost_reference: false,
+                        last_keyframe_request: None,
                         audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
                         markers: AudioMarkerReader::new(),
                         samples_played: 0,
@@ -335,7 +358,7 @@ fn receive_loop(media: std_mpsc::Receiver<RemoteMedia>, shared: Received) {
                     }
                 });
                 match item.kind {
-                    MediaKind::Video => receive_video(&item, rx, &shared),
+                    MediaKind::Video => receive_video(&item, rx, &shared, &keyframe_needed),
                     MediaKind::Audio => {
                         if let Some(buffer) = rx.audio.as_mut() {
                             let arrival = item.arrived.duration_since(epoch).as_micros() as u64;
@@ -362,17 +385,50 @@ fn receive_loop(media: std_mpsc::Receiver<RemoteMedia>, shared: Received) {
     }
 }
 
-fn receive_video(item: &RemoteMedia, rx: &mut PeerRx, shared: &Received) {
+fn receive_video(
+    item: &RemoteMedia,
+    rx: &mut PeerRx,
+    shared: &Received,
+    keyframe_needed: &mpsc::UnboundedSender<ParticipantId>,
+) {
     rx.video.push(item.arrived, item.packet.clone());
     while let Some(sample) = rx.video.pop(item.arrived) {
         let Some(decoder) = rx.decoder.as_mut() else {
             return;
         };
-        let decoded = decoder.decode(&sample.data, 0);
+        let idr = contains_idr(&sample.data);
+        if idr {
+            rx.lost_reference = false;
+        } else if sample.prev_dropped_packets > 0 {
+            rx.lost_reference = true;
+        }
+        // Decoding a frame whose reference is missing shows garbage: freeze on the last
+        // picture instead, and ask for a keyframe.
+        let undecodable = !idr && (rx.lost_reference || decoder.needs_keyframe());
+        let decoded = if undecodable {
+            None
+        } else {
+            Some(decoder.decode(&sample.data, 0))
+        };
+        let needs_keyframe = undecodable || matches!(decoded, Some(Err(_)));
         let now = wall_us();
         let mut map = shared.lock();
         let Some((_, stats)) = map.get_mut(&item.peer) else {
             return;
+        };
+        if needs_keyframe {
+            let due = rx
+                .last_keyframe_request
+                .is_none_or(|at| item.arrived.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL);
+            if due {
+                rx.last_keyframe_request = Some(item.arrived);
+                stats.keyframes_requested += 1;
+                let _ = keyframe_needed.send(item.peer.clone());
+            }
+        }
+        let Some(decoded) = decoded else {
+            stats.video_frames_skipped += 1;
+            continue;
         };
         match decoded {
             Ok(Some(frame)) => {

@@ -4,12 +4,15 @@
 //! Two steps: [`RawStats::from_report`] reads the counters out of a `webrtc` stats report (the
 //! only part that knows that crate), and [`StatsTracker::sample`] turns two successive readings
 //! into rates and percentages (pure, time passed in, unit-tested). Per `shared/NOTES.md`, the
-//! crate's sender-side figures from receiver reports read 0, so loss is measured on the
-//! receiving side, and inbound jitter comes in RTP clock units.
+//! crate's sender-side figures from receiver reports read 0, so inbound loss is measured on the
+//! receiving side, outbound loss comes from the peer's reception reports as the engine reads
+//! them ([`SentLoss`]), and inbound jitter comes in RTP clock units.
 
 use std::time::Instant;
 
 use bedside_protocol::{CandidatePairType, StatsReport, VideoStats};
+
+use crate::engine::SentLoss;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::peer_connection::{RTCIceCandidateType, RTCStatsReport, RTCStatsReportEntry};
 
@@ -36,6 +39,8 @@ pub struct RawStats {
     pub frame_width: u32,
     pub frame_height: u32,
     pub audio_buffer_ms: Option<u32>,
+    /// What the peer's reception reports say about what we send it.
+    pub sent: SentLoss,
 }
 
 impl RawStats {
@@ -105,6 +110,20 @@ fn loss_pct(received: u64, lost: i64) -> Option<f64> {
     (total > 0.0).then(|| 100.0 * lost / total)
 }
 
+/// Loss on what we send between two readings of the peer's reception reports, over the streams
+/// reported in both (RFC 3550 A.3: expected = growth of the extended highest sequence number).
+fn sent_loss_pct(before: &SentLoss, after: &SentLoss) -> Option<f64> {
+    let (mut expected, mut lost) = (0u64, 0i64);
+    for (b, a) in [(before.audio, after.audio), (before.video, after.video)] {
+        if let (Some(b), Some(a)) = (b, a) {
+            let e = a.highest_sequence.saturating_sub(b.highest_sequence);
+            expected += e;
+            lost += (a.packets_lost - b.packets_lost).clamp(0, e as i64);
+        }
+    }
+    (expected > 0).then(|| 100.0 * lost as f64 / expected as f64)
+}
+
 impl StatsTracker {
     /// The report for the interval since the previous sample (totals on the first).
     pub fn sample(&mut self, now: Instant, raw: RawStats) -> StatsReport {
@@ -117,12 +136,14 @@ impl StatsTracker {
             .saturating_sub(base.audio_packets_received + base.video_packets_received);
         let lost = (raw.audio_packets_lost + raw.video_packets_lost)
             - (base.audio_packets_lost + base.video_packets_lost);
+        let loss_out_pct = sent_loss_pct(&base.sent, &raw.sent);
         let rate = |bytes: u64, base: u64| {
             (dt > 0.0).then(|| bytes.saturating_sub(base) as f64 * 8.0 / dt / 1000.0)
         };
         StatsReport {
             rtt_ms: raw.rtt_secs.map(|s| s * 1000.0),
             loss_in_pct: loss_pct(received, lost),
+            loss_out_pct,
             audio_jitter_ms: (raw.audio_packets_received > 0)
                 .then(|| raw.audio_jitter / 48_000.0 * 1000.0),
             candidate_pair: raw.candidate_pair,
@@ -187,6 +208,50 @@ mod tests {
         assert_eq!(video.bitrate_kbps, 1000.0);
         assert_eq!((video.width, video.height, video.fps), (1280, 720, 30.0));
         assert_eq!(second.audio_buffer_ms, Some(40.0));
+    }
+
+    #[test]
+    fn outbound_loss_comes_from_the_peer_s_reception_reports() {
+        use crate::engine::StreamLoss;
+        let report = |lost, seq| {
+            Some(StreamLoss {
+                packets_lost: lost,
+                highest_sequence: seq,
+            })
+        };
+        let t0 = Instant::now();
+        let mut tracker = StatsTracker::default();
+        // No report yet, then the first one: no interval to measure over.
+        assert_eq!(tracker.sample(t0, RawStats::default()).loss_out_pct, None);
+        let first = RawStats {
+            sent: SentLoss {
+                audio: report(2, 70_000),
+                video: None,
+            },
+            ..Default::default()
+        };
+        let s = tracker.sample(t0 + Duration::from_secs(1), first);
+        assert_eq!(s.loss_out_pct, None);
+        // Audio: 50 expected, 5 lost. Video's first report only starts its interval.
+        let second = RawStats {
+            sent: SentLoss {
+                audio: report(7, 70_050),
+                video: report(0, 40_000),
+            },
+            ..Default::default()
+        };
+        let s = tracker.sample(t0 + Duration::from_secs(2), second);
+        assert_eq!(s.loss_out_pct, Some(10.0));
+        // Audio 50 expected, 0 lost; video 150 expected, 50 lost: 50 of 200.
+        let third = RawStats {
+            sent: SentLoss {
+                audio: report(7, 70_100),
+                video: report(50, 40_150),
+            },
+            ..Default::default()
+        };
+        let s = tracker.sample(t0 + Duration::from_secs(3), third);
+        assert_eq!(s.loss_out_pct, Some(25.0));
     }
 
     #[test]

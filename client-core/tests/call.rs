@@ -656,6 +656,40 @@ fn device_and_audio_only_commands_reach_the_engine_and_the_ui() {
 }
 
 #[test]
+fn a_peer_s_keyframe_requests_force_keyframes_at_a_bounded_rate() {
+    let mut h = Harness::connected_patient();
+    let request = || EngineEvent::KeyframeRequested { peer: pid("doc") };
+    let keyframes = |out: &[Output]| {
+        engine(out)
+            .iter()
+            .filter(|c| matches!(c, EngineCommand::RequestKeyframe))
+            .count()
+    };
+    h.advance(Duration::from_secs(1));
+    assert_eq!(keyframes(&h.engine(request())), 1);
+    // A burst of requests (several PLIs after one loss) shares that keyframe.
+    h.advance(Duration::from_millis(100));
+    assert_eq!(keyframes(&h.engine(request())), 0);
+    h.advance(Duration::from_millis(100));
+    assert_eq!(keyframes(&h.engine(request())), 0);
+    // Past the interval, a new request gets a new keyframe.
+    h.advance(KEYFRAME_REQUEST_INTERVAL);
+    assert_eq!(keyframes(&h.engine(request())), 1);
+    // Not while no video is sent, and not for someone who is not a peer.
+    h.user(UserCommand::SetAudioOnly(true));
+    h.advance(Duration::from_secs(1));
+    assert_eq!(keyframes(&h.engine(request())), 0);
+    h.user(UserCommand::SetAudioOnly(false));
+    assert_eq!(
+        keyframes(&h.engine(EngineEvent::KeyframeRequested {
+            peer: pid("stranger")
+        })),
+        0
+    );
+    assert_eq!(keyframes(&h.engine(request())), 1);
+}
+
+#[test]
 fn an_hour_of_virtual_time_runs_instantly() {
     let mut h = Harness::connected_patient();
     for _ in 0..720 {

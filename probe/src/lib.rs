@@ -72,12 +72,19 @@ pub struct Report {
     pub rtt_ms_p50: Option<f64>,
     pub rtt_ms_p95: Option<f64>,
     pub loss_in_pct_max: Option<f64>,
+    /// Loss on what we sent, from the peer's reception reports.
+    pub loss_out_pct_max: Option<f64>,
     pub video_frames_sent: u64,
     pub audio_frames_sent: u64,
     pub video_frames_decoded: u64,
     pub decoded_fps: Option<f64>,
     /// Frame counters that never arrived between two that did.
     pub video_frames_missing: u64,
+    /// Frames not decoded because a reference was lost (the picture froze until a keyframe).
+    pub video_frames_skipped: u64,
+    /// Keyframe requests (PLI) we sent, and those we received.
+    pub keyframes_requested: u64,
+    pub keyframe_requests_received: u64,
     pub received_resolution: Option<(u32, u32)>,
     pub glass_to_glass_ms_p50: Option<f64>,
     pub glass_to_glass_ms_p95: Option<f64>,
@@ -189,6 +196,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                         if let Some(loss) = stats.loss_in_pct {
                             report.loss_in_pct_max = Some(report.loss_in_pct_max.unwrap_or(0.0).max(loss));
                         }
+                        if let Some(loss) = stats.loss_out_pct {
+                            report.loss_out_pct_max = Some(report.loss_out_pct_max.unwrap_or(0.0).max(loss));
+                        }
                     }
                     _ => {}
                 }
@@ -206,11 +216,17 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     }
     report.video_frames_sent = client.sent.video_frames_encoded.load(Ordering::Relaxed);
     report.audio_frames_sent = client.sent.audio_frames_encoded.load(Ordering::Relaxed);
+    report.keyframe_requests_received = client
+        .sent
+        .keyframe_requests_received
+        .load(Ordering::Relaxed);
     // The media of the first remote participant (probes test two-party calls).
     if let Some(rx) = client.received.stats().into_values().next() {
         report.video_frames_decoded = rx.video_frames_decoded;
         report.decoded_fps = rx.decoded_fps();
         report.video_frames_missing = rx.frames_missing;
+        report.video_frames_skipped = rx.video_frames_skipped;
+        report.keyframes_requested = rx.keyframes_requested;
         report.received_resolution = (rx.width > 0).then_some((rx.width, rx.height));
         let mut g2g = rx.glass_to_glass_ms.clone();
         g2g.sort_by(f64::total_cmp);

@@ -194,6 +194,112 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     Ok(())
 }
 
+/// A group consult: a doctor, a second clinician and a patient, each with its own picture tag.
+/// Every participant decodes both others' video and receives both others' audio (one peer
+/// connection per pair, each with its own tracks), and reception reports give each sender its
+/// outbound loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_consult_delivers_everyone_s_media_to_everyone() -> Result<()> {
+    let server = TestServer::start().await?;
+    let c = server.create_consultation().await?;
+    let issued: bedside_server::api::IssuedToken = server
+        .http()
+        .post(server.api(&format!("/consultations/{}/tokens", c.consultation_id)))
+        .bearer_auth(&server.admin_key)
+        .json(&serde_json::json!({ "role": "clinician" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let seated = |e: &CallEvent| match e {
+        CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
+        _ => None,
+    };
+    let mut doctor = client(&server, 1, DOCTOR_TONE_HZ)?;
+    doctor.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        display_name: None,
+    });
+    let doctor_id = wait_for(&mut doctor, Duration::from_secs(10), seated).await?;
+    let mut clinician = client(&server, 3, DOCTOR_TONE_HZ)?;
+    clinician.handle.send(UserCommand::Join {
+        auth: JoinAuth::Token {
+            token: issued.token,
+        },
+        display_name: None,
+    });
+    let clinician_id = wait_for(&mut clinician, Duration::from_secs(10), seated).await?;
+    let mut patient = client(&server, 2, PATIENT_TONE_HZ)?;
+    patient.handle.send(UserCommand::Join {
+        auth: JoinAuth::InviteCode {
+            code: c.invite_code.clone(),
+        },
+        display_name: None,
+    });
+    let patient_id = wait_for(&mut patient, Duration::from_secs(10), seated).await?;
+    doctor.handle.send(UserCommand::Admit(patient_id.clone()));
+    for c in [&mut doctor, &mut clinician, &mut patient] {
+        wait_state(c, CallState::Connected).await?;
+    }
+
+    let everyone = [
+        (&doctor, &doctor_id),
+        (&clinician, &clinician_id),
+        (&patient, &patient_id),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = everyone.iter().all(|(me, my_id)| {
+            let stats = me.received.stats();
+            everyone
+                .iter()
+                .filter(|(_, id)| id != my_id)
+                .all(|(_, id)| {
+                    stats
+                        .get(*id)
+                        .is_some_and(|s| s.frames_with_marker >= 20 && s.audio_frames_played >= 50)
+                })
+        });
+        if done {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "group media did not flow: doctor {:?}, clinician {:?}, patient {:?}",
+                doctor.received.stats(),
+                clinician.received.stats(),
+                patient.received.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each picture came from whom it should: the patient's carries tag 2, and so on.
+    for (me, my_id) in everyone {
+        for (tag, id) in [(1u8, &doctor_id), (3, &clinician_id), (2, &patient_id)] {
+            if id == my_id {
+                continue;
+            }
+            let (_, frame) = me.received.video(id).unwrap().latest();
+            let marker = bedside_client_core::media::read_marker(&frame.unwrap());
+            assert_eq!(
+                marker.map(|m| m.tag),
+                Some(tag),
+                "{id:?} as seen by {my_id:?}"
+            );
+        }
+    }
+    // Outbound loss, from the peers' reception reports: measured, and 0 on loopback.
+    let report = wait_for(&mut patient, Duration::from_secs(10), |e| match e {
+        CallEvent::Stats { report, .. } if report.loss_out_pct.is_some() => Some(report.clone()),
+        _ => None,
+    })
+    .await?;
+    assert!(report.loss_out_pct.unwrap() < 1.0, "{report:?}");
+    Ok(())
+}
+
 /// A doctor and an admitted patient with media connected; their participant ids.
 async fn connected_pair(
     server: &TestServer,

@@ -184,12 +184,28 @@ fn a_call_survives_ten_percent_random_loss() -> Result<()> {
     assert_eq!(patient["heard"], "doctor", "{patient}");
     let loss = patient["loss_in_pct_max"].as_f64().unwrap_or(0.0);
     assert!(loss > 2.0, "the loss was not measured: {patient}");
+    // The doctor sees the same loss on what it sends, from the patient's reception reports.
+    let loss_out = doctor["loss_out_pct_max"].as_f64().unwrap_or(0.0);
+    assert!(loss_out > 2.0, "outbound loss was not measured: {doctor}");
+    // Video the patient could not decode was recovered by asking the doctor for keyframes.
+    assert!(
+        patient["keyframes_requested"].as_u64().unwrap() > 0,
+        "{patient}"
+    );
+    assert!(
+        doctor["keyframe_requests_received"].as_u64().unwrap() > 0,
+        "{doctor}"
+    );
     eprintln!(
         "10% loss: patient audio played from real packets {:.1}%, video frames decoded {}, \
-         missing {}, glass-to-glass p95 {} ms",
+         missing {}, skipped {}, PLIs sent {} (doctor received {}), doctor's outbound loss \
+         {loss_out:.1}%, glass-to-glass p95 {} ms",
         100.0 * patient["audio_played_share"].as_f64().unwrap_or(0.0),
         patient["video_frames_decoded"],
         patient["video_frames_missing"],
+        patient["video_frames_skipped"],
+        patient["keyframes_requested"],
+        doctor["keyframe_requests_received"],
         patient["glass_to_glass_ms_p95"]
     );
     Ok(())

@@ -76,6 +76,10 @@ pub enum UserCommand {
     SetAudioOnly(bool),
     /// The host saw the network change (Wi-Fi to cellular...): reconnect everything now.
     NetworkChanged,
+    /// The app went to the background (true) or came back (false). In the background no video
+    /// is sent (mobile systems take the camera away) and audio goes on; coming back resumes
+    /// video and checks the signaling link at once, since a suspended app may have lost it.
+    SetBackgrounded(bool),
     Leave,
 }
 
@@ -317,6 +321,8 @@ pub struct Call {
     camera: bool,
     /// Audio-only because the user asked.
     audio_only: bool,
+    /// The app is in the background: no video.
+    backgrounded: bool,
     quality: QualityController,
     /// When we last asked the encoder for a keyframe because a peer requested one.
     last_keyframe: Option<Instant>,
@@ -334,6 +340,7 @@ impl Call {
         Call {
             rng: StdRng::seed_from_u64(seed),
             last_keyframe: None,
+            backgrounded: false,
             phase: Phase::Idle,
             auth: None,
             display_name: None,
@@ -401,7 +408,7 @@ impl Call {
     }
 
     fn video_sending(&self) -> bool {
-        self.camera && !self.is_audio_only()
+        self.camera && !self.is_audio_only() && !self.backgrounded
     }
 
     /// The next thing for the driver to do.
@@ -493,6 +500,17 @@ impl Call {
                 let peers: Vec<_> = self.peers.keys().cloned().collect();
                 for peer in peers {
                     self.restart_ice(now, &peer);
+                }
+            }
+            UserCommand::SetBackgrounded(on) => {
+                if on != self.backgrounded {
+                    self.backgrounded = on;
+                    self.engine(EngineCommand::SetVideoSending(self.video_sending()));
+                    if !on && matches!(self.phase, Phase::Seated { .. }) {
+                        // Ping now: a link that died while the app was suspended is found out
+                        // by the keepalive in seconds rather than at the next ping.
+                        self.next_ping = Some(now);
+                    }
                 }
             }
             UserCommand::Leave => match self.phase {

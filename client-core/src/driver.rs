@@ -55,6 +55,7 @@ impl ClientOptions {
 /// Commands into a running client. Dropping it leaves the consultation.
 pub struct ClientHandle {
     commands: mpsc::UnboundedSender<UserCommand>,
+    media: std::sync::mpsc::Sender<SendCommand>,
     tracks: Arc<LocalTracks>,
     task: JoinHandle<()>,
 }
@@ -62,6 +63,19 @@ pub struct ClientHandle {
 impl ClientHandle {
     pub fn send(&self, cmd: UserCommand) {
         let _ = self.commands.send(cmd);
+    }
+
+    /// Captures video from `source` from now on: the camera the user picked (see
+    /// `media::devices::open_camera` with the `devices` feature), a phone's other camera pushed
+    /// by the host, or [`crate::media::NoDevice`]. The call and its encoder go on; the next
+    /// frame sent is a keyframe. Turning the camera off is [`UserCommand::SetCameraEnabled`].
+    pub fn set_video_source(&self, source: Box<dyn crate::media::VideoSource>) {
+        let _ = self.media.send(SendCommand::VideoSource(source));
+    }
+
+    /// Captures audio from `source` from now on (the microphone the user picked).
+    pub fn set_audio_source(&self, source: Box<dyn crate::media::AudioSource>) {
+        let _ = self.media.send(SendCommand::AudioSource(source));
     }
 
     /// The local tracks the media pipeline writes encoded audio and video into.
@@ -96,6 +110,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     let (keyframe_tx, keyframe_rx) = mpsc::unbounded_channel();
     let received = pipeline::start_receiver(media_rx, keyframe_tx);
     let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);
+    let media_commands = media.clone();
     let mut call_config = options.call.clone();
     call_config.video_size = (options.video.width, options.video.height);
     let call = Call::new(call_config, options.seed);
@@ -119,6 +134,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     Ok(Client {
         handle: ClientHandle {
             commands,
+            media: media_commands,
             tracks,
             task,
         },

@@ -24,10 +24,10 @@ use tokio::sync::mpsc;
 
 use crate::engine::{LocalTracks, MediaKind, RemoteMedia};
 use crate::media::{
-    AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ, FRAME_US,
-    H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
-    PATIENT_TONE_HZ, PatternConfig, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig,
-    ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
+    AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ,
+    FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
+    PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource,
+    ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -83,7 +83,6 @@ impl MediaSources {
 }
 
 /// What the call asks of the sender.
-#[derive(Clone, Debug, PartialEq)]
 pub enum SendCommand {
     Encoding {
         width: u32,
@@ -92,7 +91,28 @@ pub enum SendCommand {
         bitrate_kbps: u32,
     },
     Keyframe,
+    /// Capture from another camera (or [`NoDevice`]); the next frame is a keyframe.
+    VideoSource(Box<dyn VideoSource>),
+    /// Capture from another microphone (or [`NoDevice`]).
+    AudioSource(Box<dyn AudioSource>),
     Stop,
+}
+
+impl std::fmt::Debug for SendCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendCommand::Encoding {
+                width,
+                height,
+                fps,
+                bitrate_kbps,
+            } => write!(f, "Encoding({width}x{height}@{fps}, {bitrate_kbps} kbps)"),
+            SendCommand::Keyframe => f.write_str("Keyframe"),
+            SendCommand::VideoSource(_) => f.write_str("VideoSource"),
+            SendCommand::AudioSource(_) => f.write_str("AudioSource"),
+            SendCommand::Stop => f.write_str("Stop"),
+        }
+    }
 }
 
 /// What the sender has done.
@@ -146,6 +166,13 @@ pub fn start_sender(
                             e.request_keyframe();
                         }
                     }
+                    Ok(SendCommand::VideoSource(source)) => {
+                        sources.video = source;
+                        if let Some(e) = encoder.as_mut() {
+                            e.request_keyframe();
+                        }
+                    }
+                    Ok(SendCommand::AudioSource(source)) => sources.audio = source,
                     Ok(SendCommand::Encoding {
                         width,
                         height,
@@ -271,13 +298,21 @@ impl ReceiveStats {
 
 type ReceivedMap = HashMap<ParticipantId, (Arc<LatestFrame>, ReceiveStats)>;
 
-/// Remote video sinks and receive statistics, shared with the UI and the probe.
+/// Remote video sinks, the call's decoded audio and receive statistics, shared with the UI and
+/// the probe.
 #[derive(Clone, Default)]
 pub struct Received {
     inner: Arc<Mutex<ReceivedMap>>,
+    audio: Arc<PlayedAudio>,
 }
 
 impl Received {
+    /// Everyone's decoded audio, mixed, in 20 ms frames: what a speaker or a platform player
+    /// plays.
+    pub fn audio(&self) -> &Arc<PlayedAudio> {
+        &self.audio
+    }
+
     /// The latest decoded frame of `peer`'s video.
     pub fn video(&self, peer: &ParticipantId) -> Option<Arc<LatestFrame>> {
         self.lock().get(peer).map(|(sink, _)| sink.clone())
@@ -378,8 +413,22 @@ fn receive_loop(
         if Instant::now() >= next_pull {
             next_pull += Duration::from_millis(20);
             let now_us = Instant::now().duration_since(epoch).as_micros() as u64;
+            let mut mix: Option<AudioFrame> = None;
             for (peer, rx) in peers.iter_mut() {
-                play_audio(peer, rx, now_us, &shared);
+                let Some(played) = play_audio(peer, rx, now_us, &shared) else {
+                    continue;
+                };
+                match mix.as_mut() {
+                    None => mix = Some(played),
+                    Some(mix) => {
+                        for (m, s) in mix.samples.iter_mut().zip(played.samples.iter()) {
+                            *m = m.saturating_add(*s);
+                        }
+                    }
+                }
+            }
+            if let Some(frame) = mix {
+                shared.audio.push(frame);
             }
         }
     }
@@ -458,14 +507,18 @@ fn receive_video(
     }
 }
 
-fn play_audio(peer: &ParticipantId, rx: &mut PeerRx, now_us: u64, shared: &Received) {
-    let Some(buffer) = rx.audio.as_mut() else {
-        return;
-    };
+/// Plays the next 20 ms of `peer`'s audio: measures it and returns it for the mix.
+fn play_audio(
+    peer: &ParticipantId,
+    rx: &mut PeerRx,
+    now_us: u64,
+    shared: &Received,
+) -> Option<AudioFrame> {
+    let buffer = rx.audio.as_mut()?;
     if buffer.stats().played + buffer.stats().fec_recovered + buffer.stats().concealed == 0
         && buffer.buffered_ms() == 0
     {
-        return; // Nothing has arrived yet.
+        return None; // Nothing has arrived yet.
     }
     let playout = buffer.pull(now_us);
     let now = wall_us();
@@ -474,9 +527,7 @@ fn play_audio(peer: &ParticipantId, rx: &mut PeerRx, now_us: u64, shared: &Recei
     let markers = rx.markers.push(samples);
     let tone = detect_tone(samples, &[DOCTOR_TONE_HZ, PATIENT_TONE_HZ]);
     let mut map = shared.lock();
-    let Some((_, stats)) = map.get_mut(peer) else {
-        return;
-    };
+    let (_, stats) = map.get_mut(peer)?;
     match playout.kind {
         PlayoutKind::Normal => stats.audio_frames_played += 1,
         PlayoutKind::Fec => stats.audio_frames_fec += 1,
@@ -500,6 +551,7 @@ fn play_audio(peer: &ParticipantId, rx: &mut PeerRx, now_us: u64, shared: &Recei
             stats.mouth_to_ear_ms.push(latency);
         }
     }
+    Some(playout.frame)
 }
 
 #[cfg(test)]

@@ -690,6 +690,40 @@ fn a_peer_s_keyframe_requests_force_keyframes_at_a_bounded_rate() {
 }
 
 #[test]
+fn backgrounding_pauses_video_and_coming_back_checks_the_link() {
+    let mut h = Harness::connected_patient();
+    h.advance(Duration::from_secs(1));
+    let out = h.user(UserCommand::SetBackgrounded(true));
+    assert_eq!(engine(&out), [&EngineCommand::SetVideoSending(false)]);
+    // Audio goes on: nothing is said to the server, the call stays connected.
+    assert!(sent(&out).is_empty());
+    assert_eq!(h.call.state(), CallState::Connected);
+    h.advance(Duration::from_secs(2));
+    let out = h.user(UserCommand::SetBackgrounded(false));
+    assert_eq!(engine(&out), [&EngineCommand::SetVideoSending(true)]);
+    // The link is checked at once rather than at the next regular ping.
+    let out = h.advance(Duration::from_millis(1));
+    assert!(
+        sent(&out)
+            .iter()
+            .any(|m| matches!(m, ClientMessage::Ping { .. })),
+        "{out:?}"
+    );
+    // Camera off stays off through a trip to the background.
+    h.user(UserCommand::SetCameraEnabled(false));
+    h.user(UserCommand::SetBackgrounded(true));
+    let out = h.user(UserCommand::SetBackgrounded(false));
+    assert_eq!(engine(&out), [&EngineCommand::SetVideoSending(false)]);
+
+    // Suspended for longer than the keepalive allows: when its timers run again, the client
+    // finds the link lost and reconnects to resume its seat.
+    h.user(UserCommand::SetBackgrounded(true));
+    let out = h.advance(Duration::from_secs(30));
+    assert!(opens(&out) >= 1, "{out:?}");
+    assert!(states(&out).contains(&&CallState::Reconnecting), "{out:?}");
+}
+
+#[test]
 fn an_hour_of_virtual_time_runs_instantly() {
     let mut h = Harness::connected_patient();
     for _ in 0..720 {

@@ -1,6 +1,7 @@
 //! The client object: commands in, pushed capture in.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bedside_client_core::call::UserCommand;
 use bedside_client_core::driver::{self, ClientHandle, ClientOptions};
@@ -11,7 +12,7 @@ use bedside_client_core::pipeline::{MediaSources, wall_us};
 use bedside_protocol::JoinAuth;
 
 use crate::error::BedsideError;
-use crate::listener::{ClientListener, ListenerHandle, ListenerSlot, dispatch};
+use crate::listener::{ClientListener, ListenerHandle, ListenerSlot, dispatch, dispatch_audio};
 use crate::types::ClientOptionsFfi;
 
 /// Pushed video frames queued at most (newest wins).
@@ -24,9 +25,12 @@ const AUDIO_QUEUE: usize = 10;
 #[derive(uniffi::Object)]
 pub struct BedsideClient {
     handle: ClientHandle,
-    video: FramePusher<VideoFrame>,
+    /// Replaced when the app switches cameras.
+    video: Mutex<FramePusher<VideoFrame>>,
     audio: FramePusher<AudioFrame>,
     listeners: Arc<ListenerSlot>,
+    /// Stops the audio delivery thread.
+    stop_audio: Arc<AtomicBool>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -66,12 +70,25 @@ impl BedsideClient {
             driver::start(core, sources)?
         };
         let listeners = Arc::new(ListenerSlot::default());
+        let stop_audio = Arc::new(AtomicBool::new(false));
+        {
+            let (audio, slot, stop) = (
+                client.received.audio().clone(),
+                listeners.clone(),
+                stop_audio.clone(),
+            );
+            std::thread::Builder::new()
+                .name("bedside-audio-out".into())
+                .spawn(move || dispatch_audio(audio, slot, stop))
+                .map_err(BedsideError::internal)?;
+        }
         runtime.spawn(dispatch(client.events, client.received, listeners.clone()));
         Ok(Arc::new(BedsideClient {
             handle: client.handle,
-            video,
+            video: Mutex::new(video),
             audio,
             listeners,
+            stop_audio,
             runtime: Some(runtime),
         }))
     }
@@ -84,6 +101,8 @@ impl BedsideClient {
 
     /// Joins the consultation as a patient with the invite code from the link.
     pub fn join_with_invite(&self, code: String, display_name: Option<String>) {
+        // Never the code or the name: the logs hold no patient data.
+        tracing::info!("joining a consultation with an invite code");
         self.handle.send(UserCommand::Join {
             auth: JoinAuth::InviteCode { code },
             display_name,
@@ -111,14 +130,20 @@ impl BedsideClient {
         self.handle.send(UserCommand::NetworkChanged);
     }
 
-    /// The app went to (or came back from) the background. client-core has no command for
-    /// this yet, so it only writes a log line: the call goes on as before. Whether to stop the
-    /// camera is the app's choice (`set_camera_enabled`, or stop pushing frames).
+    /// The app went to (or came back from) the background. In the background no video is sent
+    /// (the system takes the camera) while audio goes on, given the platform's background audio
+    /// mode (iOS `voip`/`audio`, an Android foreground service); coming back resumes video and
+    /// checks the signaling link at once.
     pub fn app_backgrounded(&self, backgrounded: bool) {
-        tracing::info!(
-            backgrounded,
-            "app backgrounded changed (no call command yet)"
-        );
+        self.handle.send(UserCommand::SetBackgrounded(backgrounded));
+    }
+
+    /// The app switched cameras (front to back): frames still queued from the old camera are
+    /// dropped and the next one sent is a keyframe. Push the new camera's frames as before.
+    pub fn switch_camera(&self) {
+        let (pusher, source) = push_source::<VideoFrame>(VIDEO_QUEUE);
+        *self.video.lock().unwrap_or_else(|p| p.into_inner()) = pusher;
+        self.handle.set_video_source(Box::new(source));
     }
 
     /// One captured camera picture, I420 tightly packed (`y`: width*height bytes, `u` and `v`:
@@ -141,7 +166,10 @@ impl BedsideClient {
         })?;
         let mut frame = VideoFrame::new(width, height, y, u, v, wall_us())?;
         frame.rotation = rotation;
-        self.video.push(frame);
+        self.video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(frame);
         Ok(())
     }
 
@@ -161,7 +189,10 @@ impl BedsideClient {
     /// Whether a camera is open (`false`: permission revoked, camera taken by another app).
     /// Pushing a frame also marks it present.
     pub fn set_camera_present(&self, present: bool) {
-        self.video.set_device_present(present);
+        self.video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_device_present(present);
     }
 
     /// Whether a microphone is open. Pushing samples also marks it present.
@@ -175,6 +206,7 @@ impl Drop for BedsideClient {
     /// own threads). To leave cleanly, call `leave()` and wait for `Ended` before dropping.
     fn drop(&mut self) {
         self.handle.send(UserCommand::Leave);
+        self.stop_audio.store(true, Ordering::Relaxed);
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -222,6 +254,7 @@ mod tests {
         c.set_audio_only(true);
         c.network_changed();
         c.app_backgrounded(true);
+        c.switch_camera();
         c.set_camera_present(false);
         c.leave();
         drop(c);

@@ -1,5 +1,5 @@
 //! Events out: one listener, fed by one task that forwards `CallEvent`s as they come and polls
-//! remote video about every 15 ms.
+//! remote video about every 15 ms, and by one thread that hands on decoded audio every 20 ms.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,10 @@ pub trait ClientListener: Send + Sync {
         v: Vec<u8>,
         rotation_degrees: u16,
     );
+    /// 20 ms of the call's decoded audio (everyone heard, mixed): 960 samples, 48 kHz mono,
+    /// for the platform's player (AudioTrack, AVAudioEngine). Delivered on a dedicated thread,
+    /// every 20 ms while anyone is heard; write it to the player and return.
+    fn on_remote_audio(&self, samples: Vec<i16>);
     /// Call quality with one peer, about once a second.
     fn on_stats(&self, participant_id: String, stats: StatsFfi);
     /// A refusal that does not end the call; `code` is the server's stable error code.
@@ -141,6 +145,23 @@ pub(crate) async fn dispatch(
                 }
             }
             _ = tick.tick() => poll_video(&received, &mut peers, &slot),
+        }
+    }
+}
+
+/// Hands decoded audio to the listener as it is played, until `stop` is set. Frames played while
+/// no listener is installed are dropped.
+pub(crate) fn dispatch_audio(
+    audio: Arc<bedside_client_core::media::PlayedAudio>,
+    slot: Arc<ListenerSlot>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(frame) = audio.wait(Duration::from_millis(100)) else {
+            continue;
+        };
+        if let Some(listener) = slot.get() {
+            listener.on_remote_audio(frame.samples.to_vec());
         }
     }
 }
@@ -244,8 +265,39 @@ mod tests {
             _: u16,
         ) {
         }
+        fn on_remote_audio(&self, samples: Vec<i16>) {
+            assert_eq!(samples.len(), 960);
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
         fn on_stats(&self, _: String, _: StatsFfi) {}
         fn on_error(&self, _: String, _: String) {}
+    }
+
+    #[test]
+    fn played_audio_reaches_the_listener_until_stopped() {
+        use bedside_client_core::media::{AudioFrame, PlayedAudio};
+        let audio = Arc::new(PlayedAudio::default());
+        let slot = Arc::new(ListenerSlot::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counter = Arc::new(Counter::default());
+        let _handle = slot.install(counter.clone());
+        let thread = {
+            let (audio, slot, stop) = (audio.clone(), slot.clone(), stop.clone());
+            std::thread::spawn(move || dispatch_audio(audio, slot, stop))
+        };
+        for n in 0..5 {
+            audio.push(AudioFrame {
+                samples: Box::new([n; 960]),
+                capture_us: 0,
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while counter.0.load(Ordering::Relaxed) < 5 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+        assert_eq!(counter.0.load(Ordering::Relaxed), 5);
     }
 
     #[tokio::test]

@@ -8,7 +8,10 @@ use anyhow::{Result, bail};
 use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
 use bedside_client_core::driver::{self, Client, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
-use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
+use bedside_client_core::media::{
+    DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ, PatternConfig, TestPatternSource, detect_tone,
+    read_marker,
+};
 use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason, ParticipantId};
 use bedside_server::api::CreatedConsultation;
@@ -152,6 +155,50 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
     let (seq, frame) = doctor.received.video(&peer).unwrap().latest();
     assert!(seq > 0 && frame.is_some());
 
+    // The decoded audio, mixed, is there for the speaker or the platform's player: 20 ms frames
+    // in which the doctor hears the patient's tone.
+    let audio = doctor.received.audio();
+    assert!(audio.pushed() >= 50, "{}", audio.pushed());
+    let mut heard = 0;
+    for _ in 0..25 {
+        let frame = audio
+            .wait(Duration::from_secs(1))
+            .expect("audio keeps coming");
+        if detect_tone(&frame.samples[..], &[DOCTOR_TONE_HZ, PATIENT_TONE_HZ])
+            == Some(PATIENT_TONE_HZ)
+        {
+            heard += 1;
+        }
+    }
+    assert!(
+        heard >= 15,
+        "the patient's tone was in {heard} of 25 frames"
+    );
+
+    // The patient picks another camera: the doctor's picture changes to it, mid-call.
+    patient.handle.set_video_source(Box::new(
+        TestPatternSource::new(PatternConfig {
+            width: 320,
+            height: 180,
+            fps: 30,
+            tag: 7,
+        })
+        .unwrap(),
+    ));
+    let sink = doctor.received.video(&peer).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tag = sink.latest().1.and_then(|f| read_marker(&f)).map(|m| m.tag);
+        if tag == Some(7) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still showing tag {tag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Statistics arrive about once a second: a round-trip time and the pair type (host on
     // loopback).
     let report = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
@@ -282,7 +329,7 @@ async fn a_group_consult_delivers_everyone_s_media_to_everyone() -> Result<()> {
                 continue;
             }
             let (_, frame) = me.received.video(id).unwrap().latest();
-            let marker = bedside_client_core::media::read_marker(&frame.unwrap());
+            let marker = read_marker(&frame.unwrap());
             assert_eq!(
                 marker.map(|m| m.tag),
                 Some(tag),

@@ -318,3 +318,91 @@ impl Drop for CameraCapture {
         }
     }
 }
+
+/// The picked camera as the call's [`super::VideoSource`]: capture runs while this lives
+/// (hand it to `ClientHandle::set_video_source`).
+pub struct CameraSource {
+    _capture: CameraCapture,
+    frames: super::source::PushedSource<VideoFrame>,
+}
+
+impl std::fmt::Debug for CameraSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CameraSource").finish_non_exhaustive()
+    }
+}
+
+impl super::VideoSource for CameraSource {
+    fn poll_video(&mut self, _now_us: u64) -> super::Capture<VideoFrame> {
+        self.frames.poll()
+    }
+}
+
+/// Opens camera `id` (an id from [`enumerate`]) for the call, stamping frames with `clock`.
+///
+/// # Errors
+/// [`MediaError::Device`] for an id that is not a camera index, or a camera that will not open.
+pub fn open_camera(id: &str, clock: SessionClock) -> Result<CameraSource> {
+    let index: u32 = id
+        .parse()
+        .map_err(|_| MediaError::Device(format!("no camera {id}")))?;
+    let (pusher, frames) = super::push_source(4);
+    let capture = CameraCapture::open(index, pusher, clock)?;
+    Ok(CameraSource {
+        _capture: capture,
+        frames,
+    })
+}
+
+/// The picked microphone as the call's [`super::AudioSource`]: capture runs while this lives.
+pub struct MicrophoneSource {
+    _microphone: Microphone,
+    frames: super::source::PushedSource<AudioFrame>,
+}
+
+impl std::fmt::Debug for MicrophoneSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicrophoneSource").finish_non_exhaustive()
+    }
+}
+
+impl super::AudioSource for MicrophoneSource {
+    fn poll_audio(&mut self, _now_us: u64) -> super::Capture<AudioFrame> {
+        self.frames.poll()
+    }
+}
+
+/// Opens microphone `id` (or the default one) for the call.
+///
+/// # Errors
+/// [`MediaError::Device`] when there is no such microphone or it cannot run at 48 kHz.
+pub fn open_microphone(id: Option<&str>, clock: SessionClock) -> Result<MicrophoneSource> {
+    let (pusher, frames) = super::push_source(10);
+    let microphone = Microphone::open(id, pusher, clock)?;
+    Ok(MicrophoneSource {
+        _microphone: microphone,
+        frames,
+    })
+}
+
+/// Plays the call's decoded audio (`Received::audio`) on speaker `id` (or the default one)
+/// until the returned [`Speaker`] is dropped; silence when nothing is queued.
+///
+/// # Errors
+/// [`MediaError::Device`] when there is no such speaker or it cannot run at 48 kHz.
+pub fn open_speaker(
+    id: Option<&str>,
+    audio: Arc<super::PlayedAudio>,
+    clock: SessionClock,
+) -> Result<Speaker> {
+    Speaker::open(
+        id,
+        move |now_us| {
+            audio.pop().unwrap_or_else(|| AudioFrame {
+                samples: Box::new([0; FRAME_SAMPLES]),
+                capture_us: now_us,
+            })
+        },
+        clock,
+    )
+}

@@ -42,7 +42,7 @@ pub use pattern::{
     FrameMarker, PatternConfig, TestPatternSource, read_marker, render_pattern, write_marker,
 };
 pub use playout::{AudioPlayoutBuffer, Playout, PlayoutConfig, PlayoutKind, PlayoutStats};
-pub use sink::LatestFrame;
+pub use sink::{LatestFrame, PLAYED_AUDIO_CAPACITY, PlayedAudio};
 pub use source::{
     AudioSource, Capture, FramePusher, NoDevice, PushedSource, VideoSource, push_source,
 };

@@ -120,3 +120,101 @@ mod tests {
         assert_eq!(wakes.load(Ordering::SeqCst), 6);
     }
 }
+
+/// Frames [`PlayedAudio`] holds before dropping the oldest: 200 ms.
+pub const PLAYED_AUDIO_CAPACITY: usize = 10;
+
+/// The call's decoded audio, mixed over every participant: 20 ms frames of 48 kHz mono, ready
+/// for a speaker (which pulls with [`PlayedAudio::pop`] on its audio thread) or a platform
+/// player fed from a thread of the host's (which waits with [`PlayedAudio::wait`]).
+///
+/// The receive pipeline pushes a frame every 20 ms while anyone is heard. It holds at most
+/// [`PLAYED_AUDIO_CAPACITY`] frames: a consumer that falls further behind loses the oldest
+/// (counted), so latency stays bounded instead of growing.
+#[derive(Debug, Default)]
+pub struct PlayedAudio {
+    frames: Mutex<std::collections::VecDeque<super::frame::AudioFrame>>,
+    ready: std::sync::Condvar,
+    pushed: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl PlayedAudio {
+    /// Queues one frame (the pipeline's side).
+    pub fn push(&self, frame: super::frame::AudioFrame) {
+        use std::sync::atomic::Ordering;
+        let mut frames = lock(&self.frames);
+        if frames.len() >= PLAYED_AUDIO_CAPACITY {
+            frames.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        frames.push_back(frame);
+        self.pushed.fetch_add(1, Ordering::Relaxed);
+        drop(frames);
+        self.ready.notify_one();
+    }
+
+    /// The oldest queued frame, without waiting (for an audio callback, which must not block).
+    pub fn pop(&self) -> Option<super::frame::AudioFrame> {
+        lock(&self.frames).pop_front()
+    }
+
+    /// The oldest queued frame, waiting up to `timeout` for one.
+    pub fn wait(&self, timeout: std::time::Duration) -> Option<super::frame::AudioFrame> {
+        let frames = lock(&self.frames);
+        let (mut frames, _) = self
+            .ready
+            .wait_timeout_while(frames, timeout, |f| f.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        frames.pop_front()
+    }
+
+    /// Frames pushed so far.
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Frames dropped because nobody took them in time.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod played_audio_tests {
+    use super::super::frame::{AudioFrame, FRAME_SAMPLES};
+    use super::*;
+    use std::time::Duration;
+
+    fn frame(n: u64) -> AudioFrame {
+        AudioFrame {
+            samples: Box::new([n as i16; FRAME_SAMPLES]),
+            capture_us: n,
+        }
+    }
+
+    #[test]
+    fn keeps_order_bounds_latency_and_wakes_a_waiting_player() {
+        let audio = Arc::new(PlayedAudio::default());
+        assert!(audio.pop().is_none());
+        assert!(audio.wait(Duration::from_millis(1)).is_none());
+        for n in 0..(PLAYED_AUDIO_CAPACITY as u64 + 3) {
+            audio.push(frame(n));
+        }
+        // The three oldest made way.
+        assert_eq!(audio.dropped(), 3);
+        assert_eq!(audio.pop().unwrap().capture_us, 3);
+        while audio.pop().is_some() {}
+        let pusher = audio.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            pusher.push(frame(99));
+        });
+        assert_eq!(
+            audio.wait(Duration::from_secs(5)).map(|f| f.capture_us),
+            Some(99)
+        );
+        t.join().unwrap();
+        assert_eq!(audio.pushed(), PLAYED_AUDIO_CAPACITY as u64 + 4);
+    }
+}

@@ -530,7 +530,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_func_set_log_sink() != 61792:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_app_backgrounded() != 16578:
+    if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_app_backgrounded() != 18681:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_join_with_invite() != 56782:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -554,6 +554,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_muted() != 33942:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_switch_camera() != 16281:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_constructor_bedsideclient_new() != 43131:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_state() != 41253:
@@ -572,9 +574,11 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_video_frame() != 8054:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats() != 31329:
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_audio() != 4301:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error() != 3528:
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats() != 45011:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error() != 30327:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_listenerhandle_cancel() != 43072:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -654,6 +658,9 @@ _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_microphone_pr
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_muted.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_muted.restype = ctypes.c_uint16
+_UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_switch_camera.argtypes = (
+)
+_UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_switch_camera.restype = ctypes.c_uint16
 _UniffiLib.uniffi_bedside_mobile_checksum_constructor_bedsideclient_new.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_constructor_bedsideclient_new.restype = ctypes.c_uint16
@@ -681,6 +688,9 @@ _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_audio_only.re
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_video_frame.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_video_frame.restype = ctypes.c_uint16
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_audio.argtypes = (
+)
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_audio.restype = ctypes.c_uint16
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats.restype = ctypes.c_uint16
@@ -783,6 +793,11 @@ _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_set_muted.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_set_muted.restype = None
+_UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_switch_camera.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_switch_camera.restype = None
 _UniffiLib.uniffi_bedside_mobile_fn_constructor_bedsideclient_new.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -846,6 +861,12 @@ _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_video_frame.
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_video_frame.restype = None
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_audio.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_audio.restype = None
 _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_stats.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -937,10 +958,13 @@ _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD6 = ctypes.CFUNC
 _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD7 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,ctypes.c_uint32,ctypes.c_uint32,_UniffiRustBuffer,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_uint16,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
-_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
+_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UNIFFI_CALLBACK_INTERFACE_CLONE_BEDSIDE_MOBILE_CLIENT_LISTENER = ctypes.CFUNCTYPE(ctypes.c_uint64,ctypes.c_uint64,
@@ -959,8 +983,9 @@ class _UniffiVTableCallbackInterfaceBedsideMobileClientListener(ctypes.Structure
         ("on_camera_enabled", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD5),
         ("on_audio_only", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD6),
         ("on_remote_video_frame", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD7),
-        ("on_stats", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8),
-        ("on_error", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9),
+        ("on_remote_audio", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8),
+        ("on_stats", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9),
+        ("on_error", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10),
     ]
 _UniffiLib.uniffi_bedside_mobile_fn_init_callback_vtable_clientlistener.argtypes = (
     ctypes.POINTER(_UniffiVTableCallbackInterfaceBedsideMobileClientListener),
@@ -2717,6 +2742,13 @@ class ClientListener():
         `rotation_degrees` (0, 90, 180, 270).
 """
         raise NotImplementedError
+    def on_remote_audio(self, samples: typing.List[int]) -> None:
+        """
+        20 ms of the call's decoded audio (everyone heard, mixed): 960 samples, 48 kHz mono,
+        for the platform's player (AudioTrack, AVAudioEngine). Delivered on a dedicated thread,
+        every 20 ms while anyone is heard; write it to the player and return.
+"""
+        raise NotImplementedError
     def on_stats(self, participant_id: str,stats: StatsFfi) -> None:
         """
         Call quality with one peer, about once a second.
@@ -2916,6 +2948,26 @@ class ClientListenerImpl(ClientListener):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_video_frame,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def on_remote_audio(self, samples: typing.List[int]) -> None:
+        """
+        20 ms of the call's decoded audio (everyone heard, mixed): 960 samples, 48 kHz mono,
+        for the platform's player (AudioTrack, AVAudioEngine). Delivered on a dedicated thread,
+        every 20 ms while anyone is heard; write it to the player and return.
+"""
+        
+        _UniffiFfiConverterSequenceInt16.check_lower(samples)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterSequenceInt16.lower(samples),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_remote_audio,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
@@ -3131,6 +3183,25 @@ class _UniffiTraitImplClientListenerImpl:
         )
 
     @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8
+    def on_remote_audio(
+            uniffi_handle,
+            samples,
+            uniffi_out_return,
+            uniffi_call_status_ptr,
+        ):
+        uniffi_obj = _UniffiFfiConverterTypeClientListener._handle_map.get(uniffi_handle)
+        def make_call():
+            uniffi_args = (_UniffiFfiConverterSequenceInt16.lift(samples), )
+            uniffi_method = uniffi_obj.on_remote_audio
+            return uniffi_method(*uniffi_args)
+        write_return_value = lambda v: None
+        _uniffi_trait_interface_call(
+                uniffi_call_status_ptr.contents,
+                make_call,
+                write_return_value,
+        )
+
+    @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9
     def on_stats(
             uniffi_handle,
             participant_id,
@@ -3150,7 +3221,7 @@ class _UniffiTraitImplClientListenerImpl:
                 write_return_value,
         )
 
-    @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9
+    @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10
     def on_error(
             uniffi_handle,
             code,
@@ -3190,6 +3261,7 @@ class _UniffiTraitImplClientListenerImpl:
         on_camera_enabled,
         on_audio_only,
         on_remote_video_frame,
+        on_remote_audio,
         on_stats,
         on_error,
     )
@@ -3332,9 +3404,10 @@ class BedsideClientProtocol(typing.Protocol):
     
     def app_backgrounded(self, backgrounded: bool) -> None:
         """
-        The app went to (or came back from) the background. client-core has no command for
-        this yet, so it only writes a log line: the call goes on as before. Whether to stop the
-        camera is the app's choice (`set_camera_enabled`, or stop pushing frames).
+        The app went to (or came back from) the background. In the background no video is sent
+        (the system takes the camera) while audio goes on, given the platform's background audio
+        mode (iOS `voip`/`audio`, an Android foreground service); coming back resumes video and
+        checks the signaling link at once.
 """
         raise NotImplementedError
     def join_with_invite(self, code: str,display_name: typing.Optional[str]) -> None:
@@ -3385,6 +3458,12 @@ class BedsideClientProtocol(typing.Protocol):
         raise NotImplementedError
     def set_muted(self, muted: bool) -> None:
         raise NotImplementedError
+    def switch_camera(self, ) -> None:
+        """
+        The app switched cameras (front to back): frames still queued from the old camera are
+        dropped and the next one sent is a keyframe. Push the new camera's frames as before.
+"""
+        raise NotImplementedError
 
 class BedsideClient(BedsideClientProtocol):
     """
@@ -3434,9 +3513,10 @@ class BedsideClient(BedsideClientProtocol):
         return inst
     def app_backgrounded(self, backgrounded: bool) -> None:
         """
-        The app went to (or came back from) the background. client-core has no command for
-        this yet, so it only writes a log line: the call goes on as before. Whether to stop the
-        camera is the app's choice (`set_camera_enabled`, or stop pushing frames).
+        The app went to (or came back from) the background. In the background no video is sent
+        (the system takes the camera) while audio goes on, given the platform's background audio
+        mode (iOS `voip`/`audio`, an Android foreground service); coming back resumes video and
+        checks the signaling link at once.
 """
         
         _UniffiFfiConverterBoolean.check_lower(backgrounded)
@@ -3652,6 +3732,22 @@ class BedsideClient(BedsideClientProtocol):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_set_muted,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def switch_camera(self, ) -> None:
+        """
+        The app switched cameras (front to back): frames still queued from the old camera are
+        dropped and the next one sent is a keyframe. Push the new camera's frames as before.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_switch_camera,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)

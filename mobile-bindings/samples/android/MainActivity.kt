@@ -11,6 +11,8 @@ import uniffi.bedside_mobile.*
 class MainActivity : Activity() {
     private var client: BedsideClient? = null
     private var listenerHandle: ListenerHandle? = null
+    /** An AudioTrack (48 kHz, mono, PCM 16, MODE_STREAM) created with the call; outlined. */
+    private var player: android.media.AudioTrack? = null
 
     override fun onCreate(savedInstanceState: Bundle?) {
         super.onCreate(savedInstanceState)
@@ -62,6 +64,11 @@ class MainActivity : Activity() {
         ) {
             // Upload the I420 planes to a GL texture (or convert) and draw rotated.
             remoteView.render(width.toInt(), height.toInt(), y, u, v, rotationDegrees.toInt())
+        }
+        /** 20 ms of 48 kHz mono, everyone mixed: write it to an AudioTrack in streaming mode
+         *  (USAGE_VOICE_COMMUNICATION, so the platform's echo canceller sees it). */
+        override fun onRemoteAudio(samples: List<Short>) {
+            player?.write(samples.toShortArray(), 0, samples.size)
         }
         override fun onStats(participantId: String, stats: StatsFfi) {}
         override fun onError(code: String, details: String) { Log.w("Bedside", "$code: $details") }

@@ -69,6 +69,10 @@ final class ConsultationViewController: UIViewController {
                                 y: Data, u: Data, v: Data, rotationDegrees: UInt16) {
             // Wrap the planes in a CVPixelBuffer (or Metal textures) and draw rotated.
         }
+        func onRemoteAudio(samples: [Int16]) {
+            // 20 ms of 48 kHz mono, everyone mixed: copy into an AVAudioPCMBuffer and schedule
+            // it on an AVAudioPlayerNode (voice-processing I/O gives the platform's echo canceller).
+        }
         func onStats(participantId: String, stats: StatsFfi) {}
         func onError(code: String, details: String) { Logger().warning("\(code): \(details)") }
     }

@@ -8,6 +8,8 @@ import kotlin.system.exitProcess
 class Listener : ClientListener {
     val states = CopyOnWriteArrayList<CallStateFfi>()
     val frames = AtomicInteger(0)
+    val audioFrames = AtomicInteger(0)
+    val loudFrames = AtomicInteger(0)
     override fun onState(state: CallStateFfi) { states.add(state) }
     override fun onSeated(participantId: String, role: RoleFfi) {}
     override fun onWaitingRoom(patients: List<WaitingPatientFfi>) {}
@@ -21,6 +23,13 @@ class Listener : ClientListener {
     ) {
         check(y.size.toUInt() == width * height)
         frames.incrementAndGet()
+    }
+    override fun onRemoteAudio(samples: List<Short>) {
+        check(samples.size == 960)
+        audioFrames.incrementAndGet()
+        // The doctor probe sends a tone: count the frames that carry sound.
+        val rms = Math.sqrt(samples.sumOf { it.toDouble() * it.toDouble() } / samples.size)
+        if (rms > 300.0) loudFrames.incrementAndGet()
     }
     override fun onStats(participantId: String, stats: StatsFfi) {}
     override fun onError(code: String, details: String) { println("error $code $details") }
@@ -67,6 +76,12 @@ fun main() {
     waitFor("the waiting room", 15) { listener.states.contains(CallStateFfi.Waiting) }
     waitFor("being connected", 20) { listener.states.contains(CallStateFfi.Connected) }
     waitFor("more than 30 remote frames", 20) { listener.frames.get() > 30 }
+    waitFor("the doctor's voice", 20) { listener.loudFrames.get() > 50 }
+    client.switchCamera()
+    client.appBackgrounded(true)
+    client.appBackgrounded(false)
+    val framesBefore = listener.frames.get()
+    waitFor("video after switching cameras and the background", 20) { listener.frames.get() > framesBefore + 30 }
     client.leave()
     waitFor("the call to end", 10) { listener.states.contains(CallStateFfi.Ended(EndReasonFfi.Left)) }
     running.set(false)
@@ -74,6 +89,6 @@ fun main() {
     handle.cancel()
     handle.destroy()
     client.destroy()
-    println("states=${listener.states} frames=${listener.frames.get()}")
+    println("states=${listener.states} frames=${listener.frames.get()} audio=${listener.audioFrames.get()} loud=${listener.loudFrames.get()}")
     println("KOTLIN PATIENT OK")
 }

@@ -5,6 +5,7 @@ BEDSIDE_INVITE_CODE. Joins with the invite code, pushes synthetic I420 video and
 waits to be admitted by the doctor (a probe), receives its video, leaves. Exit 0 on success.
 """
 
+import math
 import os
 import sys
 import threading
@@ -14,6 +15,22 @@ sys.path.insert(0, os.environ["BEDSIDE_BINDINGS_DIR"])
 import bedside_mobile as bm  # noqa: E402
 
 WIDTH, HEIGHT = 320, 180
+DOCTOR_TONE_HZ, PATIENT_TONE_HZ = 440, 660
+
+
+def goertzel_power(samples, hz, rate=48_000):
+    coeff = 2 * math.cos(2 * math.pi * hz / rate)
+    s1 = s2 = 0.0
+    for x in samples:
+        s1, s2 = x + coeff * s1 - s2, s1
+    return s1 * s1 + s2 * s2 - coeff * s1 * s2
+
+
+def tone_of(samples):
+    """Which participant tone dominates 20 ms of audio, if it is loud enough to be one."""
+    if sum(x * x for x in samples) / len(samples) < 100 * 100:
+        return None
+    return max((DOCTOR_TONE_HZ, PATIENT_TONE_HZ), key=lambda hz: goertzel_power(samples, hz))
 
 
 class Listener(bm.ClientListener):
@@ -26,6 +43,8 @@ class Listener(bm.ClientListener):
         self.stats = 0
         self.errors = []
         self.seated = None
+        self.audio_frames = 0
+        self.doctor_tone_frames = 0
 
     def on_state(self, state):
         with self.lock:
@@ -57,6 +76,13 @@ class Listener(bm.ClientListener):
         with self.lock:
             self.frames += 1
             self.sizes.add((width, height))
+
+    def on_remote_audio(self, samples):
+        assert len(samples) == 960, len(samples)
+        with self.lock:
+            self.audio_frames += 1
+            if tone_of(samples) == DOCTOR_TONE_HZ:
+                self.doctor_tone_frames += 1
 
     def on_stats(self, participant_id, stats):
         with self.lock:
@@ -144,6 +170,14 @@ def main():
     except AssertionError:
         print(f"frames={listener.frames} peers={listener.peers} stats={listener.stats}")
         raise
+    # The doctor's voice (the probe's 440 Hz tone) comes out decoded, for the player.
+    wait_for("the doctor's tone", lambda: listener.doctor_tone_frames > 50, 20)
+    # Switching cameras and a trip to the background keep the call and its video.
+    client.switch_camera()
+    client.app_backgrounded(True)
+    client.app_backgrounded(False)
+    frames_before = listener.frames
+    wait_for("video after the switch", lambda: listener.frames > frames_before + 30, 20)
     client.set_muted(True)
     client.network_changed()
 
@@ -167,6 +201,7 @@ def main():
 
     print(f"states={listener.states}")
     print(f"frames={listener.frames} sizes={sorted(listener.sizes)} stats={listener.stats} "
+          f"audio_frames={listener.audio_frames} doctor_tone={listener.doctor_tone_frames} "
           f"log_lines={len(sink.lines)}")
     print("PYTHON PATIENT OK")
 

@@ -80,6 +80,10 @@ pub enum UserCommand {
     /// is sent (mobile systems take the camera away) and audio goes on; coming back resumes
     /// video and checks the signaling link at once, since a suspended app may have lost it.
     SetBackgrounded(bool),
+    /// Send a chat line to everyone whose media is connected (over the data channel, end to
+    /// end; nothing is stored). Answered by [`CallEvent::Chat`] (sent) or
+    /// [`CallEvent::ChatNotDelivered`].
+    SendChat(String),
     Leave,
 }
 
@@ -124,6 +128,14 @@ pub enum EngineEvent {
     },
     /// The peer asked for a video keyframe (RTCP PLI or FIR): it lost video and cannot decode.
     KeyframeRequested { peer: ParticipantId },
+    /// A chat line arrived on the peer's data channel (already checked against the limits).
+    ChatReceived {
+        peer: ParticipantId,
+        id: u64,
+        text: String,
+    },
+    /// Our chat line `id` could not be handed to the peer's data channel.
+    ChatUndelivered { peer: ParticipantId, id: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +185,12 @@ pub enum EngineCommand {
     SetVideoSending(bool),
     /// Send a keyframe now (a peer's media just connected and needs one to start decoding).
     RequestKeyframe,
+    /// Send a chat line on the peer's data channel.
+    SendChat {
+        peer: ParticipantId,
+        id: u64,
+        text: String,
+    },
     /// Encode video at this size, frame rate and bitrate (the quality ladder moved).
     SetVideoEncoding {
         width: u32,
@@ -251,6 +269,20 @@ pub enum CallEvent {
         participant_id: ParticipantId,
         report: StatsReport,
     },
+    /// A chat line: ours once it is on its way (`outgoing`), or a peer's. `id` counts the
+    /// sender's lines.
+    Chat {
+        id: u64,
+        from: ParticipantId,
+        text: String,
+        outgoing: bool,
+    },
+    /// Our chat line `id` did not reach `to` (or anyone, when `None`), and why.
+    ChatNotDelivered {
+        id: u64,
+        to: Option<ParticipantId>,
+        reason: String,
+    },
     /// A refusal that does not end the call (e.g. admitting someone who already left).
     Error {
         code: ErrorCode,
@@ -326,6 +358,8 @@ pub struct Call {
     quality: QualityController,
     /// When we last asked the encoder for a keyframe because a peer requested one.
     last_keyframe: Option<Instant>,
+    /// Our last chat line's id.
+    chat_seq: u64,
     shown: CallState,
     out: VecDeque<Output>,
 }
@@ -340,6 +374,7 @@ impl Call {
         Call {
             rng: StdRng::seed_from_u64(seed),
             last_keyframe: None,
+            chat_seq: 0,
             backgrounded: false,
             phase: Phase::Idle,
             auth: None,
@@ -513,6 +548,7 @@ impl Call {
                     }
                 }
             }
+            UserCommand::SendChat(text) => self.send_chat(text),
             UserCommand::Leave => match self.phase {
                 Phase::Seated { .. } => {
                     self.send(ClientMessage::Leave);
@@ -618,8 +654,68 @@ impl Call {
                     self.engine(EngineCommand::RequestKeyframe);
                 }
             }
+            EngineEvent::ChatReceived { peer, id, text } => {
+                if self.peers.contains_key(&peer) {
+                    self.event(CallEvent::Chat {
+                        id,
+                        from: peer,
+                        text,
+                        outgoing: false,
+                    });
+                }
+            }
+            EngineEvent::ChatUndelivered { peer, id } => {
+                self.event(CallEvent::ChatNotDelivered {
+                    id,
+                    to: Some(peer),
+                    reason: "their connection dropped before it was sent".into(),
+                });
+            }
         }
         self.update_state();
+    }
+
+    /// Hands a chat line to every peer whose media is connected (their data channels are
+    /// open), or says why it cannot go.
+    fn send_chat(&mut self, text: String) {
+        self.chat_seq += 1;
+        let id = self.chat_seq;
+        let not_delivered = |reason: String| CallEvent::ChatNotDelivered {
+            id,
+            to: None,
+            reason,
+        };
+        if let Err(e) = bedside_protocol::chat::check_chat_text(&text) {
+            self.event(not_delivered(e.to_string()));
+            return;
+        }
+        let Some((me, _)) = self.me.clone().filter(|_| self.admitted) else {
+            self.event(not_delivered("not in the consultation yet".into()));
+            return;
+        };
+        let connected: Vec<ParticipantId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.media == PeerConnectionState::Connected)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if connected.is_empty() {
+            self.event(not_delivered("nobody is connected to receive it".into()));
+            return;
+        }
+        for peer in connected {
+            self.engine(EngineCommand::SendChat {
+                peer,
+                id,
+                text: text.clone(),
+            });
+        }
+        self.event(CallEvent::Chat {
+            id,
+            from: me,
+            text,
+            outgoing: true,
+        });
     }
 
     /// A call-quality sample for one peer from the driver: shown to the UI and sent on to the

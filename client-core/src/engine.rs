@@ -40,6 +40,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use std::sync::atomic::AtomicU64;
 use tokio::sync::mpsc;
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -460,6 +461,35 @@ impl BandwidthEstimator for PublishingEstimator {
     }
 }
 
+/// Reads a peer's chat channel until it closes. What cannot be read is dropped with a log line
+/// that says why (never the text).
+async fn read_chat(
+    channel: Arc<dyn DataChannel>,
+    peer: ParticipantId,
+    events: mpsc::UnboundedSender<EngineEvent>,
+) {
+    use bedside_protocol::chat::PeerMessage;
+    while let Some(event) = channel.poll().await {
+        match event {
+            DataChannelEvent::OnMessage(msg) => match PeerMessage::decode(&msg.data) {
+                Ok(PeerMessage::Chat { id, text }) => {
+                    let received = EngineEvent::ChatReceived {
+                        peer: peer.clone(),
+                        id,
+                        text,
+                    };
+                    if events.send(received).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "dropped a data channel message"),
+            },
+            DataChannelEvent::OnClose => break,
+            _ => {}
+        }
+    }
+}
+
 /// The remote video track of each peer, for sending it keyframe requests.
 type RemoteVideo = Arc<Mutex<HashMap<ParticipantId, Arc<dyn TrackRemote>>>>;
 
@@ -545,6 +575,8 @@ pub struct Engine {
     /// What each peer reports about the media we send it.
     feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
     remote_video: RemoteVideo,
+    /// Each peer connection's chat data channel.
+    chats: HashMap<ParticipantId, Arc<dyn DataChannel>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -563,6 +595,7 @@ impl Engine {
             estimates: HashMap::new(),
             feedback: HashMap::new(),
             remote_video: RemoteVideo::default(),
+            chats: HashMap::new(),
             events,
             media,
         }
@@ -699,6 +732,19 @@ impl Engine {
             EngineCommand::SetVideoSending(on) => {
                 self.tracks.video_enabled.store(on, Ordering::Relaxed);
             }
+            EngineCommand::SendChat { peer, id, text } => {
+                let sent = match self.chats.get(&peer) {
+                    Some(channel) => {
+                        let wire = bedside_protocol::chat::PeerMessage::Chat { id, text }.encode();
+                        channel.send_text(&wire).await
+                    }
+                    None => Err(rtc::shared::error::Error::ErrConnectionClosed),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "chat line not handed to the data channel");
+                    let _ = self.events.send(EngineEvent::ChatUndelivered { peer, id });
+                }
+            }
             EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
                 // The encoder belongs to the media pipeline: the driver routes these there.
             }
@@ -721,6 +767,7 @@ impl Engine {
     fn forget(&mut self, peer: &ParticipantId) {
         self.estimates.remove(peer);
         self.feedback.remove(peer);
+        self.chats.remove(peer);
         self.tracks.remove_peer(peer);
         self.remote_video
             .lock()
@@ -810,6 +857,19 @@ impl Engine {
             .await?;
         pc.add_track(tracks.video.clone() as Arc<dyn TrackLocal>)
             .await?;
+        // The chat channel is negotiated (same stream id on both sides), so it exists before
+        // the offer and neither side waits for the other to announce it.
+        let chat = pc
+            .create_data_channel(
+                bedside_protocol::chat::CHANNEL_LABEL,
+                Some(RTCDataChannelInit {
+                    negotiated: Some(bedside_protocol::chat::CHANNEL_ID),
+                    ..Default::default()
+                }),
+            )
+            .await?;
+        self.chats.insert(peer.clone(), chat.clone());
+        tokio::spawn(read_chat(chat, peer.clone(), self.events.clone()));
         let feedback = Arc::new(SendFeedback::default());
         self.feedback.insert(peer.clone(), feedback.clone());
         for track in [tracks.audio.clone(), tracks.video.clone()] {

@@ -122,7 +122,13 @@ pub struct SendStats {
     pub audio_frames_encoded: AtomicU64,
     /// Keyframe requests (PLI/FIR) received from peers, before rate limiting.
     pub keyframe_requests_received: AtomicU64,
+    /// The picture being sent, for the self view: at most [`PREVIEW_FPS`] a second, emptied
+    /// while video is off.
+    pub preview: LatestFrame,
 }
+
+/// How often the self view is refreshed.
+pub const PREVIEW_FPS: u32 = 15;
 
 enum Encoded {
     Video(bytes::Bytes, Duration),
@@ -156,6 +162,7 @@ pub fn start_sender(
             let mut opus = OpusEncoder::new(OpusConfig::default()).ok();
             let mut fps = video.max_fps.max(1.0);
             let mut last_keyframe = Instant::now();
+            let mut last_preview: Option<Instant> = None;
             loop {
                 match command_rx.recv_timeout(Duration::from_millis(5)) {
                     Ok(SendCommand::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
@@ -206,7 +213,16 @@ pub fn start_sender(
                 }
                 if let Capture::Frame(frame) = sources.video.poll_video(now) {
                     if !thread_tracks.video_enabled.load(Ordering::Relaxed) {
+                        if last_preview.take().is_some() {
+                            thread_stats.preview.clear();
+                        }
                         continue;
+                    }
+                    if last_preview
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1) / PREVIEW_FPS)
+                    {
+                        last_preview = Some(Instant::now());
+                        thread_stats.preview.publish(frame.clone());
                     }
                     let Some(encoder) = encoder.as_mut() else {
                         continue;

@@ -779,3 +779,97 @@ fn a_bandwidth_collapse_goes_audio_only_and_recovery_brings_video_back() {
         Output::Engine(EngineCommand::SetVideoEncoding { width: 320, .. })
     )));
 }
+
+#[test]
+fn chat_goes_to_connected_peers_and_says_when_it_cannot() {
+    let mut h = Harness::new();
+    // Not in a consultation yet.
+    let out = h.user(UserCommand::SendChat("hello".into()));
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Event(CallEvent::ChatNotDelivered { to: None, .. })]
+        ),
+        "{out:?}"
+    );
+    let mut h = Harness::connected_patient();
+    let out = h.user(UserCommand::SendChat("My knee hurts".into()));
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::SendChat {
+            peer: pid("doc"),
+            id: 1,
+            text: "My knee hurts".into()
+        }]
+    );
+    assert!(out.contains(&Output::Event(CallEvent::Chat {
+        id: 1,
+        from: pid("pat"),
+        text: "My knee hurts".into(),
+        outgoing: true,
+    })));
+    // Blank or oversized text never reaches the engine.
+    for text in ["  \n".to_owned(), "x".repeat(5000)] {
+        let out = h.user(UserCommand::SendChat(text));
+        assert!(engine(&out).is_empty(), "{out:?}");
+        assert!(
+            matches!(
+                &out[..],
+                [Output::Event(CallEvent::ChatNotDelivered { .. })]
+            ),
+            "{out:?}"
+        );
+    }
+    // A line from the doctor, and from someone unknown (dropped).
+    let out = h.engine(EngineEvent::ChatReceived {
+        peer: pid("doc"),
+        id: 9,
+        text: "Can you bend it?".into(),
+    });
+    assert!(out.contains(&Output::Event(CallEvent::Chat {
+        id: 9,
+        from: pid("doc"),
+        text: "Can you bend it?".into(),
+        outgoing: false,
+    })));
+    let out = h.engine(EngineEvent::ChatReceived {
+        peer: pid("stranger"),
+        id: 1,
+        text: "hi".into(),
+    });
+    assert!(out.is_empty(), "{out:?}");
+    // The engine could not hand it over: the sender is told.
+    let out = h.engine(EngineEvent::ChatUndelivered {
+        peer: pid("doc"),
+        id: 4,
+    });
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Event(CallEvent::ChatNotDelivered {
+                id: 4,
+                to: Some(_),
+                ..
+            })]
+        ),
+        "{out:?}"
+    );
+    // The doctor's media dropped: nobody to send to.
+    h.engine(EngineEvent::ConnectionState {
+        peer: pid("doc"),
+        state: PeerConnectionState::Disconnected,
+    });
+    let out = h.user(UserCommand::SendChat("are you there?".into()));
+    assert!(
+        engine(&out)
+            .iter()
+            .all(|c| !matches!(c, EngineCommand::SendChat { .. }))
+    );
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Event(CallEvent::ChatNotDelivered { to: None, .. })
+        )),
+        "{out:?}"
+    );
+}

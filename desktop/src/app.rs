@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bedside_client_core::call::{CallState, UserCommand};
 use bedside_client_core::driver::ClientHandle;
 use bedside_client_core::media::LatestFrame;
-use bedside_client_core::pipeline::Received;
+use bedside_client_core::pipeline::{Received, SendStats};
 use bedside_protocol::ParticipantId;
 use tokio::sync::oneshot;
 
@@ -38,6 +38,9 @@ pub struct AppOptions {
 struct Session {
     handle: ClientHandle,
     received: Received,
+    sent: Arc<SendStats>,
+    /// The self view's last frame uploaded.
+    preview_seen: u64,
 }
 
 struct RemoteSink {
@@ -137,6 +140,11 @@ impl DesktopApp {
                 });
             }
             UiCommand::Copy(text) => self.ctx.copy_text(text),
+            UiCommand::SendChat(text) => {
+                if let Some(session) = &self.session {
+                    session.handle.send(UserCommand::SendChat(text));
+                }
+            }
             UiCommand::Call(cmd) => {
                 if let Some(session) = &self.session {
                     session.handle.send(cmd);
@@ -162,10 +170,18 @@ impl DesktopApp {
                 AppMsg::Session {
                     handle,
                     received,
+                    sent,
                     clinic_label,
                     invite_code,
                 } => {
-                    self.session = Some(Session { handle, received });
+                    let waker = self.ctx.clone();
+                    sent.preview.set_waker(move || waker.request_repaint());
+                    self.session = Some(Session {
+                        handle,
+                        received,
+                        sent,
+                        preview_seen: 0,
+                    });
                     self.model.has_session = true;
                     self.model.clinic_label = Some(clinic_label);
                     self.model.invite_code = invite_code;
@@ -178,6 +194,25 @@ impl DesktopApp {
                     self.model.error = Some(message);
                 }
             }
+        }
+    }
+
+    /// Uploads the self view's newest frame if it changed.
+    fn update_preview(&mut self) {
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        let Some((seq, frame)) = session.sent.preview.newer_than(session.preview_seen) else {
+            return;
+        };
+        session.preview_seen = seq;
+        if show_frame(
+            &self.ctx,
+            &mut self.video.local,
+            "self-view",
+            frame.as_deref(),
+        ) {
+            self.model.self_frames_shown += 1;
         }
     }
 
@@ -214,23 +249,14 @@ impl DesktopApp {
         };
         if let Some((seq, frame)) = remote.sink.newer_than(remote.seen) {
             remote.seen = seq;
-            match frame {
-                Some(frame) => {
-                    let image = i420_to_image(&frame);
-                    match &mut self.video.remote {
-                        Some(tex) => tex.set(image, egui::TextureOptions::LINEAR),
-                        None => {
-                            self.video.remote = Some(self.ctx.load_texture(
-                                "remote-video",
-                                image,
-                                egui::TextureOptions::LINEAR,
-                            ));
-                        }
-                    }
-                    self.model.remote_frames_shown += 1;
-                    self.model.remote_size = Some((frame.width(), frame.height()));
-                }
-                None => self.video.remote = None,
+            if show_frame(
+                &self.ctx,
+                &mut self.video.remote,
+                "remote-video",
+                frame.as_deref(),
+            ) {
+                self.model.remote_frames_shown += 1;
+                self.model.remote_size = frame.map(|f| (f.width(), f.height()));
             }
         }
     }
@@ -277,6 +303,7 @@ impl DesktopApp {
     pub fn frame(&mut self, ui: &mut egui::Ui) {
         self.drain();
         self.update_video();
+        self.update_preview();
         let mut commands = self.auto_admit();
         commands.extend(view(ui, &self.model, &mut self.drafts, &self.video));
         for cmd in commands {
@@ -294,6 +321,26 @@ impl DesktopApp {
     pub fn model(&self) -> &AppModel {
         &self.model
     }
+}
+
+/// Uploads `frame` into the texture `slot` (created on first use), or empties the slot when
+/// the video went away. True when a frame was uploaded.
+fn show_frame(
+    ctx: &egui::Context,
+    slot: &mut Option<egui::TextureHandle>,
+    name: &str,
+    frame: Option<&bedside_client_core::media::VideoFrame>,
+) -> bool {
+    let Some(frame) = frame else {
+        *slot = None;
+        return false;
+    };
+    let image = i420_to_image(frame);
+    match slot {
+        Some(tex) => tex.set(image, egui::TextureOptions::LINEAR),
+        None => *slot = Some(ctx.load_texture(name, image, egui::TextureOptions::LINEAR)),
+    }
+    true
 }
 
 impl eframe::App for DesktopApp {

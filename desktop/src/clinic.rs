@@ -3,6 +3,7 @@
 //! reports back through [`AppMsg`] and a repaint; nothing here touches the UI.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -10,7 +11,7 @@ use bedside_client_core::call::{CallEvent, UserCommand};
 use bedside_client_core::driver::{self, ClientHandle, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
 use bedside_client_core::media::DOCTOR_TONE_HZ;
-use bedside_client_core::pipeline::{MediaSources, Received};
+use bedside_client_core::pipeline::{MediaSources, Received, SendStats};
 use bedside_protocol::JoinAuth;
 use bedside_server::api::CreatedConsultation;
 use bedside_server::{Config, Server};
@@ -22,6 +23,7 @@ pub enum AppMsg {
     Session {
         handle: ClientHandle,
         received: Received,
+        sent: Arc<SendStats>,
         clinic_label: String,
         invite_code: Option<String>,
     },
@@ -140,6 +142,7 @@ pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result
     ui.send(AppMsg::Session {
         handle: client.handle,
         received: client.received,
+        sent: client.sent,
         clinic_label: host_of(&join.ws_url),
         invite_code: join.invite_code,
     });

@@ -13,6 +13,8 @@ pub const HISTORY_LEN: usize = 120;
 pub const POOR_LOSS_PCT: f64 = 5.0;
 /// Above this round-trip time (ms) the patient's network is called poor.
 pub const POOR_RTT_MS: f64 = 400.0;
+/// The chat lines kept on screen (memory only: chat is never stored).
+pub const CHAT_LINES_KEPT: usize = 500;
 
 /// What a click asks for. The view only produces these; the app carries them out.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +25,8 @@ pub enum UiCommand {
     ConnectToClinic { ws_url: String, token: String },
     /// Put text on the clipboard (the invite code).
     Copy(String),
+    /// Send the chat draft to the patient.
+    SendChat(String),
     /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
     Call(UserCommand),
     /// Back to the connect screen after a call ended or failed.
@@ -69,6 +73,8 @@ pub struct StatsHistory {
     pub loss_pct: Series,
     pub bitrate_kbps: Series,
     pub fps: Series,
+    /// Height of the received picture (720 for 1280x720).
+    pub height: Series,
 }
 
 impl StatsHistory {
@@ -81,7 +87,25 @@ impl StatsHistory {
         let video = report.video_received.as_ref();
         self.bitrate_kbps.push(x, video.map(|v| v.bitrate_kbps));
         self.fps.push(x, video.map(|v| v.fps));
+        self.height.push(x, video.map(|v| f64::from(v.height)));
     }
+}
+
+/// One line of the consultation's chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatLine {
+    pub outgoing: bool,
+    /// "You", or the participant's display name.
+    pub who: String,
+    pub text: String,
+}
+
+/// The call-quality light next to the patient's video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quality {
+    Good,
+    Fair,
+    Poor,
 }
 
 /// Everything the screens show.
@@ -114,6 +138,12 @@ pub struct AppModel {
     /// Remote video frames uploaded to the screen so far (set by the app).
     pub remote_frames_shown: u64,
     pub remote_size: Option<(u32, u32)>,
+    /// Self-view frames uploaded so far (set by the app).
+    pub self_frames_shown: u64,
+    /// The chat, oldest first (memory only).
+    pub chat: Vec<ChatLine>,
+    /// Why the last chat line did not go out.
+    pub chat_notice: Option<String>,
 }
 
 impl Default for AppModel {
@@ -137,6 +167,9 @@ impl Default for AppModel {
             error: None,
             remote_frames_shown: 0,
             remote_size: None,
+            self_frames_shown: 0,
+            chat: Vec::new(),
+            chat_notice: None,
         }
     }
 }
@@ -182,6 +215,34 @@ impl AppModel {
                 self.stats.push(&report);
                 self.last_stats = Some(report);
             }
+            CallEvent::Chat {
+                from,
+                text,
+                outgoing,
+                ..
+            } => {
+                let who = if outgoing {
+                    "You".to_owned()
+                } else {
+                    self.peers
+                        .iter()
+                        .find(|p| p.participant_id == from)
+                        .and_then(|p| p.display_name.clone())
+                        .unwrap_or_else(|| "Patient".to_owned())
+                };
+                if self.chat.len() == CHAT_LINES_KEPT {
+                    self.chat.remove(0);
+                }
+                self.chat.push(ChatLine {
+                    outgoing,
+                    who,
+                    text,
+                });
+                self.chat_notice = None;
+            }
+            CallEvent::ChatNotDelivered { reason, .. } => {
+                self.chat_notice = Some(format!("Message not delivered: {reason}"));
+            }
             CallEvent::Error { code, message } => {
                 self.error = Some(format!("{code:?}: {message}"));
             }
@@ -218,6 +279,20 @@ impl AppModel {
             s.loss_in_pct.is_some_and(|l| l > POOR_LOSS_PCT)
                 || s.rtt_ms.is_some_and(|r| r > POOR_RTT_MS)
         })
+    }
+
+    /// The quality light: poor as in [`Self::network_poor`]; fair with some loss, a slow round
+    /// trip or a halting picture; `None` before the first sample.
+    pub fn quality(&self) -> Option<Quality> {
+        let s = self.last_stats.as_ref()?;
+        if self.network_poor() {
+            return Some(Quality::Poor);
+        }
+        let fair = s.loss_in_pct.is_some_and(|l| l > 1.0)
+            || s.rtt_ms.is_some_and(|r| r > 200.0)
+            || (self.audio_only.is_none()
+                && s.video_received.as_ref().is_some_and(|v| v.fps < 10.0));
+        Some(if fair { Quality::Fair } else { Quality::Good })
     }
 
     /// The banners over the call, most important first.
@@ -273,6 +348,9 @@ impl AppModel {
             "peers": self.peers.len(),
             "remote_frames_shown": self.remote_frames_shown,
             "remote_size": self.remote_size,
+            "self_frames_shown": self.self_frames_shown,
+            "chat_lines": self.chat.len(),
+            "quality": self.quality().map(|q| format!("{q:?}")),
             "banners": self.banners(),
             "stats_samples": self.stats.samples,
         })

@@ -5,19 +5,23 @@ use bedside_client_core::call::{CallState, UserCommand};
 use egui::{Color32, RichText, TextureHandle, Ui};
 use egui_plot::{Line, Plot};
 
-use crate::model::{AppModel, Screen, Series, UiCommand};
+use crate::model::{AppModel, Quality, Screen, Series, UiCommand};
 
 /// What the connect form holds while it is being typed (not call state).
 #[derive(Clone, Debug, Default)]
 pub struct Drafts {
     pub ws_url: String,
     pub token: String,
+    /// The chat line being typed.
+    pub chat: String,
 }
 
 /// Textures the app uploaded for this frame (none in UI tests).
 #[derive(Default)]
 pub struct VideoView {
     pub remote: Option<TextureHandle>,
+    /// What we send (the self view).
+    pub local: Option<TextureHandle>,
 }
 
 /// Draws the whole window.
@@ -48,7 +52,7 @@ pub fn view(
         Screen::Consultation => {
             egui::CentralPanel::default().show(ui, |ui| consultation_screen(ui, model, &mut out));
         }
-        Screen::InCall => in_call_screen(ui, model, video, &mut out),
+        Screen::InCall => in_call_screen(ui, model, drafts, video, &mut out),
         Screen::Ended => {
             egui::CentralPanel::default().show(ui, |ui| {
                 ui.heading(model.ended_text());
@@ -179,7 +183,13 @@ fn consultation_screen(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) 
     }
 }
 
-fn in_call_screen(ui: &mut Ui, model: &AppModel, video: &VideoView, out: &mut Vec<UiCommand>) {
+fn in_call_screen(
+    ui: &mut Ui,
+    model: &AppModel,
+    drafts: &mut Drafts,
+    video: &VideoView,
+    out: &mut Vec<UiCommand>,
+) {
     egui::Panel::bottom("controls").show(ui, |ui| {
         ui.horizontal(|ui| {
             let mute = if model.mic_muted { "Unmute" } else { "Mute" };
@@ -221,11 +231,14 @@ fn in_call_screen(ui: &mut Ui, model: &AppModel, video: &VideoView, out: &mut Ve
         .default_size(320.0)
         .show(ui, |ui| {
             egui::ScrollArea::vertical().show(ui, |ui| {
-                self_view(ui, model);
+                self_view(ui, model, video);
                 invite_row(ui, model, out);
                 if !model.waiting.is_empty() {
                     waiting_room(ui, model, out);
                 }
+                ui.separator();
+                chat_panel(ui, model, drafts, out);
+                ui.separator();
                 stats_panel(ui, model);
             });
         });
@@ -238,10 +251,22 @@ fn in_call_screen(ui: &mut Ui, model: &AppModel, video: &VideoView, out: &mut Ve
                     ui.label(RichText::new(banner).color(Color32::WHITE).strong());
                 });
         }
-        if let Some(peer) = model.remote() {
-            let name = peer.display_name.as_deref().unwrap_or("Patient");
-            ui.label(RichText::new(name).strong());
-        }
+        ui.horizontal(|ui| {
+            if let Some(peer) = model.remote() {
+                let name = peer.display_name.as_deref().unwrap_or("Patient");
+                ui.label(RichText::new(name).strong());
+            }
+            if let Some(q) = model.quality() {
+                let (color, text) = match q {
+                    Quality::Good => (Color32::from_rgb(60, 170, 80), "Call quality: good"),
+                    Quality::Fair => (Color32::from_rgb(220, 170, 40), "Call quality: fair"),
+                    Quality::Poor => (Color32::from_rgb(220, 70, 60), "Call quality: poor"),
+                };
+                let (dot, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+                ui.painter().circle_filled(dot.center(), 5.0, color);
+                ui.label(text);
+            }
+        });
         remote_video(ui, model, video);
     });
 }
@@ -276,21 +301,79 @@ fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
     }
 }
 
-fn self_view(ui: &mut Ui, model: &AppModel) {
-    let (rect, _) = ui.allocate_exact_size(egui::vec2(192.0, 108.0), egui::Sense::hover());
+fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView) {
+    let size = egui::vec2(192.0, 108.0);
+    if let (Some(tex), true) = (&video.local, model.camera_enabled) {
+        let [w, h] = tex.size().map(|s| s.max(1) as f32);
+        let scale = (size.x / w).min(size.y / h);
+        ui.add(egui::Image::new((
+            tex.id(),
+            egui::vec2(w * scale, h * scale),
+        )));
+        return;
+    }
+    let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
     ui.painter().rect_filled(rect, 4.0, Color32::from_gray(40));
-    let text = if model.camera_enabled {
-        "Self view: test pattern"
-    } else {
+    let text = if !model.camera_enabled {
         "Camera off"
+    } else if model.audio_only.is_some() {
+        "Video paused"
+    } else {
+        "Starting the camera…"
     };
-    ui.painter().text(
-        rect.center(),
-        egui::Align2::CENTER_CENTER,
-        text,
-        egui::FontId::proportional(13.0),
-        Color32::LIGHT_GRAY,
+    ui.put(
+        rect,
+        egui::Label::new(RichText::new(text).color(Color32::LIGHT_GRAY)),
     );
+}
+
+/// The chat with the patient: end to end over the data channel, kept in memory only.
+fn chat_panel(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut Vec<UiCommand>) {
+    ui.heading("Chat");
+    egui::ScrollArea::vertical()
+        .id_salt("chat")
+        .max_height(160.0)
+        .stick_to_bottom(true)
+        .show(ui, |ui| {
+            if model.chat.is_empty() {
+                ui.label(RichText::new("Messages are not stored.").weak());
+            }
+            for line in &model.chat {
+                ui.horizontal_wrapped(|ui| {
+                    let who = RichText::new(format!("{}:", line.who)).strong();
+                    ui.label(if line.outgoing { who.weak() } else { who });
+                    ui.label(&line.text);
+                });
+            }
+        });
+    if let Some(notice) = &model.chat_notice {
+        ui.colored_label(Color32::LIGHT_RED, notice);
+    }
+    let too_long = drafts.chat.len() > bedside_protocol::chat::MAX_CHAT_BYTES;
+    ui.horizontal(|ui| {
+        let field = ui.add(
+            egui::TextEdit::singleline(&mut drafts.chat)
+                .hint_text("Message to the patient")
+                .desired_width(200.0),
+        );
+        let ready = !drafts.chat.trim().is_empty() && !too_long;
+        let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        let clicked = ui.add_enabled(ready, egui::Button::new("Send")).clicked();
+        if ready && (clicked || enter) {
+            out.push(UiCommand::SendChat(std::mem::take(&mut drafts.chat)));
+            field.request_focus();
+        }
+    });
+    if too_long {
+        ui.colored_label(
+            Color32::LIGHT_RED,
+            format!(
+                "Too long: {} of {} bytes",
+                drafts.chat.len(),
+                bedside_protocol::chat::MAX_CHAT_BYTES
+            ),
+        );
+    }
 }
 
 /// The call quality plots (RTT, loss, bitrate, frame rate) from the stats history.
@@ -305,6 +388,7 @@ pub fn stats_panel(ui: &mut Ui, model: &AppModel) {
     plot(ui, "loss", "Loss (%)", &h.loss_pct);
     plot(ui, "bitrate", "Bitrate (kbps)", &h.bitrate_kbps);
     plot(ui, "fps", "Frame rate (fps)", &h.fps);
+    plot(ui, "height", "Resolution (lines)", &h.height);
 }
 
 fn plot(ui: &mut Ui, id: &str, title: &str, series: &Series) {

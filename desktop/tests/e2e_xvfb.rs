@@ -150,6 +150,8 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     eprintln!("app status: {shown}");
     assert_eq!(shown["screen"], "InCall");
     assert_eq!(shown["remote_size"], serde_json::json!([640, 360]));
+    // The self view shows what the doctor sends.
+    assert!(shown["self_frames_shown"].as_u64().unwrap() > 0, "{shown}");
 
     // Let a few more frames arrive, then take the screenshot.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -88,6 +88,7 @@ fn connect_button_sends_url_and_token() {
     h.state_mut().drafts = Drafts {
         ws_url: " ws://clinic.test/ws ".into(),
         token: "secret-token".into(),
+        ..Drafts::default()
     };
     h.run();
     h.get_by_role_and_label(egui::accesskit::Role::Button, "Connect to a clinic")
@@ -231,6 +232,8 @@ fn poor_network_banner_and_stats_panel_render_with_history() {
     h.get_by_label("Loss (%): 0.5");
     h.get_by_label("Bitrate (kbps): 700.0");
     h.get_by_label("Frame rate (fps): 25.0");
+    h.get_by_label("Resolution (lines): 360.0");
+    h.get_by_label("Call quality: good");
     assert_eq!(h.state().model.stats.rtt_ms.0.len(), 30);
 
     h.state_mut().model.apply(CallEvent::Stats {
@@ -239,6 +242,13 @@ fn poor_network_banner_and_stats_panel_render_with_history() {
     });
     h.run();
     h.get_by_label("Patient's network is poor");
+    h.get_by_label("Call quality: poor");
+    h.state_mut().model.apply(CallEvent::Stats {
+        participant_id: pid("p1"),
+        report: report(250.0, 0.0),
+    });
+    h.run();
+    h.get_by_label("Call quality: fair");
     h.state_mut().model.apply(CallEvent::Stats {
         participant_id: pid("p1"),
         report: report(50.0, 7.5),
@@ -290,4 +300,93 @@ fn status_json_has_no_names() {
         "{s}"
     );
     assert!(s.contains("\"waiting\":1"), "{s}");
+}
+
+#[test]
+fn chat_sends_the_draft_and_shows_both_sides() {
+    let mut h = harness(in_call());
+    h.run();
+    h.get_by_label("Messages are not stored.");
+    // Nothing to send yet: the button is disabled.
+    h.get_by_label("Send").click();
+    h.run();
+    assert!(h.state().commands.is_empty());
+    h.state_mut().drafts.chat = "Please sit closer to the camera".into();
+    h.run();
+    h.get_by_label("Send").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::SendChat(
+            "Please sit closer to the camera".into()
+        )]
+    );
+    assert!(h.state().drafts.chat.is_empty(), "the draft is cleared");
+    // Lines show once the client reports them, ours and the patient's (by name).
+    let m = &mut h.state_mut().model;
+    m.apply(CallEvent::Chat {
+        id: 1,
+        from: pid("me"),
+        text: "Please sit closer to the camera".into(),
+        outgoing: true,
+    });
+    m.apply(CallEvent::Chat {
+        id: 1,
+        from: pid("p1"),
+        text: "Is this better?".into(),
+        outgoing: false,
+    });
+    h.run();
+    h.get_by_label("You:");
+    h.get_by_label("Ada Lovelace:");
+    h.get_by_label("Is this better?");
+    h.state_mut().model.apply(CallEvent::ChatNotDelivered {
+        id: 2,
+        to: None,
+        reason: "nobody is connected to receive it".into(),
+    });
+    h.run();
+    h.get_by_label("Message not delivered: nobody is connected to receive it");
+    // Over the limit: not sendable, and the doctor is told why.
+    h.state_mut().commands.clear();
+    h.state_mut().drafts.chat = "x".repeat(bedside_protocol::chat::MAX_CHAT_BYTES + 1);
+    h.run();
+    h.get_by_label("Send").click();
+    h.run();
+    assert!(h.state().commands.is_empty());
+    h.get_by_label(&format!(
+        "Too long: {} of {} bytes",
+        bedside_protocol::chat::MAX_CHAT_BYTES + 1,
+        bedside_protocol::chat::MAX_CHAT_BYTES
+    ));
+}
+
+#[test]
+fn chat_keeps_a_bounded_history_and_stays_out_of_the_status() {
+    let mut m = in_call();
+    for i in 0..(bedside_desktop::model::CHAT_LINES_KEPT + 5) {
+        m.apply(CallEvent::Chat {
+            id: i as u64,
+            from: pid("p1"),
+            text: format!("secret symptom {i}"),
+            outgoing: false,
+        });
+    }
+    assert_eq!(m.chat.len(), bedside_desktop::model::CHAT_LINES_KEPT);
+    assert_eq!(m.chat[0].text, "secret symptom 5");
+    let s = m.status_json().to_string();
+    assert!(!s.contains("symptom"), "{s}");
+}
+
+#[test]
+fn self_view_says_why_there_is_no_picture() {
+    let mut m = in_call();
+    let mut h = harness(m.clone());
+    h.run();
+    h.get_by_label("Starting the camera…");
+    m.apply(CallEvent::CameraEnabled(false));
+    let mut h = harness(m);
+    h.run();
+    // The banner text and the self view both say so.
+    assert!(h.query_all_by_label("Camera off").count() >= 1);
 }

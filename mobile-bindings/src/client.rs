@@ -138,6 +138,18 @@ impl BedsideClient {
         self.handle.send(UserCommand::SetBackgrounded(backgrounded));
     }
 
+    /// Sends a chat line to the clinicians in the call, end to end over the data channel
+    /// (nothing is stored). It comes back through `on_chat` (outgoing) once on its way, or
+    /// `on_chat_not_delivered` when nobody is connected.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for blank text or text over 4096 bytes.
+    pub fn send_chat(&self, text: String) -> Result<(), BedsideError> {
+        bedside_protocol::chat::check_chat_text(&text).map_err(BedsideError::invalid)?;
+        self.handle.send(UserCommand::SendChat(text));
+        Ok(())
+    }
+
     /// The app switched cameras (front to back): frames still queued from the old camera are
     /// dropped and the next one sent is a keyframe. Push the new camera's frames as before.
     pub fn switch_camera(&self) {
@@ -240,6 +252,15 @@ mod tests {
             );
         }
         assert!(c.push_audio_samples(vec![0; 960]).is_ok());
+        assert!(matches!(
+            c.send_chat("  ".into()),
+            Err(BedsideError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            c.send_chat("x".repeat(5000)),
+            Err(BedsideError::InvalidArgument { .. })
+        ));
+        assert!(c.send_chat("hello".into()).is_ok());
         assert!(matches!(
             c.push_audio_samples(vec![0; 959]),
             Err(BedsideError::InvalidArgument { .. })

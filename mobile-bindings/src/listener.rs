@@ -52,6 +52,11 @@ pub trait ClientListener: Send + Sync {
     fn on_remote_audio(&self, samples: Vec<i16>);
     /// Call quality with one peer, about once a second.
     fn on_stats(&self, participant_id: String, stats: StatsFfi);
+    /// A chat line: ours once it is on its way (`outgoing`), or one from `participant_id`.
+    /// Chat goes end to end over the data channel and is stored nowhere; keep it in memory.
+    fn on_chat(&self, participant_id: String, text: String, outgoing: bool);
+    /// A chat line of ours did not go out, and why (nobody connected, a dropped link).
+    fn on_chat_not_delivered(&self, reason: String);
     /// A refusal that does not end the call; `code` is the server's stable error code.
     fn on_error(&self, code: String, details: String);
 }
@@ -232,6 +237,13 @@ fn forward(listener: &dyn ClientListener, event: CallEvent) {
             participant_id,
             report,
         } => listener.on_stats(participant_id.0, report.into()),
+        CallEvent::Chat {
+            from,
+            text,
+            outgoing,
+            ..
+        } => listener.on_chat(from.0, text, outgoing),
+        CallEvent::ChatNotDelivered { reason, .. } => listener.on_chat_not_delivered(reason),
         CallEvent::Error { code, message } => listener.on_error(code.as_str().to_owned(), message),
     }
 }
@@ -254,6 +266,8 @@ mod tests {
         fn on_microphone_muted(&self, _: bool) {}
         fn on_camera_enabled(&self, _: bool) {}
         fn on_audio_only(&self, _: bool, _: bool) {}
+        fn on_chat(&self, _: String, _: String, _: bool) {}
+        fn on_chat_not_delivered(&self, _: String) {}
         fn on_remote_video_frame(
             &self,
             _: String,

@@ -85,6 +85,9 @@ pub struct Report {
     /// Keyframe requests (PLI) we sent, and those we received.
     pub keyframes_requested: u64,
     pub keyframe_requests_received: u64,
+    /// Chat lines received. The probe answers each with `echo: <text>`, so an app can check
+    /// its chat end to end against it.
+    pub chat_received: u64,
     pub received_resolution: Option<(u32, u32)>,
     pub glass_to_glass_ms_p50: Option<f64>,
     pub glass_to_glass_ms_p95: Option<f64>,
@@ -179,6 +182,10 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     }
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
+                    }
+                    CallEvent::Chat { text, outgoing: false, .. } => {
+                        report.chat_received += 1;
+                        client.handle.send(UserCommand::SendChat(format!("echo: {text}")));
                     }
                     // A doctor probe admits whoever waits.
                     CallEvent::WaitingRoom(waiting) => {

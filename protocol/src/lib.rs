@@ -26,6 +26,8 @@
 
 use std::fmt;
 
+pub mod chat;
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks.

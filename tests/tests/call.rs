@@ -60,6 +60,19 @@ async fn wait_for<T>(
     }
 }
 
+/// The next chat line `client` receives from someone else.
+async fn next_chat(client: &mut Client) -> Result<String> {
+    wait_for(client, Duration::from_secs(5), |e| match e {
+        CallEvent::Chat {
+            text,
+            outgoing: false,
+            ..
+        } => Some(text.clone()),
+        _ => None,
+    })
+    .await
+}
+
 async fn wait_state(client: &mut Client, want: CallState) -> Result<()> {
     wait_for(client, Duration::from_secs(15), |e| {
         matches!(e, CallEvent::State(s) if *s == want).then_some(())
@@ -199,6 +212,36 @@ async fn doctor_and_patient_connect_and_exchange_encrypted_media() -> Result<()>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The self view shows what is sent: the new camera's picture.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while patient
+        .sent
+        .preview
+        .latest()
+        .1
+        .and_then(|f| read_marker(&f))
+        .map(|m| m.tag)
+        != Some(7)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "self view not updated"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Chat, end to end on the data channel, both ways.
+    doctor
+        .handle
+        .send(UserCommand::SendChat("Can you show me the rash?".into()));
+    let got = next_chat(&mut patient).await?;
+    assert_eq!(got, "Can you show me the rash?");
+    patient
+        .handle
+        .send(UserCommand::SendChat("Yes, one moment 👍".into()));
+    let got = next_chat(&mut doctor).await?;
+    assert_eq!(got, "Yes, one moment 👍");
+
     // Statistics arrive about once a second: a round-trip time and the pair type (host on
     // loopback).
     let report = wait_for(&mut doctor, Duration::from_secs(5), |e| match e {
@@ -336,6 +379,23 @@ async fn a_group_consult_delivers_everyone_s_media_to_everyone() -> Result<()> {
                 "{id:?} as seen by {my_id:?}"
             );
         }
+    }
+    // A chat line reaches every clinician, from the patient.
+    patient
+        .handle
+        .send(UserCommand::SendChat("Thank you both".into()));
+    for me in [&mut doctor, &mut clinician] {
+        let from = wait_for(me, Duration::from_secs(5), |e| match e {
+            CallEvent::Chat {
+                from,
+                text,
+                outgoing: false,
+                ..
+            } if text == "Thank you both" => Some(from.clone()),
+            _ => None,
+        })
+        .await?;
+        assert_eq!(from, patient_id);
     }
     // Outbound loss, from the peers' reception reports: measured, and 0 on loopback.
     let report = wait_for(&mut patient, Duration::from_secs(10), |e| match e {

@@ -542,6 +542,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_push_video_frame() != 52430:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_send_chat() != 61621:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_audio_only() != 22607:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_camera_enabled() != 41047:
@@ -578,7 +580,11 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats() != 45011:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error() != 30327:
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat() != 56577:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat_not_delivered() != 6206:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error() != 12501:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_bedside_mobile_checksum_method_listenerhandle_cancel() != 43072:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -640,6 +646,9 @@ _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_push_audio_sample
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_push_video_frame.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_push_video_frame.restype = ctypes.c_uint16
+_UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_send_chat.argtypes = (
+)
+_UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_send_chat.restype = ctypes.c_uint16
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_audio_only.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_bedsideclient_set_audio_only.restype = ctypes.c_uint16
@@ -694,6 +703,12 @@ _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_remote_audio.
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_stats.restype = ctypes.c_uint16
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat.argtypes = (
+)
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat.restype = ctypes.c_uint16
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat_not_delivered.argtypes = (
+)
+_UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_chat_not_delivered.restype = ctypes.c_uint16
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error.argtypes = (
 )
 _UniffiLib.uniffi_bedside_mobile_checksum_method_clientlistener_on_error.restype = ctypes.c_uint16
@@ -757,6 +772,12 @@ _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_push_video_frame.argtyp
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_push_video_frame.restype = None
+_UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_send_chat.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_send_chat.restype = None
 _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_set_audio_only.argtypes = (
     ctypes.c_uint64,
     ctypes.c_int8,
@@ -874,6 +895,20 @@ _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_stats.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_stats.restype = None
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.c_int8,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat.restype = None
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat_not_delivered.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat_not_delivered.restype = None
 _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_error.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -964,7 +999,13 @@ _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8 = ctypes.CFUNC
 _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
-_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
+_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_int8,ctypes.c_void_p,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD11 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,ctypes.c_void_p,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD12 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UNIFFI_CALLBACK_INTERFACE_CLONE_BEDSIDE_MOBILE_CLIENT_LISTENER = ctypes.CFUNCTYPE(ctypes.c_uint64,ctypes.c_uint64,
@@ -985,7 +1026,9 @@ class _UniffiVTableCallbackInterfaceBedsideMobileClientListener(ctypes.Structure
         ("on_remote_video_frame", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD7),
         ("on_remote_audio", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD8),
         ("on_stats", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD9),
-        ("on_error", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10),
+        ("on_chat", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10),
+        ("on_chat_not_delivered", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD11),
+        ("on_error", _UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD12),
     ]
 _UniffiLib.uniffi_bedside_mobile_fn_init_callback_vtable_clientlistener.argtypes = (
     ctypes.POINTER(_UniffiVTableCallbackInterfaceBedsideMobileClientListener),
@@ -2754,6 +2797,17 @@ class ClientListener():
         Call quality with one peer, about once a second.
 """
         raise NotImplementedError
+    def on_chat(self, participant_id: str,text: str,outgoing: bool) -> None:
+        """
+        A chat line: ours once it is on its way (`outgoing`), or one from `participant_id`.
+        Chat goes end to end over the data channel and is stored nowhere; keep it in memory.
+"""
+        raise NotImplementedError
+    def on_chat_not_delivered(self, reason: str) -> None:
+        """
+        A chat line of ours did not go out, and why (nobody connected, a dropped link).
+"""
+        raise NotImplementedError
     def on_error(self, code: str,details: str) -> None:
         """
         A refusal that does not end the call; `code` is the server's stable error code.
@@ -2992,6 +3046,49 @@ class ClientListenerImpl(ClientListener):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    def on_chat(self, participant_id: str,text: str,outgoing: bool) -> None:
+        """
+        A chat line: ours once it is on its way (`outgoing`), or one from `participant_id`.
+        Chat goes end to end over the data channel and is stored nowhere; keep it in memory.
+"""
+        
+        _UniffiFfiConverterString.check_lower(participant_id)
+
+        _UniffiFfiConverterString.check_lower(text)
+
+        _UniffiFfiConverterBoolean.check_lower(outgoing)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(participant_id),
+            _UniffiFfiConverterString.lower(text),
+            _UniffiFfiConverterBoolean.lower(outgoing),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def on_chat_not_delivered(self, reason: str) -> None:
+        """
+        A chat line of ours did not go out, and why (nobody connected, a dropped link).
+"""
+        
+        _UniffiFfiConverterString.check_lower(reason)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(reason),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_bedside_mobile_fn_method_clientlistener_on_chat_not_delivered,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
     def on_error(self, code: str,details: str) -> None:
         """
         A refusal that does not end the call; `code` is the server's stable error code.
@@ -3222,6 +3319,46 @@ class _UniffiTraitImplClientListenerImpl:
         )
 
     @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD10
+    def on_chat(
+            uniffi_handle,
+            participant_id,
+            text,
+            outgoing,
+            uniffi_out_return,
+            uniffi_call_status_ptr,
+        ):
+        uniffi_obj = _UniffiFfiConverterTypeClientListener._handle_map.get(uniffi_handle)
+        def make_call():
+            uniffi_args = (_UniffiFfiConverterString.lift(participant_id), _UniffiFfiConverterString.lift(text), _UniffiFfiConverterBoolean.lift(outgoing), )
+            uniffi_method = uniffi_obj.on_chat
+            return uniffi_method(*uniffi_args)
+        write_return_value = lambda v: None
+        _uniffi_trait_interface_call(
+                uniffi_call_status_ptr.contents,
+                make_call,
+                write_return_value,
+        )
+
+    @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD11
+    def on_chat_not_delivered(
+            uniffi_handle,
+            reason,
+            uniffi_out_return,
+            uniffi_call_status_ptr,
+        ):
+        uniffi_obj = _UniffiFfiConverterTypeClientListener._handle_map.get(uniffi_handle)
+        def make_call():
+            uniffi_args = (_UniffiFfiConverterString.lift(reason), )
+            uniffi_method = uniffi_obj.on_chat_not_delivered
+            return uniffi_method(*uniffi_args)
+        write_return_value = lambda v: None
+        _uniffi_trait_interface_call(
+                uniffi_call_status_ptr.contents,
+                make_call,
+                write_return_value,
+        )
+
+    @_UNIFFI_CALLBACK_INTERFACE_BEDSIDE_MOBILE_CLIENT_LISTENER_METHOD12
     def on_error(
             uniffi_handle,
             code,
@@ -3263,6 +3400,8 @@ class _UniffiTraitImplClientListenerImpl:
         on_remote_video_frame,
         on_remote_audio,
         on_stats,
+        on_chat,
+        on_chat_not_delivered,
         on_error,
     )
     # Send Rust a pointer to the VTable.  Note: this means we need to keep the struct alive forever,
@@ -3433,6 +3572,16 @@ class BedsideClientProtocol(typing.Protocol):
         width/2*height/2 each; even dimensions), to be displayed rotated clockwise by
         `rotation_degrees` (0, 90, 180 or 270). Frames of another size than the encoder's are
         scaled. Call from the capture thread; never blocks.
+"""
+        raise NotImplementedError
+    def send_chat(self, text: str) -> None:
+        """
+        Sends a chat line to the clinicians in the call, end to end over the data channel
+        (nothing is stored). It comes back through `on_chat` (outgoing) once on its way, or
+        `on_chat_not_delivered` when nobody is connected.
+
+        # Errors
+        `InvalidArgument` for blank text or text over 4096 bytes.
 """
         raise NotImplementedError
     def set_audio_only(self, audio_only: bool) -> None:
@@ -3631,6 +3780,29 @@ class BedsideClient(BedsideClientProtocol):
         _uniffi_ffi_result = _uniffi_rust_call_with_error(
             _uniffi_error_converter,
             _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_push_video_frame,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def send_chat(self, text: str) -> None:
+        """
+        Sends a chat line to the clinicians in the call, end to end over the data channel
+        (nothing is stored). It comes back through `on_chat` (outgoing) once on its way, or
+        `on_chat_not_delivered` when nobody is connected.
+
+        # Errors
+        `InvalidArgument` for blank text or text over 4096 bytes.
+"""
+        
+        _UniffiFfiConverterString.check_lower(text)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(text),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypeBedsideError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_bedside_mobile_fn_method_bedsideclient_send_chat,
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)

@@ -6,6 +6,7 @@ package health.bedside.sample
 import android.app.Activity
 import android.os.Bundle
 import android.util.Log
+import android.widget.Toast
 import uniffi.bedside_mobile.*
 
 class MainActivity : Activity() {
@@ -71,6 +72,13 @@ class MainActivity : Activity() {
             player?.write(samples.toShortArray(), 0, samples.size)
         }
         override fun onStats(participantId: String, stats: StatsFfi) {}
+        // Chat is end to end and stored nowhere: keep it in the activity's memory only.
+        override fun onChat(participantId: String, text: String, outgoing: Boolean) = runOnUiThread {
+            chatLog.append(if (outgoing) "You: $text\n" else "Doctor: $text\n")
+        }
+        override fun onChatNotDelivered(reason: String) = runOnUiThread {
+            Toast.makeText(this@MainActivity, "Not sent: $reason", Toast.LENGTH_SHORT).show()
+        }
         override fun onError(code: String, details: String) { Log.w("Bedside", "$code: $details") }
     }
 
@@ -86,6 +94,11 @@ class MainActivity : Activity() {
     fun onMuteClicked(muted: Boolean) = client?.setMuted(muted)
     fun onCameraClicked(on: Boolean) = client?.setCameraEnabled(on)
     fun onAudioOnlyClicked(on: Boolean) = client?.setAudioOnly(on)
+    fun onSendChatClicked(text: String) = try {
+        client?.sendChat(text)
+    } catch (e: BedsideException.InvalidArgument) {
+        Toast.makeText(this, "Message not sent: ${e.details}", Toast.LENGTH_SHORT).show()
+    }
     // From ConnectivityManager.NetworkCallback.onAvailable / onLost:
     fun onNetworkChanged() = client?.networkChanged()
 
@@ -104,4 +117,5 @@ class MainActivity : Activity() {
     private val remoteView = object { fun render(w: Int, h: Int, y: ByteArray, u: ByteArray, v: ByteArray, r: Int) {} }
     private fun showBanner(text: String) {}
     private fun hideBanner() {}
+    private val chatLog = StringBuilder()   // shown in a TextView; never written to storage
 }

@@ -74,6 +74,13 @@ final class ConsultationViewController: UIViewController {
             // it on an AVAudioPlayerNode (voice-processing I/O gives the platform's echo canceller).
         }
         func onStats(participantId: String, stats: StatsFfi) {}
+        // Chat is end to end and stored nowhere: keep it in memory only.
+        func onChat(participantId: String, text: String, outgoing: Bool) {
+            DispatchQueue.main.async { self.owner?.appendChat(outgoing ? "You: \(text)" : "Doctor: \(text)") }
+        }
+        func onChatNotDelivered(reason: String) {
+            DispatchQueue.main.async { self.owner?.appendChat("Not sent: \(reason)") }
+        }
         func onError(code: String, details: String) { Logger().warning("\(code): \(details)") }
     }
 
@@ -108,4 +115,9 @@ final class ConsultationViewController: UIViewController {
     }
 
     private func show(_ text: String?) { /* banner */ }
+    /// The chat transcript lives in a text view only; it is never written to storage.
+    func appendChat(_ line: String) { /* chatView.text += line + "\n" */ }
+    func sendChatTapped(_ text: String) {
+        do { try client?.sendChat(text: text) } catch { show("Message not sent: \(error)") }
+    }
 }

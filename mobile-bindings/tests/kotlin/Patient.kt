@@ -10,6 +10,7 @@ class Listener : ClientListener {
     val frames = AtomicInteger(0)
     val audioFrames = AtomicInteger(0)
     val loudFrames = AtomicInteger(0)
+    val chatReplies = CopyOnWriteArrayList<String>()
     override fun onState(state: CallStateFfi) { states.add(state) }
     override fun onSeated(participantId: String, role: RoleFfi) {}
     override fun onWaitingRoom(patients: List<WaitingPatientFfi>) {}
@@ -32,6 +33,10 @@ class Listener : ClientListener {
         if (rms > 300.0) loudFrames.incrementAndGet()
     }
     override fun onStats(participantId: String, stats: StatsFfi) {}
+    override fun onChat(participantId: String, text: String, outgoing: Boolean) {
+        if (!outgoing) chatReplies.add(text)
+    }
+    override fun onChatNotDelivered(reason: String) { println("chat not delivered: $reason") }
     override fun onError(code: String, details: String) { println("error $code $details") }
 }
 
@@ -77,6 +82,8 @@ fun main() {
     waitFor("being connected", 20) { listener.states.contains(CallStateFfi.Connected) }
     waitFor("more than 30 remote frames", 20) { listener.frames.get() > 30 }
     waitFor("the doctor's voice", 20) { listener.loudFrames.get() > 50 }
+    client.sendChat("Hello from Kotlin")
+    waitFor("the doctor's chat reply", 15) { listener.chatReplies.contains("echo: Hello from Kotlin") }
     client.switchCamera()
     client.appBackgrounded(true)
     client.appBackgrounded(false)

@@ -45,6 +45,8 @@ class Listener(bm.ClientListener):
         self.seated = None
         self.audio_frames = 0
         self.doctor_tone_frames = 0
+        self.chat = []
+        self.chat_not_delivered = []
 
     def on_state(self, state):
         with self.lock:
@@ -87,6 +89,14 @@ class Listener(bm.ClientListener):
     def on_stats(self, participant_id, stats):
         with self.lock:
             self.stats += 1
+
+    def on_chat(self, participant_id, text, outgoing):
+        with self.lock:
+            self.chat.append((participant_id, text, outgoing))
+
+    def on_chat_not_delivered(self, reason):
+        with self.lock:
+            self.chat_not_delivered.append(reason)
 
     def on_error(self, code, details):
         with self.lock:
@@ -172,6 +182,17 @@ def main():
         raise
     # The doctor's voice (the probe's 440 Hz tone) comes out decoded, for the player.
     wait_for("the doctor's tone", lambda: listener.doctor_tone_frames > 50, 20)
+    # Chat goes end to end over the data channel: the doctor (the probe) echoes it back.
+    try:
+        client.send_chat("   ")
+        raise AssertionError("blank chat was accepted")
+    except bm.BedsideError.InvalidArgument:
+        pass
+    client.send_chat("Hello doctor, I can see you")
+    wait_for("the doctor's reply", lambda: any(
+        not out and text == "echo: Hello doctor, I can see you" for _, text, out in listener.chat), 15)
+    assert any(out for _, _, out in listener.chat), listener.chat
+    assert not listener.chat_not_delivered, listener.chat_not_delivered
     # Switching cameras and a trip to the background keep the call and its video.
     client.switch_camera()
     client.app_backgrounded(True)
@@ -202,6 +223,7 @@ def main():
     print(f"states={listener.states}")
     print(f"frames={listener.frames} sizes={sorted(listener.sizes)} stats={listener.stats} "
           f"audio_frames={listener.audio_frames} doctor_tone={listener.doctor_tone_frames} "
+          f"chat={len(listener.chat)} "
           f"log_lines={len(sink.lines)}")
     print("PYTHON PATIENT OK")
 

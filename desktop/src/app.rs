@@ -15,8 +15,10 @@ use bedside_client_core::pipeline::{Received, SendStats};
 use bedside_protocol::ParticipantId;
 use tokio::sync::oneshot;
 
-use crate::clinic::{self, AppMsg, DoctorJoin, NetOptions, UiSender};
+use crate::clinic::{self, AdminApi, AppMsg, DoctorJoin, NetOptions, UiSender};
+use crate::devices::{self, DeviceLists};
 use crate::model::{AppModel, UiCommand};
+use crate::settings::{self, SecretStore, Settings, SettingsFile};
 use crate::video::i420_to_image;
 use crate::view::{Drafts, VideoView, view};
 
@@ -33,6 +35,10 @@ pub struct AppOptions {
     pub status_file: Option<PathBuf>,
     /// Testing only: admit whoever waits, through the same command path as the Admit button.
     pub auto_admit: bool,
+    /// Where the settings file lives.
+    pub settings_dir: PathBuf,
+    /// Where the doctor's token is remembered.
+    pub secrets: Arc<dyn SecretStore>,
 }
 
 struct Session {
@@ -61,9 +67,19 @@ pub struct DesktopApp {
     session: Option<Session>,
     remote: Option<RemoteSink>,
     clinic_stop: Option<oneshot::Sender<()>>,
+    /// The local clinic's administration API (today's consultations).
+    admin: Option<AdminApi>,
+    consultations_fetched: Option<Instant>,
     admitted: HashSet<ParticipantId>,
     status_written: Option<Instant>,
+    settings_file: SettingsFile,
+    settings: Settings,
+    /// Keeps the speaker playing; dropping it stops the playback thread.
+    speaker: Option<std::sync::mpsc::Sender<()>>,
 }
+
+/// How often today's consultations are fetched again while a clinic is open.
+const CONSULTATIONS_REFRESH: Duration = Duration::from_secs(10);
 
 impl DesktopApp {
     pub fn new(ctx: egui::Context, rt: tokio::runtime::Handle, mut options: AppOptions) -> Self {
@@ -72,20 +88,46 @@ impl DesktopApp {
         let ui_tx = UiSender::new(tx, move || waker.request_repaint());
         let connect = options.connect.take();
         let demo = options.demo;
+        let mut settings_file = SettingsFile::in_dir(&options.settings_dir);
+        let mut model = AppModel::default();
+        let settings = settings_file.load().unwrap_or_else(|e| {
+            model.error = Some(format!("{e}. It was left as it is; defaults are used."));
+            Settings::default()
+        });
+        let mut drafts = Drafts {
+            ws_url: settings.server_url.clone(),
+            ..Drafts::default()
+        };
+        if !settings.server_url.is_empty()
+            && let Some(token) = options.secrets.token(&settings.server_url)
+        {
+            drafts.token = token;
+            model.keyring_note = Some("Token remembered in the system keyring.".into());
+        }
+        let lister = ui_tx.clone();
+        std::thread::Builder::new()
+            .name("bedside-devices".into())
+            .spawn(move || lister.send(AppMsg::Devices(DeviceLists::enumerate())))
+            .expect("spawn the device lister");
         let mut app = DesktopApp {
             rt,
             ctx,
             options,
             rx,
             ui_tx,
-            model: AppModel::default(),
-            drafts: Drafts::default(),
+            model,
+            drafts,
             video: VideoView::default(),
             session: None,
             remote: None,
             clinic_stop: None,
+            admin: None,
+            consultations_fetched: None,
             admitted: HashSet::new(),
             status_written: None,
+            settings_file,
+            settings,
+            speaker: None,
         };
         if let Some(join) = connect {
             app.connect(join);
@@ -109,7 +151,8 @@ impl DesktopApp {
         });
     }
 
-    fn execute(&mut self, cmd: UiCommand) {
+    /// Carries out one command (what a click produced).
+    pub fn execute(&mut self, cmd: UiCommand) {
         match cmd {
             UiCommand::StartLocalClinic => {
                 self.model.busy = Some("Starting the local clinic…".into());
@@ -133,10 +176,53 @@ impl DesktopApp {
             }
             UiCommand::ConnectToClinic { ws_url, token } => {
                 self.model.error = None;
+                self.settings.server_url.clone_from(&ws_url);
+                self.save_settings();
+                self.model.keyring_note =
+                    Some(match self.options.secrets.save_token(&ws_url, &token) {
+                        Ok(()) => "Token remembered in the system keyring.".into(),
+                        Err(why) => format!("The token is not remembered: {why}."),
+                    });
                 self.connect(DoctorJoin {
                     ws_url,
                     token,
                     invite_code: None,
+                    consultation_id: None,
+                });
+            }
+            UiCommand::ChooseCamera(id) => {
+                self.settings.camera = Some(id.clone());
+                self.save_settings();
+                self.model.camera = id;
+                self.open_camera();
+            }
+            UiCommand::ChooseMicrophone(id) => {
+                self.settings.microphone = Some(id.clone());
+                self.save_settings();
+                self.model.microphone = id;
+                self.open_microphone();
+            }
+            UiCommand::ChooseSpeaker(id) => {
+                self.settings.speaker = Some(id.clone());
+                self.save_settings();
+                self.model.speaker = id;
+                self.open_speaker();
+            }
+            UiCommand::RefreshConsultations => self.fetch_consultations(),
+            UiCommand::NewConsultation | UiCommand::OpenConsultation(_) => {
+                let Some(admin) = self.admin.clone() else {
+                    return;
+                };
+                let ui = self.ui_tx.clone();
+                self.rt.spawn(async move {
+                    let join = match cmd {
+                        UiCommand::OpenConsultation(id) => admin.open(id).await,
+                        _ => admin.create().await,
+                    };
+                    match join {
+                        Ok(join) => ui.send(AppMsg::Switch(join)),
+                        Err(e) => ui.send(AppMsg::Failed(format!("{e:#}"))),
+                    }
                 });
             }
             UiCommand::Copy(text) => self.ctx.copy_text(text),
@@ -151,16 +237,100 @@ impl DesktopApp {
                 }
             }
             UiCommand::Reset => {
-                if let Some(session) = self.session.take() {
-                    session.handle.send(UserCommand::Leave);
-                }
+                self.end_session();
                 self.clinic_stop = None;
-                self.remote = None;
-                self.video = VideoView::default();
-                self.admitted.clear();
-                self.model = AppModel::default();
+                self.admin = None;
+                self.model = AppModel {
+                    devices: std::mem::take(&mut self.model.devices),
+                    camera: std::mem::take(&mut self.model.camera),
+                    microphone: std::mem::take(&mut self.model.microphone),
+                    speaker: std::mem::take(&mut self.model.speaker),
+                    keyring_note: self.model.keyring_note.take(),
+                    ..AppModel::default()
+                };
             }
         }
+    }
+
+    /// Leaves the call (if any) and forgets what belonged to it.
+    fn end_session(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.handle.send(UserCommand::Leave);
+        }
+        self.speaker = None;
+        self.remote = None;
+        self.video = VideoView::default();
+        self.admitted.clear();
+    }
+
+    fn save_settings(&mut self) {
+        if let Err(e) = self.settings_file.save(&self.settings) {
+            self.model.error = Some(e.to_string());
+        }
+    }
+
+    /// Opens the chosen camera off the UI thread; the call switches to it when it is ready.
+    fn open_camera(&self) {
+        if self.session.is_none() {
+            return;
+        }
+        let (id, ui) = (self.model.camera.clone(), self.ui_tx.clone());
+        self.rt
+            .spawn_blocking(move || match devices::open_camera(&id) {
+                Ok(source) => ui.send(AppMsg::VideoSource(source)),
+                Err(why) => ui.send(AppMsg::Failed(why)),
+            });
+    }
+
+    fn open_microphone(&self) {
+        if self.session.is_none() {
+            return;
+        }
+        let (id, ui) = (self.model.microphone.clone(), self.ui_tx.clone());
+        self.rt
+            .spawn_blocking(move || match devices::open_microphone(&id) {
+                Ok(source) => ui.send(AppMsg::AudioSource(source)),
+                Err(why) => ui.send(AppMsg::Failed(why)),
+            });
+    }
+
+    /// Plays the call's audio on the chosen speaker, from a thread that holds the device (it
+    /// ends, closing the device, when `self.speaker` is dropped or replaced).
+    fn open_speaker(&mut self) {
+        self.speaker = None;
+        let Some(session) = &self.session else {
+            return;
+        };
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (id, ui) = (self.model.speaker.clone(), self.ui_tx.clone());
+        let audio = session.received.audio().clone();
+        let spawned = std::thread::Builder::new()
+            .name("bedside-speaker".into())
+            .spawn(move || match devices::open_speaker(&id, audio) {
+                Ok(playback) => {
+                    // Blocks until the sender is dropped.
+                    let _ = stopped.recv();
+                    drop(playback);
+                }
+                Err(why) => ui.send(AppMsg::Failed(why)),
+            });
+        if spawned.is_ok() {
+            self.speaker = Some(stop);
+        }
+    }
+
+    fn fetch_consultations(&mut self) {
+        let Some(admin) = self.admin.clone() else {
+            return;
+        };
+        self.consultations_fetched = Some(Instant::now());
+        let ui = self.ui_tx.clone();
+        self.rt.spawn(async move {
+            match admin.consultations().await {
+                Ok(list) => ui.send(AppMsg::Consultations(list)),
+                Err(e) => ui.send(AppMsg::Failed(format!("{e:#}"))),
+            }
+        });
     }
 
     /// Applies everything the background tasks sent since the last frame. Never waits.
@@ -173,7 +343,9 @@ impl DesktopApp {
                     sent,
                     clinic_label,
                     invite_code,
+                    consultation_id,
                 } => {
+                    self.model.consultation_id = consultation_id;
                     let waker = self.ctx.clone();
                     sent.preview.set_waker(move || waker.request_repaint());
                     self.session = Some(Session {
@@ -182,12 +354,68 @@ impl DesktopApp {
                         sent,
                         preview_seen: 0,
                     });
+                    // The client starts on the synthetic sources: switch to the chosen devices.
+                    if self.model.camera != settings::TEST_PATTERN {
+                        self.open_camera();
+                    }
+                    if self.model.microphone != settings::TEST_TONE {
+                        self.open_microphone();
+                    }
+                    self.open_speaker();
                     self.model.has_session = true;
                     self.model.clinic_label = Some(clinic_label);
                     self.model.invite_code = invite_code;
                     self.model.busy = Some("Joining…".into());
                 }
-                AppMsg::LocalClinic { stop } => self.clinic_stop = Some(stop),
+                AppMsg::LocalClinic { stop, admin } => {
+                    self.clinic_stop = Some(stop);
+                    self.admin = Some(admin);
+                    self.model.consultations = Some(Vec::new());
+                    self.fetch_consultations();
+                }
+                AppMsg::Devices(lists) => {
+                    let s = &self.settings;
+                    self.model.camera = devices::resolve(&lists.cameras, s.camera.as_deref());
+                    self.model.microphone =
+                        devices::resolve(&lists.microphones, s.microphone.as_deref());
+                    self.model.speaker = devices::resolve(&lists.speakers, s.speaker.as_deref());
+                    self.model.devices = lists;
+                    if self.session.is_some() {
+                        self.open_camera();
+                        self.open_microphone();
+                        self.open_speaker();
+                    }
+                }
+                AppMsg::VideoSource(source) => {
+                    if let Some(session) = &self.session {
+                        session.handle.set_video_source(source);
+                    }
+                }
+                AppMsg::AudioSource(source) => {
+                    if let Some(session) = &self.session {
+                        session.handle.set_audio_source(source);
+                    }
+                }
+                AppMsg::Consultations(list) => {
+                    if self.admin.is_some() {
+                        self.model.consultations = Some(list);
+                    }
+                }
+                AppMsg::Switch(join) => {
+                    self.end_session();
+                    let keep = std::mem::take(&mut self.model);
+                    self.model = AppModel {
+                        devices: keep.devices,
+                        camera: keep.camera,
+                        microphone: keep.microphone,
+                        speaker: keep.speaker,
+                        consultations: keep.consultations,
+                        keyring_note: keep.keyring_note,
+                        ..AppModel::default()
+                    };
+                    self.connect(join);
+                    self.fetch_consultations();
+                }
                 AppMsg::Event(event) => self.model.apply(event),
                 AppMsg::Failed(message) => {
                     self.model.busy = None;
@@ -310,6 +538,15 @@ impl DesktopApp {
             self.execute(cmd);
         }
         self.write_status();
+        if self.admin.is_some() {
+            if self
+                .consultations_fetched
+                .is_none_or(|t| t.elapsed() >= CONSULTATIONS_REFRESH)
+            {
+                self.fetch_consultations();
+            }
+            self.ctx.request_repaint_after(CONSULTATIONS_REFRESH);
+        }
         if self.model.screen() == crate::model::Screen::Consultation
             && !self.model.waiting.is_empty()
         {
@@ -349,9 +586,7 @@ impl eframe::App for DesktopApp {
     }
 
     fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
-        if let Some(session) = self.session.take() {
-            session.handle.send(UserCommand::Leave);
-        }
+        self.end_session();
         self.clinic_stop = None;
     }
 }

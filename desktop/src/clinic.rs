@@ -11,9 +11,13 @@ use bedside_client_core::call::{CallEvent, UserCommand};
 use bedside_client_core::driver::{self, ClientHandle, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
 use bedside_client_core::media::DOCTOR_TONE_HZ;
+use bedside_client_core::media::{AudioSource, VideoSource};
 use bedside_client_core::pipeline::{MediaSources, Received, SendStats};
+use bedside_protocol::ConsultationId;
 use bedside_protocol::JoinAuth;
-use bedside_server::api::CreatedConsultation;
+use bedside_server::api::{ConsultationSummary, CreatedConsultation, IssuedInvite, IssuedToken};
+
+use crate::devices::DeviceLists;
 use bedside_server::{Config, Server};
 use tokio::sync::oneshot;
 
@@ -26,11 +30,22 @@ pub enum AppMsg {
         sent: Arc<SendStats>,
         clinic_label: String,
         invite_code: Option<String>,
+        consultation_id: Option<ConsultationId>,
     },
     /// A local clinic is up (kept alive by `stop`; dropping it stops the server).
     LocalClinic {
         stop: oneshot::Sender<()>,
+        admin: AdminApi,
     },
+    /// The devices of this computer, for the pickers.
+    Devices(DeviceLists),
+    /// A camera or microphone the doctor picked, opened.
+    VideoSource(Box<dyn VideoSource>),
+    AudioSource(Box<dyn AudioSource>),
+    /// Today's consultations on the local clinic.
+    Consultations(Vec<ConsultationSummary>),
+    /// Move the doctor into this consultation.
+    Switch(DoctorJoin),
     Event(CallEvent),
     Failed(String),
 }
@@ -70,6 +85,84 @@ pub struct DoctorJoin {
     pub ws_url: String,
     pub token: String,
     pub invite_code: Option<String>,
+    pub consultation_id: Option<ConsultationId>,
+}
+
+/// The local clinic's administration API. Not `Debug`: the key is a secret.
+#[derive(Clone)]
+pub struct AdminApi {
+    pub base_url: String,
+    pub key: String,
+    pub ws_url: String,
+}
+
+impl AdminApi {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .request(method, format!("{}/api/v1{path}", self.base_url))
+            .bearer_auth(&self.key)
+            .timeout(Duration::from_secs(10))
+    }
+
+    /// Today's consultations (the last 24 hours), newest first.
+    pub async fn consultations(&self) -> Result<Vec<ConsultationSummary>> {
+        let resp = self
+            .request(reqwest::Method::GET, "/consultations")
+            .send()
+            .await
+            .context("listing consultations")?;
+        if !resp.status().is_success() {
+            bail!("listing consultations: HTTP {}", resp.status());
+        }
+        // The server lists them newest first.
+        Ok(resp.json().await?)
+    }
+
+    /// A new consultation, joined as its doctor.
+    pub async fn create(&self) -> Result<DoctorJoin> {
+        let created = create_consultation(&self.base_url, &self.key).await?;
+        Ok(DoctorJoin {
+            ws_url: self.ws_url.clone(),
+            token: created.doctor_token,
+            invite_code: Some(created.invite_code),
+            consultation_id: Some(created.consultation_id),
+        })
+    }
+
+    /// A fresh doctor token and patient invite for an open consultation.
+    pub async fn open(&self, id: ConsultationId) -> Result<DoctorJoin> {
+        let token: IssuedToken = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/consultations/{}/tokens", id.0),
+            )
+            .json(&serde_json::json!({ "role": "doctor" }))
+            .send()
+            .await
+            .context("issuing a doctor token")?
+            .error_for_status()
+            .context("issuing a doctor token")?
+            .json()
+            .await?;
+        let invite: IssuedInvite = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/consultations/{}/invites", id.0),
+            )
+            .send()
+            .await
+            .context("issuing an invite")?
+            .error_for_status()
+            .context("issuing an invite")?
+            .json()
+            .await?;
+        Ok(DoctorJoin {
+            ws_url: self.ws_url.clone(),
+            token: token.token,
+            invite_code: Some(invite.invite_code),
+            consultation_id: Some(id),
+        })
+    }
 }
 
 /// Starts a clinic server in this process with its store in `data_dir`, listening on
@@ -85,21 +178,22 @@ pub async fn start_local_clinic(data_dir: PathBuf, ui: &UiSender) -> Result<Doct
     let server = Server::bind(config)
         .await
         .context("starting the local clinic")?;
-    let base_url = server.base_url();
-    let ws_url = server.ws_url().to_owned();
-    let admin_key = server.admin_api_key().to_owned();
+    let admin = AdminApi {
+        base_url: server.base_url(),
+        key: server.admin_api_key().to_owned(),
+        ws_url: server.ws_url().to_owned(),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(async move {
         let _ = stopped.await;
     }));
-    ui.send(AppMsg::LocalClinic { stop });
-    let created = create_consultation(&base_url, &admin_key).await?;
+    ui.send(AppMsg::LocalClinic {
+        stop,
+        admin: admin.clone(),
+    });
+    let join = admin.create().await?;
     tracing::info!("local clinic started, consultation created");
-    Ok(DoctorJoin {
-        ws_url,
-        token: created.doctor_token,
-        invite_code: Some(created.invite_code),
-    })
+    Ok(join)
 }
 
 /// `POST /api/v1/consultations` with the admin key.
@@ -145,6 +239,7 @@ pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result
         sent: client.sent,
         clinic_label: host_of(&join.ws_url),
         invite_code: join.invite_code,
+        consultation_id: join.consultation_id,
     });
     Ok(())
 }

@@ -6,13 +6,17 @@
 //! - [`app`]: the eframe app: drains events at the start of each frame, uploads the newest remote
 //!   frame, runs the view and carries out its commands on the tokio runtime.
 //! - [`clinic`]: background work (in-process clinic server, REST, the call client, demo patient).
+//! - [`devices`]: the camera, microphone and speaker pickers and what a choice opens.
+//! - [`settings`]: what is remembered between runs (a TOML file; the token in the keyring).
 //!
 //! The app makes no call decisions: admitting, reconnecting, audio-only fallback and quality all
 //! live in `bedside-client-core`.
 
 pub mod app;
 pub mod clinic;
+pub mod devices;
 pub mod model;
+pub mod settings;
 pub mod video;
 pub mod view;
 

@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use std::sync::Arc;
+
 use bedside_desktop::app::{AppOptions, DesktopApp};
 use bedside_desktop::clinic::{DoctorJoin, NetOptions};
+use bedside_desktop::settings::{Keyring, SettingsFile};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -16,6 +19,9 @@ struct Args {
     /// Where the local clinic keeps its data (default: ~/.local/share/bedside-desktop).
     #[arg(long, env = "BEDSIDE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where the app keeps its settings (default: $XDG_CONFIG_HOME/bedside).
+    #[arg(long, env = "BEDSIDE_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     /// Join a consultation at once on this signaling URL (with BEDSIDE_TOKEN).
     #[arg(long, env = "BEDSIDE_SERVER_URL")]
     server_url: Option<String>,
@@ -74,6 +80,7 @@ fn main() -> Result<()> {
             ws_url,
             token,
             invite_code: args.invite_code,
+            consultation_id: None,
         }),
         (Some(_), None) => anyhow::bail!("--server-url needs BEDSIDE_TOKEN in the environment"),
         _ => None,
@@ -90,6 +97,8 @@ fn main() -> Result<()> {
         net: NetOptions { udp_addrs },
         status_file: args.status_file,
         auto_admit: args.auto_admit,
+        settings_dir: args.config_dir.unwrap_or_else(SettingsFile::default_dir),
+        secrets: Arc::new(Keyring),
     };
     let native = eframe::NativeOptions {
         renderer: eframe::Renderer::Glow,

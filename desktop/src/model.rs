@@ -5,7 +5,10 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
-use bedside_protocol::{ParticipantId, Peer, Role, StatsReport, WaitingPatient};
+use bedside_protocol::{ConsultationId, ParticipantId, Peer, Role, StatsReport, WaitingPatient};
+use bedside_server::api::ConsultationSummary;
+
+use crate::devices::DeviceLists;
 
 /// How many stats samples (about one a second) the plots keep.
 pub const HISTORY_LEN: usize = 120;
@@ -22,11 +25,24 @@ pub enum UiCommand {
     /// Run a clinic server in this process and open a consultation on it.
     StartLocalClinic,
     /// Join a consultation on a remote clinic as its doctor.
-    ConnectToClinic { ws_url: String, token: String },
+    ConnectToClinic {
+        ws_url: String,
+        token: String,
+    },
     /// Put text on the clipboard (the invite code).
     Copy(String),
     /// Send the chat draft to the patient.
     SendChat(String),
+    /// Use this camera, microphone or speaker (a device id or a synthetic choice).
+    ChooseCamera(String),
+    ChooseMicrophone(String),
+    ChooseSpeaker(String),
+    /// Open a new consultation on the local clinic and move the doctor into it.
+    NewConsultation,
+    /// Move the doctor into another of today's consultations.
+    OpenConsultation(ConsultationId),
+    /// Fetch today's consultations again.
+    RefreshConsultations,
     /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
     Call(UserCommand),
     /// Back to the connect screen after a call ended or failed.
@@ -144,6 +160,18 @@ pub struct AppModel {
     pub chat: Vec<ChatLine>,
     /// Why the last chat line did not go out.
     pub chat_notice: Option<String>,
+    /// What the device pickers offer, and what is chosen (ids from those lists).
+    pub devices: DeviceLists,
+    pub camera: String,
+    pub microphone: String,
+    pub speaker: String,
+    /// Today's consultations on this clinic: `None` where the app has no administration key
+    /// (a remote clinic gives the doctor one link per consultation).
+    pub consultations: Option<Vec<ConsultationSummary>>,
+    /// The consultation the doctor is in, when known.
+    pub consultation_id: Option<ConsultationId>,
+    /// Said under the connect form: whether the token is remembered, and where.
+    pub keyring_note: Option<String>,
 }
 
 impl Default for AppModel {
@@ -170,6 +198,13 @@ impl Default for AppModel {
             self_frames_shown: 0,
             chat: Vec::new(),
             chat_notice: None,
+            devices: DeviceLists::default(),
+            camera: crate::settings::TEST_PATTERN.to_owned(),
+            microphone: crate::settings::TEST_TONE.to_owned(),
+            speaker: crate::settings::SPEAKER_OFF.to_owned(),
+            consultations: None,
+            consultation_id: None,
+            keyring_note: None,
         }
     }
 }
@@ -351,6 +386,8 @@ impl AppModel {
             "self_frames_shown": self.self_frames_shown,
             "chat_lines": self.chat.len(),
             "quality": self.quality().map(|q| format!("{q:?}")),
+            "consultations": self.consultations.as_ref().map(Vec::len),
+            "camera_is_synthetic": self.camera == crate::settings::TEST_PATTERN,
             "banners": self.banners(),
             "stats_samples": self.stats.samples,
         })

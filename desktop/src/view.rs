@@ -5,6 +5,7 @@ use bedside_client_core::call::{CallState, UserCommand};
 use egui::{Color32, RichText, TextureHandle, Ui};
 use egui_plot::{Line, Plot};
 
+use crate::devices::Choice;
 use crate::model::{AppModel, Quality, Screen, Series, UiCommand};
 
 /// What the connect form holds while it is being typed (not call state).
@@ -114,6 +115,9 @@ fn connect_screen(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut 
             .labelled_by(label.id);
             ui.end_row();
         });
+        if let Some(note) = &model.keyring_note {
+            ui.label(RichText::new(note).weak());
+        }
         let ready = !drafts.ws_url.trim().is_empty() && !drafts.token.trim().is_empty();
         if ui
             .add_enabled(ready, egui::Button::new("Connect to a clinic"))
@@ -178,6 +182,10 @@ fn consultation_screen(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) 
     ui.separator();
     waiting_room(ui, model, out);
     ui.separator();
+    devices_panel(ui, model, out);
+    ui.separator();
+    consultations_panel(ui, model, out);
+    ui.separator();
     if ui.button("Leave").clicked() {
         out.push(UiCommand::Call(UserCommand::Leave));
     }
@@ -240,6 +248,10 @@ fn in_call_screen(
                 chat_panel(ui, model, drafts, out);
                 ui.separator();
                 stats_panel(ui, model);
+                ui.separator();
+                devices_panel(ui, model, out);
+                ui.separator();
+                consultations_panel(ui, model, out);
             });
         });
     egui::CentralPanel::default().show(ui, |ui| {
@@ -325,6 +337,104 @@ fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView) {
         rect,
         egui::Label::new(RichText::new(text).color(Color32::LIGHT_GRAY)),
     );
+}
+
+/// One picker: its label, its choices, the chosen id and the command a pick sends.
+type PickerRow<'a> = (&'a str, &'a [Choice], &'a str, fn(String) -> UiCommand);
+
+/// The camera, microphone and speaker pickers. Each lists the devices found and ends with the
+/// synthetic choice, so "no camera" is a visible state rather than an error.
+fn devices_panel(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
+    ui.heading("Devices");
+    let lists = &model.devices;
+    egui::Grid::new("devices").num_columns(2).show(ui, |ui| {
+        let rows: [PickerRow<'_>; 3] = [
+            (
+                "Camera",
+                &lists.cameras,
+                &model.camera,
+                UiCommand::ChooseCamera,
+            ),
+            (
+                "Microphone",
+                &lists.microphones,
+                &model.microphone,
+                UiCommand::ChooseMicrophone,
+            ),
+            (
+                "Speaker",
+                &lists.speakers,
+                &model.speaker,
+                UiCommand::ChooseSpeaker,
+            ),
+        ];
+        for (label, choices, chosen, command) in rows {
+            let name = ui.label(label);
+            let shown = choices
+                .iter()
+                .find(|c| c.id == chosen)
+                .map_or(chosen, |c| c.name.as_str());
+            egui::ComboBox::from_id_salt(label)
+                .selected_text(shown)
+                .width(200.0)
+                .show_ui(ui, |ui| {
+                    for choice in choices {
+                        if ui
+                            .selectable_label(choice.id == chosen, &choice.name)
+                            .clicked()
+                            && choice.id != chosen
+                        {
+                            out.push(command(choice.id.clone()));
+                        }
+                    }
+                })
+                .response
+                .labelled_by(name.id);
+            ui.end_row();
+        }
+    });
+    if lists.cameras.iter().all(Choice::is_synthetic) {
+        ui.label(RichText::new("No camera found: the patient sees a test pattern.").weak());
+    }
+}
+
+/// Today's consultations on this clinic, with a button to open a new one.
+fn consultations_panel(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
+    let Some(list) = &model.consultations else {
+        return;
+    };
+    ui.horizontal(|ui| {
+        ui.heading("Today's consultations");
+        if ui.button("Refresh").clicked() {
+            out.push(UiCommand::RefreshConsultations);
+        }
+    });
+    if ui.button("New consultation").clicked() {
+        out.push(UiCommand::NewConsultation);
+    }
+    egui::Grid::new("consultations")
+        .num_columns(3)
+        .striped(true)
+        .show(ui, |ui| {
+            for c in list {
+                let secs = c.created_at % 86_400;
+                ui.label(format!("{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60));
+                let state = if c.ended_at.is_some() {
+                    "ended".to_owned()
+                } else {
+                    format!("{} waiting · {} connected", c.waiting, c.connected)
+                };
+                ui.label(state);
+                if model.consultation_id.as_ref() == Some(&c.consultation_id) {
+                    ui.label(RichText::new("you are here").weak());
+                } else if c.ended_at.is_some() {
+                    ui.label("");
+                } else if ui.button("Open").clicked() {
+                    out.push(UiCommand::OpenConsultation(c.consultation_id.clone()));
+                }
+                ui.end_row();
+            }
+        });
 }
 
 /// The chat with the patient: end to end over the data channel, kept in memory only.

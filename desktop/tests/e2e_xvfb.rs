@@ -113,6 +113,8 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         .arg(&status)
         .arg("--data-dir")
         .arg(dir.path())
+        .arg("--config-dir")
+        .arg(dir.path())
         .env("DISPLAY", &display)
         .env("BEDSIDE_SERVER_URL", &server.ws_url)
         .env("BEDSIDE_TOKEN", &created.doctor_token)

@@ -390,3 +390,81 @@ fn self_view_says_why_there_is_no_picture() {
     // The banner text and the self view both say so.
     assert!(h.query_all_by_label("Camera off").count() >= 1);
 }
+
+#[test]
+fn device_pickers_list_the_devices_and_a_pick_sends_a_command() {
+    use bedside_desktop::devices::{Choice, DeviceLists};
+    let mut m = consultation();
+    m.devices = DeviceLists::with_devices(
+        vec![Choice {
+            id: "0".into(),
+            name: "USB camera".into(),
+        }],
+        Vec::new(),
+        Vec::new(),
+    );
+    m.camera = "0".into();
+    let mut h = harness(m);
+    h.run();
+    // A camera exists: no "no camera" note; the microphone list has only the test tone.
+    assert!(
+        h.query_by_label("No camera found: the patient sees a test pattern.")
+            .is_none()
+    );
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Camera")
+        .click();
+    h.run();
+    h.get_by_label("Test pattern").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::ChooseCamera(
+            bedside_desktop::settings::TEST_PATTERN.into()
+        )]
+    );
+}
+
+#[test]
+fn today_s_consultations_open_and_create() {
+    use bedside_protocol::ConsultationId;
+    use bedside_server::api::ConsultationSummary;
+    let summary = |id: &str, created_at: u64, ended: bool| ConsultationSummary {
+        consultation_id: ConsultationId(id.into()),
+        created_at,
+        ended_at: ended.then_some(created_at + 60),
+        seats: 2,
+        waiting: 1,
+        connected: 1,
+    };
+    let mut m = consultation();
+    // Without an administration key (a remote clinic) there is no list.
+    let mut h = harness(m.clone());
+    h.run();
+    assert!(h.query_by_label("Today's consultations").is_none());
+    m.consultations = Some(vec![
+        summary("c-new", 3600 * 14 + 5 * 60, false),
+        summary("c-old", 3600 * 9, true),
+        summary("c-here", 3600 * 8, false),
+    ]);
+    m.consultation_id = Some(ConsultationId("c-here".into()));
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("14:05 UTC");
+    h.get_by_label("ended");
+    h.get_by_label("you are here");
+    // Only the open consultation that the doctor is not in can be opened.
+    h.get_by_label("Open").click();
+    h.run();
+    h.get_by_label("New consultation").click();
+    h.run();
+    h.get_by_label("Refresh").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![
+            UiCommand::OpenConsultation(ConsultationId("c-new".into())),
+            UiCommand::NewConsultation,
+            UiCommand::RefreshConsultations,
+        ]
+    );
+}

@@ -207,7 +207,7 @@ async fn create_consultation(
     ))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsultationSummary {
     pub consultation_id: ConsultationId,
     pub created_at: u64,

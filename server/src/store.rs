@@ -401,7 +401,7 @@ impl Store {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, created_at, ended_at FROM consultations
-                 WHERE created_at >= ?1 ORDER BY created_at DESC, id LIMIT 1000",
+                 WHERE created_at >= ?1 ORDER BY created_at DESC, rowid DESC LIMIT 1000",
             )?;
             stmt.query_map([since_unix], row_to_consultation)?.collect()
         })

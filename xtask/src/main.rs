@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages the test suites need: codec builds, coturn for the relay's interop tests,
+/// Debian packages the test suites need: codec and device-support builds, coturn for the relay's interop tests,
 /// iproute2 and nftables for the impairment lab, and an X server with screenshots and the GL/X
 /// libraries eframe loads for the desktop test.
 const TEST_PACKAGES: &[&str] = &[
     "pkg-config",
     "cmake",
     "nasm",
+    "libasound2-dev",
+    "libclang-dev",
     "coturn",
     "iproute2",
     "nftables",
@@ -43,8 +45,15 @@ const TEST_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "g++-aarch64-linux-gnu",
 ];
-/// Debian packages the demo needs.
-const DEMO_PACKAGES: &[&str] = &["pkg-config", "cmake", "nasm"];
+/// Debian packages the demo needs (the desktop app's device support builds against ALSA and
+/// generates V4L2 bindings with libclang).
+const DEMO_PACKAGES: &[&str] = &[
+    "pkg-config",
+    "cmake",
+    "nasm",
+    "libasound2-dev",
+    "libclang-dev",
+];
 
 const DEMO_ADDR: &str = "127.0.0.1:8443";
 

@@ -106,7 +106,12 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     let (event_tx, events) = mpsc::unbounded_channel();
     let (media_tx, media_rx) = std::sync::mpsc::sync_channel(1024);
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
-    let engine = Engine::new(options.engine.clone(), tracks.clone(), engine_tx, media_tx);
+    let mut engine_settings = options.engine.clone();
+    // A `turns:` relay is trusted like the signaling server.
+    if engine_settings.tls.is_none() {
+        engine_settings.tls.clone_from(&options.tls);
+    }
+    let engine = Engine::new(engine_settings, tracks.clone(), engine_tx, media_tx);
     let (keyframe_tx, keyframe_rx) = mpsc::unbounded_channel();
     let received = pipeline::start_receiver(media_rx, keyframe_tx);
     let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);

@@ -52,6 +52,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+use crate::turn_tcp::{self, TurnTcpShim};
 
 /// Payload types Bedside negotiates (both ends are Bedside, so they are fixed).
 pub const OPUS_PAYLOAD_TYPE: u8 = 111;
@@ -63,6 +64,8 @@ pub enum EngineError {
     WebRtc(#[from] webrtc::error::Error),
     #[error("no peer connection for that participant")]
     UnknownPeer,
+    #[error("local socket: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Where the engine's sockets live and which candidates it may use.
@@ -72,6 +75,11 @@ pub struct EngineSettings {
     pub udp_addrs: Vec<String>,
     /// Use only relay (TURN) candidates.
     pub relay_only: bool,
+    /// Also reach the TURN servers listed with TCP or TLS URLs (through [`TurnTcpShim`]), for
+    /// networks where only TCP gets out. On by default.
+    pub turn_over_tcp: bool,
+    /// Which certificates a `turns:` server may present (`None`: the web's roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for EngineSettings {
@@ -79,6 +87,8 @@ impl Default for EngineSettings {
         EngineSettings {
             udp_addrs: vec!["0.0.0.0:0".into()],
             relay_only: false,
+            turn_over_tcp: true,
+            tls: None,
         }
     }
 }
@@ -577,6 +587,8 @@ pub struct Engine {
     remote_video: RemoteVideo,
     /// Each peer connection's chat data channel.
     chats: HashMap<ParticipantId, Arc<dyn DataChannel>>,
+    /// The TURN-over-TCP shims of each peer connection (closed with it).
+    shims: HashMap<ParticipantId, Vec<TurnTcpShim>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -596,6 +608,7 @@ impl Engine {
             feedback: HashMap::new(),
             remote_video: RemoteVideo::default(),
             chats: HashMap::new(),
+            shims: HashMap::new(),
             events,
             media,
         }
@@ -768,6 +781,7 @@ impl Engine {
         self.estimates.remove(peer);
         self.feedback.remove(peer);
         self.chats.remove(peer);
+        self.shims.remove(peer);
         self.tracks.remove_peer(peer);
         self.remote_video
             .lock()
@@ -815,14 +829,36 @@ impl Engine {
             &mut media_engine,
         )?;
         let registry = register_default_interceptors(registry, &mut media_engine)?;
-        let servers = ice_servers
-            .into_iter()
-            .map(|s| RTCIceServer {
-                urls: s.urls,
-                username: s.username.unwrap_or_default(),
-                credential: s.credential.unwrap_or_default(),
-            })
-            .collect();
+        let mut servers = Vec::with_capacity(ice_servers.len());
+        let mut shims = Vec::new();
+        for s in ice_servers {
+            let mut urls = Vec::with_capacity(s.urls.len());
+            for url in s.urls {
+                match turn_tcp::stream_turn_server(&url) {
+                    Some(server) if self.settings.turn_over_tcp => {
+                        let tls = match &self.settings.tls {
+                            Some(tls) => tls.clone(),
+                            None => crate::signaling::tls_config(None)
+                                .map_err(|e| EngineError::Io(std::io::Error::other(e)))?,
+                        };
+                        let shim = TurnTcpShim::start(server, tls).await?;
+                        urls.push(shim.url());
+                        shims.push(shim);
+                    }
+                    // The crate would skip it with a warning.
+                    Some(_) => {}
+                    None => urls.push(url),
+                }
+            }
+            if !urls.is_empty() {
+                servers.push(RTCIceServer {
+                    urls,
+                    username: s.username.unwrap_or_default(),
+                    credential: s.credential.unwrap_or_default(),
+                });
+            }
+        }
+        self.shims.insert(peer.clone(), shims);
         let mut config = RTCConfigurationBuilder::new().with_ice_servers(servers);
         if self.settings.relay_only {
             config = config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);

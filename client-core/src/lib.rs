@@ -1,10 +1,12 @@
 //! The shared heart of Bedside's doctor desktop app and patient mobile apps.
 //!
-//! - [`call`]: the consultation's call logic, one sans-IO state machine (with [`backoff`]).
+//! - [`call`]: the consultation's call logic, one sans-IO state machine (with [`backoff`] and
+//!   the [`quality`] ladder).
+//! - [`driver`]: the tokio driver that feeds it and carries out what it decides, with the
+//!   WebRTC [`engine`], the media [`pipeline`] (over [`media`]) and call [`stats`].
 //! - [`signaling`]: the WebSocket connection to the clinic server that speaks
 //!   `bedside-protocol`.
-//!
-//! Media and the WebRTC driver are being built (issue #4).
+//! - [`turn_tcp`]: TURN over TCP and TLS, which webrtc 0.21 lacks, for TCP-only networks.
 
 pub mod backoff;
 pub mod call;
@@ -15,6 +17,7 @@ pub mod pipeline;
 pub mod quality;
 pub mod signaling;
 pub mod stats;
+pub mod turn_tcp;
 
 /// The default log filter for client programs: warnings from Bedside, nothing from the
 /// webrtc-rs crates, whose messages name socket addresses (no addresses in logs).

@@ -217,6 +217,7 @@ pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result
     options.engine = EngineSettings {
         udp_addrs: net.udp_addrs.clone(),
         relay_only: false,
+        ..EngineSettings::default()
     };
     options.video.width = 640;
     options.video.height = 360;

@@ -55,6 +55,7 @@ impl BedsideClient {
         core.engine = EngineSettings {
             udp_addrs: options.udp_addrs,
             relay_only: options.relay_only,
+            ..EngineSettings::default()
         };
         core.video.width = options.video_width;
         core.video.height = options.video_height;

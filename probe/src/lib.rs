@@ -121,6 +121,7 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     client_options.engine = EngineSettings {
         udp_addrs: options.udp_addrs.clone(),
         relay_only: options.relay_only,
+        ..EngineSettings::default()
     };
     client_options.video = H264Config {
         width: options.width,

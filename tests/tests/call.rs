@@ -2,6 +2,7 @@
 //! server on 127.0.0.1: the waiting room gates the call, media connects with DTLS-SRTP, RTP flows
 //! both ways, and leaving ends the call for both.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -13,20 +14,36 @@ use bedside_client_core::media::{
     read_marker,
 };
 use bedside_client_core::pipeline::MediaSources;
+use bedside_client_core::signaling::tls_config;
 use bedside_protocol::{CandidatePairType, JoinAuth, LeaveReason, ParticipantId};
 use bedside_server::api::CreatedConsultation;
 use bedside_tests::{TestServer, test_config, with_turn};
 
 /// A client sending a small synthetic picture (tagged `tag`) and the tone `tone_hz`.
 fn client(server: &TestServer, tag: u8, tone_hz: f32) -> Result<Client> {
-    client_with(server, tag, tone_hz, false)
+    client_with(server, tag, tone_hz, &EngineSettings::default())
 }
 
-fn client_with(server: &TestServer, tag: u8, tone_hz: f32, relay_only: bool) -> Result<Client> {
+/// Relay candidates only, trusting `tls` for `turns:` relays.
+fn relay_only(tls: Option<Arc<rustls::ClientConfig>>) -> EngineSettings {
+    EngineSettings {
+        relay_only: true,
+        tls,
+        ..EngineSettings::default()
+    }
+}
+
+/// [`client`] with `engine`'s settings (its sockets on loopback).
+fn client_with(
+    server: &TestServer,
+    tag: u8,
+    tone_hz: f32,
+    engine: &EngineSettings,
+) -> Result<Client> {
     let mut options = ClientOptions::new(&server.ws_url);
     options.engine = EngineSettings {
         udp_addrs: vec!["127.0.0.1:0".into()],
-        relay_only,
+        ..engine.clone()
     };
     options.video = H264Config {
         width: 320,
@@ -411,13 +428,13 @@ async fn a_group_consult_delivers_everyone_s_media_to_everyone() -> Result<()> {
 async fn connected_pair(
     server: &TestServer,
     c: &CreatedConsultation,
-    relay_only: bool,
+    engine: &EngineSettings,
 ) -> Result<(Client, Client, ParticipantId, ParticipantId)> {
     let seated = |e: &CallEvent| match e {
         CallEvent::Seated { participant_id, .. } => Some(participant_id.clone()),
         _ => None,
     };
-    let mut doctor = client_with(server, 1, DOCTOR_TONE_HZ, relay_only)?;
+    let mut doctor = client_with(server, 1, DOCTOR_TONE_HZ, engine)?;
     doctor.handle.send(UserCommand::Join {
         auth: JoinAuth::Token {
             token: c.doctor_token.clone(),
@@ -425,7 +442,7 @@ async fn connected_pair(
         display_name: None,
     });
     let doctor_id = wait_for(&mut doctor, Duration::from_secs(10), seated).await?;
-    let mut patient = client_with(server, 2, PATIENT_TONE_HZ, relay_only)?;
+    let mut patient = client_with(server, 2, PATIENT_TONE_HZ, engine)?;
     patient.handle.send(UserCommand::Join {
         auth: JoinAuth::InviteCode {
             code: c.invite_code.clone(),
@@ -470,7 +487,7 @@ async fn media_flows(doctor: &Client, patient: &Client) -> Result<()> {
 async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
     let server = TestServer::start_with(with_turn(test_config())).await?;
     let c = server.create_consultation().await?;
-    let (doctor, mut patient, _, _) = connected_pair(&server, &c, true).await?;
+    let (doctor, mut patient, _, _) = connected_pair(&server, &c, &relay_only(None)).await?;
     let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
         CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
         _ => None,
@@ -496,12 +513,61 @@ async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
     Ok(())
 }
 
+/// Where no UDP reaches the relay (only its TCP port is open, as on networks where only TCP
+/// 443 gets out), the call still connects: the clients reach TURN over TCP through client-core's
+/// shim, since webrtc 0.21's own TURN client speaks only UDP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_call_connects_through_turn_over_tcp() -> Result<()> {
+    let mut config = with_turn(test_config());
+    config.turn.relay.listen_udp.clear();
+    let server = TestServer::start_with(config).await?;
+    let c = server.create_consultation().await?;
+    let (doctor, mut patient, _, _) = connected_pair(&server, &c, &relay_only(None)).await?;
+    let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
+        CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(report.candidate_pair, Some(CandidatePairType::Relay));
+    media_flows(&doctor, &patient).await?;
+    let metrics = server.metrics().await?;
+    let relayed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bedside_turn_relayed_packets_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(relayed > 100, "{relayed}");
+    Ok(())
+}
+
+/// The same over TLS (`turns:`), the relay's certificate trusted like the clinic's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_call_connects_through_turn_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem())?;
+    std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    let mut config = with_turn(test_config());
+    config.turn.relay.listen_udp.clear();
+    config.turn.relay.listen_tcp.clear();
+    config.turn.relay.listen_tls = vec!["127.0.0.1:0".parse()?];
+    config.turn.relay.tls_cert = Some(cert_path);
+    config.turn.relay.tls_key = Some(key_path);
+    let server = TestServer::start_with(config).await?;
+    let c = server.create_consultation().await?;
+    let trusting = tls_config(Some(cert.cert.pem().as_bytes())).map_err(anyhow::Error::msg)?;
+    let (doctor, patient, _, _) = connected_pair(&server, &c, &relay_only(Some(trusting))).await?;
+    media_flows(&doctor, &patient).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_mid_call_keeps_the_media_and_the_seats() -> Result<()> {
     let server = TestServer::start().await?;
     let c = server.create_consultation().await?;
     let (mut doctor, mut patient, doctor_id, patient_id) =
-        connected_pair(&server, &c, false).await?;
+        connected_pair(&server, &c, &EngineSettings::default()).await?;
     media_flows(&doctor, &patient).await?;
 
     let decoded = |c: &Client| -> u64 {

@@ -33,15 +33,27 @@ fn consultation(seconds: u64) -> Result<(Lab, u32, u32)> {
 
 /// [`consultation`], with the patient's sockets on every address (`roaming`), as a phone's are.
 fn consultation_with(seconds: u64, roaming: bool) -> Result<(Lab, u32, u32)> {
-    let mut lab = Lab::new(&["srv", "doc", "pat"])?;
+    let lab = Lab::new(&["srv", "doc", "pat"])?;
+    consultation_in(lab, seconds, roaming, 8443, "[turn]\nenabled = false\n")
+}
+
+/// [`consultation_with`] in a lab made by the caller, the server's signaling on `port` and
+/// `turn` as its relay configuration (TOML).
+fn consultation_in(
+    mut lab: Lab,
+    seconds: u64,
+    roaming: bool,
+    port: u16,
+    turn: &str,
+) -> Result<(Lab, u32, u32)> {
     let dir = tempfile::tempdir()?;
     let srv = lab.addr("srv");
     let config = dir.path().join("lab.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"{srv}:8443\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
-             [tls]\nmode = \"off\"\n[turn]\nenabled = false\n",
+            "listen = \"{srv}:{port}\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
+             [tls]\nmode = \"off\"\n{turn}",
             dir.path().join("data").display()
         ),
     )?;
@@ -62,13 +74,13 @@ fn consultation_with(seconds: u64, roaming: bool) -> Result<(Lab, u32, u32)> {
     let body = lab.http(
         "srv",
         &srv.to_string(),
-        8443,
+        port,
         "POST",
         "/api/v1/consultations",
         ADMIN_KEY,
     )?;
     let created: Value = serde_json::from_str(&body).with_context(|| body.clone())?;
-    let ws = format!("ws://{srv}:8443/ws");
+    let ws = format!("ws://{srv}:{port}/ws");
     let secs = seconds.to_string();
     let probe = |lab: &mut Lab, host: &str, auth: &str, secret: &str| {
         let udp = if roaming && host == "pat" {
@@ -207,6 +219,55 @@ fn a_call_survives_ten_percent_random_loss() -> Result<()> {
         patient["keyframes_requested"],
         doctor["keyframe_requests_received"],
         patient["glass_to_glass_ms_p95"]
+    );
+    Ok(())
+}
+
+/// The patient's network lets only TCP to port 443 out (a hospital guest network, a hotel):
+/// no UDP at all. The server's signaling is on 443 and its relay takes TURN over TCP on 443 (a
+/// second address); the patient's client tries host, STUN and TURN candidates at once, and the
+/// call connects through the relay over TCP.
+#[test]
+fn only_tcp_443_gets_out_and_the_call_connects_through_turn_over_tcp() -> Result<()> {
+    if lab_or_skip().is_none() {
+        return Ok(());
+    }
+    let lab = Lab::new(&["srv", "doc", "pat"])?;
+    let srv = lab.addr("srv");
+    let relay_tcp = std::net::Ipv4Addr::new(198, 18, 0, 10);
+    lab.run("srv", &format!("ip addr add {relay_tcp}/24 dev eth0"))?;
+    lab.nft(
+        "pat",
+        "table inet lab {\n chain output {\n  type filter hook output priority 0; policy drop;\n  \
+         oif lo accept\n  ct state established,related accept\n  tcp dport 443 accept\n }\n \
+         chain input {\n  type filter hook input priority 0; policy drop;\n  iif lo accept\n  \
+         ct state established,related accept\n }\n}\n",
+    )?;
+    let turn = format!(
+        "[turn]\nenabled = true\n[turn.relay]\nlisten-udp = [\"{srv}:3478\"]\n\
+         listen-tcp = [\"{relay_tcp}:443\"]\nrelay-ips = [\"{srv}\"]\n\
+         allowed-peers = [\"198.18.0.0/24\"]\n"
+    );
+    let (mut lab, doctor, patient) = consultation_in(lab, 15, false, 443, &turn)?;
+    let patient = report(&mut lab, patient)?;
+    let doctor = report(&mut lab, doctor)?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(r["ended"], "Left", "{who}: {r}");
+        assert!(
+            r["decoded_fps"].as_f64().unwrap_or(0.0) > 10.0,
+            "{who}: {r}"
+        );
+    }
+    assert_eq!(patient["candidate_pair"], "relay", "{patient}");
+    assert_eq!(patient["heard"], "doctor", "{patient}");
+    eprintln!(
+        "TCP 443 only: patient connected in {} ms, decoding {:.1} fps, glass-to-glass p95 {} ms, \
+         RTT p50 {} ms",
+        patient["time_to_connect_ms"],
+        patient["decoded_fps"].as_f64().unwrap_or(0.0),
+        patient["glass_to_glass_ms_p95"],
+        patient["rtt_ms_p50"]
     );
     Ok(())
 }

@@ -306,11 +306,12 @@ impl Driver {
                 raw.frame_height = media.height;
                 raw.audio_buffer_ms = Some(media.audio_buffer_ms);
             }
-            let sample = self
+            let mut sample = self
                 .trackers
                 .entry(peer.clone())
                 .or_default()
                 .sample(now, raw);
+            sample.send_estimate_kbps = self.engine.peer_estimate_kbps(&peer);
             self.call.handle_stats(now, peer, sample);
         }
         let live: Vec<_> = self.engine.peer_ids().cloned().collect();

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, Packet, PacketReport,
-    Registry, Slot, StreamInfo, TaggedPacket,
+    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, NackGeneratorBuilder, Packet,
+    PacketReport, Registry, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
@@ -52,6 +52,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
 /// Payload types Bedside negotiates (both ends are Bedside, so they are fixed).
@@ -428,28 +429,42 @@ async fn read_feedback(
 }
 
 /// Bounds of the congestion controller's estimate, bits per second. It starts high enough for
-/// 720p so a good link does not begin at the bottom of the quality ladder.
+/// 720p so a good link does not begin at the bottom of the quality ladder. The floor is above
+/// what audio alone puts on the wire (Opus with FEC plus RTP/SRTP/UDP/IP headers, about 55
+/// kbps): the pacer holds all RTP to the estimate, so a floor below that starves audio, the
+/// starved packets read as loss, and the estimate never climbs again (measured in the lab: stuck
+/// at a 30 kbps floor after a collapse, video never back).
 const GCC_INITIAL_BPS: f64 = 1_500_000.0;
-const GCC_MIN_BPS: f64 = 30_000.0;
+const GCC_MIN_BPS: f64 = 80_000.0;
 const GCC_MAX_BPS: f64 = 2_500_000.0;
 
 /// GCC with its target bitrate published where the driver can read it (the estimator lives
 /// inside the interceptor chain; this is the crate's `bandwidth-estimation-from-disk` pattern).
 struct PublishingEstimator {
     inner: Gcc,
+    /// Caps the published estimate when far less arrives than the pacer sends.
+    guard: DeliveryGuard,
+    pacer: Arc<PacerStats>,
     target: Arc<AtomicU64>,
 }
 
 impl PublishingEstimator {
-    fn publish(&self) {
-        self.target
-            .store(self.inner.target_bitrate().to_bits(), Ordering::Relaxed);
+    fn publish(&mut self) {
+        let target = self.guard.limit(self.inner.target_bitrate());
+        self.target.store(target.to_bits(), Ordering::Relaxed);
     }
 }
 
 impl BandwidthEstimator for PublishingEstimator {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
         self.inner.on_reports(now, reports);
+        let arrived: u64 = reports
+            .iter()
+            .filter(|r| r.arrived)
+            .map(|r| r.size as u64)
+            .sum();
+        let sent = self.pacer.bytes_sent.load(Ordering::Relaxed);
+        self.guard.on_feedback(now, arrived, sent, GCC_MIN_BPS);
         self.publish();
     }
 
@@ -587,6 +602,8 @@ pub struct Engine {
     remote_video: RemoteVideo,
     /// Each peer connection's chat data channel.
     chats: HashMap<ParticipantId, Arc<dyn DataChannel>>,
+    /// What each peer connection's pacer sent and dropped.
+    pacer_stats: HashMap<ParticipantId, Arc<PacerStats>>,
     /// The TURN-over-TCP shims of each peer connection (closed with it).
     shims: HashMap<ParticipantId, Vec<TurnTcpShim>>,
     events: mpsc::UnboundedSender<EngineEvent>,
@@ -609,6 +626,7 @@ impl Engine {
             remote_video: RemoteVideo::default(),
             chats: HashMap::new(),
             shims: HashMap::new(),
+            pacer_stats: HashMap::new(),
             events,
             media,
         }
@@ -622,6 +640,18 @@ impl Engine {
             .map(|e| f64::from_bits(e.load(Ordering::Relaxed)))
             .min_by(f64::total_cmp)
             .map(|bps| (bps / 1000.0) as u32)
+    }
+
+    /// What the pacer of `peer`'s connection sent, and dropped because it waited too long.
+    pub fn pacer_stats(&self, peer: &ParticipantId) -> Option<&Arc<PacerStats>> {
+        self.pacer_stats.get(peer)
+    }
+
+    /// The congestion controller's estimate for `peer`, kbps.
+    pub fn peer_estimate_kbps(&self, peer: &ParticipantId) -> Option<f64> {
+        self.estimates
+            .get(peer)
+            .map(|e| f64::from_bits(e.load(Ordering::Relaxed)) / 1000.0)
     }
 
     pub fn tracks(&self) -> &Arc<LocalTracks> {
@@ -782,6 +812,7 @@ impl Engine {
         self.feedback.remove(peer);
         self.chats.remove(peer);
         self.shims.remove(peer);
+        self.pacer_stats.remove(peer);
         self.tracks.remove_peer(peer);
         self.remote_video
             .lock()
@@ -816,8 +847,12 @@ impl Engine {
             },
             RtpCodecKind::Video,
         )?;
+        let pacer_stats = Arc::new(PacerStats::default());
+        self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
         let estimator = PublishingEstimator {
             inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
+            guard: DeliveryGuard::default(),
+            pacer: pacer_stats.clone(),
             target: estimate,
         };
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
@@ -828,7 +863,25 @@ impl Engine {
             CongestionFeedback::Twcc,
             &mut media_engine,
         )?;
+        // Our pacer instead of the crate's (see `pacer.rs`).
+        let registry = registry.with(
+            Slot::Pacer,
+            MediaPacer::new(GCC_INITIAL_BPS, OPUS_PAYLOAD_TYPE, pacer_stats),
+        );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
+        // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
+        // as it is in a 512-packet log. A retransmission that late is refused by the SRTP replay
+        // window (64 packets), so it was asked for again and again, and every refused copy read
+        // as loss to the congestion controller (measured after a bandwidth collapse: a steady
+        // 10% "loss" on a clean link, and video never came back). Ask at most three times, only
+        // for packets the replay window still takes.
+        let registry = registry.with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_size(64)
+                .with_max_nacks_per_packet(3)
+                .build(),
+        );
         let mut servers = Vec::with_capacity(ice_servers.len());
         let mut shims = Vec::new();
         for s in ice_servers {

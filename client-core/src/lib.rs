@@ -13,6 +13,7 @@ pub mod call;
 pub mod driver;
 pub mod engine;
 pub mod media;
+pub mod pacer;
 pub mod pipeline;
 pub mod quality;
 pub mod signaling;

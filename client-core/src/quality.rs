@@ -89,6 +89,12 @@ pub struct QualityConfig {
     pub video_back_after: Duration,
     /// Stepping up needs this much more than the next rung's minimum.
     pub up_margin: f64,
+    /// Audio-only because of the network, video is tried again (a probe) after this, then
+    /// after twice as long each time a probe fails, up to `max_probe_interval`.
+    pub probe_after: Duration,
+    pub max_probe_interval: Duration,
+    /// How long a probe sends the last rung before it is judged.
+    pub probe_window: Duration,
 }
 
 impl Default for QualityConfig {
@@ -98,9 +104,12 @@ impl Default for QualityConfig {
             headroom: 0.85,
             down_after: Duration::from_millis(500),
             up_after: Duration::from_secs(4),
-            audio_only_after: Duration::from_millis(1500),
+            audio_only_after: Duration::from_millis(1000),
             video_back_after: Duration::from_secs(3),
             up_margin: 1.25,
+            probe_after: Duration::from_secs(3),
+            max_probe_interval: Duration::from_secs(30),
+            probe_window: Duration::from_secs(6),
         }
     }
 }
@@ -117,6 +126,32 @@ pub struct QualityController {
     up_since: Option<Instant>,
     /// Since when the budget has been too small for even the last rung.
     starved_since: Option<Instant>,
+    probe: Probe,
+    /// How long the next audio-only spell waits before its first probe: doubled by every
+    /// failed probe and every fall back to audio-only, reset once video has held for
+    /// `max_probe_interval` (so a flapping link does not flap video).
+    probe_interval: Duration,
+    /// Since when video has been on without a fall back to audio-only.
+    video_since: Option<Instant>,
+}
+
+/// Trying video again while audio-only. Without video on the wire the estimate has little to
+/// go on (a few audio packets a report, where one loss reads as 20%), so waiting for it to
+/// recover by itself can wait forever; the probe puts the last rung on the wire and lets the
+/// estimate follow what the link really carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Probe {
+    Idle,
+    /// The next probe starts at `at`; a failure doubles `interval`.
+    Waiting {
+        at: Instant,
+        interval: Duration,
+    },
+    /// Video is on the last rung until `until`, whatever the estimate says meanwhile.
+    Running {
+        until: Instant,
+        interval: Duration,
+    },
 }
 
 impl QualityController {
@@ -124,7 +159,6 @@ impl QualityController {
     pub fn new(config: QualityConfig, rung: usize) -> Self {
         let rung = rung.min(LADDER.len() - 1);
         QualityController {
-            config,
             top: rung,
             target: VideoTarget::Video {
                 rung,
@@ -133,6 +167,10 @@ impl QualityController {
             down_since: None,
             up_since: None,
             starved_since: None,
+            probe: Probe::Idle,
+            probe_interval: config.probe_after,
+            video_since: None,
+            config,
         }
     }
 
@@ -165,11 +203,46 @@ impl QualityController {
             self.starved_since = None;
             false
         };
-        let next = match self.target {
-            VideoTarget::Video { .. } if starved => VideoTarget::AudioOnly,
-            VideoTarget::AudioOnly => {
+        let probe_video = VideoTarget::Video {
+            rung: last,
+            bitrate_kbps: LADDER[last].min_kbps,
+        };
+        let next = match (self.target, self.probe) {
+            (VideoTarget::Video { .. }, Probe::Running { until, interval }) => {
+                if budget >= LADDER[last].min_kbps {
+                    // The link carries video again: the probe worked.
+                    self.probe = Probe::Idle;
+                    self.starved_since = None;
+                    VideoTarget::Video {
+                        rung: last,
+                        bitrate_kbps: budget.min(LADDER[last].max_kbps),
+                    }
+                } else if now >= until {
+                    let interval = (interval * 2).min(self.config.max_probe_interval);
+                    self.probe_interval = interval;
+                    self.probe = Probe::Waiting {
+                        at: now + interval,
+                        interval,
+                    };
+                    VideoTarget::AudioOnly
+                } else {
+                    self.starved_since = None;
+                    probe_video
+                }
+            }
+            (VideoTarget::Video { .. }, _) if starved => {
+                let interval = self.probe_interval;
+                self.probe = Probe::Waiting {
+                    at: now + interval,
+                    interval,
+                };
+                self.probe_interval = (interval * 2).min(self.config.max_probe_interval);
+                VideoTarget::AudioOnly
+            }
+            (VideoTarget::AudioOnly, probe) => {
                 let back = (LADDER[last].min_kbps as f64 * self.config.up_margin) as u32;
                 if budget >= back && held(&mut self.up_since, now, self.config.video_back_after) {
+                    self.probe = Probe::Idle;
                     VideoTarget::Video {
                         rung: last,
                         bitrate_kbps: budget.min(LADDER[last].max_kbps),
@@ -178,10 +251,19 @@ impl QualityController {
                     if budget < back {
                         self.up_since = None;
                     }
-                    VideoTarget::AudioOnly
+                    match probe {
+                        Probe::Waiting { at, interval } if now >= at => {
+                            self.probe = Probe::Running {
+                                until: now + self.config.probe_window,
+                                interval,
+                            };
+                            probe_video
+                        }
+                        _ => VideoTarget::AudioOnly,
+                    }
                 }
             }
-            VideoTarget::Video { rung, .. } => {
+            (VideoTarget::Video { rung, .. }, _) => {
                 let cur = LADDER[rung];
                 if budget < cur.min_kbps {
                     self.up_since = None;
@@ -236,6 +318,14 @@ impl QualityController {
         if rung_of(next) != rung_of(self.target) {
             self.down_since = None;
             self.up_since = None;
+        }
+        match next {
+            VideoTarget::AudioOnly => self.video_since = None,
+            VideoTarget::Video { .. } => {
+                if held(&mut self.video_since, now, self.config.max_probe_interval) {
+                    self.probe_interval = self.config.probe_after;
+                }
+            }
         }
         // Bitrate wiggles under 10% inside a rung are not worth retuning the encoder for.
         let changed = match (next, self.target) {
@@ -331,7 +421,7 @@ mod tests {
     fn video_comes_back_within_ten_seconds_of_recovery_and_climbs_slowly() {
         let mut q = QualityController::new(QualityConfig::default(), 0);
         let mut t = Instant::now();
-        feed(&mut q, &mut t, 100, Duration::from_secs(5));
+        feed(&mut q, &mut t, 100, Duration::from_secs(3));
         assert_eq!(q.target(), VideoTarget::AudioOnly);
         let changes = feed(&mut q, &mut t, 2000, Duration::from_secs(30));
         let back = changes
@@ -380,13 +470,81 @@ mod tests {
         let mut t = Instant::now();
         feed(&mut q, &mut t, 50, Duration::from_secs(3));
         assert_eq!(q.target(), VideoTarget::AudioOnly);
-        // Good for 2 s, bad for 1 s, over and over: never long enough to bring video back.
+        // Good for 2 s, bad for 1 s, over and over: video may be tried, but the call does not
+        // go back and forth between video and audio-only.
         let mut changes = Vec::new();
         for _ in 0..10 {
             changes.extend(feed(&mut q, &mut t, 2000, Duration::from_secs(2)));
             changes.extend(feed(&mut q, &mut t, 50, Duration::from_secs(1)));
         }
-        assert!(changes.is_empty(), "{changes:?}");
+        let switches = changes
+            .windows(2)
+            .filter(|w| rung_of(w[0].1).is_some() != rung_of(w[1].1).is_some())
+            .count();
+        assert!(switches <= 2, "{changes:?}");
+    }
+
+    /// Feeds what a link of `link_kbps` lets the estimate say: while audio-only, only audio is
+    /// on the wire and the estimate stays at `idle_kbps` whatever the link could carry.
+    fn feed_link(
+        q: &mut QualityController,
+        t: &mut Instant,
+        link_kbps: u32,
+        idle_kbps: u32,
+        d: Duration,
+    ) -> Vec<(Duration, VideoTarget)> {
+        let start = *t;
+        let mut changes = Vec::new();
+        while *t < start + d {
+            *t += Duration::from_millis(100);
+            let kbps = match q.target() {
+                VideoTarget::AudioOnly => idle_kbps,
+                VideoTarget::Video { .. } => link_kbps,
+            };
+            if let Some(target) = q.handle_estimate(*t, kbps) {
+                changes.push((t.duration_since(start), target));
+            }
+        }
+        changes
+    }
+
+    #[test]
+    fn a_probe_brings_video_back_when_audio_alone_cannot_show_the_recovery() {
+        let mut q = QualityController::new(QualityConfig::default(), 0);
+        let mut t = Instant::now();
+        feed(&mut q, &mut t, 100, Duration::from_secs(3));
+        assert_eq!(q.target(), VideoTarget::AudioOnly);
+        // The link is back, but with audio alone the estimate stays at its floor.
+        let changes = feed_link(&mut q, &mut t, 2000, 80, Duration::from_secs(20));
+        let back = changes
+            .iter()
+            .find(|(_, t)| rung_of(*t).is_some())
+            .expect("a probe started");
+        assert!(back.0 <= Duration::from_secs(4), "{changes:?}");
+        // The probe held: video stayed and climbed.
+        assert!(
+            rung_of(q.target()).is_some_and(|r| r < LADDER.len() - 1),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_collapse_is_probed_less_and_less_often() {
+        let mut q = QualityController::new(QualityConfig::default(), 0);
+        let mut t = Instant::now();
+        let changes = feed_link(&mut q, &mut t, 100, 80, Duration::from_secs(120));
+        let probes: Vec<Duration> = changes
+            .windows(2)
+            .filter(|w| w[0].1 == VideoTarget::AudioOnly && rung_of(w[1].1).is_some())
+            .map(|w| w[1].0)
+            .collect();
+        // Every probe failed (the link cannot carry video) and the gaps between them grew, up
+        // to the cap.
+        assert!((3..=8).contains(&probes.len()), "{probes:?}");
+        for w in probes.windows(3) {
+            assert!(w[2] - w[1] >= w[1] - w[0], "{probes:?}");
+        }
+        assert_eq!(q.target(), VideoTarget::AudioOnly);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct Report {
     /// Chat lines received. The probe answers each with `echo: <text>`, so an app can check
     /// its chat end to end against it.
     pub chat_received: u64,
+    /// The send-side bandwidth estimate once a second: (ms since start, kbps).
+    pub send_estimate_kbps: Vec<(u64, u32)>,
     pub received_resolution: Option<(u32, u32)>,
     pub glass_to_glass_ms_p50: Option<f64>,
     pub glass_to_glass_ms_p95: Option<f64>,
@@ -197,6 +199,11 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     CallEvent::Stats { report: stats, .. } => {
                         if let Some(rtt) = stats.rtt_ms {
                             rtts.push(rtt);
+                        }
+                        if let Some(kbps) = stats.send_estimate_kbps {
+                            report
+                                .send_estimate_kbps
+                                .push((started.elapsed().as_millis() as u64, kbps as u32));
                         }
                         if stats.candidate_pair.is_some() {
                             report.candidate_pair = stats.candidate_pair;

@@ -232,6 +232,9 @@ pub struct StatsReport {
     /// Whether the call is audio-only right now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audio_only: Option<bool>,
+    /// The congestion controller's estimate of what we may send this peer, kbps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_estimate_kbps: Option<f64>,
 }
 
 /// A stable error code: clients branch on these, so they never change meaning.

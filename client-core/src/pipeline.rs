@@ -262,6 +262,9 @@ pub fn start_sender(
     (commands, stats)
 }
 
+/// A longer wait between two decoded frames counts as the picture freezing.
+pub const VIDEO_GAP: Duration = Duration::from_millis(250);
+
 /// What one remote participant's media looked like, as measured on arrival.
 #[derive(Clone, Debug, Default)]
 pub struct ReceiveStats {
@@ -290,6 +293,9 @@ pub struct ReceiveStats {
     /// When the first and the latest frame were decoded (for the frame rate).
     pub first_frame: Option<Instant>,
     pub last_frame: Option<Instant>,
+    /// Stretches longer than [`VIDEO_GAP`] without a decoded frame: (when the picture moved
+    /// again, how long it had been frozen). How long media took to come back after an event.
+    pub video_gaps: Vec<(Instant, Duration)>,
     last_counter: Option<u32>,
 }
 
@@ -502,6 +508,11 @@ fn receive_video(
                 stats.height = frame.height();
                 let at = Instant::now();
                 stats.first_frame.get_or_insert(at);
+                if let Some(last) = stats.last_frame
+                    && at.duration_since(last) > VIDEO_GAP
+                {
+                    stats.video_gaps.push((at, at.duration_since(last)));
+                }
                 stats.last_frame = Some(at);
                 if let Some(marker) = read_marker(&frame) {
                     stats.frames_with_marker += 1;

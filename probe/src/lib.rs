@@ -88,6 +88,8 @@ pub struct Report {
     /// Chat lines received. The probe answers each with `echo: <text>`, so an app can check
     /// its chat end to end against it.
     pub chat_received: u64,
+    /// Freezes of the received video: (ms since start when it moved again, ms frozen).
+    pub video_gaps_ms: Vec<(u64, u64)>,
     /// The send-side bandwidth estimate once a second: (ms since start, kbps).
     pub send_estimate_kbps: Vec<(u64, u32)>,
     pub received_resolution: Option<(u32, u32)>,
@@ -96,6 +98,9 @@ pub struct Report {
     pub audio_frames_received: u64,
     /// Share of played audio frames that came from their own packet (not FEC or concealment).
     pub audio_played_share: Option<f64>,
+    /// Share of played audio frames that carried the sender's audio: their own packet or
+    /// rebuilt by Opus FEC from the next one (the rest is concealment).
+    pub audio_recovered_share: Option<f64>,
     pub mouth_to_ear_ms_p50: Option<f64>,
     pub mouth_to_ear_ms_p95: Option<f64>,
     /// Whose tone was heard: "doctor" or "patient".
@@ -241,6 +246,14 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         report.decoded_fps = rx.decoded_fps();
         report.video_frames_missing = rx.frames_missing;
         report.video_frames_skipped = rx.video_frames_skipped;
+        report.video_gaps_ms = rx
+            .video_gaps
+            .iter()
+            .map(|(end, gap)| {
+                let end = end.saturating_duration_since(started).as_millis() as u64;
+                (end, gap.as_millis() as u64)
+            })
+            .collect();
         report.keyframes_requested = rx.keyframes_requested;
         report.received_resolution = (rx.width > 0).then_some((rx.width, rx.height));
         let mut g2g = rx.glass_to_glass_ms.clone();
@@ -251,6 +264,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         report.audio_frames_received = played;
         report.audio_played_share =
             (played > 0).then(|| rx.audio_frames_played as f64 / played as f64);
+        report.audio_recovered_share = (played > 0)
+            .then(|| (rx.audio_frames_played + rx.audio_frames_fec) as f64 / played as f64);
         let mut m2e = rx.mouth_to_ear_ms.clone();
         m2e.sort_by(f64::total_cmp);
         report.mouth_to_ear_ms_p50 = percentile(&m2e, 0.5);

@@ -65,13 +65,15 @@ fn main() -> ExitCode {
         Some("bench-signaling") => bench_signaling(&args[1..]),
         Some("bench-call") => bench_call(&args[1..]),
         Some("bench-turn") => bench_turn(),
+        Some("bench-continuity") => bench_continuity(&args[1..]),
         Some("bench-media") => {
             run(cargo().args(["bench", "-p", "bedside-client-core", "--bench", "media"]))
         }
         Some("lint") => lint(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | lint>"
+                "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
+                 bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint>"
             );
             return ExitCode::from(2);
         }
@@ -278,6 +280,30 @@ fn bench_call(extra: &[String]) -> Result<()> {
         "call-bench",
     ]))?;
     run(Command::new(root().join("target/release/call-bench"))
+        .current_dir(root())
+        .args(extra))
+}
+
+/// The continuity scenarios in the impairment lab (root): the lab runs the debug server and
+/// probe, as the tests do.
+fn bench_continuity(extra: &[String]) -> Result<()> {
+    ensure_packages(TEST_PACKAGES)?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "bedside-server",
+        "-p",
+        "bedside-probe",
+        "-p",
+        "bedside-tests",
+        "--bin",
+        "bedside-server",
+        "--bin",
+        "bedside-probe",
+        "--bin",
+        "continuity-bench",
+    ]))?;
+    run(Command::new(root().join("target/debug/continuity-bench"))
         .current_dir(root())
         .args(extra))
 }

@@ -263,33 +263,24 @@ fn bench_signaling(extra: &[String]) -> Result<()> {
 }
 
 fn bench_call(extra: &[String]) -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "bedside-server",
-        "-p",
-        "bedside-probe",
-        "-p",
-        "bedside-tests",
-        "--bin",
-        "bedside-server",
-        "--bin",
-        "bedside-probe",
-        "--bin",
-        "call-bench",
-    ]))?;
-    run(Command::new(root().join("target/release/call-bench"))
-        .current_dir(root())
-        .args(extra))
+    run_probe_bench("release", "call-bench", extra)
 }
 
 /// The continuity scenarios in the impairment lab (root): the lab runs the debug server and
 /// probe, as the tests do.
 fn bench_continuity(extra: &[String]) -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
-    run(cargo().args([
-        "build",
+    run_probe_bench("debug", "continuity-bench", extra)
+}
+
+/// Builds the server, the probe and the bench binary `bench` (in `profile`), and runs it.
+fn run_probe_bench(profile: &str, bench: &str, extra: &[String]) -> Result<()> {
+    let mut build = cargo();
+    build.arg("build");
+    if profile == "release" {
+        build.arg("--release");
+    }
+    build.args([
         "-p",
         "bedside-server",
         "-p",
@@ -301,11 +292,14 @@ fn bench_continuity(extra: &[String]) -> Result<()> {
         "--bin",
         "bedside-probe",
         "--bin",
-        "continuity-bench",
-    ]))?;
-    run(Command::new(root().join("target/debug/continuity-bench"))
-        .current_dir(root())
-        .args(extra))
+        bench,
+    ]);
+    run(&mut build)?;
+    run(
+        Command::new(root().join("target").join(profile).join(bench))
+            .current_dir(root())
+            .args(extra),
+    )
 }
 
 fn bench_turn() -> Result<()> {

@@ -7,6 +7,9 @@ use bedside_protocol::{ParticipantId, Peer, Role, StatsReport, VideoStats, Waiti
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 
+mod support;
+use support::raster::SoftRenderer;
+
 struct State {
     model: AppModel,
     drafts: Drafts,
@@ -16,6 +19,7 @@ struct State {
 fn harness(model: AppModel) -> Harness<'static, State> {
     Harness::builder()
         .with_size(egui::vec2(1200.0, 900.0))
+        .renderer(SoftRenderer::default())
         .build_ui_state(
             |ui, state: &mut State| {
                 let out = view(ui, &state.model, &mut state.drafts, &VideoView::default());
@@ -74,6 +78,7 @@ fn connect_screen_offers_both_ways() {
     let mut h = harness(AppModel::default());
     h.run();
     assert_eq!(h.state().model.screen(), Screen::Connect);
+    h.snapshot("connect");
     h.get_by_label("Start a local clinic on this computer")
         .click();
     h.run();
@@ -115,6 +120,7 @@ fn waiting_room_shows_patient_and_admit_deny_produce_commands() {
     let mut h = harness(m);
     h.run();
     assert_eq!(h.state().model.screen(), Screen::Consultation);
+    h.snapshot("waiting_room");
     h.get_by_label("Grace Hopper");
     h.get_by_label("waiting 42 s");
     h.get_by_label("ABCD-1234");
@@ -167,6 +173,7 @@ fn in_call_shows_audio_only_banner_and_toggle() {
     });
     let mut h = harness(m);
     h.run();
+    h.snapshot("in_call_audio_only");
     h.get_by_label("Audio only: the network is too weak for video");
     // Not asked for by the doctor: the button still offers audio-only.
     h.get_by_label("Audio only").click();
@@ -226,6 +233,7 @@ fn poor_network_banner_and_stats_panel_render_with_history() {
     }
     let mut h = harness(m);
     h.run();
+    h.snapshot("in_call_with_stats");
     assert!(h.query_by_label("Patient's network is poor").is_none());
     h.get_by_label("Call quality");
     h.get_by_label("RTT (ms): 69.0");
@@ -279,6 +287,7 @@ fn ended_screen_goes_back() {
     let mut h = harness(m);
     h.run();
     assert_eq!(h.state().model.screen(), Screen::Ended);
+    h.snapshot("ended");
     h.get_by_label("The consultation has ended.");
     h.get_by_label("Back to start").click();
     h.run();
@@ -337,6 +346,7 @@ fn chat_sends_the_draft_and_shows_both_sides() {
         outgoing: false,
     });
     h.run();
+    h.snapshot("in_call_chat");
     h.get_by_label("You:");
     h.get_by_label("Ada Lovelace:");
     h.get_by_label("Is this better?");

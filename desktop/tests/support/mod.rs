@@ -1,0 +1,2 @@
+//! Shared by the desktop UI tests.
+pub mod raster;

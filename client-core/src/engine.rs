@@ -52,6 +52,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+use crate::impair::{DelayRuntime, SendDelay};
 use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
@@ -81,6 +82,8 @@ pub struct EngineSettings {
     pub turn_over_tcp: bool,
     /// Which certificates a `turns:` server may present (`None`: the web's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Testing only (the impairment lab): hold every media datagram sent this long.
+    pub send_delay: Option<SendDelay>,
 }
 
 impl Default for EngineSettings {
@@ -90,6 +93,7 @@ impl Default for EngineSettings {
             relay_only: false,
             turn_over_tcp: true,
             tls: None,
+            send_delay: None,
         }
     }
 }
@@ -932,7 +936,13 @@ impl Engine {
                 Some(Duration::from_millis(500)),
             )
             .build();
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(delay) = self.settings.send_delay
+            && let Some(runtime) = DelayRuntime::new(delay)
+        {
+            builder = builder.with_runtime(Arc::new(runtime));
+        }
+        let pc = builder
             .with_configuration(config.build())
             .with_setting_engine(settings)
             .with_media_engine(media_engine)

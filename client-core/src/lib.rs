@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod call;
 pub mod driver;
 pub mod engine;
+pub mod impair;
 pub mod media;
 pub mod pacer;
 pub mod pipeline;

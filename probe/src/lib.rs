@@ -14,6 +14,7 @@ use anyhow::{Result, bail};
 use bedside_client_core::call::{CallEvent, CallState, UserCommand};
 use bedside_client_core::driver::{self, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
+pub use bedside_client_core::impair::SendDelay;
 use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
 use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth};
@@ -38,6 +39,8 @@ pub struct ProbeOptions {
     pub height: u32,
     /// Video bitrate to start at, kbps.
     pub bitrate_kbps: u32,
+    /// Testing only: hold what this probe sends for this long (and up to `jitter` more).
+    pub send_delay: Option<SendDelay>,
 }
 
 impl ProbeOptions {
@@ -53,6 +56,7 @@ impl ProbeOptions {
             width: 1280,
             height: 720,
             bitrate_kbps: 1500,
+            send_delay: None,
         }
     }
 
@@ -128,6 +132,7 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     client_options.engine = EngineSettings {
         udp_addrs: options.udp_addrs.clone(),
         relay_only: options.relay_only,
+        send_delay: options.send_delay,
         ..EngineSettings::default()
     };
     client_options.video = H264Config {

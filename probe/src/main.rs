@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bedside_probe::{ProbeOptions, run};
+use bedside_probe::{ProbeOptions, SendDelay, run};
 use bedside_protocol::JoinAuth;
 use clap::Parser;
 
@@ -41,6 +41,13 @@ struct Args {
     /// Starting video bitrate, kbps.
     #[arg(long, default_value_t = 1500)]
     bitrate_kbps: u32,
+    /// Testing only: hold every media datagram this probe sends this long (ms), as a long
+    /// path would.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Testing only: up to this much more delay per datagram (ms), drawn at random.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
 }
 
 #[tokio::main]
@@ -66,6 +73,10 @@ async fn main() -> anyhow::Result<()> {
         width: args.width,
         height: args.height,
         bitrate_kbps: args.bitrate_kbps,
+        send_delay: (args.delay_ms + args.jitter_ms > 0).then(|| SendDelay {
+            delay: Duration::from_millis(args.delay_ms),
+            jitter: Duration::from_millis(args.jitter_ms),
+        }),
         ..ProbeOptions::new(args.server, auth)
     })
     .await?;

@@ -60,7 +60,9 @@ impl Lab {
                 return Some(format!("`{tool}` is not installed (iproute2, nftables)"));
             }
         }
-        let probe = format!("bsprobe{}", std::process::id());
+        // Unique per call: tests ask at the same time.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let probe = format!("bsprobe{}x{n}", std::process::id() % 100_000);
         if ip(&["netns", "add", &probe]).is_err() {
             return Some("cannot create a network namespace here".into());
         }

@@ -14,17 +14,20 @@ use crate::netns::{Lab, workspace_bin};
 
 const ADMIN_KEY: &str = "lab-admin-key-0123456789";
 
-/// Why the lab cannot run here (not root, tools or binaries missing), if it cannot.
+/// Why the lab cannot run here (not root, no iproute2 or nftables), if it cannot. Missing
+/// server or probe binaries are not a reason to skip: starting a call fails, saying so.
 pub fn unavailable() -> Option<String> {
-    if let Some(why) = Lab::unavailable() {
-        return Some(why);
-    }
-    for bin in ["bedside-server", "bedside-probe"] {
-        if !workspace_bin(bin).exists() {
-            return Some(format!("{bin} is not built (cargo build --workspace)"));
-        }
-    }
-    None
+    Lab::unavailable()
+}
+
+fn lab_bin(name: &str) -> Result<std::path::PathBuf> {
+    let path = workspace_bin(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is not built: run `cargo build -p bedside-server -p bedside-probe --bins` first",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A consultation running in the lab.
@@ -50,6 +53,8 @@ pub struct Setup {
     pub port: u16,
     /// The relay's configuration (TOML).
     pub turn: String,
+    /// Extra arguments for the patient's probe (e.g. `--delay-ms`).
+    pub patient_args: Vec<String>,
 }
 
 impl Setup {
@@ -59,6 +64,7 @@ impl Setup {
             roaming: false,
             port: 8443,
             turn: "[turn]\nenabled = false\n".into(),
+            patient_args: Vec::new(),
         }
     }
 }
@@ -104,26 +110,26 @@ impl Call {
             } else {
                 format!("{}:0", lab.addr(host))
             };
-            lab.spawn(
-                host,
-                &workspace_bin("bedside-probe"),
-                &[
-                    "--server",
-                    &ws,
-                    auth,
-                    secret,
-                    "--duration",
-                    &secs,
-                    "--width",
-                    "320",
-                    "--height",
-                    "180",
-                    "--bitrate-kbps",
-                    "300",
-                    "--udp",
-                    &udp,
-                ],
-            )
+            let mut args = vec![
+                "--server",
+                &ws,
+                auth,
+                secret,
+                "--duration",
+                &secs,
+                "--width",
+                "320",
+                "--height",
+                "180",
+                "--bitrate-kbps",
+                "300",
+                "--udp",
+                &udp,
+            ];
+            if host == "pat" {
+                args.extend(setup.patient_args.iter().map(String::as_str));
+            }
+            lab.spawn(host, &lab_bin("bedside-probe")?, &args)
         };
         let doctor = probe(
             &mut lab,
@@ -174,7 +180,7 @@ impl Call {
 
 fn spawn_server(lab: &mut Lab, args: &[String]) -> Result<u32> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = lab.spawn("srv", &workspace_bin("bedside-server"), &args)?;
+    let server = lab.spawn("srv", &lab_bin("bedside-server")?, &args)?;
     // Wait until it listens (its first line says so).
     let mut first = [0u8; 64];
     lab.child(server)
@@ -339,6 +345,25 @@ pub fn tcp_443_only() -> Result<Trial> {
     let (doctor, patient) = call.finish()?;
     Ok(Trial {
         name: "UDP blocked, TCP 443 only",
+        doctor,
+        patient,
+        events_ms: vec![0],
+        lifted_ms: None,
+    })
+}
+
+/// A long, uneven path from the patient: everything it sends is held 150 ms plus up to 60 ms
+/// of jitter (a satellite or a congested cellular link), with no loss.
+pub fn delay_and_jitter() -> Result<Trial> {
+    let call = Call::start(Setup {
+        patient_args: ["--delay-ms", "150", "--jitter-ms", "60"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..Setup::new(20)
+    })?;
+    let (doctor, patient) = call.finish()?;
+    Ok(Trial {
+        name: "delay 150 ms + jitter 60 ms",
         doctor,
         patient,
         events_ms: vec![0],

@@ -145,6 +145,16 @@ fn test(extra: &[String]) -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run cargo fmt --all")?;
+    // The impairment lab runs the real server and probe binaries: build them first (a test
+    // target alone does not build another package's binaries, and the lab would skip).
+    run(cargo().args([
+        "build",
+        "-p",
+        "bedside-server",
+        "-p",
+        "bedside-probe",
+        "--bins",
+    ]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     // The mobile bindings as a Kotlin (JVM) and a Swift developer get them: generated, the
     // Kotlin run against a real server, the Swift C header compiled and linked. The generator is

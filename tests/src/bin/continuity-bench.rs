@@ -21,7 +21,7 @@ fn main() -> Result<()> {
         .skip_while(|a| a != "--only")
         .nth(1)
         .unwrap_or_default();
-    let all: [Scenario; 9] = [
+    let all: [Scenario; 10] = [
         ("handover", || scenarios::handovers(1, Duration::ZERO)),
         ("signaling outage", scenarios::signaling_outage),
         ("server restart", scenarios::server_restart),
@@ -30,6 +30,7 @@ fn main() -> Result<()> {
         ("loss 5%", || scenarios::random_loss(5)),
         ("loss 10%", || scenarios::random_loss(10)),
         ("loss 20%", || scenarios::random_loss(20)),
+        ("delay and jitter", scenarios::delay_and_jitter),
         ("long call", || {
             scenarios::handovers(4, Duration::from_secs(30))
         }),

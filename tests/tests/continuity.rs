@@ -88,15 +88,19 @@ fn survives_random_loss(pct: u32) -> Result<()> {
         loss_out > f64::from(pct) / 5.0,
         "outbound loss was not measured: {doctor}"
     );
-    // Video the patient could not decode was recovered by asking the doctor for keyframes.
-    assert!(
-        patient["keyframes_requested"].as_u64().unwrap() > 0,
-        "{patient}"
-    );
-    assert!(
-        doctor["keyframe_requests_received"].as_u64().unwrap() > 0,
-        "{doctor}"
-    );
+    // Video the patient could not decode (NACK did not repair it in time) was recovered by
+    // asking the doctor for keyframes. At low loss NACK may repair everything: then no frame
+    // was skipped and no keyframe was needed.
+    if patient["video_frames_skipped"].as_u64().unwrap() > 0 {
+        assert!(
+            patient["keyframes_requested"].as_u64().unwrap() > 0,
+            "{patient}"
+        );
+        assert!(
+            doctor["keyframe_requests_received"].as_u64().unwrap() > 0,
+            "{doctor}"
+        );
+    }
     eprintln!(
         "{pct}% loss: patient audio played from real packets {:.1}%, video frames decoded {}, \
          missing {}, skipped {}, PLIs sent {} (doctor received {}), doctor's outbound loss \

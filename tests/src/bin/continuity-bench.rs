@@ -4,7 +4,8 @@
 //! audio-only and when video came back, the share of audio frames played from real packets,
 //! the video frames decoded, and the patient's state changes.
 //!
-//! `--only NAME` runs the scenarios whose name contains NAME.
+//! `--only NAME` runs the scenarios whose name contains NAME; `--reports DIR` also writes each
+//! scenario's two probe reports there (JSON), for a closer look.
 
 use std::time::Duration;
 
@@ -17,10 +18,9 @@ fn main() -> Result<()> {
     if let Some(why) = scenarios::unavailable() {
         anyhow::bail!("the impairment lab cannot run here: {why}");
     }
-    let only = std::env::args()
-        .skip_while(|a| a != "--only")
-        .nth(1)
-        .unwrap_or_default();
+    let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let only = flag("--only").unwrap_or_default();
+    let reports = flag("--reports").map(std::path::PathBuf::from);
     let all: [Scenario; 10] = [
         ("handover", || scenarios::handovers(1, Duration::ZERO)),
         ("signaling outage", scenarios::signaling_outage),
@@ -45,7 +45,19 @@ fn main() -> Result<()> {
         }
         eprintln!("continuity-bench: {name}…");
         let row = match scenario() {
-            Ok(t) => row(&t),
+            Ok(t) => {
+                if let Some(dir) = &reports {
+                    std::fs::create_dir_all(dir)?;
+                    let file = dir.join(format!("{}.json", name.replace(' ', "-")));
+                    let both = serde_json::json!({
+                        "events_ms": t.events_ms,
+                        "doctor": t.doctor,
+                        "patient": t.patient,
+                    });
+                    std::fs::write(file, serde_json::to_string_pretty(&both)?)?;
+                }
+                row(&t)
+            }
             Err(e) => format!("| {name} | no: {e:#} | | | | | | | |"),
         };
         println!("{row}");

@@ -640,10 +640,10 @@ impl Engine {
     /// encoding has to fit. `None` without peers.
     pub fn bandwidth_estimate_kbps(&self) -> Option<u32> {
         self.estimates
-            .values()
-            .map(|e| f64::from_bits(e.load(Ordering::Relaxed)))
+            .keys()
+            .filter_map(|peer| self.peer_estimate_kbps(peer))
             .min_by(f64::total_cmp)
-            .map(|bps| (bps / 1000.0) as u32)
+            .map(|kbps| kbps as u32)
     }
 
     /// What the pacer of `peer`'s connection sent, and dropped because it waited too long.

@@ -121,18 +121,14 @@ impl rtc::sansio::Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
                 return Ok(());
             }
         };
-        self.bucket.refill(msg.now);
+        let now = msg.now;
         if audio {
             self.audio.push_back(msg);
         } else {
             self.video.push_back(msg);
         }
         // Whatever the budget allows goes at once, without waiting for a timeout.
-        let now = self.audio.back().or(self.video.back()).map(|p| p.now);
-        if let Some(now) = now {
-            self.handle_timeout(now)?;
-        }
-        Ok(())
+        self.handle_timeout(now)
     }
 
     fn poll_write(&mut self) -> Option<TaggedPacket> {

@@ -365,23 +365,34 @@ fn held(since: &mut Option<Instant>, now: Instant, wait: Duration) -> bool {
 mod tests {
     use super::*;
 
-    /// Feeds one estimate every 100 ms for `d`; returns the last target and when it changed.
+    /// Feeds one estimate every 100 ms for `d`, as `estimate` gives it for the current target;
+    /// returns the targets it changed to, and when.
+    fn feed_with(
+        q: &mut QualityController,
+        t: &mut Instant,
+        d: Duration,
+        estimate: impl Fn(VideoTarget) -> u32,
+    ) -> Vec<(Duration, VideoTarget)> {
+        let start = *t;
+        let mut changes = Vec::new();
+        while *t < start + d {
+            *t += Duration::from_millis(100);
+            let kbps = estimate(q.target());
+            if let Some(target) = q.handle_estimate(*t, kbps) {
+                changes.push((t.duration_since(start), target));
+            }
+        }
+        changes
+    }
+
+    /// A steady estimate of `kbps` for `d`.
     fn feed(
         q: &mut QualityController,
         t: &mut Instant,
         kbps: u32,
         d: Duration,
     ) -> Vec<(Duration, VideoTarget)> {
-        let start = *t;
-        let mut changes = Vec::new();
-        let end = *t + d;
-        while *t < end {
-            *t += Duration::from_millis(100);
-            if let Some(target) = q.handle_estimate(*t, kbps) {
-                changes.push((t.duration_since(start), target));
-            }
-        }
-        changes
+        feed_with(q, t, d, |_| kbps)
     }
 
     #[test]
@@ -493,19 +504,10 @@ mod tests {
         idle_kbps: u32,
         d: Duration,
     ) -> Vec<(Duration, VideoTarget)> {
-        let start = *t;
-        let mut changes = Vec::new();
-        while *t < start + d {
-            *t += Duration::from_millis(100);
-            let kbps = match q.target() {
-                VideoTarget::AudioOnly => idle_kbps,
-                VideoTarget::Video { .. } => link_kbps,
-            };
-            if let Some(target) = q.handle_estimate(*t, kbps) {
-                changes.push((t.duration_since(start), target));
-            }
-        }
-        changes
+        feed_with(q, t, d, |target| match target {
+            VideoTarget::AudioOnly => idle_kbps,
+            VideoTarget::Video { .. } => link_kbps,
+        })
     }
 
     #[test]

@@ -79,7 +79,9 @@ pub fn stream_turn_server(url: &str) -> Option<StreamTurnServer> {
 }
 
 /// Length of the next TURN message at the start of a stream buffer: `Ok(None)` until four
-/// bytes are there, `Err` for bytes that are not STUN or ChannelData.
+/// bytes are there, `Err` for bytes that are not STUN or ChannelData. The client's side of the
+/// framing the relay reads with `bedside_turn::stun::stream_frame_len`; client-core does not
+/// depend on the relay crate (the phones would build it too).
 fn frame_len(buf: &[u8]) -> io::Result<Option<usize>> {
     if buf.len() < 4 {
         return Ok(None);

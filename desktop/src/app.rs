@@ -240,13 +240,10 @@ impl DesktopApp {
                 self.end_session();
                 self.clinic_stop = None;
                 self.admin = None;
+                // The clinic is gone, and its consultations with it.
                 self.model = AppModel {
-                    devices: std::mem::take(&mut self.model.devices),
-                    camera: std::mem::take(&mut self.model.camera),
-                    microphone: std::mem::take(&mut self.model.microphone),
-                    speaker: std::mem::take(&mut self.model.speaker),
-                    keyring_note: self.model.keyring_note.take(),
-                    ..AppModel::default()
+                    consultations: None,
+                    ..self.model.next_session()
                 };
             }
         }
@@ -267,6 +264,21 @@ impl DesktopApp {
         if let Err(e) = self.settings_file.save(&self.settings) {
             self.model.error = Some(e.to_string());
         }
+    }
+
+    /// Puts the chosen devices to work in the session, if there is one. The client starts on
+    /// the synthetic sources, so only a real camera or microphone needs opening.
+    fn open_chosen_devices(&mut self) {
+        if self.session.is_none() {
+            return;
+        }
+        if self.model.camera != settings::TEST_PATTERN {
+            self.open_camera();
+        }
+        if self.model.microphone != settings::TEST_TONE {
+            self.open_microphone();
+        }
+        self.open_speaker();
     }
 
     /// Opens the chosen camera off the UI thread; the call switches to it when it is ready.
@@ -354,14 +366,7 @@ impl DesktopApp {
                         sent,
                         preview_seen: 0,
                     });
-                    // The client starts on the synthetic sources: switch to the chosen devices.
-                    if self.model.camera != settings::TEST_PATTERN {
-                        self.open_camera();
-                    }
-                    if self.model.microphone != settings::TEST_TONE {
-                        self.open_microphone();
-                    }
-                    self.open_speaker();
+                    self.open_chosen_devices();
                     self.model.has_session = true;
                     self.model.clinic_label = Some(clinic_label);
                     self.model.invite_code = invite_code;
@@ -380,11 +385,7 @@ impl DesktopApp {
                         devices::resolve(&lists.microphones, s.microphone.as_deref());
                     self.model.speaker = devices::resolve(&lists.speakers, s.speaker.as_deref());
                     self.model.devices = lists;
-                    if self.session.is_some() {
-                        self.open_camera();
-                        self.open_microphone();
-                        self.open_speaker();
-                    }
+                    self.open_chosen_devices();
                 }
                 AppMsg::VideoSource(source) => {
                     if let Some(session) = &self.session {
@@ -403,16 +404,7 @@ impl DesktopApp {
                 }
                 AppMsg::Switch(join) => {
                     self.end_session();
-                    let keep = std::mem::take(&mut self.model);
-                    self.model = AppModel {
-                        devices: keep.devices,
-                        camera: keep.camera,
-                        microphone: keep.microphone,
-                        speaker: keep.speaker,
-                        consultations: keep.consultations,
-                        keyring_note: keep.keyring_note,
-                        ..AppModel::default()
-                    };
+                    self.model = self.model.next_session();
                     self.connect(join);
                     self.fetch_consultations();
                 }

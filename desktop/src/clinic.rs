@@ -17,7 +17,7 @@ use bedside_protocol::ConsultationId;
 use bedside_protocol::JoinAuth;
 use bedside_server::api::{ConsultationSummary, CreatedConsultation, IssuedInvite, IssuedToken};
 
-use crate::devices::DeviceLists;
+use crate::devices::{DeviceLists, SEND_HEIGHT, SEND_WIDTH};
 use bedside_server::{Config, Server};
 use tokio::sync::oneshot;
 
@@ -219,10 +219,11 @@ pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result
         relay_only: false,
         ..EngineSettings::default()
     };
-    options.video.width = 640;
-    options.video.height = 360;
-    // No camera or microphone on this build: send the doctor's test pattern and tone.
-    let sources = MediaSources::synthetic(640, 360, 1, DOCTOR_TONE_HZ);
+    options.video.width = SEND_WIDTH;
+    options.video.height = SEND_HEIGHT;
+    // The call starts on the test pattern and tone; the app switches to the chosen devices once
+    // the session is up (`DesktopApp::open_chosen_devices`).
+    let sources = MediaSources::synthetic(SEND_WIDTH, SEND_HEIGHT, 1, DOCTOR_TONE_HZ);
     let mut client = driver::start(options, sources).context("starting the call client")?;
     client.handle.send(UserCommand::Join {
         auth: JoinAuth::Token { token: join.token },

@@ -316,6 +316,20 @@ impl AppModel {
         })
     }
 
+    /// A fresh model for the next session: the call's state goes; what belongs to this computer
+    /// and clinic (the devices and choices, the keyring note, today's consultations) stays.
+    pub fn next_session(&mut self) -> AppModel {
+        AppModel {
+            devices: std::mem::take(&mut self.devices),
+            camera: std::mem::take(&mut self.camera),
+            microphone: std::mem::take(&mut self.microphone),
+            speaker: std::mem::take(&mut self.speaker),
+            consultations: self.consultations.take(),
+            keyring_note: self.keyring_note.take(),
+            ..AppModel::default()
+        }
+    }
+
     /// The quality light: poor as in [`Self::network_poor`]; fair with some loss, a slow round
     /// trip or a halting picture; `None` before the first sample.
     pub fn quality(&self) -> Option<Quality> {

@@ -483,31 +483,39 @@ async fn media_flows(doctor: &Client, patient: &Client) -> Result<()> {
     }
 }
 
+/// The candidate pair `client` reports in its first statistics that name one.
+async fn candidate_pair(client: &mut Client) -> Result<CandidatePairType> {
+    wait_for(client, Duration::from_secs(5), |e| match e {
+        CallEvent::Stats { report, .. } => report.candidate_pair,
+        _ => None,
+    })
+    .await
+}
+
+/// A counter from the server's `/metrics`.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} on /metrics: {metrics}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_only_call_goes_through_the_bundled_turn() -> Result<()> {
     let server = TestServer::start_with(with_turn(test_config())).await?;
     let c = server.create_consultation().await?;
     let (doctor, mut patient, _, _) = connected_pair(&server, &c, &relay_only(None)).await?;
-    let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
-        CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
-        _ => None,
-    })
-    .await?;
-    assert_eq!(report.candidate_pair, Some(CandidatePairType::Relay));
+    assert_eq!(
+        candidate_pair(&mut patient).await?,
+        CandidatePairType::Relay
+    );
     media_flows(&doctor, &patient).await?;
     // The relay says so too.
     let metrics = server.metrics().await?;
-    let allocations: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bedside_turn_active_allocations "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("relay metrics on /metrics");
+    let allocations = metric(&metrics, "bedside_turn_active_allocations");
     assert!(allocations >= 2, "{metrics}");
-    let relayed: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bedside_turn_relayed_packets_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let relayed = metric(&metrics, "bedside_turn_relayed_packets_total");
     assert!(relayed > 100, "{relayed}");
     assert!(metrics.trim_end().ends_with("# EOF"));
     Ok(())
@@ -523,19 +531,13 @@ async fn a_relay_only_call_connects_through_turn_over_tcp() -> Result<()> {
     let server = TestServer::start_with(config).await?;
     let c = server.create_consultation().await?;
     let (doctor, mut patient, _, _) = connected_pair(&server, &c, &relay_only(None)).await?;
-    let report = wait_for(&mut patient, Duration::from_secs(5), |e| match e {
-        CallEvent::Stats { report, .. } if report.candidate_pair.is_some() => Some(report.clone()),
-        _ => None,
-    })
-    .await?;
-    assert_eq!(report.candidate_pair, Some(CandidatePairType::Relay));
+    assert_eq!(
+        candidate_pair(&mut patient).await?,
+        CandidatePairType::Relay
+    );
     media_flows(&doctor, &patient).await?;
     let metrics = server.metrics().await?;
-    let relayed: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bedside_turn_relayed_packets_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let relayed = metric(&metrics, "bedside_turn_relayed_packets_total");
     assert!(relayed > 100, "{relayed}");
     Ok(())
 }

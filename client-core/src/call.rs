@@ -28,7 +28,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::backoff::Backoff;
-use crate::quality::{LADDER, QualityConfig, QualityController, VideoTarget};
+use crate::quality::{AudioRedundancy, LADDER, QualityConfig, QualityController, VideoTarget};
 
 /// Timers and limits of the call logic.
 #[derive(Clone, Debug)]
@@ -185,6 +185,8 @@ pub enum EngineCommand {
     SetVideoSending(bool),
     /// Send a keyframe now (a peer's media just connected and needs one to start decoding).
     RequestKeyframe,
+    /// Let audio packets carry the previous frame too (RED), to peers that negotiated it.
+    SetAudioRedundancy(bool),
     /// Send a chat line on the peer's data channel.
     SendChat {
         peer: ParticipantId,
@@ -356,6 +358,8 @@ pub struct Call {
     /// The app is in the background: no video.
     backgrounded: bool,
     quality: QualityController,
+    /// Whether audio carries redundancy (RED).
+    redundancy: AudioRedundancy,
     /// When we last asked the encoder for a keyframe because a peer requested one.
     last_keyframe: Option<Instant>,
     /// Our last chat line's id.
@@ -396,6 +400,7 @@ impl Call {
                 QualityConfig::default(),
                 QualityController::top_rung_for(config.video_size.0, config.video_size.1),
             ),
+            redundancy: AudioRedundancy::default(),
             shown: CallState::Idle,
             out: VecDeque::new(),
             config,
@@ -720,9 +725,15 @@ impl Call {
 
     /// A call-quality sample for one peer from the driver: shown to the UI and sent on to the
     /// server as telemetry.
-    pub fn handle_stats(&mut self, _now: Instant, peer: ParticipantId, mut report: StatsReport) {
+    pub fn handle_stats(&mut self, now: Instant, peer: ParticipantId, mut report: StatsReport) {
         if !self.peers.contains_key(&peer) {
             return;
+        }
+        if let Some(on) = report
+            .loss_out_pct
+            .and_then(|loss| self.redundancy.handle_loss(now, loss))
+        {
+            self.engine(EngineCommand::SetAudioRedundancy(on));
         }
         report.audio_only = Some(self.is_audio_only());
         report.connection_state = Some(format!("{:?}", self.peers[&peer].media).to_lowercase());
@@ -737,6 +748,9 @@ impl Call {
 
     /// The congestion controller's bandwidth estimate for what we send, kbps.
     pub fn handle_bandwidth(&mut self, now: Instant, estimate_kbps: u32) {
+        if let Some(on) = self.redundancy.handle_estimate(now, estimate_kbps) {
+            self.engine(EngineCommand::SetAudioRedundancy(on));
+        }
         let was_audio_only = self.is_audio_only();
         let Some(target) = self.quality.handle_estimate(now, estimate_kbps) else {
             return;

@@ -53,6 +53,8 @@ use webrtc::peer_connection::{
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
 use crate::impair::{DelayRuntime, SendDelay};
+use crate::loss_control::LossControl;
+use crate::media::{RED_PAYLOAD_TYPE, RedEncoder, SAMPLE_RATE};
 use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
@@ -147,12 +149,36 @@ fn opus_codec() -> RTCRtpCodec {
     }
 }
 
+/// RED (RFC 2198) over Opus, as Chrome offers it: redundant audio (see `media::red`).
+fn red_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/red".to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: format!("{OPUS_PAYLOAD_TYPE}/{OPUS_PAYLOAD_TYPE}"),
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "transport-cc".to_owned(),
+            parameter: String::new(),
+        }],
+    }
+}
+
+/// Whether a session description offers or accepts RED for audio.
+fn negotiates_red(sdp: &str) -> bool {
+    sdp.lines().any(|l| {
+        l.strip_prefix(&format!("a=rtpmap:{RED_PAYLOAD_TYPE} "))
+            .is_some_and(|codec| codec.to_ascii_lowercase().starts_with("red/48000"))
+    })
+}
+
 /// One peer connection's local tracks: its own packetizers, sequence numbers and SSRCs.
 pub struct PeerTracks {
     video: Arc<TrackLocalStaticSample>,
     audio: Arc<TrackLocalStaticSample>,
     video_ssrc: u32,
     audio_ssrc: u32,
+    /// The peer's session description has RED: it can take redundant audio.
+    red: AtomicBool,
 }
 
 impl PeerTracks {
@@ -187,6 +213,7 @@ impl PeerTracks {
             audio: Arc::new(make(RtpCodecKind::Audio, opus_codec(), audio_ssrc)?),
             video_ssrc,
             audio_ssrc,
+            red: AtomicBool::new(false),
         })
     }
 }
@@ -200,6 +227,9 @@ pub struct LocalTracks {
     pub video_enabled: AtomicBool,
     /// Audio is not sent while false (muted).
     pub audio_enabled: AtomicBool,
+    /// Audio packets also carry the previous frame (RED) to peers that negotiated it.
+    pub audio_redundancy: AtomicBool,
+    red: Mutex<RedEncoder>,
 }
 
 impl LocalTracks {
@@ -209,6 +239,8 @@ impl LocalTracks {
             peers: Mutex::new(HashMap::new()),
             video_enabled: AtomicBool::new(true),
             audio_enabled: AtomicBool::new(true),
+            audio_redundancy: AtomicBool::new(false),
+            red: Mutex::new(RedEncoder::default()),
         }))
     }
 
@@ -221,6 +253,13 @@ impl LocalTracks {
 
     fn remove_peer(&self, peer: &ParticipantId) {
         self.lock().remove(peer);
+    }
+
+    /// `peer`'s session description arrived: note whether it takes RED.
+    fn remote_description(&self, peer: &ParticipantId, sdp: &str) {
+        if let Some(tracks) = self.lock().get(peer) {
+            tracks.red.store(negotiates_red(sdp), Ordering::Relaxed);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, Arc<PeerTracks>>> {
@@ -250,6 +289,27 @@ impl LocalTracks {
         self.write(MediaKind::Audio, data, duration).await
     }
 
+    /// The RED sample for this audio packet while redundancy is on; the encoder forgets the
+    /// previous frame whenever a frame is not sent as RED (it is then not the one before).
+    fn redundant_audio(
+        &self,
+        sent: bool,
+        data: &bytes::Bytes,
+        duration: Duration,
+    ) -> Option<Sample> {
+        let mut red = self.red.lock().unwrap_or_else(|p| p.into_inner());
+        if !sent || !self.audio_redundancy.load(Ordering::Relaxed) {
+            red.reset();
+            return None;
+        }
+        let samples = (duration.as_secs_f64() * f64::from(SAMPLE_RATE)) as u32;
+        Some(Sample {
+            data: red.encode(OPUS_PAYLOAD_TYPE, data.clone(), samples),
+            duration,
+            ..Sample::new(Instant::now())
+        })
+    }
+
     /// Writes to every peer; a peer whose connection is not ready yet (or is gone) does not keep
     /// the others from getting the sample. Returns the last error, if any.
     async fn write(
@@ -262,7 +322,13 @@ impl LocalTracks {
             MediaKind::Video => &self.video_enabled,
             MediaKind::Audio => &self.audio_enabled,
         };
-        if !enabled.load(Ordering::Relaxed) {
+        let enabled = enabled.load(Ordering::Relaxed);
+        // With redundancy on, the RED payload for peers that negotiated it (made once for all).
+        let redundant = match kind {
+            MediaKind::Audio => self.redundant_audio(enabled, &data, duration),
+            MediaKind::Video => None,
+        };
+        if !enabled {
             return Ok(());
         }
         let targets: Vec<Arc<PeerTracks>> = self.lock().values().cloned().collect();
@@ -273,13 +339,16 @@ impl LocalTracks {
         };
         let mut result = Ok(());
         for peer in targets {
-            let (track, ssrc, payload_type) = match kind {
-                MediaKind::Video => (&peer.video, peer.video_ssrc, H264_PAYLOAD_TYPE),
-                MediaKind::Audio => (&peer.audio, peer.audio_ssrc, OPUS_PAYLOAD_TYPE),
+            let (track, ssrc, payload_type, sample) = match (kind, &redundant) {
+                (MediaKind::Video, _) => (&peer.video, peer.video_ssrc, H264_PAYLOAD_TYPE, &sample),
+                (MediaKind::Audio, Some(red)) if peer.red.load(Ordering::Relaxed) => {
+                    (&peer.audio, peer.audio_ssrc, RED_PAYLOAD_TYPE, red)
+                }
+                (MediaKind::Audio, _) => (&peer.audio, peer.audio_ssrc, OPUS_PAYLOAD_TYPE, &sample),
             };
             if let Err(e) = track
                 .sample_writer(ssrc, payload_type)
-                .write_sample(&sample)
+                .write_sample(sample)
                 .await
             {
                 result = Err(e.into());
@@ -442,10 +511,13 @@ const GCC_INITIAL_BPS: f64 = 1_500_000.0;
 const GCC_MIN_BPS: f64 = 80_000.0;
 const GCC_MAX_BPS: f64 = 2_500_000.0;
 
-/// GCC with its target bitrate published where the driver can read it (the estimator lives
-/// inside the interceptor chain; this is the crate's `bandwidth-estimation-from-disk` pattern).
+/// GCC's delay-based half with our loss-based half (`loss_control.rs`: the crate's backs off on
+/// loss the path has whatever we send), the target published where the driver can read it (the
+/// estimator lives inside the interceptor chain; this is the crate's
+/// `bandwidth-estimation-from-disk` pattern).
 struct PublishingEstimator {
     inner: Gcc,
+    loss: LossControl,
     /// Caps the published estimate when far less arrives than the pacer sends.
     guard: DeliveryGuard,
     pacer: Arc<PacerStats>,
@@ -453,15 +525,30 @@ struct PublishingEstimator {
 }
 
 impl PublishingEstimator {
+    fn new(pacer: Arc<PacerStats>, target: Arc<AtomicU64>) -> Self {
+        Self {
+            inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
+            loss: LossControl::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
+            guard: DeliveryGuard::default(),
+            pacer,
+            target,
+        }
+    }
+
     fn publish(&mut self) {
-        let target = self.guard.limit(self.inner.target_bitrate());
+        let target = self.guard.limit(self.target_bitrate());
         self.target.store(target.to_bits(), Ordering::Relaxed);
     }
 }
 
 impl BandwidthEstimator for PublishingEstimator {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        if reports.is_empty() {
+            return;
+        }
         self.inner.on_reports(now, reports);
+        let lost = reports.iter().filter(|r| !r.arrived).count();
+        self.loss.update(now, lost, reports.len());
         let arrived: u64 = reports
             .iter()
             .filter(|r| r.arrived)
@@ -473,7 +560,10 @@ impl BandwidthEstimator for PublishingEstimator {
     }
 
     fn target_bitrate(&self) -> f64 {
-        self.inner.target_bitrate()
+        self.inner
+            .delay_based_bitrate()
+            .min(self.loss.target())
+            .clamp(GCC_MIN_BPS, GCC_MAX_BPS)
     }
 
     fn handle_timeout(&mut self, now: Instant) {
@@ -486,7 +576,10 @@ impl BandwidthEstimator for PublishingEstimator {
     }
 
     fn stats(&self) -> EstimatorStats {
-        self.inner.stats()
+        let mut stats = self.inner.stats();
+        stats.loss_based_bitrate = Some(self.loss.target());
+        stats.packet_loss = self.loss.average_loss();
+        stats
     }
 }
 
@@ -728,6 +821,7 @@ impl Engine {
                     .get(&peer)
                     .ok_or(EngineError::UnknownPeer)?
                     .clone();
+                self.tracks.remote_description(&peer, &sdp);
                 match kind {
                     SdpKind::Offer => {
                         pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
@@ -778,6 +872,9 @@ impl Engine {
             }
             EngineCommand::SetVideoSending(on) => {
                 self.tracks.video_enabled.store(on, Ordering::Relaxed);
+            }
+            EngineCommand::SetAudioRedundancy(on) => {
+                self.tracks.audio_redundancy.store(on, Ordering::Relaxed);
             }
             EngineCommand::SendChat { peer, id, text } => {
                 let sent = match self.chats.get(&peer) {
@@ -846,6 +943,13 @@ impl Engine {
         )?;
         media_engine.register_codec(
             RTCRtpCodecParameters {
+                rtp_codec: red_codec(),
+                payload_type: RED_PAYLOAD_TYPE,
+            },
+            RtpCodecKind::Audio,
+        )?;
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
                 rtp_codec: h264_codec(),
                 payload_type: H264_PAYLOAD_TYPE,
             },
@@ -853,12 +957,7 @@ impl Engine {
         )?;
         let pacer_stats = Arc::new(PacerStats::default());
         self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
-        let estimator = PublishingEstimator {
-            inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
-            guard: DeliveryGuard::default(),
-            pacer: pacer_stats.clone(),
-            target: estimate,
-        };
+        let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
         let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
         let registry = configure_congestion_control(
@@ -870,7 +969,11 @@ impl Engine {
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(GCC_INITIAL_BPS, OPUS_PAYLOAD_TYPE, pacer_stats),
+            MediaPacer::new(
+                GCC_INITIAL_BPS,
+                &[OPUS_PAYLOAD_TYPE, RED_PAYLOAD_TYPE],
+                pacer_stats,
+            ),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
@@ -981,5 +1084,20 @@ impl Engine {
             ));
         }
         Ok(Arc::new(pc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn red_is_recognised_in_a_description_only_as_red_at_48_khz_on_its_payload_type() {
+        let with = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=rtpmap:111 opus/48000/2\r\n\
+                    a=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n";
+        assert!(negotiates_red(with));
+        let without = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert!(!negotiates_red(without));
+        assert!(!negotiates_red("a=rtpmap:63 PCMU/8000\r\n"));
     }
 }

@@ -13,6 +13,7 @@ pub mod call;
 pub mod driver;
 pub mod engine;
 pub mod impair;
+pub mod loss_control;
 pub mod media;
 pub mod pacer;
 pub mod pipeline;

@@ -23,11 +23,12 @@ use rtc::rtp::codec::h264::H264Packet;
 use tokio::sync::mpsc;
 
 use crate::engine::{LocalTracks, MediaKind, RemoteMedia};
+use crate::media::red;
 use crate::media::{
     AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ,
     FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
-    PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource,
-    ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
+    PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, RED_PAYLOAD_TYPE,
+    TestPatternSource, ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -284,6 +285,8 @@ pub struct ReceiveStats {
     pub glass_to_glass_ms: Vec<f64>,
     pub audio_frames_played: u64,
     pub audio_frames_fec: u64,
+    /// Frames played from a redundant copy (RED) after their own packet was lost.
+    pub audio_frames_red: u64,
     pub audio_frames_concealed: u64,
     /// Mouth-to-ear latency of each audio marker, ms.
     pub mouth_to_ear_ms: Vec<f64>,
@@ -419,12 +422,7 @@ fn receive_loop(
                     MediaKind::Audio => {
                         if let Some(buffer) = rx.audio.as_mut() {
                             let arrival = item.arrived.duration_since(epoch).as_micros() as u64;
-                            buffer.push(
-                                item.packet.header.sequence_number,
-                                item.packet.header.timestamp,
-                                item.packet.payload.to_vec(),
-                                arrival,
-                            );
+                            push_audio(buffer, &item.packet, arrival);
                         }
                     }
                 }
@@ -534,6 +532,28 @@ fn receive_video(
     }
 }
 
+/// Puts one audio packet into the playout buffer: Opus as it is; RED (`media::red`) as its
+/// primary frame plus the earlier frames it carries, for the buffer to fill gaps with. A
+/// malformed RED payload is dropped with a log line (counted as lost by the buffer).
+fn push_audio(buffer: &mut AudioPlayoutBuffer, packet: &rtc::rtp::Packet, arrival_us: u64) {
+    let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
+    if packet.header.payload_type != RED_PAYLOAD_TYPE {
+        buffer.push(seq, ts, packet.payload.to_vec(), arrival_us);
+        return;
+    }
+    match red::decode(&packet.payload) {
+        Ok((redundant, primary)) => {
+            buffer.push(seq, ts, primary.data.to_vec(), arrival_us);
+            // Oldest first, one frame apart: the last block is the packet just before.
+            let count = redundant.len() as u16;
+            for (i, block) in redundant.into_iter().enumerate() {
+                buffer.push_redundant(seq.wrapping_sub(count - i as u16), block.data.to_vec());
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "dropped a RED packet"),
+    }
+}
+
 /// Plays the next 20 ms of `peer`'s audio: measures it and returns it for the mix.
 fn play_audio(
     peer: &ParticipantId,
@@ -542,7 +562,8 @@ fn play_audio(
     shared: &Received,
 ) -> Option<AudioFrame> {
     let buffer = rx.audio.as_mut()?;
-    if buffer.stats().played + buffer.stats().fec_recovered + buffer.stats().concealed == 0
+    let st = buffer.stats();
+    if st.played + st.fec_recovered + st.red_recovered + st.concealed == 0
         && buffer.buffered_ms() == 0
     {
         return None; // Nothing has arrived yet.
@@ -558,6 +579,7 @@ fn play_audio(
     match playout.kind {
         PlayoutKind::Normal => stats.audio_frames_played += 1,
         PlayoutKind::Fec => stats.audio_frames_fec += 1,
+        PlayoutKind::Redundant => stats.audio_frames_red += 1,
         PlayoutKind::Concealed => stats.audio_frames_concealed += 1,
         _ => {}
     }

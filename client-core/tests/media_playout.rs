@@ -196,6 +196,57 @@ fn lost_packets_use_fec_then_plc() {
     assert_eq!(st.played, 144);
 }
 
+/// With RED each packet also carries the one before it: two lost in a row are both recovered
+/// (the first through the FEC inside the second's copy, the second from its copy), three in a
+/// row lose only the first. The copies neither count as late nor move the target delay.
+#[test]
+fn redundant_copies_recover_runs_of_lost_packets() {
+    let lost = [30u16, 50, 51, 80, 81, 82];
+    let mut buf = AudioPlayoutBuffer::with_decoder(
+        Fake,
+        PlayoutConfig {
+            min_delay_ms: 40,
+            ..Default::default()
+        },
+    );
+    let mut outcome = std::collections::BTreeMap::new();
+    let mut arrivals = steady(150, 30_000)
+        .into_iter()
+        .filter(|a| !lost.contains(&a.0))
+        .peekable();
+    let mut now = 7_000;
+    while now < 3_300_000 {
+        while let Some(&(seq, at)) = arrivals.peek() {
+            if at > now {
+                break;
+            }
+            buf.push(seq, u32::from(seq) * 960, fake_payload(seq), at);
+            if seq > 0 {
+                buf.push_redundant(seq - 1, fake_payload(seq - 1));
+            }
+            arrivals.next();
+        }
+        let p = buf.pull(now);
+        if let Some(seq) = p.seq {
+            outcome.insert(seq, (p.kind, p.frame.samples[0]));
+        }
+        now += FRAME_US;
+    }
+    for s in 0..150u16 {
+        let (kind, value) = outcome[&s];
+        match s {
+            30 | 51 | 82 => assert_eq!((kind, value), (PlayoutKind::Redundant, s as i16), "{s}"),
+            50 | 81 => assert_eq!((kind, value), (PlayoutKind::Fec, s as i16), "{s}"),
+            80 => assert_eq!(kind, PlayoutKind::Concealed, "{s}"),
+            _ => assert_eq!((kind, value), (PlayoutKind::Normal, s as i16), "{s}"),
+        }
+    }
+    let st = buf.stats();
+    assert_eq!((st.played, st.red_recovered, st.fec_recovered), (144, 3, 2));
+    assert_eq!((st.late_dropped, st.duplicates), (0, 0));
+    assert_eq!(st.target_delay_ms, 40);
+}
+
 #[test]
 fn jitter_spike_grows_target_then_shrinks_back() {
     let mut arr = steady(500, 30_000);

@@ -100,10 +100,14 @@ pub struct Report {
     pub glass_to_glass_ms_p50: Option<f64>,
     pub glass_to_glass_ms_p95: Option<f64>,
     pub audio_frames_received: u64,
-    /// Share of played audio frames that came from their own packet (not FEC or concealment).
+    /// Audio frames played from a redundant copy (RED) after their own packet was lost.
+    pub audio_frames_redundant: u64,
+    /// Share of played audio frames that came from their own packet (not a redundant copy,
+    /// FEC or concealment).
     pub audio_played_share: Option<f64>,
-    /// Share of played audio frames that carried the sender's audio: their own packet or
-    /// rebuilt by Opus FEC from the next one (the rest is concealment).
+    /// Share of played audio frames that carried the sender's audio: their own packet, the
+    /// redundant copy (RED) a later packet carried, or rebuilt by Opus FEC from the next one
+    /// (the rest is concealment).
     pub audio_recovered_share: Option<f64>,
     pub mouth_to_ear_ms_p50: Option<f64>,
     pub mouth_to_ear_ms_p95: Option<f64>,
@@ -265,12 +269,13 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         g2g.sort_by(f64::total_cmp);
         report.glass_to_glass_ms_p50 = percentile(&g2g, 0.5);
         report.glass_to_glass_ms_p95 = percentile(&g2g, 0.95);
-        let played = rx.audio_frames_played + rx.audio_frames_fec + rx.audio_frames_concealed;
+        let recovered = rx.audio_frames_played + rx.audio_frames_red + rx.audio_frames_fec;
+        let played = recovered + rx.audio_frames_concealed;
         report.audio_frames_received = played;
+        report.audio_frames_redundant = rx.audio_frames_red;
         report.audio_played_share =
             (played > 0).then(|| rx.audio_frames_played as f64 / played as f64);
-        report.audio_recovered_share = (played > 0)
-            .then(|| (rx.audio_frames_played + rx.audio_frames_fec) as f64 / played as f64);
+        report.audio_recovered_share = (played > 0).then(|| recovered as f64 / played as f64);
         let mut m2e = rx.mouth_to_ear_ms.clone();
         m2e.sort_by(f64::total_cmp);
         report.mouth_to_ear_ms_p50 = percentile(&m2e, 0.5);

@@ -447,8 +447,8 @@ impl Trial {
         (pct(&self.doctor), pct(&self.patient))
     }
 
-    /// Share of the audio frames played that carried real audio (their packet, or rebuilt by
-    /// FEC), percent: doctor, patient.
+    /// Share of the audio frames played that carried real audio (their packet, a redundant
+    /// copy, or rebuilt by FEC), percent: doctor, patient.
     pub fn audio_recovered_pct(&self) -> (f64, f64) {
         let pct = |r: &Value| 100.0 * r["audio_recovered_share"].as_f64().unwrap_or(0.0);
         (pct(&self.doctor), pct(&self.patient))

@@ -88,6 +88,12 @@ fn survives_random_loss(pct: u32) -> Result<()> {
         loss_out > f64::from(pct) / 5.0,
         "outbound loss was not measured: {doctor}"
     );
+    // The doctor saw the loss and sent redundant audio (RED), and the patient played frames
+    // from the copies.
+    assert!(
+        patient["audio_frames_redundant"].as_u64().unwrap() > 0,
+        "no audio frame came from a redundant copy: {patient}"
+    );
     // Video the patient could not decode (NACK did not repair it in time) was recovered by
     // asking the doctor for keyframes. At low loss NACK may repair everything: then no frame
     // was skipped and no keyframe was needed.
@@ -102,10 +108,12 @@ fn survives_random_loss(pct: u32) -> Result<()> {
         );
     }
     eprintln!(
-        "{pct}% loss: patient audio played from real packets {:.1}%, video frames decoded {}, \
+        "{pct}% loss: patient audio played from real packets {:.1}% (with RED and FEC {:.1}%), \
+         video frames decoded {}, \
          missing {}, skipped {}, PLIs sent {} (doctor received {}), doctor's outbound loss \
          {loss_out:.1}%, glass-to-glass p95 {} ms",
         100.0 * patient["audio_played_share"].as_f64().unwrap_or(0.0),
+        100.0 * patient["audio_recovered_share"].as_f64().unwrap_or(0.0),
         patient["video_frames_decoded"],
         patient["video_frames_missing"],
         patient["video_frames_skipped"],

@@ -31,6 +31,9 @@ pub enum MediaError {
     /// An Opus packet decoded to a duration other than 20 ms.
     #[error("Opus packet decoded to {0} samples, expected 960 (20 ms)")]
     OpusFrameSize(usize),
+    /// A packet's framing is malformed (e.g. a RED payload whose headers run past its end).
+    #[error("malformed packet: {0}")]
+    Decode(String),
     /// An audio or video device failed (only with the `devices` feature).
     #[error("device: {0}")]
     Device(String),

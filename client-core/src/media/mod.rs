@@ -27,6 +27,7 @@ pub mod h264;
 pub mod opus_codec;
 pub mod pattern;
 pub mod playout;
+pub mod red;
 pub mod sink;
 pub mod source;
 pub mod tone;
@@ -42,6 +43,7 @@ pub use pattern::{
     FrameMarker, PatternConfig, TestPatternSource, read_marker, render_pattern, write_marker,
 };
 pub use playout::{AudioPlayoutBuffer, Playout, PlayoutConfig, PlayoutKind, PlayoutStats};
+pub use red::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder};
 pub use sink::{LatestFrame, PLAYED_AUDIO_CAPACITY, PlayedAudio};
 pub use source::{
     AudioSource, Capture, FramePusher, NoDevice, PushedSource, VideoSource, push_source,

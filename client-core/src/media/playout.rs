@@ -22,7 +22,7 @@
 //! - Packets older than the playout point are counted as late and dropped; duplicates ignored;
 //!   a sequence jump of more than 2 s restarts the buffer.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::frame::{AudioFrame, FRAME_SAMPLES, FRAME_US, SAMPLE_RATE};
 use super::opus_codec::{AudioDecoder, OpusDecoder};
@@ -58,6 +58,8 @@ pub enum PlayoutKind {
     Normal,
     /// Recovered from the next packet's forward error correction.
     Fec,
+    /// Decoded from the copy a later packet carried (RED, `red.rs`): its own packet was lost.
+    Redundant,
     /// Synthesised by packet-loss concealment.
     Concealed,
     /// Silence: buffering, or the stream stopped.
@@ -82,6 +84,8 @@ pub struct PlayoutStats {
     pub played: u64,
     /// Frames recovered through FEC.
     pub fec_recovered: u64,
+    /// Frames decoded from a redundant copy (RED) after their own packet was lost.
+    pub red_recovered: u64,
     /// Frames concealed (PLC), including after decode errors.
     pub concealed: u64,
     /// Silent frames (buffering or stopped).
@@ -106,6 +110,8 @@ pub struct AudioPlayoutBuffer<D: AudioDecoder = OpusDecoder> {
     decoder: D,
     config: PlayoutConfig,
     packets: BTreeMap<u64, Vec<u8>>,
+    /// The packets above that are redundant copies (RED), not their own packet.
+    redundant: BTreeSet<u64>,
     /// Next extended sequence number to play; `None` while buffering.
     next_seq: Option<u64>,
     highest_seq: Option<u64>,
@@ -157,6 +163,7 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             decoder,
             config,
             packets: BTreeMap::new(),
+            redundant: BTreeSet::new(),
             next_seq: None,
             highest_seq: None,
             highest_ts: None,
@@ -223,6 +230,7 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             if ext > n + 100 {
                 // More than 2 s ahead: the sender restarted or we fell far behind.
                 self.packets.clear();
+                self.redundant.clear();
                 self.next_seq = None;
                 self.buffering_since = None;
             }
@@ -231,9 +239,35 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             self.buffering_since = Some(arrival_us);
         }
         self.packets.insert(ext, payload);
-        // Bound memory: never hold more than 2 s.
+        self.redundant.remove(&ext);
+        self.bound();
+    }
+
+    /// A redundant copy of packet `seq` arrived inside a later packet (RED). It fills the gap
+    /// if `seq` was lost and is still ahead of the playout point; otherwise it is ignored. It
+    /// says nothing about transit times (it came late on purpose) and counts as neither late
+    /// nor duplicate. Push the carrying packet first.
+    pub fn push_redundant(&mut self, seq: u16, payload: Vec<u8>) {
+        let Some(ext) = unwrap_seq(seq, self.highest_seq) else {
+            return;
+        };
+        if self.packets.contains_key(&ext)
+            || self.next_seq.is_none_or(|n| ext < n)
+            || self.highest_seq.is_none_or(|h| ext >= h)
+        {
+            return;
+        }
+        self.packets.insert(ext, payload);
+        self.redundant.insert(ext);
+        self.bound();
+    }
+
+    /// Bounds memory: never hold more than 2 s.
+    fn bound(&mut self) {
         while self.packets.len() > 100 {
-            self.packets.pop_first();
+            if let Some((seq, _)) = self.packets.pop_first() {
+                self.redundant.remove(&seq);
+            }
         }
     }
 
@@ -285,6 +319,7 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             && self.packets.contains_key(&(n + 1))
             && let Some(p) = self.packets.remove(&n)
         {
+            self.redundant.remove(&n);
             let mut scratch = [0i16; FRAME_SAMPLES];
             if self.decoder.decode(&p, &mut scratch).is_err() {
                 self.stats.decode_errors += 1;
@@ -298,7 +333,16 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
         if let Some(p) = self.packets.remove(&n) {
             self.next_seq = Some(n + 1);
             self.expand_run = 0;
+            let redundant = self.redundant.remove(&n);
             return match self.decoder.decode(&p, &mut frame.samples) {
+                Ok(()) if redundant => {
+                    self.stats.red_recovered += 1;
+                    Playout {
+                        frame,
+                        kind: PlayoutKind::Redundant,
+                        seq,
+                    }
+                }
                 Ok(()) => {
                     self.stats.played += 1;
                     Playout {

@@ -36,7 +36,7 @@ fn main() -> Result<()> {
         }),
     ];
     println!(
-        "| scenario | survived | media back after event (ms) | audio-only after (ms) | video back after recovery (ms) | audio from packets, doctor / patient | audio from packets or FEC | video frames decoded, doctor / patient | patient's states |"
+        "| scenario | survived | media back after event (ms) | audio-only after (ms) | video back after recovery (ms) | audio from packets, doctor / patient | audio from packets, RED or FEC | video frames decoded, doctor / patient | patient's states |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (name, scenario) in all {

@@ -511,6 +511,40 @@ const GCC_INITIAL_BPS: f64 = 1_500_000.0;
 const GCC_MIN_BPS: f64 = 80_000.0;
 const GCC_MAX_BPS: f64 = 2_500_000.0;
 
+/// How long after a path change loss and delivery are not judged (see [`SharedEstimate`]).
+const PATH_SETTLE: Duration = Duration::from_secs(2);
+
+/// What one peer connection's estimator shares with the engine.
+#[derive(Debug)]
+struct SharedEstimate {
+    /// The published target (f64 bits, bits per second).
+    bps: AtomicU64,
+    /// Bumped when the path changes: an ICE restart (ours or the peer's) or a new session
+    /// description. The feedback that first comes back over the new path reports everything
+    /// the old one swallowed as lost. That is not congestion, but read as such it cut the
+    /// estimate to the floor and sent the call audio-only for seconds after a handover. So the
+    /// estimator, at the first feedback after a bump, starts a fresh delivery guard and leaves
+    /// loss and delivery unjudged for [`PATH_SETTLE`] (the delay-based half goes on).
+    path_changes: AtomicU64,
+}
+
+impl SharedEstimate {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            bps: AtomicU64::new(GCC_INITIAL_BPS.to_bits()),
+            path_changes: AtomicU64::new(0),
+        })
+    }
+
+    fn kbps(&self) -> f64 {
+        f64::from_bits(self.bps.load(Ordering::Relaxed)) / 1000.0
+    }
+
+    fn path_changed(&self) {
+        self.path_changes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// GCC's delay-based half with our loss-based half (`loss_control.rs`: the crate's backs off on
 /// loss the path has whatever we send), the target published where the driver can read it (the
 /// estimator lives inside the interceptor chain; this is the crate's
@@ -521,23 +555,40 @@ struct PublishingEstimator {
     /// Caps the published estimate when far less arrives than the pacer sends.
     guard: DeliveryGuard,
     pacer: Arc<PacerStats>,
-    target: Arc<AtomicU64>,
+    shared: Arc<SharedEstimate>,
+    /// The path changes seen so far.
+    path_changes: u64,
+    /// Loss and delivery are not judged before this (a path just changed).
+    settle_until: Option<Instant>,
 }
 
 impl PublishingEstimator {
-    fn new(pacer: Arc<PacerStats>, target: Arc<AtomicU64>) -> Self {
+    fn new(pacer: Arc<PacerStats>, shared: Arc<SharedEstimate>) -> Self {
         Self {
             inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
             loss: LossControl::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
             guard: DeliveryGuard::default(),
             pacer,
-            target,
+            shared,
+            path_changes: 0,
+            settle_until: None,
         }
     }
 
     fn publish(&mut self) {
         let target = self.guard.limit(self.target_bitrate());
-        self.target.store(target.to_bits(), Ordering::Relaxed);
+        self.shared.bps.store(target.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether the path changed so recently that loss says nothing about congestion.
+    fn settling(&mut self, now: Instant) -> bool {
+        let changes = self.shared.path_changes.load(Ordering::Relaxed);
+        if changes != self.path_changes {
+            self.path_changes = changes;
+            self.settle_until = Some(now + PATH_SETTLE);
+            self.guard = DeliveryGuard::default();
+        }
+        self.settle_until.is_some_and(|t| now < t)
     }
 }
 
@@ -547,6 +598,10 @@ impl BandwidthEstimator for PublishingEstimator {
             return;
         }
         self.inner.on_reports(now, reports);
+        if self.settling(now) {
+            self.publish();
+            return;
+        }
         let lost = reports.iter().filter(|r| !r.arrived).count();
         self.loss.update(now, lost, reports.len());
         let arrived: u64 = reports
@@ -693,7 +748,7 @@ pub struct Engine {
     tracks: Arc<LocalTracks>,
     peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
     /// Each peer connection's congestion-controller estimate (f64 bits, bits per second).
-    estimates: HashMap<ParticipantId, Arc<AtomicU64>>,
+    estimates: HashMap<ParticipantId, Arc<SharedEstimate>>,
     /// What each peer reports about the media we send it.
     feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
     remote_video: RemoteVideo,
@@ -746,9 +801,7 @@ impl Engine {
 
     /// The congestion controller's estimate for `peer`, kbps.
     pub fn peer_estimate_kbps(&self, peer: &ParticipantId) -> Option<f64> {
-        self.estimates
-            .get(peer)
-            .map(|e| f64::from_bits(e.load(Ordering::Relaxed)) / 1000.0)
+        self.estimates.get(peer).map(|e| e.kbps())
     }
 
     pub fn tracks(&self) -> &Arc<LocalTracks> {
@@ -805,7 +858,7 @@ impl Engine {
                     let _ = old.close().await;
                 }
                 self.forget(&peer);
-                let estimate = Arc::new(AtomicU64::new(GCC_INITIAL_BPS.to_bits()));
+                let estimate = SharedEstimate::new();
                 let pc = self.build(&peer, ice_servers, estimate.clone()).await?;
                 self.estimates.insert(peer.clone(), estimate);
                 self.peers.insert(peer.clone(), pc.clone());
@@ -822,6 +875,10 @@ impl Engine {
                     .ok_or(EngineError::UnknownPeer)?
                     .clone();
                 self.tracks.remote_description(&peer, &sdp);
+                // A description after the first renegotiates, on an ICE restart a new path.
+                if pc.remote_description().await.is_some() {
+                    self.path_changed(&peer);
+                }
                 match kind {
                     SdpKind::Offer => {
                         pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
@@ -856,6 +913,7 @@ impl Engine {
                     .get(&peer)
                     .ok_or(EngineError::UnknownPeer)?
                     .clone();
+                self.path_changed(&peer);
                 pc.restart_ice().await?;
                 let offer = pc.create_offer(None).await?;
                 pc.set_local_description(offer.clone()).await?;
@@ -907,6 +965,13 @@ impl Engine {
         }
     }
 
+    /// `peer`'s path is changing (see [`SharedEstimate`]).
+    fn path_changed(&self, peer: &ParticipantId) {
+        if let Some(estimate) = self.estimates.get(peer) {
+            estimate.path_changed();
+        }
+    }
+
     /// Drops what belonged to `peer`'s peer connection (not the connection itself).
     fn forget(&mut self, peer: &ParticipantId) {
         self.estimates.remove(peer);
@@ -931,7 +996,7 @@ impl Engine {
         &mut self,
         peer: &ParticipantId,
         ice_servers: Vec<IceServer>,
-        estimate: Arc<AtomicU64>,
+        estimate: Arc<SharedEstimate>,
     ) -> Result<Arc<dyn PeerConnection>, EngineError> {
         let mut media_engine = MediaEngine::default();
         media_engine.register_codec(
@@ -1090,6 +1155,82 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feedback every 100 ms for `secs` at 1.2 Mbps, all of it arrived; the pacer's count
+    /// follows.
+    fn steady(
+        e: &mut PublishingEstimator,
+        start: Instant,
+        t: &mut Instant,
+        id: &mut u64,
+        secs: f64,
+    ) {
+        for _ in 0..(secs * 10.0) as usize {
+            feedback(e, start, t, id, 15, 0);
+        }
+    }
+
+    /// One feedback batch 100 ms on: `lost` packets of 1000 bytes, then `arrived` more. Packet
+    /// `id` left at `start` + id x 6.667 ms (150 a second) and took 20 ms.
+    fn feedback(
+        e: &mut PublishingEstimator,
+        start: Instant,
+        t: &mut Instant,
+        id: &mut u64,
+        arrived: usize,
+        lost: usize,
+    ) {
+        use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
+        *t += Duration::from_millis(100);
+        let reports: Vec<PacketReport> = (0..arrived + lost)
+            .map(|i| {
+                *id += 1;
+                let sent = Duration::from_micros(6_667 * *id);
+                PacketReport {
+                    ssrc: 1,
+                    id: *id,
+                    rtp_sequence_number: *id as u16,
+                    is_twcc: true,
+                    twcc_sequence_number: *id as u16,
+                    size: 1000,
+                    arrived: i >= lost,
+                    departure: start + sent,
+                    arrival: (i >= lost).then(|| sent + Duration::from_millis(20)),
+                    ecn: Ecn::NotEct,
+                }
+            })
+            .collect();
+        e.pacer
+            .bytes_sent
+            .fetch_add(1000 * (arrived + lost) as u64, Ordering::Relaxed);
+        e.on_reports(*t, &reports);
+    }
+
+    /// A handover: the old path swallowed a second of packets, and the first feedback over the
+    /// new path says so. With the path change signalled that is not read as congestion.
+    #[test]
+    fn the_old_path_s_lost_packets_do_not_cut_the_estimate_after_a_path_change() {
+        let run = |signal: bool| {
+            let mut e = PublishingEstimator::new(Arc::default(), SharedEstimate::new());
+            let start = Instant::now();
+            let (mut t, mut id) = (start, 0);
+            steady(&mut e, start, &mut t, &mut id, 5.0);
+            let before = e.shared.kbps();
+            if signal {
+                e.shared.path_changed();
+            }
+            // A second of silence, then feedback for it: 150 packets lost, 15 arrived.
+            t += Duration::from_secs(1);
+            feedback(&mut e, start, &mut t, &mut id, 15, 150);
+            steady(&mut e, start, &mut t, &mut id, 1.0);
+            (before, e.shared.kbps())
+        };
+        let (before, after) = run(true);
+        assert!(after >= before * 0.9, "{before} -> {after} kbps");
+        // The same feedback without a path change is a collapse, and is treated as one.
+        let (before, after) = run(false);
+        assert!(after < before * 0.5, "{before} -> {after} kbps");
+    }
 
     #[test]
     fn red_is_recognised_in_a_description_only_as_red_at_48_khz_on_its_payload_type() {

@@ -255,10 +255,11 @@ impl LocalTracks {
         self.lock().remove(peer);
     }
 
-    /// `peer`'s session description arrived: note whether it takes RED.
-    fn remote_description(&self, peer: &ParticipantId, sdp: &str) {
+    /// `peer`'s session description was applied: whether it has RED (we always offer and
+    /// accept it, so then it is negotiated).
+    fn remote_accepts_red(&self, peer: &ParticipantId, red: bool) {
         if let Some(tracks) = self.lock().get(peer) {
-            tracks.red.store(negotiates_red(sdp), Ordering::Relaxed);
+            tracks.red.store(red, Ordering::Relaxed);
         }
     }
 
@@ -587,6 +588,7 @@ impl PublishingEstimator {
             self.path_changes = changes;
             self.settle_until = Some(now + PATH_SETTLE);
             self.guard = DeliveryGuard::default();
+            self.loss.forget_path();
         }
         self.settle_until.is_some_and(|t| now < t)
     }
@@ -747,7 +749,7 @@ pub struct Engine {
     settings: EngineSettings,
     tracks: Arc<LocalTracks>,
     peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
-    /// Each peer connection's congestion-controller estimate (f64 bits, bits per second).
+    /// Each peer connection's congestion-controller estimate, and its path changes.
     estimates: HashMap<ParticipantId, Arc<SharedEstimate>>,
     /// What each peer reports about the media we send it.
     feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
@@ -874,15 +876,16 @@ impl Engine {
                     .get(&peer)
                     .ok_or(EngineError::UnknownPeer)?
                     .clone();
-                self.tracks.remote_description(&peer, &sdp);
                 // A description after the first renegotiates, on an ICE restart a new path.
                 if pc.remote_description().await.is_some() {
                     self.path_changed(&peer);
                 }
+                let red = negotiates_red(&sdp);
                 match kind {
                     SdpKind::Offer => {
                         pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
                             .await?;
+                        self.tracks.remote_accepts_red(&peer, red);
                         let answer = pc.create_answer(None).await?;
                         pc.set_local_description(answer.clone()).await?;
                         self.local_description(peer, SdpKind::Answer, answer.sdp);
@@ -890,6 +893,7 @@ impl Engine {
                     SdpKind::Answer => {
                         pc.set_remote_description(RTCSessionDescription::answer(sdp)?)
                             .await?;
+                        self.tracks.remote_accepts_red(&peer, red);
                     }
                 }
             }
@@ -1022,6 +1026,8 @@ impl Engine {
         )?;
         let pacer_stats = Arc::new(PacerStats::default());
         self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
+        let feedback = Arc::new(SendFeedback::default());
+        self.feedback.insert(peer.clone(), feedback.clone());
         let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
         let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
@@ -1137,8 +1143,6 @@ impl Engine {
             .await?;
         self.chats.insert(peer.clone(), chat.clone());
         tokio::spawn(read_chat(chat, peer.clone(), self.events.clone()));
-        let feedback = Arc::new(SendFeedback::default());
-        self.feedback.insert(peer.clone(), feedback.clone());
         for track in [tracks.audio.clone(), tracks.video.clone()] {
             tokio::spawn(read_feedback(
                 track,
@@ -1206,12 +1210,16 @@ mod tests {
         e.on_reports(*t, &reports);
     }
 
+    fn estimator() -> PublishingEstimator {
+        PublishingEstimator::new(Arc::default(), SharedEstimate::new())
+    }
+
     /// A handover: the old path swallowed a second of packets, and the first feedback over the
     /// new path says so. With the path change signalled that is not read as congestion.
     #[test]
     fn the_old_path_s_lost_packets_do_not_cut_the_estimate_after_a_path_change() {
         let run = |signal: bool| {
-            let mut e = PublishingEstimator::new(Arc::default(), SharedEstimate::new());
+            let mut e = estimator();
             let start = Instant::now();
             let (mut t, mut id) = (start, 0);
             steady(&mut e, start, &mut t, &mut id, 5.0);
@@ -1227,6 +1235,22 @@ mod tests {
         };
         let (before, after) = run(true);
         assert!(after >= before * 0.9, "{before} -> {after} kbps");
+        // Once the path has settled, the same feedback is judged again.
+        let mut e = estimator();
+        let start = Instant::now();
+        let (mut t, mut id) = (start, 0);
+        steady(&mut e, start, &mut t, &mut id, 5.0);
+        e.shared.path_changed();
+        steady(&mut e, start, &mut t, &mut id, 3.0);
+        let settled = e.shared.kbps();
+        t += Duration::from_secs(1);
+        feedback(&mut e, start, &mut t, &mut id, 15, 150);
+        steady(&mut e, start, &mut t, &mut id, 1.0);
+        assert!(
+            e.shared.kbps() < settled * 0.5,
+            "{settled} -> {}",
+            e.shared.kbps()
+        );
         // The same feedback without a path change is a collapse, and is treated as one.
         let (before, after) = run(false);
         assert!(after < before * 0.5, "{before} -> {after} kbps");

@@ -123,6 +123,13 @@ impl LossControl {
         self.target
     }
 
+    /// A new path: what was learned about the old one's loss no longer holds.
+    pub fn forget_path(&mut self) {
+        self.history.clear();
+        self.bucket = None;
+        self.average = None;
+    }
+
     fn record(&mut self, now: Instant, lost: usize, total: usize) {
         let b = self.bucket.get_or_insert(Bucket::new(now));
         if now.saturating_duration_since(b.started) >= BUCKET {
@@ -236,6 +243,17 @@ mod tests {
         let after = run(&mut c, &mut t, 15.0, |_| 0.5);
         assert!(c.inherent_loss() <= INHERENT_MAX);
         assert_eq!(after, MIN);
+    }
+
+    #[test]
+    fn a_new_path_forgets_the_old_one_s_loss() {
+        let mut c = LossControl::new(1_500_000.0, MIN, MAX);
+        let mut t = Instant::now();
+        run(&mut c, &mut t, 20.0, |_| 0.2);
+        assert!(c.inherent_loss() > 0.15);
+        c.forget_path();
+        assert_eq!(c.inherent_loss(), 0.0);
+        assert_eq!(c.average_loss(), None);
     }
 
     #[test]

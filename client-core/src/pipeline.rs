@@ -22,13 +22,14 @@ use rtc::media::io::sample_builder::SampleBuilder;
 use rtc::rtp::codec::h264::H264Packet;
 use tokio::sync::mpsc;
 
-use crate::engine::{LocalTracks, MediaKind, RemoteMedia};
+use crate::engine::{LocalTracks, MediaKind, OPUS_PAYLOAD_TYPE, RemoteMedia};
 use crate::media::red;
 use crate::media::{
     AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ,
-    FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder,
-    PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, RED_PAYLOAD_TYPE,
-    TestPatternSource, ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone, read_marker,
+    FRAME_SAMPLES, FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice,
+    OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig,
+    PlayoutKind, RED_PAYLOAD_TYPE, TestPatternSource, ToneConfig, ToneSource, VideoSource,
+    contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -544,10 +545,17 @@ fn push_audio(buffer: &mut AudioPlayoutBuffer, packet: &rtc::rtp::Packet, arriva
     match red::decode(&packet.payload) {
         Ok((redundant, primary)) => {
             buffer.push(seq, ts, primary.data.to_vec(), arrival_us);
-            // Oldest first, one frame apart: the last block is the packet just before.
-            let count = redundant.len() as u16;
+            // Oldest first, one 20 ms frame per packet: the last block is the packet just
+            // before. A block that is not Opus or not where that puts it (another sender's
+            // distance, a gap) is not placed.
+            let count = redundant.len();
             for (i, block) in redundant.into_iter().enumerate() {
-                buffer.push_redundant(seq.wrapping_sub(count - i as u16), block.data.to_vec());
+                let back = count - i;
+                if block.payload_type == OPUS_PAYLOAD_TYPE
+                    && block.timestamp_offset as usize == back * FRAME_SAMPLES
+                {
+                    buffer.push_redundant(seq.wrapping_sub(back as u16), block.data.to_vec());
+                }
             }
         }
         Err(e) => tracing::debug!(error = %e, "dropped a RED packet"),
@@ -606,6 +614,96 @@ fn play_audio(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real Opus through `push_audio` as RED packets: with packets 10 and 11 lost, 11 plays
+    /// from its copy in 12 and 10 through the FEC inside that copy. A block claiming another
+    /// distance is not placed.
+    #[test]
+    fn red_packets_fill_two_lost_in_a_row() {
+        use crate::media::{RedEncoder, ToneConfig, ToneSource};
+        let mut tone = ToneSource::new(ToneConfig::default());
+        let mut opus = OpusEncoder::new(OpusConfig::default()).unwrap();
+        let mut red = RedEncoder::default();
+        let mut buffer = AudioPlayoutBuffer::new(PlayoutConfig::default()).unwrap();
+        let packet = |seq: u16, payload: bytes::Bytes| rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                payload_type: RED_PAYLOAD_TYPE,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 960,
+                ..Default::default()
+            },
+            payload,
+        };
+        let mut now = 0;
+        for seq in 0..40u16 {
+            let encoded = opus.encode(&tone.next_frame(now)).unwrap();
+            let payload = red.encode(OPUS_PAYLOAD_TYPE, encoded.into(), 960);
+            if seq != 10 && seq != 11 {
+                push_audio(&mut buffer, &packet(seq, payload), now + 5_000);
+            }
+            buffer.pull(now + 10_000);
+            now += FRAME_US;
+        }
+        // Every frame but the last one or two (still buffered) played with its own audio; the
+        // two packets' silence was an underrun, bridged by concealment without skipping.
+        let st = buffer.stats();
+        assert_eq!((st.red_recovered, st.fec_recovered), (1, 1), "{st:?}");
+        assert!(st.played + 2 + st.buffered_ms as u64 / 20 >= 40, "{st:?}");
+        assert_eq!((st.late_dropped, st.duplicates), (0, 0), "{st:?}");
+    }
+
+    /// A copy whose timestamp offset says two frames back while it is the only block (another
+    /// sender's distance, or a gap) is not placed; one frame back is.
+    #[test]
+    fn a_red_block_is_placed_only_where_its_offset_puts_it() {
+        use crate::media::{RedBlock, ToneConfig, ToneSource};
+        let recovered = |offset: u32| {
+            let mut tone = ToneSource::new(ToneConfig::default());
+            let mut opus = OpusEncoder::new(OpusConfig::default()).unwrap();
+            let mut buffer = AudioPlayoutBuffer::new(PlayoutConfig::default()).unwrap();
+            let mut now = 0;
+            let mut previous = Vec::new();
+            for seq in 0..12u16 {
+                let encoded = opus.encode(&tone.next_frame(now)).unwrap();
+                let block = RedBlock {
+                    payload_type: OPUS_PAYLOAD_TYPE,
+                    timestamp_offset: offset,
+                    data: std::mem::replace(&mut previous, encoded.clone()).into(),
+                };
+                let packet = rtc::rtp::Packet {
+                    header: rtc::rtp::header::Header {
+                        payload_type: RED_PAYLOAD_TYPE,
+                        sequence_number: seq,
+                        timestamp: u32::from(seq) * 960,
+                        ..Default::default()
+                    },
+                    payload: red_payload(&block, &encoded),
+                };
+                if seq != 5 {
+                    push_audio(&mut buffer, &packet, now + 5_000);
+                }
+                buffer.pull(now + 10_000);
+                now += FRAME_US;
+            }
+            buffer.stats().red_recovered
+        };
+        assert_eq!(recovered(960), 1);
+        assert_eq!(recovered(1920), 0);
+    }
+
+    /// A RED payload with one redundant block as given.
+    fn red_payload(block: &red::RedBlock, primary: &[u8]) -> bytes::Bytes {
+        let mut out = Vec::new();
+        let word = 0x8000_0000
+            | (u32::from(block.payload_type) << 24)
+            | (block.timestamp_offset << 10)
+            | block.data.len() as u32;
+        out.extend_from_slice(&word.to_be_bytes());
+        out.push(block.payload_type);
+        out.extend_from_slice(&block.data);
+        out.extend_from_slice(primary);
+        out.into()
+    }
 
     #[test]
     fn elapsed_wraps_around_48_bits() {

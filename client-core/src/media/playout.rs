@@ -212,7 +212,10 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             self.stats.late_dropped += 1;
             return;
         };
-        if self.packets.contains_key(&ext) {
+        // The packet itself after its redundant copy (reordered, or resent): it takes the
+        // copy's place, and the frame counts as played from its own packet.
+        let replaces_copy = self.redundant.remove(&ext);
+        if self.packets.contains_key(&ext) && !replaces_copy {
             self.stats.duplicates += 1;
             return;
         }
@@ -239,7 +242,6 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             self.buffering_since = Some(arrival_us);
         }
         self.packets.insert(ext, payload);
-        self.redundant.remove(&ext);
         self.bound();
     }
 

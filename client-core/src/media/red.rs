@@ -126,6 +126,8 @@ mod tests {
         // Nothing before the first frame: a bare primary behind a 1-byte header.
         assert_eq!(&first[..], b"\x6fframe one");
         let second = e.encode(111, Bytes::from_static(b"frame two"), 960);
+        // F=1, PT 111, offset 960, length 9; then F=0, PT 111; then the blocks.
+        assert_eq!(&second[..], b"\xef\x0f\x00\x09\x6fframe oneframe two");
         let (redundant, primary) = decode(&second).unwrap();
         assert_eq!(
             redundant,

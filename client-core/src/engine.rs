@@ -153,13 +153,8 @@ fn opus_codec() -> RTCRtpCodec {
 fn red_codec() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: "audio/red".to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
         sdp_fmtp_line: format!("{OPUS_PAYLOAD_TYPE}/{OPUS_PAYLOAD_TYPE}"),
-        rtcp_feedback: vec![RTCPFeedback {
-            typ: "transport-cc".to_owned(),
-            parameter: String::new(),
-        }],
+        ..opus_codec()
     }
 }
 
@@ -1026,8 +1021,6 @@ impl Engine {
         )?;
         let pacer_stats = Arc::new(PacerStats::default());
         self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
-        let feedback = Arc::new(SendFeedback::default());
-        self.feedback.insert(peer.clone(), feedback.clone());
         let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
         let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
@@ -1143,6 +1136,8 @@ impl Engine {
             .await?;
         self.chats.insert(peer.clone(), chat.clone());
         tokio::spawn(read_chat(chat, peer.clone(), self.events.clone()));
+        let feedback = Arc::new(SendFeedback::default());
+        self.feedback.insert(peer.clone(), feedback.clone());
         for track in [tracks.audio.clone(), tracks.video.clone()] {
             tokio::spawn(read_feedback(
                 track,

@@ -615,17 +615,9 @@ fn play_audio(
 mod tests {
     use super::*;
 
-    /// Real Opus through `push_audio` as RED packets: with packets 10 and 11 lost, 11 plays
-    /// from its copy in 12 and 10 through the FEC inside that copy. A block claiming another
-    /// distance is not placed.
-    #[test]
-    fn red_packets_fill_two_lost_in_a_row() {
-        use crate::media::{RedEncoder, ToneConfig, ToneSource};
-        let mut tone = ToneSource::new(ToneConfig::default());
-        let mut opus = OpusEncoder::new(OpusConfig::default()).unwrap();
-        let mut red = RedEncoder::default();
-        let mut buffer = AudioPlayoutBuffer::new(PlayoutConfig::default()).unwrap();
-        let packet = |seq: u16, payload: bytes::Bytes| rtc::rtp::Packet {
+    /// An RTP packet of RED payload, sequence number `seq`, one 20 ms frame per number.
+    fn red_packet(seq: u16, payload: bytes::Bytes) -> rtc::rtp::Packet {
+        rtc::rtp::Packet {
             header: rtc::rtp::header::Header {
                 payload_type: RED_PAYLOAD_TYPE,
                 sequence_number: seq,
@@ -633,13 +625,24 @@ mod tests {
                 ..Default::default()
             },
             payload,
-        };
+        }
+    }
+
+    /// Real Opus through `push_audio` as RED packets: with packets 10 and 11 lost, 11 plays
+    /// from its copy in 12 and 10 through the FEC inside that copy.
+    #[test]
+    fn red_packets_fill_two_lost_in_a_row() {
+        use crate::media::{RedEncoder, ToneConfig, ToneSource};
+        let mut tone = ToneSource::new(ToneConfig::default());
+        let mut opus = OpusEncoder::new(OpusConfig::default()).unwrap();
+        let mut red = RedEncoder::default();
+        let mut buffer = AudioPlayoutBuffer::new(PlayoutConfig::default()).unwrap();
         let mut now = 0;
         for seq in 0..40u16 {
             let encoded = opus.encode(&tone.next_frame(now)).unwrap();
             let payload = red.encode(OPUS_PAYLOAD_TYPE, encoded.into(), 960);
             if seq != 10 && seq != 11 {
-                push_audio(&mut buffer, &packet(seq, payload), now + 5_000);
+                push_audio(&mut buffer, &red_packet(seq, payload), now + 5_000);
             }
             buffer.pull(now + 10_000);
             now += FRAME_US;
@@ -670,17 +673,9 @@ mod tests {
                     timestamp_offset: offset,
                     data: std::mem::replace(&mut previous, encoded.clone()).into(),
                 };
-                let packet = rtc::rtp::Packet {
-                    header: rtc::rtp::header::Header {
-                        payload_type: RED_PAYLOAD_TYPE,
-                        sequence_number: seq,
-                        timestamp: u32::from(seq) * 960,
-                        ..Default::default()
-                    },
-                    payload: red_payload(&block, &encoded),
-                };
+                let payload = red::encode_payload(&[block], OPUS_PAYLOAD_TYPE, &encoded);
                 if seq != 5 {
-                    push_audio(&mut buffer, &packet, now + 5_000);
+                    push_audio(&mut buffer, &red_packet(seq, payload), now + 5_000);
                 }
                 buffer.pull(now + 10_000);
                 now += FRAME_US;
@@ -689,20 +684,6 @@ mod tests {
         };
         assert_eq!(recovered(960), 1);
         assert_eq!(recovered(1920), 0);
-    }
-
-    /// A RED payload with one redundant block as given.
-    fn red_payload(block: &red::RedBlock, primary: &[u8]) -> bytes::Bytes {
-        let mut out = Vec::new();
-        let word = 0x8000_0000
-            | (u32::from(block.payload_type) << 24)
-            | (block.timestamp_offset << 10)
-            | block.data.len() as u32;
-        out.extend_from_slice(&word.to_be_bytes());
-        out.push(block.payload_type);
-        out.extend_from_slice(&block.data);
-        out.extend_from_slice(primary);
-        out.into()
     }
 
     #[test]

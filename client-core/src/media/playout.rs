@@ -22,7 +22,7 @@
 //! - Packets older than the playout point are counted as late and dropped; duplicates ignored;
 //!   a sequence jump of more than 2 s restarts the buffer.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::frame::{AudioFrame, FRAME_SAMPLES, FRAME_US, SAMPLE_RATE};
 use super::opus_codec::{AudioDecoder, OpusDecoder};
@@ -104,14 +104,20 @@ pub struct PlayoutStats {
     pub buffered_ms: u32,
 }
 
+/// One buffered frame's packet.
+#[derive(Debug)]
+struct Buffered {
+    payload: Vec<u8>,
+    /// A redundant copy (RED) a later packet carried, not the frame's own packet.
+    copy: bool,
+}
+
 /// Adaptive audio jitter buffer owning its decoder (Opus by default).
 #[derive(Debug)]
 pub struct AudioPlayoutBuffer<D: AudioDecoder = OpusDecoder> {
     decoder: D,
     config: PlayoutConfig,
-    packets: BTreeMap<u64, Vec<u8>>,
-    /// The packets above that are redundant copies (RED), not their own packet.
-    redundant: BTreeSet<u64>,
+    packets: BTreeMap<u64, Buffered>,
     /// Next extended sequence number to play; `None` while buffering.
     next_seq: Option<u64>,
     highest_seq: Option<u64>,
@@ -163,7 +169,6 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             decoder,
             config,
             packets: BTreeMap::new(),
-            redundant: BTreeSet::new(),
             next_seq: None,
             highest_seq: None,
             highest_ts: None,
@@ -212,10 +217,9 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             self.stats.late_dropped += 1;
             return;
         };
-        // The packet itself after its redundant copy (reordered, or resent): it takes the
-        // copy's place, and the frame counts as played from its own packet.
-        let replaces_copy = self.redundant.remove(&ext);
-        if self.packets.contains_key(&ext) && !replaces_copy {
+        // The packet itself after its redundant copy (reordered, or resent) takes the copy's
+        // place, and the frame counts as played from its own packet.
+        if self.packets.get(&ext).is_some_and(|b| !b.copy) {
             self.stats.duplicates += 1;
             return;
         }
@@ -233,7 +237,6 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             if ext > n + 100 {
                 // More than 2 s ahead: the sender restarted or we fell far behind.
                 self.packets.clear();
-                self.redundant.clear();
                 self.next_seq = None;
                 self.buffering_since = None;
             }
@@ -241,7 +244,13 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
         if self.next_seq.is_none() && self.buffering_since.is_none() {
             self.buffering_since = Some(arrival_us);
         }
-        self.packets.insert(ext, payload);
+        self.packets.insert(
+            ext,
+            Buffered {
+                payload,
+                copy: false,
+            },
+        );
         self.bound();
     }
 
@@ -259,17 +268,20 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
         {
             return;
         }
-        self.packets.insert(ext, payload);
-        self.redundant.insert(ext);
+        self.packets.insert(
+            ext,
+            Buffered {
+                payload,
+                copy: true,
+            },
+        );
         self.bound();
     }
 
     /// Bounds memory: never hold more than 2 s.
     fn bound(&mut self) {
         while self.packets.len() > 100 {
-            if let Some((seq, _)) = self.packets.pop_first() {
-                self.redundant.remove(&seq);
-            }
+            self.packets.pop_first();
         }
     }
 
@@ -321,9 +333,8 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
             && self.packets.contains_key(&(n + 1))
             && let Some(p) = self.packets.remove(&n)
         {
-            self.redundant.remove(&n);
             let mut scratch = [0i16; FRAME_SAMPLES];
-            if self.decoder.decode(&p, &mut scratch).is_err() {
+            if self.decoder.decode(&p.payload, &mut scratch).is_err() {
                 self.stats.decode_errors += 1;
             }
             self.stats.accelerated += 1;
@@ -335,9 +346,8 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
         if let Some(p) = self.packets.remove(&n) {
             self.next_seq = Some(n + 1);
             self.expand_run = 0;
-            let redundant = self.redundant.remove(&n);
-            return match self.decoder.decode(&p, &mut frame.samples) {
-                Ok(()) if redundant => {
+            return match self.decoder.decode(&p.payload, &mut frame.samples) {
+                Ok(()) if p.copy => {
                     self.stats.red_recovered += 1;
                     Playout {
                         frame,
@@ -362,7 +372,7 @@ impl<D: AudioDecoder> AudioPlayoutBuffer<D> {
         if let Some(next) = self.packets.get(&(n + 1)) {
             self.next_seq = Some(n + 1);
             self.expand_run = 0;
-            return match self.decoder.decode_fec(next, &mut frame.samples) {
+            return match self.decoder.decode_fec(&next.payload, &mut frame.samples) {
                 Ok(()) => {
                     self.stats.fec_recovered += 1;
                     Playout {

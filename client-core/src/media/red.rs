@@ -45,28 +45,41 @@ impl RedEncoder {
     /// `frame_samples` after the previous frame given here.
     pub fn encode(&mut self, payload_type: u8, primary: Bytes, frame_samples: u32) -> Bytes {
         let previous = self.previous.replace(primary.clone());
-        let redundant = previous.filter(|p| {
-            // A DTX frame (a bare TOC byte or two) is not worth a copy.
-            p.len() > 2 && p.len() <= MAX_BLOCK && frame_samples <= MAX_OFFSET
-        });
-        let mut out =
-            BytesMut::with_capacity(5 + primary.len() + redundant.as_ref().map_or(0, |r| r.len()));
-        if let Some(r) = &redundant {
-            let pt = u32::from(payload_type & 0x7f);
-            out.put_u32(0x8000_0000 | (pt << 24) | (frame_samples << 10) | r.len() as u32);
-        }
-        out.put_u8(payload_type & 0x7f);
-        if let Some(r) = &redundant {
-            out.put_slice(r);
-        }
-        out.put_slice(&primary);
-        out.freeze()
+        let redundant = previous
+            .filter(|p| {
+                // A DTX frame (a bare TOC byte or two) is not worth a copy.
+                p.len() > 2 && p.len() <= MAX_BLOCK && frame_samples <= MAX_OFFSET
+            })
+            .map(|data| RedBlock {
+                payload_type,
+                timestamp_offset: frame_samples,
+                data,
+            });
+        encode_payload(redundant.as_slice(), payload_type, &primary)
     }
 
     /// Forgets the previous frame (the stream paused: it is no longer the one just before).
     pub fn reset(&mut self) {
         self.previous = None;
     }
+}
+
+/// A RED payload of `redundant` blocks (oldest first; each at most 1023 bytes, offset below
+/// 2^14) and the `primary` frame of `payload_type`.
+pub fn encode_payload(redundant: &[RedBlock], payload_type: u8, primary: &[u8]) -> Bytes {
+    let blocks: usize = redundant.iter().map(|b| 4 + b.data.len()).sum();
+    let mut out = BytesMut::with_capacity(blocks + 1 + primary.len());
+    for b in redundant {
+        let pt = u32::from(b.payload_type & 0x7f);
+        let offset = b.timestamp_offset & MAX_OFFSET;
+        out.put_u32(0x8000_0000 | (pt << 24) | (offset << 10) | b.data.len() as u32);
+    }
+    out.put_u8(payload_type & 0x7f);
+    for b in redundant {
+        out.put_slice(&b.data);
+    }
+    out.put_slice(primary);
+    out.freeze()
 }
 
 /// Splits a RED payload into its redundant blocks (oldest first) and its primary block.

@@ -7,7 +7,7 @@
 //! is slow (a recovering link is probed, not trusted).
 //!
 //! The video budget is `0.85 x estimate - audio`: with GCC the pacer caps all RTP at the
-//! estimate (see `shared/NOTES.md`), and audio is protected first.
+//! estimate (audio too, so video must leave it room), and audio is protected first.
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,9 @@
 //!
 //! Two steps: [`RawStats::from_report`] reads the counters out of a `webrtc` stats report (the
 //! only part that knows that crate), and [`StatsTracker::sample`] turns two successive readings
-//! into rates and percentages (pure, time passed in, unit-tested). Per `shared/NOTES.md`, the
-//! crate's sender-side figures from receiver reports read 0, so inbound loss is measured on the
+//! into rates and percentages (pure, time passed in, unit-tested). webrtc 0.21 does not wire its
+//! sender-side figures from receiver reports (remote RTT, fraction and packets lost at the far
+//! end, outbound target bitrate: all read 0, as measured here), so inbound loss is measured on the
 //! receiving side, outbound loss comes from the peer's reception reports as the engine reads
 //! them ([`SentLoss`]), and inbound jitter comes in RTP clock units.
 

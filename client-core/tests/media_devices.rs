@@ -1,6 +1,9 @@
 //! Real devices (feature `devices`). Enumeration must work with no devices at all; the loopback
-//! test needs a sound server with a null sink whose monitor is the default source (see
-//! NOTES.md) and only runs when `BEDSIDE_AUDIO_LOOPBACK=1`.
+//! test needs a sound server with a null sink whose monitor is the default source and only runs
+//! when `BEDSIDE_AUDIO_LOOPBACK=1`. With no sound card (cpal then sees only ALSA "null"), start
+//! PulseAudio with a private HOME and XDG_RUNTIME_DIR: `pulseaudio -L
+//! module-native-protocol-unix -L "module-null-sink sink_name=nullsink rate=48000 channels=2"`,
+//! then `pactl set-default-source nullsink.monitor`.
 #![cfg(feature = "devices")]
 
 use std::sync::Arc;
@@ -31,7 +34,7 @@ fn enumerate_never_fails() {
 #[test]
 fn speaker_to_microphone_loopback() {
     if std::env::var("BEDSIDE_AUDIO_LOOPBACK").as_deref() != Ok("1") {
-        eprintln!("skipped: set BEDSIDE_AUDIO_LOOPBACK=1 with a null sink as default (NOTES.md)");
+        eprintln!("skipped: set BEDSIDE_AUDIO_LOOPBACK=1 with a null sink as default (module doc)");
         return;
     }
     let epoch = Instant::now();

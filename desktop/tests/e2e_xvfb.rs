@@ -80,11 +80,11 @@ fn read_status(path: &Path) -> Option<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     let Some(xvfb) = on_path("Xvfb") else {
-        eprintln!("SKIPPED: Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
+        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
         return;
     };
     let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
-        eprintln!("SKIPPED: could not start an Xvfb display");
+        bedside_tests::skip("could not start an Xvfb display");
         return;
     };
 

@@ -25,11 +25,11 @@ async fn a_kotlin_patient_is_admitted_and_sees_the_doctor() -> anyhow::Result<()
     let jna =
         PathBuf::from(std::env::var_os("JNA_JAR").unwrap_or("/usr/share/java/jna.jar".into()));
     if !works(&kotlinc, "-version") || !works(Path::new("java"), "-version") || !jna.exists() {
-        eprintln!(
-            "SKIPPED: needs kotlinc ({}), java and JNA ({}); the Kotlin test did not run",
+        bedside_tests::skip(&format!(
+            "needs kotlinc ({}), java and JNA ({}); the Kotlin test did not run",
             kotlinc.display(),
             jna.display()
-        );
+        ));
         return Ok(());
     }
     let so = common::cdylib();

@@ -12,11 +12,23 @@ use bedside_server::{Config, Server};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// How long a test waits for any one expected message.
 pub mod netns;
 pub mod scenarios;
 
+/// How long a test waits for any one expected message.
 pub const STEP: Duration = Duration::from_secs(5);
+
+/// Whether this is a CI run (`CI=true`): a suite that cannot run then fails (see [`skip`]).
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A suite cannot run here for want of a tool or a privilege (`reason`). Locally it skips,
+/// saying why; under `CI=true` it fails, so that CI cannot pass on a suite that never ran.
+pub fn skip(reason: &str) {
+    assert!(!on_ci(), "CI=true, and this suite cannot run: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
 
 /// A server running on 127.0.0.1 with a temporary data directory.
 pub struct TestServer {

@@ -17,7 +17,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn run(scenario: impl FnOnce() -> Result<Trial>) -> Result<Option<Trial>> {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = scenarios::unavailable() {
-        eprintln!("SKIPPED: the impairment lab cannot run here: {why}");
+        bedside_tests::skip(&format!("the impairment lab cannot run here: {why}"));
         return Ok(None);
     }
     let trial = scenario()?;

@@ -6,7 +6,7 @@
 //! buffer, and ChannelData from peers is framed in the receive buffer's headroom so a relayed
 //! packet is never copied. `turn-server-proto` 0.7 also keeps a fixed user table
 //! (`add_user`) where TURN REST credentials are derived from the username on the fly, and has
-//! no denied-peer policy or quotas; `rtc-turn` is client-only (see shared/NOTES.md).
+//! no denied-peer policy or quotas; `rtc-turn` 0.21 is client-only.
 //!
 //! Every function here takes untrusted input and must never panic: lengths are checked before
 //! every slice, and the fuzz targets in `fuzz/` call [`crate::fuzz_parse_stun`] and

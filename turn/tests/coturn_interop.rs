@@ -27,7 +27,7 @@ fn free_udp_port() -> u16 {
 /// Runs uclient with `flags` against a fresh server; returns (sent, received, lost line).
 async fn run_uclient(flags: &[&str], messages: u32, clients: u32) -> Option<(u64, u64, u64)> {
     if !have("turnutils_uclient") || !have("turnutils_peer") {
-        println!("SKIP: turnutils_uclient/turnutils_peer not on PATH (install the coturn package)");
+        skip("turnutils_uclient/turnutils_peer not on PATH (install the coturn package)");
         return None;
     }
     let mut cfg = config();

@@ -4,8 +4,12 @@
 //!   simulated patient waiting; headless, the local clinic (server with its embedded store and
 //!   relay), a simulated patient, and a headless doctor that admits the patient, holds a call and
 //!   prints what it measured.
-//! - `test`: installs the system packages the suites need (Debian, as root), then runs every
-//!   test in the workspace.
+//! - `test`: installs the system packages the suites need (Debian, as root), then checks
+//!   formatting, clippy (warnings are errors) and the sans-IO rule (`sans-io`), and runs every
+//!   test in the workspace. Under `CI=true` a suite whose tool is missing fails instead of
+//!   skipping.
+//! - `packages`: prints the Debian packages `test` needs, one line, for CI to install.
+//! - `sans-io`: the sans-IO code reads no clock and starts no task (`sans_io.rs`).
 //! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
 //! - `bench-call [ARGS]`: a 720p call between two probes, in release.
 //! - `bench-turn`: the relay against coturn, in release.
@@ -19,6 +23,8 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+mod sans_io;
 
 /// Debian packages the test suites need: codec and device-support builds, coturn for the relay's interop tests,
 /// iproute2 and nftables for the impairment lab, and an X server with screenshots and the GL/X
@@ -44,6 +50,9 @@ const TEST_PACKAGES: &[&str] = &[
     "libxrandr2",
     "gcc-aarch64-linux-gnu",
     "g++-aarch64-linux-gnu",
+    // The mobile bindings' Python and Kotlin (JVM) tests: under CI=true they fail without them.
+    "python3",
+    "default-jre-headless",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).
@@ -70,10 +79,16 @@ fn main() -> ExitCode {
             run(cargo().args(["bench", "-p", "bedside-client-core", "--bench", "media"]))
         }
         Some("lint") => lint(),
+        Some("packages") => {
+            println!("{}", TEST_PACKAGES.join(" "));
+            Ok(())
+        }
+        Some("sans-io") => sans_io::check(&root()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
-                 bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint>"
+                 bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint | \
+                 packages | sans-io>"
             );
             return ExitCode::from(2);
         }
@@ -145,6 +160,8 @@ fn test(extra: &[String]) -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run cargo fmt --all")?;
+    clippy()?;
+    sans_io::check(&root())?;
     // The impairment lab runs the real server and probe binaries: build them first (a test
     // target alone does not build another package's binaries, and the lab would skip).
     run(cargo().args([
@@ -244,6 +261,10 @@ fn kotlin_compiler() -> Option<PathBuf> {
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    clippy()
+}
+
+fn clippy() -> Result<()> {
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -252,6 +273,7 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))
+    .context("clippy found warnings")
 }
 
 fn bench_signaling(extra: &[String]) -> Result<()> {
@@ -400,7 +422,8 @@ fn demo() -> Result<()> {
     );
     println!("  metrics:              http://{DEMO_ADDR}/metrics");
     println!("Above: the headless doctor's report of its call with the simulated patient, who");
-    println!("stays in the consultation. The desktop app joins here once issue #6 lands.");
+    println!("stays in the consultation. With a display, `cargo xtask demo` opens the doctor's");
+    println!("desktop app instead.");
     println!("Ctrl-C stops everything.");
     let status = server.wait()?;
     let _ = patient.kill();

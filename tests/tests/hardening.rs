@@ -647,3 +647,95 @@ async fn behind_a_trusted_proxy_guessers_are_limited_by_their_forwarded_address(
     }
     Ok(())
 }
+
+/// Starts the server library in its own process on `dir`, so that it can be SIGKILLed.
+async fn killable_server(dir: &std::path::Path) -> Result<(tokio::process::Child, TestApi)> {
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN}\"\n\
+             token-secret = \"kill-test-secret\"\n[turn]\nenabled = false\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let (child, base) = bedside_tests::spawn_server_process(
+        std::path::Path::new(env!("CARGO_BIN_EXE_server-under-test")),
+        &config,
+    )
+    .await?;
+    Ok((child, TestApi { base }))
+}
+
+const ADMIN: &str = "kill-test-admin-key-0123";
+
+struct TestApi {
+    base: String,
+}
+
+impl TestApi {
+    fn ws(&self) -> String {
+        format!("{}/ws", self.base.replacen("http://", "ws://", 1))
+    }
+}
+
+#[tokio::test]
+async fn an_admission_survives_a_sigkill_right_after_it_was_acknowledged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    for round in 0..3 {
+        let (mut child, api) = killable_server(dir.path()).await?;
+        let c: bedside_server::api::CreatedConsultation = http
+            .post(format!("{}/api/v1/consultations", api.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut doctor = Client::connect(&api.ws()).await?;
+        doctor.join_token(&c.doctor_token).await?;
+        doctor.expect_type("waiting_room").await?;
+        let mut patient = Client::connect(&api.ws()).await?;
+        patient.join_invite(&c.invite_code, Some("Kim")).await?;
+        patient.expect_type("waiting").await?;
+        doctor
+            .send(ClientMessage::Admit {
+                participant_id: patient.id(),
+            })
+            .await?;
+        patient.expect_type("admitted").await?;
+        // Killed the moment the patient has been told.
+        child.start_kill()?;
+        child.wait().await?;
+
+        let (mut child, api) = killable_server(dir.path()).await?;
+        let mut back = Client::connect(&api.ws()).await?;
+        back.send(ClientMessage::Resume {
+            protocol_version: PROTOCOL_VERSION,
+            resume_token: patient.resume_token.clone().unwrap(),
+        })
+        .await?;
+        back.expect_type("joined").await?;
+        match back.next().await? {
+            ServerMessage::Admitted { .. } => {}
+            other => bail!("round {round}: after the kill the patient got {other:?}"),
+        }
+        let audit: Vec<serde_json::Value> = http
+            .get(format!(
+                "{}/api/v1/consultations/{}/audit",
+                api.base, c.consultation_id.0
+            ))
+            .bearer_auth(ADMIN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert!(
+            audit.iter().any(|e| e["event"] == "admitted"),
+            "round {round}: no admission in the audit"
+        );
+        child.start_kill()?;
+        child.wait().await?;
+    }
+    Ok(())
+}

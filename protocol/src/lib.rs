@@ -55,6 +55,12 @@ pub mod close_code {
     pub const ENDED: u16 = 4005;
     /// The client did not read its messages fast enough.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client sent more than its message budget for too long; its seat is held, so it may
+    /// resume (and should send less).
+    pub const FLOODING: u16 = 4009;
+    /// The patient waited longer than the server's waiting-room timeout, or the invite it came
+    /// with was revoked.
+    pub const WAITING_CLOSED: u16 = 4010;
 }
 
 /// Identifies one participant's seat in a consultation. Opaque to clients.

@@ -34,9 +34,38 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(get_consultation).delete(end_consultation),
         )
         .route("/api/v1/consultations/{id}/tokens", post(issue_token))
-        .route("/api/v1/consultations/{id}/invites", post(issue_invite))
+        .route(
+            "/api/v1/consultations/{id}/invites",
+            post(issue_invite).delete(revoke_invites),
+        )
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
         .with_state(state)
+}
+
+/// Refuses a request whose `Host` is not one this server answers to (DNS rebinding: a page on
+/// `evil.example` whose name now points at 127.0.0.1 sends `Host: evil.example`).
+async fn check_host(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = crate::limits::host_header(request.headers())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !state.gate.host_allowed(host.as_deref()) {
+        state.metrics.limit("host");
+        return ApiError(
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown_host",
+            "this server does not answer to that host name; see limits.allowed-hosts".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// An API error: a status and a stable code, as JSON.
@@ -110,15 +139,33 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn ws_upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("?"));
+    if !state
+        .gate
+        .origin_allowed(origin, crate::limits::host_header(&headers))
+    {
+        state.metrics.limit("origin");
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "WebSockets from this web origin are refused; see limits.allowed-origins".into(),
+        )
+        .into_response();
+    }
+    let client =
+        crate::limits::client_ip(peer.ip(), &headers, &state.config.limits.trusted_proxies);
     // Small buffers keep an idle connection cheap; frames are capped at the protocol's limit.
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| crate::ws::serve(state, socket, peer.ip()))
+        .on_upgrade(move |socket| crate::ws::serve(state, socket, client))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -349,6 +396,33 @@ async fn issue_invite(
     Ok(Json(IssuedInvite {
         invite_code: code,
         expires_at,
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RevokedInvites {
+    pub revoked: usize,
+    /// Patients who were waiting with one of them and were taken out of the waiting room.
+    pub waiting_removed: usize,
+}
+
+/// Voids every invite code of a consultation; patients waiting with one leave the waiting room
+/// (admitted ones keep their seats).
+async fn revoke_invites(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<RevokedInvites>, ApiError> {
+    require_admin(&state, &headers)?;
+    let cid = open_consultation(&state, id).await?;
+    let revoked = state.store.revoke_invites(cid.clone()).await?;
+    let waiting_removed = state.hub.revoke_invites(&cid);
+    state
+        .store
+        .audit(AuditEvent::new(&cid, AuditKind::InviteRevoked));
+    Ok(Json(RevokedInvites {
+        revoked,
+        waiting_removed,
     }))
 }
 

@@ -29,6 +29,10 @@ pub struct Claims {
     pub kind: TokenKind,
     pub iat: u64,
     pub exp: u64,
+    /// A random token id, so that two tokens issued in the same second for the same seat differ
+    /// (a resume hands out a new token and only the newest resumes the seat).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jti: String,
 }
 
 const ISSUER: &str = "bedside";
@@ -98,6 +102,7 @@ impl Tokens {
             kind,
             iat: now,
             exp: now + ttl.as_secs(),
+            jti: random_secret(8),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")

@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub ice: IceConfig,
     pub turn: TurnSection,
+    /// Budgets, caps, timeouts, trusted proxies, host and origin allow-lists (`[limits]`).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// The bundled STUN/TURN relay.
@@ -102,6 +104,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ice: IceConfig::default(),
             turn: TurnSection::default(),
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }
@@ -202,6 +205,7 @@ impl Config {
         {
             return bad("tls.mode = \"files\" needs tls.cert and tls.key");
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if !self.admin_api_key.is_empty() && self.admin_api_key.len() < 16 {
             return bad("admin-api-key must be at least 16 characters");
         }

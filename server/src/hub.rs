@@ -4,11 +4,16 @@
 //! One [`Room`] per consultation, behind its own lock, in a map of rooms. Lock order is always
 //! map, then room; nothing awaits while holding either. Messages to participants are queued with
 //! `try_send` on each connection's bounded channel, so a slow reader never stalls a room: it is
-//! disconnected instead (and can resume its seat).
+//! disconnected instead (and can resume its seat). Relayed messages (offers, answers, candidates
+//! from another participant) may only fill the queue up to [`RELAY_RESERVE`] free slots: past
+//! that the relay is refused to the *sender* (`rate_limited`), so a flooding participant cannot
+//! make the hub close its victim. Waiting-room updates are coalesced (at most one per
+//! `waiting-room-interval-ms` per consultation), so a storm of joins, drops and resumes costs
+//! the doctor a handful of messages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::{
@@ -19,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{self, Tokens};
 use crate::config::IceConfig;
+use crate::limits::LimitsConfig;
 use crate::metrics::{Metrics, ResultLabel, RoleLabel};
 use crate::store::{AuditEvent, AuditKind, SeatRow, Store};
 
@@ -40,6 +46,10 @@ pub struct ConnHandle {
 
 /// Outbound messages a connection may have queued before it counts as a slow consumer.
 pub const OUTBOUND_QUEUE: usize = 128;
+
+/// Free queue slots kept for the hub's own messages (admission, peers, waiting room): relayed
+/// messages are refused once fewer are left.
+pub const RELAY_RESERVE: usize = 32;
 
 impl ConnHandle {
     pub fn new(id: u64) -> (Self, mpsc::Receiver<Outbound>, Arc<AtomicBool>) {
@@ -67,6 +77,25 @@ impl ConnHandle {
         }
     }
 
+    /// Queues a reply to this connection's own request, waiting for room in the queue.
+    pub async fn send_own(&self, metrics: &Metrics, msg: ServerMessage) {
+        let ty = msg.type_name();
+        if self.tx.send(Outbound::Message(msg)).await.is_ok() {
+            metrics.message("out", ty);
+        }
+    }
+
+    /// Queues a message relayed from another participant, unless the queue is nearly full:
+    /// false then, and nothing is queued (the victim of a flood is not closed for it).
+    pub fn send_relayed(&self, metrics: &Metrics, msg: ServerMessage) -> bool {
+        if self.tx.capacity() <= RELAY_RESERVE {
+            metrics.limit("relay_queue_full");
+            return false;
+        }
+        self.send(metrics, msg);
+        true
+    }
+
     fn close(&self, code: u16, reason: &'static str) {
         // A full queue means the task is about to find the overflow flag and close anyway.
         if self.tx.try_send(Outbound::Close(code, reason)).is_err() {
@@ -85,6 +114,11 @@ struct Seat {
     seq: u64,
     /// Bumped on every disconnect and resume: a rejoin timer only fires for its own generation.
     generation: u64,
+    /// The invite code (its hash) a patient came with, for the per-invite waiting cap.
+    invite: Option<[u8; 32]>,
+    /// SHA-256 of the last resume token handed out: only that one resumes the seat (every
+    /// resume hands out a new one). `None` after a restart, until the first resume.
+    resume_hash: Option<[u8; 32]>,
 }
 
 struct Room {
@@ -93,6 +127,10 @@ struct Room {
     next_seq: u64,
     /// Set when the room is taken out of the map: a join that raced with that must retry.
     closed: bool,
+    /// When doctors were last sent the waiting room, and whether a later change waits for the
+    /// next slot.
+    waiting_sent: Option<Instant>,
+    waiting_pending: bool,
 }
 
 /// What a successful join or resume tells the connection.
@@ -104,6 +142,8 @@ pub struct Seated {
 }
 
 pub struct Hub {
+    me: Weak<Hub>,
+    limits: LimitsConfig,
     rooms: Mutex<HashMap<ConsultationId, Arc<Mutex<Room>>>>,
     next_conn_id: AtomicU64,
     store: Store,
@@ -126,8 +166,11 @@ impl Hub {
         ice: IceConfig,
         rejoin_window: Duration,
         max_participants: usize,
+        limits: &LimitsConfig,
     ) -> Arc<Self> {
-        Arc::new(Hub {
+        Arc::new_cyclic(|me| Hub {
+            me: me.clone(),
+            limits: limits.clone(),
             rooms: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
             store,
@@ -155,6 +198,8 @@ impl Hub {
                 seats: HashMap::new(),
                 next_seq: 0,
                 closed: false,
+                waiting_sent: None,
+                waiting_pending: false,
             }))
         });
         let room = room.clone();
@@ -202,13 +247,38 @@ impl Hub {
         servers
     }
 
+    /// The ICE servers for a seated participant, only once admitted: a waiting patient gets no
+    /// relay credentials.
+    pub fn admitted_ice_servers(&self, seated: &Seated) -> Result<Vec<IceServer>, ErrorCode> {
+        let room = self
+            .room(&seated.consultation_id)
+            .ok_or(ErrorCode::ConsultationNotFound)?;
+        let admitted = lock(&room)
+            .seats
+            .get(&seated.participant_id)
+            .map(|s| s.admitted);
+        match admitted {
+            Some(true) => Ok(self.ice_servers(&seated.participant_id)),
+            Some(false) => {
+                self.metrics.limit("ice_before_admission");
+                Err(ErrorCode::NotAdmitted)
+            }
+            None => Err(ErrorCode::UnknownParticipant),
+        }
+    }
+
     /// Seats a new participant. Doctors and clinicians are admitted at once; patients wait.
+    ///
+    /// Doctors and clinicians always get a seat while fewer than `max-participants` are
+    /// admitted: waiting patients never count against them. Patients are held to the total,
+    /// to `max-waiting` and to `max-waiting-per-invite` (`invite` is the code's hash).
     pub fn join(
         &self,
         cid: &ConsultationId,
         role: Role,
         display_name: Option<String>,
         conn: &ConnHandle,
+        invite: Option<[u8; 32]>,
     ) -> Result<Seated, ErrorCode> {
         loop {
             let room = self.room_or_create(cid);
@@ -216,8 +286,27 @@ impl Hub {
             if r.closed {
                 continue;
             }
-            if r.seats.len() >= self.max_participants {
-                return Err(ErrorCode::ConsultationFull);
+            let admitted_n = r.seats.values().filter(|s| s.admitted).count();
+            if role != Role::Patient {
+                if admitted_n >= self.max_participants {
+                    return Err(ErrorCode::ConsultationFull);
+                }
+            } else {
+                let waiting = r.seats.values().filter(|s| !s.admitted);
+                let (mut all, mut same) = (0, 0);
+                for s in waiting {
+                    all += 1;
+                    if invite.is_some() && s.invite == invite {
+                        same += 1;
+                    }
+                }
+                if r.seats.len() >= self.max_participants
+                    || all >= self.limits.max_waiting
+                    || same >= self.limits.max_waiting_per_invite
+                {
+                    self.metrics.limit("waiting_seats");
+                    return Err(ErrorCode::ConsultationFull);
+                }
             }
             let pid = ParticipantId(auth::random_id("p"));
             let admitted = role != Role::Patient;
@@ -233,6 +322,8 @@ impl Hub {
                     joined_at: Instant::now(),
                     seq,
                     generation: 0,
+                    invite,
+                    resume_hash: None,
                 },
             );
             self.metrics.participants_connected.inc();
@@ -245,13 +336,14 @@ impl Hub {
             self.store
                 .audit(AuditEvent::new(cid, AuditKind::Joined).participant(&pid, role));
             self.store.seat_taken(cid, &pid, role, admitted);
-            self.welcome(&r, &pid, false);
+            self.welcome(&mut r, &pid, false);
             if admitted {
                 self.broadcast_admitted(&r, &pid, |seat| ServerMessage::PeerJoined {
                     peer: peer_of(&pid, seat),
                 });
             } else {
-                self.send_waiting_room(&r);
+                self.send_waiting_room(&mut r);
+                self.start_waiting_timeout(cid.clone(), pid.clone());
             }
             tracing::info!(consultation = %cid, participant = %pid, role = role.as_str(), "joined");
             return Ok(Seated {
@@ -263,7 +355,11 @@ impl Hub {
     }
 
     /// Sends a (re)joined participant who it is and where it stands.
-    fn welcome(&self, r: &Room, pid: &ParticipantId, resumed: bool) {
+    fn welcome(&self, r: &mut Room, pid: &ParticipantId, resumed: bool) {
+        let role = r.seats[pid].role;
+        let resume_token = self.tokens.issue_resume(&r.id, role, pid);
+        let seat = r.seats.get_mut(pid).expect("seated");
+        seat.resume_hash = Some(token_hash(&resume_token));
         let seat = &r.seats[pid];
         let Some(conn) = &seat.conn else { return };
         conn.send(
@@ -273,7 +369,7 @@ impl Hub {
                 participant_id: pid.clone(),
                 consultation_id: r.id.clone(),
                 role: seat.role,
-                resume_token: self.tokens.issue_resume(&r.id, seat.role, pid),
+                resume_token,
                 rejoin_window_secs: self.rejoin_window.as_secs(),
                 resumed,
             },
@@ -328,15 +424,141 @@ impl Hub {
         self.send_to(r, |_, s| s.admitted, msg);
     }
 
-    /// Tells every connected doctor and clinician what the waiting room looks like now.
-    fn send_waiting_room(&self, r: &Room) {
-        let msg = ServerMessage::WaitingRoom {
-            waiting: waiting_of(r),
-        };
-        self.send_to(r, |_, s| s.admitted && s.role.can_admit(), msg);
+    /// Tells every connected doctor and clinician what the waiting room looks like now, or, if
+    /// they were told less than `waiting-room-interval-ms` ago, once that interval has passed.
+    fn send_waiting_room(&self, r: &mut Room) {
+        let interval = Duration::from_millis(self.limits.waiting_room_interval_ms);
+        let now = Instant::now();
+        match r.waiting_sent {
+            Some(at) if now < at + interval => {
+                if !r.waiting_pending {
+                    r.waiting_pending = true;
+                    self.metrics.limit("waiting_room_coalesced");
+                    let hub = self.me.clone();
+                    let cid = r.id.clone();
+                    let at = tokio::time::Instant::from_std(at + interval);
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        let Some(hub) = hub.upgrade() else { return };
+                        if let Some(room) = hub.room(&cid) {
+                            let mut r = lock(&room);
+                            if r.waiting_pending {
+                                r.waiting_pending = false;
+                                hub.send_waiting_room(&mut r);
+                            }
+                        }
+                    });
+                }
+            }
+            _ => {
+                r.waiting_sent = Some(now);
+                r.waiting_pending = false;
+                let msg = ServerMessage::WaitingRoom {
+                    waiting: waiting_of(r),
+                };
+                self.send_to(r, |_, s| s.admitted && s.role.can_admit(), msg);
+            }
+        }
     }
 
-    /// Lets a waiting patient in, or turns them away.
+    /// Releases a patient's seat if it is still waiting after `waiting-timeout-secs`.
+    fn start_waiting_timeout(&self, cid: ConsultationId, pid: ParticipantId) {
+        let hub = self.me.clone();
+        let after = Duration::from_secs(self.limits.waiting_timeout_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(hub) = hub.upgrade() {
+                hub.close_waiting(&cid, |p, _| *p == pid);
+            }
+        });
+    }
+
+    /// Takes waiting patients picked by `which` out of a consultation (their wait timed out,
+    /// or their invite was revoked), closing their links with [`close_code::WAITING_CLOSED`].
+    /// Returns how many.
+    fn close_waiting(
+        &self,
+        cid: &ConsultationId,
+        which: impl Fn(&ParticipantId, &Seat) -> bool,
+    ) -> usize {
+        let Some(room) = self.room(cid) else { return 0 };
+        let became_empty = {
+            let mut r = lock(&room);
+            let gone: Vec<ParticipantId> = r
+                .seats
+                .iter()
+                .filter(|(p, s)| !s.admitted && which(p, s))
+                .map(|(p, _)| p.clone())
+                .collect();
+            if gone.is_empty() {
+                return 0;
+            }
+            let n = gone.len();
+            for pid in &gone {
+                let seat = r.seats.remove(pid).expect("listed");
+                self.store.seat_released(pid);
+                self.store
+                    .audit(AuditEvent::new(cid, AuditKind::TimedOut).participant(pid, seat.role));
+                self.metrics.seats_timed_out.inc();
+                if let Some(conn) = &seat.conn {
+                    self.metrics.participants_connected.dec();
+                    conn.close(
+                        close_code::WAITING_CLOSED,
+                        "the waiting room closed for you",
+                    );
+                }
+            }
+            self.send_waiting_room(&mut r);
+            tracing::info!(consultation = %cid, seats = gone.len(), "waiting seats closed");
+            (n, r.seats.is_empty())
+        };
+        if became_empty.1 {
+            self.drop_room_if_empty(cid);
+        }
+        became_empty.0
+    }
+
+    /// An administrator revoked the consultation's invites: the patients waiting with one
+    /// leave the waiting room. Returns how many.
+    pub fn revoke_invites(&self, cid: &ConsultationId) -> usize {
+        self.close_waiting(cid, |_, s| s.invite.is_some())
+    }
+
+    /// Whether `by` may admit `target` now; the target's role if so.
+    pub fn admission_check(&self, by: &Seated, target: &ParticipantId) -> Result<Role, ErrorCode> {
+        let room = self
+            .room(&by.consultation_id)
+            .ok_or(ErrorCode::ConsultationNotFound)?;
+        let r = lock(&room);
+        self.may_admit_or_deny(&r, by, target, true)
+    }
+
+    /// Whether `by` may admit (or deny) `target` in `r`; the target's role if so.
+    fn may_admit_or_deny(
+        &self,
+        r: &Room,
+        by: &Seated,
+        target: &ParticipantId,
+        admit: bool,
+    ) -> Result<Role, ErrorCode> {
+        let admitter = r
+            .seats
+            .get(&by.participant_id)
+            .ok_or(ErrorCode::UnknownParticipant)?;
+        if !admitter.role.can_admit() {
+            return Err(ErrorCode::Forbidden);
+        }
+        let role = match r.seats.get(target) {
+            Some(seat) if !seat.admitted => seat.role,
+            _ => return Err(ErrorCode::UnknownParticipant),
+        };
+        if admit && r.seats.values().filter(|s| s.admitted).count() >= self.max_participants {
+            return Err(ErrorCode::ConsultationFull);
+        }
+        Ok(role)
+    }
+
+    /// Lets a waiting patient in (the caller has persisted the admission), or turns them away.
     pub fn admit_or_deny(
         &self,
         by: &Seated,
@@ -347,29 +569,14 @@ impl Hub {
             .room(&by.consultation_id)
             .ok_or(ErrorCode::ConsultationNotFound)?;
         let mut r = lock(&room);
-        let admitter = r
-            .seats
-            .get(&by.participant_id)
-            .ok_or(ErrorCode::UnknownParticipant)?;
-        if !admitter.role.can_admit() {
-            return Err(ErrorCode::Forbidden);
-        }
-        match r.seats.get(target) {
-            Some(seat) if !seat.admitted => {}
-            _ => return Err(ErrorCode::UnknownParticipant),
-        }
+        self.may_admit_or_deny(&r, by, target, admit)?;
         let cid = r.id.clone();
         if admit {
             let seat = r.seats.get_mut(target).expect("checked above");
             seat.admitted = true;
-            let role = seat.role;
             self.metrics.admissions.inc();
-            self.store.seat_admitted(target);
-            self.store.audit(
-                AuditEvent::new(&cid, AuditKind::Admitted)
-                    .participant(target, role)
-                    .actor(&by.participant_id),
-            );
+            // The store already has the admission: the caller wrote it first (see
+            // `ws::Conn::admit`), so what follows is only telling people.
             let seat = &r.seats[target];
             if let Some(conn) = &seat.conn {
                 conn.send(
@@ -398,7 +605,7 @@ impl Hub {
                     .actor(&by.participant_id),
             );
         }
-        self.send_waiting_room(&r);
+        self.send_waiting_room(&mut r);
         Ok(())
     }
 
@@ -420,10 +627,8 @@ impl Hub {
         }
         match r.seats.get(to) {
             Some(seat) if seat.admitted && *to != from.participant_id => match &seat.conn {
-                Some(conn) => {
-                    conn.send(&self.metrics, msg);
-                    Ok(())
-                }
+                Some(conn) if conn.send_relayed(&self.metrics, msg) => Ok(()),
+                Some(_) => Err(ErrorCode::RateLimited),
                 None => Err(ErrorCode::UnknownParticipant),
             },
             _ => Err(ErrorCode::UnknownParticipant),
@@ -475,7 +680,7 @@ impl Hub {
             if seat.admitted {
                 self.broadcast_left(&r, &seated.participant_id, reason);
             } else {
-                self.send_waiting_room(&r);
+                self.send_waiting_room(&mut r);
             }
             tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, ?reason, "seat released");
             r.seats.is_empty()
@@ -514,7 +719,7 @@ impl Hub {
                 }
             });
         } else {
-            self.send_waiting_room(&r);
+            self.send_waiting_room(&mut r);
         }
         drop(r);
         tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, "link dropped, seat held");
@@ -552,6 +757,8 @@ impl Hub {
                     joined_at: Instant::now(),
                     seq,
                     generation: 1,
+                    invite: None,
+                    resume_hash: None,
                 },
             );
             self.start_window(
@@ -576,15 +783,23 @@ impl Hub {
     }
 
     /// Gives a held (or still connected) seat to a new connection.
+    ///
+    /// Only the seat's latest resume token (`token`) is taken: each resume hands out a new one,
+    /// so a token copied from an earlier connection cannot take over the seat.
     pub fn resume(
         &self,
         cid: &ConsultationId,
         pid: &ParticipantId,
         conn: &ConnHandle,
+        token: &str,
     ) -> Result<Seated, ErrorCode> {
         let room = self.room(cid).ok_or(ErrorCode::ResumeExpired)?;
         let mut r = lock(&room);
         let seat = r.seats.get_mut(pid).ok_or(ErrorCode::ResumeExpired)?;
+        if seat.resume_hash.is_some_and(|h| h != token_hash(token)) {
+            self.metrics.limit("resume_stale_token");
+            return Err(ErrorCode::ResumeExpired);
+        }
         let was_down = match seat.conn.replace(conn.clone()) {
             Some(old) => {
                 old.close(close_code::REPLACED, "seat resumed on another connection");
@@ -603,14 +818,14 @@ impl Hub {
             .inc();
         self.store
             .audit(AuditEvent::new(cid, AuditKind::Resumed).participant(pid, role));
-        self.welcome(&r, pid, true);
+        self.welcome(&mut r, pid, true);
         if was_down {
             if admitted {
                 self.broadcast_admitted(&r, pid, |_| ServerMessage::PeerBack {
                     participant_id: pid.clone(),
                 });
             } else {
-                self.send_waiting_room(&r);
+                self.send_waiting_room(&mut r);
             }
         }
         tracing::info!(consultation = %cid, participant = %pid, "resumed");
@@ -667,6 +882,11 @@ impl Hub {
         let connected = r.seats.values().filter(|s| s.conn.is_some()).count();
         Some((r.seats.len(), waiting, connected))
     }
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 fn peer_of(pid: &ParticipantId, seat: &Seat) -> Peer {

@@ -6,14 +6,17 @@
 //!
 //! Code map: [`config`] (the TOML file), [`auth`] (tokens, invite codes, TURN credentials),
 //! [`store`] (SQLite and the audit log), [`hub`] (live consultations: seats, waiting room,
-//! relay, rejoin window), [`ws`] (one task per WebSocket), [`api`] (HTTP routes), [`metrics`],
-//! [`tls`].
+//! relay, rejoin window), [`ws`] (reader and writer tasks per WebSocket), [`api`] (HTTP
+//! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin) and
+//! [`net`] (the accept path: connection caps, idle timeout, backlog).
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod store;
 pub mod tls;
 pub mod ws;
@@ -68,6 +71,11 @@ pub struct AppState {
     pub admin_key: String,
     pub ws_url: String,
     pub extra_metrics: Option<ExtraMetrics>,
+    /// Resumes per seat (participant id) and per source address.
+    pub resume_limiter: DefaultKeyedRateLimiter<String>,
+    pub resume_source_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// The `Host` and `Origin` allow-lists.
+    pub gate: limits::Gate,
 }
 
 /// A server bound to its port and ready to serve.
@@ -165,11 +173,12 @@ impl Server {
         let (admin_key, generated_admin_key) = admin_key(&config, &data_dir)?;
 
         let listener =
-            std::net::TcpListener::bind(config.listen).map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
+            net::listen(config.listen, config.limits.listen_backlog).map_err(|source| {
+                ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                }
             })?;
-        listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let tls = tls::server_config(&config, &data_dir)?;
         let ws_url = if config.public_url.is_empty() {
@@ -214,10 +223,19 @@ impl Server {
             ice,
             config.rejoin_window(),
             config.max_participants,
+            &config.limits,
         );
         let per_minute =
             NonZeroU32::new(config.invite_attempts_per_minute).expect("validated to be > 0");
+        let resume_quota = config.limits.resume_quota();
+        let source_quota = Quota::per_minute(
+            NonZeroU32::new(config.limits.resumes_per_minute.saturating_mul(4)).expect("> 0"),
+        )
+        .allow_burst(NonZeroU32::new(config.limits.resume_burst.saturating_mul(4)).expect("> 0"));
         let state = Arc::new(AppState {
+            resume_limiter: RateLimiter::keyed(resume_quota),
+            resume_source_limiter: RateLimiter::keyed(source_quota),
+            gate: limits::Gate::new(&config.public_url, &config.limits),
             invite_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
             config,
             store,
@@ -297,25 +315,39 @@ impl Server {
                 tick.tick().await;
                 state.invite_limiter.retain_recent();
                 state.invite_limiter.shrink_to_fit();
+                state.resume_limiter.retain_recent();
+                state.resume_limiter.shrink_to_fit();
+                state.resume_source_limiter.retain_recent();
+                state.resume_source_limiter.shrink_to_fit();
             }
         });
         let app =
             api::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let local = self.local_addr();
         tracing::info!(tls = self.tls.is_some(), port = local.port(), "listening");
+        let limits = &self.state.config.limits;
+        let guard = net::Guard::new(limits, self.state.metrics.clone());
+        let header_timeout = Duration::from_secs(limits.header_read_timeout_secs);
         let result = match self.tls {
             Some(tls) => {
                 let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-                axum_server::from_tcp_rustls(self.listener, tls)?
-                    .handle(handle)
-                    .serve(app)
-                    .await
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                    .handshake_timeout(header_timeout)
+                    .acceptor(guard);
+                let mut server = axum_server::from_tcp(self.listener)?
+                    .acceptor(acceptor)
+                    .first_request_timeout(header_timeout)
+                    .handle(handle);
+                http_timeouts(&mut server, header_timeout);
+                server.serve(app).await
             }
             None => {
-                axum_server::from_tcp(self.listener)?
-                    .handle(handle)
-                    .serve(app)
-                    .await
+                let mut server = axum_server::from_tcp(self.listener)?
+                    .acceptor(guard)
+                    .first_request_timeout(header_timeout)
+                    .handle(handle);
+                http_timeouts(&mut server, header_timeout);
+                server.serve(app).await
             }
         };
         janitor.abort();
@@ -326,6 +358,18 @@ impl Server {
         self.state.store.flush_audit().await?;
         result.map_err(ServerError::Io)
     }
+}
+
+/// hyper's header read timeout (it needs a timer to take effect).
+fn http_timeouts<A: axum_server::Address, Acc>(
+    server: &mut axum_server::Server<A, Acc>,
+    header_timeout: Duration,
+) {
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
 }
 
 fn admin_key(config: &Config, data_dir: &std::path::Path) -> Result<(String, bool), ServerError> {

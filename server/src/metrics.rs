@@ -22,6 +22,12 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Which limit held an attacker (or a heavy client) back.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabel {
     pub direction: &'static str,
@@ -42,6 +48,8 @@ pub struct Metrics {
     pub errors: Family<CodeLabel, Counter>,
     pub messages: Family<MessageLabel, Counter>,
     pub stats_rtt_seconds: Histogram,
+    pub http_connections: Gauge,
+    pub limited: Family<LimitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,8 +67,20 @@ impl Default for Metrics {
             errors: Family::default(),
             messages: Family::default(),
             stats_rtt_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 10)),
+            http_connections: Gauge::default(),
+            limited: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "http_connections",
+            "Open TCP connections to the API and signaling port",
+            m.http_connections.clone(),
+        );
+        registry.register(
+            "limited",
+            "Times a limit refused, throttled, closed or dropped something, by limit",
+            m.limited.clone(),
+        );
         registry.register(
             "websocket_connections",
             "Open signaling WebSockets",
@@ -127,6 +147,11 @@ impl Metrics {
                 code: code.as_str(),
             })
             .inc();
+    }
+
+    /// Counts one hit of `limit`.
+    pub fn limit(&self, limit: &'static str) {
+        self.limited.get_or_create(&LimitLabel { limit }).inc();
     }
 
     pub fn message(&self, direction: &'static str, r#type: &'static str) {

@@ -47,6 +47,7 @@ pub enum AuditKind {
     Left,
     TimedOut,
     Ended,
+    InviteRevoked,
 }
 
 impl AuditKind {
@@ -63,6 +64,7 @@ impl AuditKind {
             AuditKind::Left => "left",
             AuditKind::TimedOut => "timed_out",
             AuditKind::Ended => "ended",
+            AuditKind::InviteRevoked => "invite_revoked",
         }
     }
 }
@@ -424,6 +426,12 @@ impl Store {
         })
     }
 
+    /// Voids every invite code of a consultation; returns how many there were.
+    pub async fn revoke_invites(&self, id: ConsultationId) -> Result<usize, StoreError> {
+        self.call(move |c| c.execute("DELETE FROM invites WHERE consultation_id = ?1", [&id.0]))
+            .await
+    }
+
     /// Marks a consultation ended and voids its invites. False if it was unknown or ended.
     pub async fn end_consultation(&self, id: ConsultationId) -> Result<bool, StoreError> {
         let now = now_ms() / 1000;
@@ -495,6 +503,7 @@ fn parse_kind(s: &str) -> Option<AuditKind> {
         Left,
         TimedOut,
         Ended,
+        InviteRevoked,
     ]
     .into_iter()
     .find(|k| k.as_str() == s)

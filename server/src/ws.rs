@@ -1,9 +1,21 @@
-//! One task per signaling WebSocket: reads frames, decodes them, asks the hub, and writes what
-//! the hub queued for it. Keepalive and the join deadline live here too.
+//! Two tasks per signaling WebSocket. The reader reads frames, charges them to the
+//! connection's inbound budget, decodes them and asks the hub; the writer writes what the hub
+//! queued for it, and the keepalive pings, each write under a deadline.
+//!
+//! The split is what lets a slow reader be detected: a write that blocks (the peer stopped
+//! reading and the kernel buffers are full) stops only the writer, which gives up after
+//! `keepalive-timeout-secs`; the reader sees the writer end and declares the link dead, so the
+//! seat goes into the rejoin window and the peers are told `peer_reconnecting`. Keepalive and
+//! the join deadline keep running in the reader meanwhile.
+//!
+//! A sender over its budget (see [`crate::limits::Budget`]) is throttled: the reader holds its
+//! frame and stops reading until the budget allows it, so TCP pushes back on the sender and no
+//! one else waits. After `throttled-messages-before-close` throttled messages it is closed with
+//! [`close_code::FLOODING`]. An honest client's burst (200 pipelined pings) fits the burst.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -11,12 +23,18 @@ use bedside_protocol::{
     ClientMessage, DecodeError, ErrorCode, JoinAuth, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
     ServerMessage, close_code,
 };
-use tokio::time::{Instant, interval_at, sleep};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, interval, interval_at, sleep, sleep_until, timeout};
 
 use crate::AppState;
 use crate::auth::{self, TokenKind, invite};
 use crate::hub::{ConnHandle, Outbound, Seated};
+use crate::limits::Budget;
 use crate::metrics::ResultLabel;
+use crate::store::{AuditEvent, AuditKind};
+use bedside_protocol::ParticipantId;
 
 /// Why the read loop ended.
 enum End {
@@ -24,6 +42,14 @@ enum End {
     Dropped,
     /// The participant left, was denied, replaced, or the consultation ended: nothing to hold.
     Done,
+}
+
+/// Why the writer stopped.
+enum WriterEnd {
+    /// It sent a close frame with this code.
+    Closed(u16),
+    /// A write failed, passed its deadline, or the queue overflowed: the link is dead.
+    Dead,
 }
 
 struct Conn {
@@ -36,8 +62,8 @@ struct Conn {
 /// Longest display name kept (characters); longer ones are cut, not refused.
 const MAX_DISPLAY_NAME: usize = 80;
 
-pub async fn serve(state: Arc<AppState>, mut socket: WebSocket, peer_ip: IpAddr) {
-    let (handle, mut outbound, overflowed) = state.hub.new_conn();
+pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
+    let (handle, outbound, overflowed) = state.hub.new_conn();
     state.metrics.connections.inc();
     let mut conn = Conn {
         state: state.clone(),
@@ -47,85 +73,177 @@ pub async fn serve(state: Arc<AppState>, mut socket: WebSocket, peer_ip: IpAddr)
     };
     let keepalive = Duration::from_secs(state.config.keepalive_interval_secs);
     let dead_after = Duration::from_secs(state.config.keepalive_timeout_secs);
-    let mut ping = interval_at(Instant::now() + keepalive, keepalive);
+    let (sink, mut stream) = socket.split();
+    let (ctl, ctl_rx) = mpsc::channel(1);
+    let mut writer = tokio::spawn(write_loop(
+        sink, outbound, ctl_rx, overflowed, keepalive, dead_after,
+    ));
+    let mut writer_done = false;
+    let mut check = interval(keepalive);
     let join_deadline = sleep(Duration::from_secs(state.config.join_timeout_secs));
     tokio::pin!(join_deadline);
     let mut last_heard = Instant::now();
+    let budget = Budget::new(&state.config.limits);
+    let mut throttled: u32 = 0;
+    // A frame read while over budget, and when to charge it again.
+    let mut held: Option<(Utf8Bytes, Instant)> = None;
+    let close_after = state.config.limits.throttled_messages_before_close;
 
+    // What to do with a frame the budget let through; `Some` ends the connection.
     let end = loop {
-        tokio::select! {
-            frame = socket.recv() => {
-                last_heard = Instant::now();
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        if text.len() > MAX_MESSAGE_BYTES {
-                            close(&mut socket, close_code::MESSAGE_TOO_BIG, "message too large").await;
-                            break End::Dropped;
-                        }
-                        if let Some(end) = conn.on_text(&text).await {
-                            close(&mut socket, close_code::NORMAL, "left").await;
-                            break end;
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => conn.reply_error(
-                        ErrorCode::MalformedMessage,
-                        "binary frames are not part of the protocol; send JSON text",
-                        None,
-                    ),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break End::Dropped,
-                    Some(Err(err)) => {
-                        if is_capacity_error(&err) {
-                            close(&mut socket, close_code::MESSAGE_TOO_BIG, "message too large").await;
-                        }
-                        break End::Dropped;
+        let text = tokio::select! {
+            w = &mut writer => {
+                writer_done = true;
+                break match w {
+                    Ok(WriterEnd::Closed(code)) if code != close_code::GOING_AWAY => End::Done,
+                    _ => End::Dropped,
+                };
+            }
+            _ = sleep_until(held.as_ref().map_or_else(Instant::now, |h| h.1)), if held.is_some() => {
+                let (text, _) = held.take().expect("guarded");
+                match budget.charge(text.len()) {
+                    None => text,
+                    Some(wait) => {
+                        held = Some((text, Instant::now() + wait));
+                        continue;
                     }
                 }
             }
-            out = outbound.recv() => match out {
-                Some(Outbound::Message(msg)) => {
-                    if socket.send(Message::Text(msg.encode().into())).await.is_err() {
+            frame = stream.next(), if held.is_none() => {
+                last_heard = Instant::now();
+                let text = match frame {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Binary(b))) => {
+                        if budget.charge(b.len()).is_some() {
+                            throttled += 1;
+                        }
+                        conn.reply_error(
+                            ErrorCode::MalformedMessage,
+                            "binary frames are not part of the protocol; send JSON text",
+                            None,
+                        )
+                        .await;
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break End::Dropped,
+                    Some(Err(err)) => {
+                        if is_capacity_error(&err) {
+                            let _ = ctl.try_send((close_code::MESSAGE_TOO_BIG, "message too large"));
+                        }
                         break End::Dropped;
                     }
-                    if overflowed.load(Ordering::Relaxed) {
-                        close(&mut socket, close_code::SLOW_CONSUMER, "too slow to read").await;
-                        break End::Dropped;
+                };
+                if text.len() > MAX_MESSAGE_BYTES {
+                    let _ = ctl.try_send((close_code::MESSAGE_TOO_BIG, "message too large"));
+                    break End::Dropped;
+                }
+                match budget.charge(text.len()) {
+                    None => text,
+                    Some(wait) => {
+                        throttled += 1;
+                        state.metrics.limit("inbound_budget");
+                        if throttled > close_after {
+                            tracing::info!("sender over its inbound budget: closed");
+                            state.metrics.limit("inbound_budget_closed");
+                            let _ = ctl.try_send((close_code::FLOODING, "over the message budget"));
+                            break End::Dropped;
+                        }
+                        held = Some((text, Instant::now() + wait));
+                        continue;
                     }
                 }
-                Some(Outbound::Close(code, reason)) => {
-                    close(&mut socket, code, reason).await;
-                    break if code == close_code::GOING_AWAY { End::Dropped } else { End::Done };
-                }
-                None => break End::Dropped,
-            },
-            _ = ping.tick() => {
+            }
+            _ = check.tick() => {
                 if last_heard.elapsed() > dead_after {
                     tracing::debug!("keepalive timeout");
                     break End::Dropped;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break End::Dropped;
-                }
+                continue;
             }
             _ = &mut join_deadline, if conn.seated.is_none() => {
-                close(&mut socket, close_code::JOIN_TIMEOUT, "no join in time").await;
+                let _ = ctl.try_send((close_code::JOIN_TIMEOUT, "no join in time"));
                 break End::Done;
             }
+        };
+        if let Some(end) = conn.on_text(&text).await {
+            let _ = ctl.try_send((close_code::NORMAL, "left"));
+            break end;
         }
     };
-    if let (End::Dropped, Some(seated)) = (end, &conn.seated) {
+    if let (End::Dropped, Some(seated)) = (&end, &conn.seated) {
         state.hub.disconnected(seated, conn.handle.id);
+    }
+    if !writer_done {
+        // Let the writer send what it was asked to (a close frame), within its deadline.
+        drop(ctl);
+        if timeout(dead_after, &mut writer).await.is_err() {
+            writer.abort();
+        }
     }
     state.metrics.connections.dec();
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        })))
-        .await;
+/// Writes queued messages, control frames and pings; every write has `deadline`.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outbound: mpsc::Receiver<Outbound>,
+    mut ctl: mpsc::Receiver<(u16, &'static str)>,
+    overflowed: Arc<AtomicBool>,
+    keepalive: Duration,
+    deadline: Duration,
+) -> WriterEnd {
+    let mut ping = interval_at(Instant::now() + keepalive, keepalive);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            c = ctl.recv() => match c {
+                Some((code, reason)) => return close(&mut sink, code, reason, deadline).await,
+                // The reader is done and asked for nothing more.
+                None => return WriterEnd::Dead,
+            },
+            out = outbound.recv() => match out {
+                Some(Outbound::Message(msg)) => Message::Text(msg.encode().into()),
+                Some(Outbound::Close(code, reason)) => {
+                    return close(&mut sink, code, reason, deadline).await;
+                }
+                None => return WriterEnd::Dead,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+        };
+        match timeout(deadline, sink.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return WriterEnd::Dead,
+            Err(_) => {
+                tracing::info!("write deadline passed: link declared dead");
+                return WriterEnd::Dead;
+            }
+        }
+        if overflowed.load(Ordering::Relaxed) {
+            close(
+                &mut sink,
+                close_code::SLOW_CONSUMER,
+                "too slow to read",
+                deadline,
+            )
+            .await;
+            return WriterEnd::Dead;
+        }
+    }
+}
+
+async fn close(
+    sink: &mut SplitSink<WebSocket, Message>,
+    code: u16,
+    reason: &'static str,
+    deadline: Duration,
+) -> WriterEnd {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = timeout(deadline, sink.send(frame)).await;
+    WriterEnd::Closed(code)
 }
 
 fn is_capacity_error(err: &axum::Error) -> bool {
@@ -136,14 +254,18 @@ fn is_capacity_error(err: &axum::Error) -> bool {
 }
 
 impl Conn {
-    /// Replies go through the same queue as everything the hub sends, so order is kept.
-    fn reply(&self, msg: ServerMessage) {
-        self.handle.send(&self.state.metrics, msg);
+    /// Replies go through the same queue as everything the hub sends, so order is kept. A
+    /// reply waits for room in the queue: a client that pipelines requests is slowed to the
+    /// pace it reads its answers at, never closed for it (a client that stops reading is caught
+    /// by the writer's deadline, which also ends this wait).
+    async fn reply(&self, msg: ServerMessage) {
+        self.handle.send_own(&self.state.metrics, msg).await;
     }
 
-    fn reply_error(&self, code: ErrorCode, message: &str, in_reply_to: Option<&str>) {
+    async fn reply_error(&self, code: ErrorCode, message: &str, in_reply_to: Option<&str>) {
         self.state.metrics.error(code);
-        self.reply(ServerMessage::error(code, message, in_reply_to));
+        self.reply(ServerMessage::error(code, message, in_reply_to))
+            .await;
     }
 
     /// Handles one text frame; `Some` ends the connection.
@@ -158,7 +280,8 @@ impl Conn {
                     }
                     other => other.to_string(),
                 };
-                self.reply_error(err.code(), &message, err.message_type());
+                self.reply_error(err.code(), &message, err.message_type())
+                    .await;
                 return None;
             }
         };
@@ -166,7 +289,7 @@ impl Conn {
         self.state.metrics.message("in", ty);
         let result = match (&self.seated, msg) {
             (_, ClientMessage::Ping { nonce }) => {
-                self.reply(ServerMessage::Pong { nonce });
+                self.reply(ServerMessage::Pong { nonce }).await;
                 Ok(())
             }
             (_, ClientMessage::Pong { .. }) => Ok(()),
@@ -192,23 +315,21 @@ impl Conn {
             (None, _) => Err((ErrorCode::OutOfOrder, "send join or resume first")),
             (Some(seated), msg) => {
                 let seated = seated.clone();
-                return self.seated_message(&seated, msg);
+                return self.seated_message(&seated, msg).await;
             }
         };
         if let Err((code, message)) = result {
-            self.reply_error(code, message, Some(ty));
+            self.reply_error(code, message, Some(ty)).await;
         }
         None
     }
 
-    fn seated_message(&mut self, seated: &Seated, msg: ClientMessage) -> Option<End> {
+    async fn seated_message(&mut self, seated: &Seated, msg: ClientMessage) -> Option<End> {
         let ty = msg.type_name();
         let hub = &self.state.hub;
         let from = seated.participant_id.clone();
         let result = match msg {
-            ClientMessage::Admit { participant_id } => {
-                hub.admit_or_deny(seated, &participant_id, true)
-            }
+            ClientMessage::Admit { participant_id } => self.admit(seated, &participant_id).await,
             ClientMessage::Deny { participant_id } => {
                 hub.admit_or_deny(seated, &participant_id, false)
             }
@@ -224,12 +345,13 @@ impl Conn {
             ClientMessage::IceRestart { to } => {
                 hub.relay(seated, &to, ServerMessage::IceRestart { from })
             }
-            ClientMessage::RefreshIceServers => {
-                self.reply(ServerMessage::IceServers {
-                    ice_servers: hub.ice_servers(&seated.participant_id),
-                });
-                Ok(())
-            }
+            ClientMessage::RefreshIceServers => match hub.admitted_ice_servers(seated) {
+                Ok(ice_servers) => {
+                    self.reply(ServerMessage::IceServers { ice_servers }).await;
+                    Ok(())
+                }
+                Err(code) => Err(code),
+            },
             ClientMessage::Stats { report } => {
                 if let Some(rtt) = report.rtt_ms.filter(|r| r.is_finite() && *r >= 0.0) {
                     self.state.metrics.stats_rtt_seconds.observe(rtt / 1000.0);
@@ -254,9 +376,27 @@ impl Conn {
                 }
                 _ => "the request could not be carried out",
             };
-            self.reply_error(code, message, Some(ty));
+            self.reply_error(code, message, Some(ty)).await;
         }
         None
+    }
+
+    /// Admits a waiting patient, durably: the admission is in the store (committed) before the
+    /// patient or anyone else is told, so a crash right after `admitted` cannot undo it.
+    async fn admit(&self, by: &Seated, target: &ParticipantId) -> Result<(), ErrorCode> {
+        let state = &self.state;
+        let role = state.hub.admission_check(by, target)?;
+        state.store.seat_admitted(target);
+        state.store.audit(
+            AuditEvent::new(&by.consultation_id, AuditKind::Admitted)
+                .participant(target, role)
+                .actor(&by.participant_id),
+        );
+        if let Err(e) = state.store.flush_audit().await {
+            tracing::error!(error = %e, "store write failed");
+            return Err(ErrorCode::Internal);
+        }
+        state.hub.admit_or_deny(by, target, true)
     }
 
     async fn join(
@@ -272,7 +412,7 @@ impl Conn {
             ));
         }
         let state = &self.state;
-        let (cid, role) = match auth {
+        let (cid, role, invite_hash) = match auth {
             JoinAuth::Token { token } => {
                 let claims = state
                     .tokens
@@ -291,10 +431,15 @@ impl Conn {
                         return Err((ErrorCode::Internal, "try again"));
                     }
                 }
-                (claims.cid, claims.role)
+                (claims.cid, claims.role, None)
             }
             JoinAuth::InviteCode { code } => {
-                if state.invite_limiter.check_key(&self.peer_ip).is_err() {
+                if state
+                    .invite_limiter
+                    .check_key(&crate::limits::source_key(self.peer_ip))
+                    .is_err()
+                {
+                    state.metrics.limit("invite_attempts");
                     return Err((
                         ErrorCode::RateLimited,
                         "too many invite code attempts; wait a minute",
@@ -303,12 +448,9 @@ impl Conn {
                 let Some(code) = invite::normalize(&code) else {
                     return Err((ErrorCode::InvalidInviteCode, "that is not an invite code"));
                 };
-                match state
-                    .store
-                    .redeem_invite(invite::hash(&code), auth::unix_now())
-                    .await
-                {
-                    Ok(Some(cid)) => (cid, bedside_protocol::Role::Patient),
+                let hash = invite::hash(&code);
+                match state.store.redeem_invite(hash, auth::unix_now()).await {
+                    Ok(Some(cid)) => (cid, bedside_protocol::Role::Patient, Some(hash)),
                     Ok(None) => {
                         return Err((
                             ErrorCode::InvalidInviteCode,
@@ -323,11 +465,11 @@ impl Conn {
             }
         };
         let display_name = display_name
-            .map(|n| n.trim().chars().take(MAX_DISPLAY_NAME).collect::<String>())
+            .map(|n| clean_display_name(&n))
             .filter(|n| !n.is_empty());
         let seated = state
             .hub
-            .join(&cid, role, display_name, &self.handle)
+            .join(&cid, role, display_name, &self.handle, invite_hash)
             .map_err(|code| (code, "the consultation has no free seat"))?;
         self.seated = Some(seated);
         Ok(())
@@ -345,6 +487,17 @@ impl Conn {
             .tokens
             .verify(token, TokenKind::Resume)
             .map_err(|e| (e.code(), "the resume token was refused"))?;
+        // Throttled per seat and per source before anything is looked up, audited or told.
+        let source = crate::limits::source_key(self.peer_ip);
+        if state.resume_limiter.check_key(&claims.sub).is_err()
+            || state.resume_source_limiter.check_key(&source).is_err()
+        {
+            state.metrics.limit("resumes");
+            return Err((
+                ErrorCode::RateLimited,
+                "too many resumes; wait a few seconds",
+            ));
+        }
         let pid = bedside_protocol::ParticipantId(claims.sub);
         if !state.hub.has_seat(&claims.cid, &pid) {
             // Not live here: after a restart, the seat may be in the store.
@@ -356,7 +509,7 @@ impl Conn {
                 Err(e) => tracing::error!(error = %e, "store lookup failed"),
             }
         }
-        match state.hub.resume(&claims.cid, &pid, &self.handle) {
+        match state.hub.resume(&claims.cid, &pid, &self.handle, token) {
             Ok(seated) => {
                 self.seated = Some(seated);
                 Ok(())
@@ -373,5 +526,49 @@ impl Conn {
                 ))
             }
         }
+    }
+}
+
+/// A display name as kept: control and format characters (bidi overrides and isolates,
+/// zero-width characters, the BOM) removed, whitespace runs folded to one space, trimmed, and
+/// cut at [`MAX_DISPLAY_NAME`] characters. Hand-written: no crate in the workspace has the
+/// Unicode general category, and the format characters that can disguise a name are few.
+pub fn clean_display_name(name: &str) -> String {
+    let is_format = |c: char| {
+        matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}')
+    };
+    let mut out = String::new();
+    let mut space = false;
+    for c in name.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
+        }
+        if c.is_control() || is_format(c) {
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        out.push(c);
+    }
+    out.chars().take(MAX_DISPLAY_NAME).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_display_name;
+
+    #[test]
+    fn display_names_lose_bidi_zero_width_and_control_characters() {
+        assert_eq!(clean_display_name("  Ana \t Souza "), "Ana Souza");
+        assert_eq!(clean_display_name("Dr\u{202E}gnuoY"), "DrgnuoY");
+        assert_eq!(clean_display_name("A\u{200B}n\u{FEFF}a\u{0007}"), "Ana");
+        assert_eq!(clean_display_name("\u{2066}\u{2069}"), "");
+        assert_eq!(clean_display_name(&"x".repeat(200)).chars().count(), 80);
     }
 }

@@ -51,6 +51,9 @@ pub fn test_config() -> Config {
         ..Config::default()
     };
     config.turn.enabled = false;
+    // Every test client comes from 127.0.0.1: the per-source connection cap would count them
+    // as one source (tests/tests/hardening.rs checks the cap with a config of its own).
+    config.limits.max_connections_per_source = 100_000;
     config
 }
 

@@ -211,7 +211,8 @@ async fn main() -> Result<()> {
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
-             invite-attempts-per-minute = 1000000\n",
+             invite-attempts-per-minute = 1000000\n\
+             [limits]\nmax-connections-per-source = 1000000\n",
             dir.path().join("data").display()
         ),
     )?;

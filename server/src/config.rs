@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub ice: IceConfig,
     pub turn: TurnSection,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// The bundled STUN/TURN relay.
@@ -102,6 +104,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ice: IceConfig::default(),
             turn: TurnSection::default(),
+            telemetry: Default::default(),
+            alerts: Default::default(),
         }
     }
 }
@@ -201,6 +205,10 @@ impl Config {
             && (self.tls.cert.as_os_str().is_empty() || self.tls.key.as_os_str().is_empty())
         {
             return bad("tls.mode = \"files\" needs tls.cert and tls.key");
+        }
+        self.alerts.validate().map_err(ConfigError::Invalid)?;
+        if self.telemetry.window_secs == 0 {
+            return bad("telemetry.window-secs must be at least 1");
         }
         if !self.admin_api_key.is_empty() && self.admin_api_key.len() < 16 {
             return bad("admin-api-key must be at least 16 characters");

@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 
 use crate::auth::{self, Tokens};
 use crate::config::IceConfig;
-use crate::metrics::{Metrics, ResultLabel, RoleLabel};
+use crate::metrics::{
+    Metrics, OUTCOME_ADMITTED, OUTCOME_DENIED, OUTCOME_LEFT, ResultLabel, RoleLabel,
+};
 use crate::store::{AuditEvent, AuditKind, SeatRow, Store};
 
 /// What the hub asks a connection task to do.
@@ -85,6 +87,8 @@ struct Seat {
     seq: u64,
     /// Bumped on every disconnect and resume: a rejoin timer only fires for its own generation.
     generation: u64,
+    /// When the link dropped, while the seat is held (for the dashboard and its alerts).
+    down_since: Option<Instant>,
 }
 
 struct Room {
@@ -93,6 +97,25 @@ struct Room {
     next_seq: u64,
     /// Set when the room is taken out of the map: a join that raced with that must retry.
     closed: bool,
+    created_at: Instant,
+}
+
+/// One live consultation as the dashboard sees it: ids and roles only.
+#[derive(Clone, Debug)]
+pub struct LiveConsultation {
+    pub id: ConsultationId,
+    pub age: Duration,
+    pub seats: Vec<LiveSeat>,
+}
+
+/// One seat of a [`LiveConsultation`].
+#[derive(Clone, Debug)]
+pub struct LiveSeat {
+    pub participant_id: ParticipantId,
+    pub role: Role,
+    pub admitted: bool,
+    /// How long the link has been down, while the seat is held; `None` when connected.
+    pub down_for: Option<Duration>,
 }
 
 /// What a successful join or resume tells the connection.
@@ -155,6 +178,7 @@ impl Hub {
                 seats: HashMap::new(),
                 next_seq: 0,
                 closed: false,
+                created_at: Instant::now(),
             }))
         });
         let room = room.clone();
@@ -233,9 +257,14 @@ impl Hub {
                     joined_at: Instant::now(),
                     seq,
                     generation: 0,
+                    down_since: None,
                 },
             );
             self.metrics.participants_connected.inc();
+            if admitted {
+                // Doctors and clinicians are admitted on joining.
+                self.metrics.join_admitted_seconds.observe(0.0);
+            }
             self.metrics
                 .joins
                 .get_or_create(&RoleLabel {
@@ -364,6 +393,9 @@ impl Hub {
             seat.admitted = true;
             let role = seat.role;
             self.metrics.admissions.inc();
+            let waited = seat.joined_at.elapsed().as_secs_f64();
+            self.metrics.join_admitted_seconds.observe(waited);
+            self.metrics.waited(OUTCOME_ADMITTED, waited);
             self.store.seat_admitted(target);
             self.store.audit(
                 AuditEvent::new(&cid, AuditKind::Admitted)
@@ -386,6 +418,8 @@ impl Hub {
         } else {
             let seat = r.seats.remove(target).expect("checked above");
             self.metrics.denials.inc();
+            self.metrics
+                .waited(OUTCOME_DENIED, seat.joined_at.elapsed().as_secs_f64());
             self.store.seat_released(target);
             if let Some(conn) = &seat.conn {
                 self.metrics.participants_connected.dec();
@@ -458,6 +492,10 @@ impl Hub {
             }
             let seat = r.seats.remove(&seated.participant_id).expect("present");
             self.store.seat_released(&seated.participant_id);
+            if !seat.admitted {
+                self.metrics
+                    .waited(OUTCOME_LEFT, seat.joined_at.elapsed().as_secs_f64());
+            }
             if seat.conn.is_some() {
                 self.metrics.participants_connected.dec();
             }
@@ -499,6 +537,7 @@ impl Hub {
             return; // Already replaced by a resume, or released.
         }
         seat.conn = None;
+        seat.down_since = Some(Instant::now());
         seat.generation += 1;
         let generation = seat.generation;
         let (admitted, role) = (seat.admitted, seat.role);
@@ -552,6 +591,7 @@ impl Hub {
                     joined_at: Instant::now(),
                     seq,
                     generation: 1,
+                    down_since: Some(Instant::now()),
                 },
             );
             self.start_window(
@@ -596,6 +636,7 @@ impl Hub {
             }
         };
         seat.generation += 1;
+        seat.down_since = None;
         let (role, admitted) = (seat.role, seat.admitted);
         self.metrics
             .resumes
@@ -657,6 +698,36 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Every live consultation, oldest first (for the dashboard).
+    pub fn live(&self) -> Vec<LiveConsultation> {
+        let rooms: Vec<_> = lock(&self.rooms).values().cloned().collect();
+        let mut out: Vec<(Instant, LiveConsultation)> = rooms
+            .iter()
+            .map(|room| {
+                let r = lock(room);
+                let mut seats: Vec<(&ParticipantId, &Seat)> = r.seats.iter().collect();
+                seats.sort_by_key(|(_, s)| s.seq);
+                let seats = seats
+                    .into_iter()
+                    .map(|(pid, s)| LiveSeat {
+                        participant_id: pid.clone(),
+                        role: s.role,
+                        admitted: s.admitted,
+                        down_for: s.down_since.map(|t| t.elapsed()),
+                    })
+                    .collect();
+                let live = LiveConsultation {
+                    id: r.id.clone(),
+                    age: r.created_at.elapsed(),
+                    seats,
+                };
+                (r.created_at, live)
+            })
+            .collect();
+        out.sort_by_key(|(t, _)| *t);
+        out.into_iter().map(|(_, l)| l).collect()
     }
 
     /// A summary of a live consultation for the administration API: (seats, waiting, connected).

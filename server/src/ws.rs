@@ -115,6 +115,7 @@ pub async fn serve(state: Arc<AppState>, mut socket: WebSocket, peer_ip: IpAddr)
     };
     if let (End::Dropped, Some(seated)) = (end, &conn.seated) {
         state.hub.disconnected(seated, conn.handle.id);
+        note(&state, seated, crate::telemetry::Change::LinkDropped);
     }
     state.metrics.connections.dec();
 }
@@ -126,6 +127,17 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
             reason: Utf8Bytes::from_static(reason),
         })))
         .await;
+}
+
+/// Puts a change the server saw on the consultation's telemetry timeline.
+fn note(state: &AppState, seated: &Seated, change: crate::telemetry::Change) {
+    state.telemetry.note(
+        &seated.consultation_id,
+        &seated.participant_id,
+        seated.role,
+        crate::telemetry::now_ms(),
+        change,
+    );
 }
 
 fn is_capacity_error(err: &axum::Error) -> bool {
@@ -234,6 +246,13 @@ impl Conn {
                 if let Some(rtt) = report.rtt_ms.filter(|r| r.is_finite() && *r >= 0.0) {
                     self.state.metrics.stats_rtt_seconds.observe(rtt / 1000.0);
                 }
+                self.state.telemetry.record(
+                    &seated.consultation_id,
+                    &seated.participant_id,
+                    seated.role,
+                    crate::telemetry::now_ms(),
+                    &report,
+                );
                 Ok(())
             }
             ClientMessage::Leave => {
@@ -358,6 +377,7 @@ impl Conn {
         }
         match state.hub.resume(&claims.cid, &pid, &self.handle) {
             Ok(seated) => {
+                note(state, &seated, crate::telemetry::Change::Resumed);
                 self.seated = Some(seated);
                 Ok(())
             }

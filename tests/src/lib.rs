@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 /// How long a test waits for any one expected message.
 pub mod netns;
+pub mod ops;
 pub mod scenarios;
 
 pub const STEP: Duration = Duration::from_secs(5);

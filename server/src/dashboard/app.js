@@ -29,7 +29,8 @@ function qualityBadge(q) {
 }
 
 function num(v, unit, digits = 0) {
-  return v === null || v === undefined ? '—' : v.toFixed(digits) + unit;
+  if (v === null || v === undefined) return '—';
+  return (v > 0 && v < 10 && digits === 0 ? v.toFixed(1) : v.toFixed(digits)) + unit;
 }
 
 function age(secs) {
@@ -125,7 +126,7 @@ function renderDetail() {
   const c = last && last.consultations.find((x) => x.id === selected);
   if (!c) { d.hidden = true; return; }
   d.hidden = false;
-  const w = Math.max(600, d.clientWidth - 40), lane = 44, h = 30 + lane * c.participants.length;
+  const w = Math.max(600, d.clientWidth - 40), lane = 60, h = 30 + lane * c.participants.length;
   const svg = svgEl('svg', { width: w, height: h });
   const t0 = last.at_ms - c.age_secs * 1000, span = Math.max(1, last.at_ms - t0);
   const x = (t) => 110 + (w - 120) * Math.min(1, Math.max(0, (t - t0) / span));
@@ -133,10 +134,15 @@ function renderDetail() {
     const y = 24 + i * lane;
     const label = svgEl('text', { x: 0, y: y + 4 }); label.textContent = `${p.role} ${p.id.slice(0, 8)}`;
     svg.append(label, svgEl('line', { x1: 110, x2: w - 10, y1: y, y2: y, stroke: '#cfd4da' }));
+    let lastX = -1e9, stack = 0;
     for (const t of c.transitions.filter((t) => t.participant_id === p.id)) {
       const bad = ['link_dropped', 'audio_only'].includes(t.kind) || (t.kind === 'media' && t.state !== 'connected');
-      svg.append(svgEl('circle', { cx: x(t.at_ms), cy: y, r: 5, fill: bad ? '#d8453b' : '#2e9d4f' }));
-      const tx = svgEl('text', { x: x(t.at_ms) + 6, y: y + 16 }); tx.textContent = describe(t);
+      const cx = x(t.at_ms);
+      // Labels of changes close in time are stacked rather than drawn over each other.
+      stack = cx - lastX < 90 ? stack + 1 : 0;
+      lastX = cx;
+      svg.append(svgEl('circle', { cx, cy: y, r: 5, fill: bad ? '#d8453b' : '#2e9d4f' }));
+      const tx = svgEl('text', { x: cx + 6, y: y + 16 + 12 * (stack % 3) }); tx.textContent = describe(t);
       svg.append(tx);
     }
   });

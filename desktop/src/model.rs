@@ -12,10 +12,6 @@ use crate::devices::DeviceLists;
 
 /// How many stats samples (about one a second) the plots keep.
 pub const HISTORY_LEN: usize = 120;
-/// Above this loss (percent) the patient's network is called poor.
-pub const POOR_LOSS_PCT: f64 = 5.0;
-/// Above this round-trip time (ms) the patient's network is called poor.
-pub const POOR_RTT_MS: f64 = 400.0;
 /// The chat lines kept on screen (memory only: chat is never stored).
 pub const CHAT_LINES_KEPT: usize = 500;
 
@@ -116,13 +112,9 @@ pub struct ChatLine {
     pub text: String,
 }
 
-/// The call-quality light next to the patient's video.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Quality {
-    Good,
-    Fair,
-    Poor,
-}
+/// The call-quality light next to the patient's video: the score shared with the server's
+/// dashboard (`bedside_protocol::quality`).
+pub use bedside_protocol::quality::Quality;
 
 /// Everything the screens show.
 #[derive(Clone, Debug)]
@@ -310,10 +302,9 @@ impl AppModel {
 
     /// Whether the last stats sample says the patient's network is poor.
     pub fn network_poor(&self) -> bool {
-        self.last_stats.as_ref().is_some_and(|s| {
-            s.loss_in_pct.is_some_and(|l| l > POOR_LOSS_PCT)
-                || s.rtt_ms.is_some_and(|r| r > POOR_RTT_MS)
-        })
+        self.last_stats
+            .as_ref()
+            .is_some_and(bedside_protocol::quality::network_poor)
     }
 
     /// A fresh model for the next session: the call's state goes; what belongs to this computer
@@ -330,18 +321,15 @@ impl AppModel {
         }
     }
 
-    /// The quality light: poor as in [`Self::network_poor`]; fair with some loss, a slow round
-    /// trip or a halting picture; `None` before the first sample.
+    /// The quality light ([`bedside_protocol::quality::score`]: poor on heavy loss or a slow
+    /// round trip; fair with some loss, a slowish round trip or a halting picture); `None`
+    /// before the first sample.
     pub fn quality(&self) -> Option<Quality> {
         let s = self.last_stats.as_ref()?;
-        if self.network_poor() {
-            return Some(Quality::Poor);
-        }
-        let fair = s.loss_in_pct.is_some_and(|l| l > 1.0)
-            || s.rtt_ms.is_some_and(|r| r > 200.0)
-            || (self.audio_only.is_none()
-                && s.video_received.as_ref().is_some_and(|v| v.fps < 10.0));
-        Some(if fair { Quality::Fair } else { Quality::Good })
+        Some(bedside_protocol::quality::score(
+            s,
+            self.audio_only.is_some(),
+        ))
     }
 
     /// The banners over the call, most important first.

@@ -27,6 +27,7 @@
 use std::fmt;
 
 pub mod chat;
+pub mod quality;
 
 use serde::{Deserialize, Serialize};
 

@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(issue_invite).delete(revoke_invites),
         )
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .merge(crate::dashboard::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             check_host,
@@ -103,7 +104,7 @@ fn not_found() -> ApiError {
     )
 }
 
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -120,12 +121,28 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> impl IntoResponse {
     let mut body = state.metrics.render();
     if let Some(extra) = &state.extra_metrics {
         // OpenMetrics ends with `# EOF`: the relay's families go before it.
         let end = body.rfind("# EOF").unwrap_or(body.len());
         body.insert_str(end, &extra());
+    }
+    // OpenMetrics unless the scraper asks for the classic text format alone (promtool reads
+    // that one; Prometheus asks for OpenMetrics first).
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("text/plain") && !accept.contains("openmetrics") {
+        let body = crate::metrics::to_classic_text(&body);
+        return (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        );
     }
     (
         [(

@@ -33,6 +33,8 @@ pub struct Config {
     pub turn: TurnSection,
     /// Budgets, caps, timeouts, trusted proxies, host and origin allow-lists (`[limits]`).
     pub limits: crate::limits::LimitsConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// The bundled STUN/TURN relay.
@@ -105,6 +107,8 @@ impl Default for Config {
             ice: IceConfig::default(),
             turn: TurnSection::default(),
             limits: crate::limits::LimitsConfig::default(),
+            telemetry: Default::default(),
+            alerts: Default::default(),
         }
     }
 }
@@ -206,6 +210,10 @@ impl Config {
             return bad("tls.mode = \"files\" needs tls.cert and tls.key");
         }
         self.limits.validate().map_err(ConfigError::Invalid)?;
+        self.alerts.validate().map_err(ConfigError::Invalid)?;
+        if self.telemetry.window_secs == 0 {
+            return bad("telemetry.window-secs must be at least 1");
+        }
         if !self.admin_api_key.is_empty() && self.admin_api_key.len() < 16 {
             return bad("admin-api-key must be at least 16 characters");
         }

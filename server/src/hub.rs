@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 use crate::auth::{self, Tokens};
 use crate::config::IceConfig;
 use crate::limits::LimitsConfig;
-use crate::metrics::{Metrics, ResultLabel, RoleLabel};
+use crate::metrics::{
+    Metrics, OUTCOME_ADMITTED, OUTCOME_DENIED, OUTCOME_LEFT, ResultLabel, RoleLabel,
+};
 use crate::store::{AuditEvent, AuditKind, SeatRow, Store};
 
 /// What the hub asks a connection task to do.
@@ -119,6 +121,8 @@ struct Seat {
     /// SHA-256 of the last resume token handed out: only that one resumes the seat (every
     /// resume hands out a new one). `None` after a restart, until the first resume.
     resume_hash: Option<[u8; 32]>,
+    /// When the link dropped, while the seat is held (for the dashboard and its alerts).
+    down_since: Option<Instant>,
 }
 
 struct Room {
@@ -131,6 +135,25 @@ struct Room {
     /// next slot.
     waiting_sent: Option<Instant>,
     waiting_pending: bool,
+    created_at: Instant,
+}
+
+/// One live consultation as the dashboard sees it: ids and roles only.
+#[derive(Clone, Debug)]
+pub struct LiveConsultation {
+    pub id: ConsultationId,
+    pub age: Duration,
+    pub seats: Vec<LiveSeat>,
+}
+
+/// One seat of a [`LiveConsultation`].
+#[derive(Clone, Debug)]
+pub struct LiveSeat {
+    pub participant_id: ParticipantId,
+    pub role: Role,
+    pub admitted: bool,
+    /// How long the link has been down, while the seat is held; `None` when connected.
+    pub down_for: Option<Duration>,
 }
 
 /// What a successful join or resume tells the connection.
@@ -200,6 +223,7 @@ impl Hub {
                 closed: false,
                 waiting_sent: None,
                 waiting_pending: false,
+                created_at: Instant::now(),
             }))
         });
         let room = room.clone();
@@ -324,9 +348,14 @@ impl Hub {
                     generation: 0,
                     invite,
                     resume_hash: None,
+                    down_since: None,
                 },
             );
             self.metrics.participants_connected.inc();
+            if admitted {
+                // Doctors and clinicians are admitted on joining.
+                self.metrics.join_admitted_seconds.observe(0.0);
+            }
             self.metrics
                 .joins
                 .get_or_create(&RoleLabel {
@@ -577,6 +606,9 @@ impl Hub {
             self.metrics.admissions.inc();
             // The store already has the admission: the caller wrote it first (see
             // `ws::Conn::admit`), so what follows is only telling people.
+            let waited = seat.joined_at.elapsed().as_secs_f64();
+            self.metrics.join_admitted_seconds.observe(waited);
+            self.metrics.waited(OUTCOME_ADMITTED, waited);
             let seat = &r.seats[target];
             if let Some(conn) = &seat.conn {
                 conn.send(
@@ -593,6 +625,8 @@ impl Hub {
         } else {
             let seat = r.seats.remove(target).expect("checked above");
             self.metrics.denials.inc();
+            self.metrics
+                .waited(OUTCOME_DENIED, seat.joined_at.elapsed().as_secs_f64());
             self.store.seat_released(target);
             if let Some(conn) = &seat.conn {
                 self.metrics.participants_connected.dec();
@@ -663,6 +697,10 @@ impl Hub {
             }
             let seat = r.seats.remove(&seated.participant_id).expect("present");
             self.store.seat_released(&seated.participant_id);
+            if !seat.admitted {
+                self.metrics
+                    .waited(OUTCOME_LEFT, seat.joined_at.elapsed().as_secs_f64());
+            }
             if seat.conn.is_some() {
                 self.metrics.participants_connected.dec();
             }
@@ -704,6 +742,7 @@ impl Hub {
             return; // Already replaced by a resume, or released.
         }
         seat.conn = None;
+        seat.down_since = Some(Instant::now());
         seat.generation += 1;
         let generation = seat.generation;
         let (admitted, role) = (seat.admitted, seat.role);
@@ -759,6 +798,7 @@ impl Hub {
                     generation: 1,
                     invite: None,
                     resume_hash: None,
+                    down_since: Some(Instant::now()),
                 },
             );
             self.start_window(
@@ -811,6 +851,7 @@ impl Hub {
             }
         };
         seat.generation += 1;
+        seat.down_since = None;
         let (role, admitted) = (seat.role, seat.admitted);
         self.metrics
             .resumes
@@ -872,6 +913,36 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Every live consultation, oldest first (for the dashboard).
+    pub fn live(&self) -> Vec<LiveConsultation> {
+        let rooms: Vec<_> = lock(&self.rooms).values().cloned().collect();
+        let mut out: Vec<(Instant, LiveConsultation)> = rooms
+            .iter()
+            .map(|room| {
+                let r = lock(room);
+                let mut seats: Vec<(&ParticipantId, &Seat)> = r.seats.iter().collect();
+                seats.sort_by_key(|(_, s)| s.seq);
+                let seats = seats
+                    .into_iter()
+                    .map(|(pid, s)| LiveSeat {
+                        participant_id: pid.clone(),
+                        role: s.role,
+                        admitted: s.admitted,
+                        down_for: s.down_since.map(|t| t.elapsed()),
+                    })
+                    .collect();
+                let live = LiveConsultation {
+                    id: r.id.clone(),
+                    age: r.created_at.elapsed(),
+                    seats,
+                };
+                (r.created_at, live)
+            })
+            .collect();
+        out.sort_by_key(|(t, _)| *t);
+        out.into_iter().map(|(_, l)| l).collect()
     }
 
     /// A summary of a live consultation for the administration API: (seats, waiting, connected).

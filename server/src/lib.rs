@@ -7,17 +7,22 @@
 //! Code map: [`config`] (the TOML file), [`auth`] (tokens, invite codes, TURN credentials),
 //! [`store`] (SQLite and the audit log), [`hub`] (live consultations: seats, waiting room,
 //! relay, rejoin window), [`ws`] (reader and writer tasks per WebSocket), [`api`] (HTTP
-//! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin) and
-//! [`net`] (the accept path: connection caps, idle timeout, backlog).
+//! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin),
+//! [`net`] (the accept path: connection caps, idle timeout, backlog), [`telemetry`] (the calls'
+//! stats window), [`alerts`] (rules and webhook) and [`dashboard`] (`/dashboard` and its live
+//! feed).
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod ws;
 
@@ -57,7 +62,8 @@ pub enum ServerError {
     Turn(#[from] bedside_turn::TurnError),
 }
 
-/// Extra Prometheus text appended to `/metrics` (the TURN relay's, when it runs in-process).
+/// Extra Prometheus text appended to `/metrics` (the in-process relay's families are registered
+/// in the server's own registry instead).
 pub type ExtraMetrics = Box<dyn Fn() -> String + Send + Sync>;
 
 /// What every request and connection handler shares.
@@ -76,6 +82,12 @@ pub struct AppState {
     pub resume_source_limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// The `Host` and `Origin` allow-lists.
     pub gate: limits::Gate,
+    /// The calls' stats window, read by the dashboard and the alert rules.
+    pub telemetry: Arc<dyn telemetry::TelemetryStore>,
+    /// The newest dashboard snapshot (JSON), published by [`dashboard::spawn`].
+    pub dashboard: tokio::sync::watch::Sender<Arc<str>>,
+    /// The bundled relay's counters, when it runs in-process.
+    pub relay_metrics: Option<Arc<bedside_turn::Metrics>>,
 }
 
 /// A server bound to its port and ready to serve.
@@ -206,15 +218,12 @@ impl Server {
         } else {
             (None, config.ice.clone())
         };
-        let extra_metrics = match (&turn, extra_metrics) {
-            (Some(relay), None) => {
-                let relay_metrics = relay.metrics();
-                Some(Box::new(move || relay_metrics.prometheus()) as ExtraMetrics)
-            }
-            (_, extra) => extra,
-        };
-
-        let metrics = Arc::new(Metrics::default());
+        let relay_metrics = turn.as_ref().map(|relay| relay.metrics());
+        let mut metrics = Metrics::default();
+        if let Some(relay) = &relay_metrics {
+            metrics.register_relay(relay.clone());
+        }
+        let metrics = Arc::new(metrics);
         let tokens = Arc::new(Tokens::new(token_secret.as_bytes()));
         let hub = Hub::new(
             store.clone(),
@@ -232,11 +241,15 @@ impl Server {
             NonZeroU32::new(config.limits.resumes_per_minute.saturating_mul(4)).expect("> 0"),
         )
         .allow_burst(NonZeroU32::new(config.limits.resume_burst.saturating_mul(4)).expect("> 0"));
+        let telemetry = Arc::new(telemetry::MemoryTelemetry::new(config.telemetry.clone()));
         let state = Arc::new(AppState {
             resume_limiter: RateLimiter::keyed(resume_quota),
             resume_source_limiter: RateLimiter::keyed(source_quota),
             gate: limits::Gate::new(&config.public_url, &config.limits),
             invite_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            telemetry,
+            dashboard: dashboard::channel(),
+            relay_metrics,
             config,
             store,
             tokens,
@@ -321,6 +334,7 @@ impl Server {
                 state.resume_source_limiter.shrink_to_fit();
             }
         });
+        let feed = dashboard::spawn(self.state.clone());
         let app =
             api::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let local = self.local_addr();
@@ -351,6 +365,7 @@ impl Server {
             }
         };
         janitor.abort();
+        feed.abort();
         if let Some(relay) = self.turn {
             relay.shutdown();
             relay.join().await;

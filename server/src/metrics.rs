@@ -7,6 +7,46 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// prometheus-client's OpenMetrics text as Prometheus' classic text format (0.0.4), for
+/// scrapers and tools that read only that (promtool's `check metrics`). prometheus-client
+/// writes OpenMetrics alone; the two differ, for what it emits, only in that a counter family
+/// is named without `_total` (its samples carry it) and in the `# EOF` and `# UNIT` lines, so
+/// this rewrites those few lines rather than keep a second encoder.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
     pub role: &'static str,
@@ -26,6 +66,21 @@ pub struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabel {
     pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// How a patient's stay in the waiting room ended.
+pub const OUTCOME_ADMITTED: &str = "admitted";
+pub const OUTCOME_DENIED: &str = "denied";
+pub const OUTCOME_LEFT: &str = "left";
+
+/// Buckets (seconds) of the join→admitted and waiting-room histograms: 0.1 s to about 27 min.
+fn wait_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.1, 2.0, 15)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +105,10 @@ pub struct Metrics {
     pub stats_rtt_seconds: Histogram,
     pub http_connections: Gauge,
     pub limited: Family<LimitLabel, Counter>,
+    /// From a join to its admission (0 for doctors and clinicians, admitted on joining).
+    pub join_admitted_seconds: Histogram,
+    /// A patient's time in the waiting room, by how it ended.
+    pub waiting_room_seconds: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -69,6 +128,8 @@ impl Default for Metrics {
             stats_rtt_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 10)),
             http_connections: Gauge::default(),
             limited: Family::default(),
+            join_admitted_seconds: Histogram::new(wait_buckets()),
+            waiting_room_seconds: Family::new_with_constructor(|| Histogram::new(wait_buckets())),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,6 +189,16 @@ impl Default for Metrics {
             "Round-trip times reported by clients' call statistics",
             m.stats_rtt_seconds.clone(),
         );
+        registry.register(
+            "join_admitted_seconds",
+            "Time from a join to its admission (0 for doctors and clinicians)",
+            m.join_admitted_seconds.clone(),
+        );
+        registry.register(
+            "waiting_room_seconds",
+            "Time patients spent in the waiting room, by outcome (admitted, denied, left)",
+            m.waiting_room_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -141,6 +212,13 @@ impl Metrics {
         out
     }
 
+    /// Adds the bundled relay's families (`bedside_turn_*`) to this exposition.
+    pub fn register_relay(&mut self, relay: std::sync::Arc<bedside_turn::Metrics>) {
+        self.registry
+            .sub_registry_with_prefix("turn")
+            .register_collector(Box::new(relay));
+    }
+
     pub fn error(&self, code: bedside_protocol::ErrorCode) {
         self.errors
             .get_or_create(&CodeLabel {
@@ -152,6 +230,13 @@ impl Metrics {
     /// Counts one hit of `limit`.
     pub fn limit(&self, limit: &'static str) {
         self.limited.get_or_create(&LimitLabel { limit }).inc();
+    }
+
+    /// Records a patient's stay in the waiting room.
+    pub fn waited(&self, outcome: &'static str, secs: f64) {
+        self.waiting_room_seconds
+            .get_or_create(&OutcomeLabel { outcome })
+            .observe(secs);
     }
 
     pub fn message(&self, direction: &'static str, r#type: &'static str) {

@@ -173,6 +173,7 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
     };
     if let (End::Dropped, Some(seated)) = (&end, &conn.seated) {
         state.hub.disconnected(seated, conn.handle.id);
+        note(&state, seated, crate::telemetry::Change::LinkDropped);
     }
     if !writer_done {
         // Let the writer send what it was asked to (a close frame), within its deadline.
@@ -244,6 +245,17 @@ async fn close(
     }));
     let _ = timeout(deadline, sink.send(frame)).await;
     WriterEnd::Closed(code)
+}
+
+/// Puts a change the server saw on the consultation's telemetry timeline.
+fn note(state: &AppState, seated: &Seated, change: crate::telemetry::Change) {
+    state.telemetry.note(
+        &seated.consultation_id,
+        &seated.participant_id,
+        seated.role,
+        crate::telemetry::now_ms(),
+        change,
+    );
 }
 
 fn is_capacity_error(err: &axum::Error) -> bool {
@@ -356,6 +368,13 @@ impl Conn {
                 if let Some(rtt) = report.rtt_ms.filter(|r| r.is_finite() && *r >= 0.0) {
                     self.state.metrics.stats_rtt_seconds.observe(rtt / 1000.0);
                 }
+                self.state.telemetry.record(
+                    &seated.consultation_id,
+                    &seated.participant_id,
+                    seated.role,
+                    crate::telemetry::now_ms(),
+                    &report,
+                );
                 Ok(())
             }
             ClientMessage::Leave => {
@@ -511,6 +530,7 @@ impl Conn {
         }
         match state.hub.resume(&claims.cid, &pid, &self.handle, token) {
             Ok(seated) => {
+                note(state, &seated, crate::telemetry::Change::Resumed);
                 self.seated = Some(seated);
                 Ok(())
             }

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod netns;
+pub mod ops;
 pub mod scenarios;
 
 /// How long a test waits for any one expected message.

@@ -1,6 +1,9 @@
 //! Counters of a running relay: atomics, cheap to read from any thread.
 
-use std::fmt::Write as _;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Error codes counted separately (anything else counts as the last slot).
@@ -109,67 +112,134 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition (metric names prefixed `bedside_turn_`).
+    /// Prometheus text exposition (OpenMetrics, metric names prefixed `bedside_turn_`), for
+    /// `--only-turn`. `bedside-server` registers [`Metrics`] as a collector in its own registry
+    /// instead, so its `/metrics` is one exposition.
     pub fn prometheus(&self) -> String {
-        let s = self.snapshot();
-        let mut o = String::new();
-        let _ = writeln!(o, "# TYPE bedside_turn_active_allocations gauge");
-        let _ = writeln!(
-            o,
-            "bedside_turn_active_allocations {}",
-            s.active_allocations
-        );
-        // OpenMetrics: a counter family is named without `_total`; its sample carries it.
-        for (name, v) in [
-            ("allocations", s.allocations_total),
-            ("relayed_packets", s.relayed_packets),
-            ("relayed_bytes", s.relayed_bytes),
-            ("dropped_packets", s.dropped_packets),
-            ("binding_requests", s.binding_requests),
+        let mut registry = prometheus_client::registry::Registry::with_prefix("bedside_turn");
+        registry.register_collector(Box::new(Collector(self.snapshot_full())));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    fn snapshot_full(&self) -> Full {
+        Full {
+            s: self.snapshot(),
+            errors: ERROR_CODES
+                .iter()
+                .zip(self.errors.iter())
+                .map(|(c, n)| (*c, n.load(Relaxed)))
+                .collect(),
+            buckets: LATENCY_BUCKETS_US
+                .iter()
+                .zip(self.allocate_latency_buckets.iter())
+                .map(|(b, n)| {
+                    let le = if *b == u64::MAX {
+                        f64::MAX
+                    } else {
+                        *b as f64 / 1e6
+                    };
+                    (le, n.load(Relaxed))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Everything one scrape reads, copied once.
+#[derive(Debug)]
+struct Full {
+    s: MetricsSnapshot,
+    /// Every error code with its count (0 included, so the family is always present).
+    errors: Vec<(u16, u64)>,
+    /// Allocate latency buckets: (upper bound in seconds, count in that bucket alone).
+    buckets: Vec<(f64, u64)>,
+}
+
+/// The relay's metrics as a prometheus-client collector. The counters stay plain atomics
+/// (the hot path adds to them per packet); a scrape copies them and encodes the copy, with
+/// HELP text for every family.
+#[derive(Debug)]
+struct Collector(Full);
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Full { s, errors, buckets } = &self.0;
+        ConstGauge::new(s.active_allocations).encode(encoder.encode_descriptor(
+            "active_allocations",
+            "TURN allocations alive now",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        for (name, help, v) in [
+            (
+                "allocations",
+                "TURN allocations created",
+                s.allocations_total,
+            ),
+            (
+                "relayed_packets",
+                "Packets relayed, both directions",
+                s.relayed_packets,
+            ),
+            (
+                "relayed_bytes",
+                "Payload bytes relayed, both directions",
+                s.relayed_bytes,
+            ),
+            (
+                "dropped_packets",
+                "Packets dropped: no permission, bandwidth quota, send failures",
+                s.dropped_packets,
+            ),
+            (
+                "binding_requests",
+                "STUN Binding requests answered",
+                s.binding_requests,
+            ),
         ] {
-            let _ = writeln!(o, "# TYPE bedside_turn_{name} counter");
-            let _ = writeln!(o, "bedside_turn_{name}_total {v}");
+            ConstCounter::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
         }
-        let _ = writeln!(o, "# TYPE bedside_turn_error_responses counter");
-        for (c, n) in ERROR_CODES.iter().zip(self.errors.iter()) {
-            let code = if *c == 0 {
-                "other".to_string()
+        let mut family = encoder.encode_descriptor(
+            "error_responses",
+            "STUN/TURN error responses sent, by code",
+            None,
+            MetricType::Counter,
+        )?;
+        for (code, n) in errors {
+            let code = if *code == 0 {
+                "other".to_owned()
             } else {
-                c.to_string()
+                code.to_string()
             };
-            let _ = writeln!(
-                o,
-                "bedside_turn_error_responses_total{{code=\"{code}\"}} {}",
-                n.load(Relaxed)
-            );
+            let labels = [("code", code.as_str())];
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
         }
-        let _ = writeln!(o, "# TYPE bedside_turn_allocate_seconds histogram");
-        let mut cum = 0;
-        for (b, n) in LATENCY_BUCKETS_US
-            .iter()
-            .zip(self.allocate_latency_buckets.iter())
-        {
-            cum += n.load(Relaxed);
-            let le = if *b == u64::MAX {
-                "+Inf".to_string()
-            } else {
-                format!("{}", *b as f64 / 1e6)
-            };
-            let _ = writeln!(
-                o,
-                "bedside_turn_allocate_seconds_bucket{{le=\"{le}\"}} {cum}"
-            );
-        }
-        let _ = writeln!(
-            o,
-            "bedside_turn_allocate_seconds_sum {}",
-            s.allocate_latency_us_sum as f64 / 1e6
-        );
-        let _ = writeln!(
-            o,
-            "bedside_turn_allocate_seconds_count {}",
-            s.allocate_latency_count
-        );
-        o
+        encoder
+            .encode_descriptor(
+                "allocate_seconds",
+                "Time to handle an Allocate request",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(
+                s.allocate_latency_us_sum as f64 / 1e6,
+                s.allocate_latency_count,
+                buckets,
+                None,
+            )
+    }
+}
+
+impl prometheus_client::collector::Collector for Metrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        prometheus_client::collector::Collector::encode(&Collector(self.snapshot_full()), encoder)
     }
 }

@@ -1,0 +1,385 @@
+//! The operations dashboard: `/dashboard` (a page compiled into the binary, plain SVG, no CDN:
+//! clinics run offline networks) and its live feed `/dashboard/events` (server-sent events,
+//! authenticated with the administration key, which the page asks for and keeps only in the
+//! tab's `sessionStorage`).
+//!
+//! One task ([`spawn`]) builds a snapshot every second from the hub (live consultations, seats,
+//! roles) and the telemetry window (each participant's last stats), evaluates the alert rules
+//! every `alerts.eval-interval-secs`, and publishes the snapshot's JSON on a `watch` channel:
+//! every open dashboard gets the newest snapshot, a slow one skips the ones it missed, and no
+//! dashboard can hold up the server. Snapshots carry ids, roles and figures only: never display
+//! names, invite codes, tokens or addresses (`tests/tests/dashboard.rs` greps for them).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bedside_protocol::quality::{self, Quality};
+use bedside_protocol::{ParticipantId, Role};
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::alerts::{self, Alert, Engine, Observation};
+use crate::hub::LiveConsultation;
+use crate::metrics::{CodeLabel, RoleLabel};
+use crate::telemetry::{ConsultationTelemetry, Transition, now_ms};
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const STYLE_CSS: &str = include_str!("dashboard/style.css");
+
+/// A sample older than this does not score a call (its client stopped reporting).
+pub const STALE_MS: u64 = 5_000;
+/// Points in each participant's sparkline (one per sample, the newest last).
+pub const SPARK_POINTS: usize = 60;
+/// The error codes that count as refused joins.
+pub const JOIN_FAILURE_CODES: [&str; 4] = [
+    "invalid_token",
+    "token_expired",
+    "invalid_invite_code",
+    "rate_limited",
+];
+
+/// The dashboard's routes, merged into the API's router.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/dashboard",
+            get(|| asset("text/html; charset=utf-8", INDEX_HTML)),
+        )
+        .route(
+            "/dashboard/app.js",
+            get(|| asset("text/javascript; charset=utf-8", APP_JS)),
+        )
+        .route(
+            "/dashboard/style.css",
+            get(|| asset("text/css; charset=utf-8", STYLE_CSS)),
+        )
+        .route("/dashboard/events", get(events))
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, crate::api::ApiError> {
+    crate::api::require_admin(&state, &headers)?;
+    let mut rx = state.dashboard.subscribe();
+    rx.mark_changed();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let json = rx.borrow_and_update().clone();
+        Some((Ok(Event::default().event("snapshot").data(&*json)), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The channel the feed publishes on (the newest snapshot's JSON).
+pub fn channel() -> watch::Sender<Arc<str>> {
+    watch::Sender::new(Arc::from("{}"))
+}
+
+/// The whole dashboard at one instant.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub at_ms: u64,
+    pub overview: Overview,
+    pub consultations: Vec<ConsultationRow>,
+    pub alerts_firing: Vec<Alert>,
+    pub alerts_history: Vec<Alert>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Overview {
+    pub consultations: usize,
+    pub participants_connected: usize,
+    pub participants_waiting: usize,
+    pub participants_reconnecting: usize,
+    pub joins_per_minute: u64,
+    pub calls_good: usize,
+    pub calls_fair: usize,
+    pub calls_poor: usize,
+    pub relay: Option<RelayOverview>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelayOverview {
+    pub allocations: i64,
+    pub quota: u32,
+    pub kbps: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsultationRow {
+    pub id: String,
+    pub age_secs: u64,
+    /// The worst of its participants' fresh scores; `None` before any.
+    pub quality: Option<Quality>,
+    /// Seats per role.
+    pub roles: BTreeMap<&'static str, usize>,
+    pub participants: Vec<ParticipantRow>,
+    pub transitions: Vec<Transition>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ParticipantRow {
+    pub id: ParticipantId,
+    pub role: Role,
+    /// `waiting`, `connected` or `reconnecting`.
+    pub state: &'static str,
+    pub quality: Option<Quality>,
+    pub pair: Option<bedside_protocol::CandidatePairType>,
+    pub rtt_ms: Option<f64>,
+    pub loss_in_pct: Option<f64>,
+    pub loss_out_pct: Option<f64>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub fps: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub buffer_ms: Option<f64>,
+    pub audio_only: Option<bool>,
+    /// The last samples' round trip (ms) and loss received (%), oldest first.
+    pub spark_rtt: Vec<f64>,
+    pub spark_loss: Vec<f64>,
+}
+
+/// Builds one row from the hub's view and the telemetry window.
+pub fn row(
+    live: &LiveConsultation,
+    t: Option<&ConsultationTelemetry>,
+    now: u64,
+) -> ConsultationRow {
+    let mut roles = BTreeMap::new();
+    let participants: Vec<ParticipantRow> = live
+        .seats
+        .iter()
+        .map(|seat| {
+            *roles.entry(seat.role.as_str()).or_insert(0) += 1;
+            let p = t.and_then(|t| t.participants.get(&seat.participant_id));
+            let last = p
+                .and_then(|p| p.last())
+                .filter(|s| s.at_ms.saturating_add(STALE_MS) >= now && seat.down_for.is_none());
+            let r = last.map(|s| &s.report);
+            let video = r.and_then(|r| r.video_received.as_ref());
+            let spark = |f: &dyn Fn(&bedside_protocol::StatsReport) -> Option<f64>| -> Vec<f64> {
+                p.map(|p| {
+                    let skip = p.samples.len().saturating_sub(SPARK_POINTS);
+                    p.samples
+                        .iter()
+                        .skip(skip)
+                        .map(|s| f(&s.report).unwrap_or(0.0))
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
+            ParticipantRow {
+                id: seat.participant_id.clone(),
+                role: seat.role,
+                state: if !seat.admitted {
+                    "waiting"
+                } else if seat.down_for.is_some() {
+                    "reconnecting"
+                } else {
+                    "connected"
+                },
+                quality: r.map(|r| quality::score(r, r.audio_only.unwrap_or(false))),
+                pair: r.and_then(|r| r.candidate_pair),
+                rtt_ms: r.and_then(|r| r.rtt_ms),
+                loss_in_pct: r.and_then(|r| r.loss_in_pct),
+                loss_out_pct: r.and_then(|r| r.loss_out_pct),
+                width: video.map(|v| v.width),
+                height: video.map(|v| v.height),
+                fps: video.map(|v| v.fps),
+                jitter_ms: r.and_then(|r| r.audio_jitter_ms),
+                buffer_ms: r.and_then(|r| r.audio_buffer_ms),
+                audio_only: r.and_then(|r| r.audio_only),
+                spark_rtt: spark(&|r| r.rtt_ms),
+                spark_loss: spark(&|r| r.loss_in_pct),
+            }
+        })
+        .collect();
+    ConsultationRow {
+        id: live.id.0.clone(),
+        age_secs: live.age.as_secs(),
+        quality: participants.iter().filter_map(|p| p.quality).max(),
+        roles,
+        participants,
+        transitions: t
+            .map(|t| t.transitions.iter().cloned().collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// A counter's value a minute ago, from samples taken once a second.
+#[derive(Default)]
+struct PerMinute(VecDeque<(u64, u64)>);
+
+impl PerMinute {
+    fn push(&mut self, now: u64, total: u64) -> u64 {
+        self.0.push_back((now, total));
+        while self
+            .0
+            .front()
+            .is_some_and(|(t, _)| t.saturating_add(60_000) < now)
+        {
+            self.0.pop_front();
+        }
+        total.saturating_sub(self.0.front().map_or(total, |(_, v)| *v))
+    }
+}
+
+/// Starts the task that publishes snapshots and evaluates the alert rules.
+pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let cfg = state.config.alerts.clone();
+        let mut engine = Engine::new(&cfg);
+        let webhook = (!cfg.webhook_url.is_empty()).then(|| {
+            let external = if state.config.public_url.is_empty() {
+                state
+                    .ws_url
+                    .replacen("ws", "http", 1)
+                    .trim_end_matches("/ws")
+                    .to_owned()
+            } else {
+                state.config.public_url.clone()
+            };
+            alerts::spawn_webhook(cfg.webhook_url.clone(), external)
+        });
+        let mut joins = PerMinute::default();
+        let mut failures = PerMinute::default();
+        let mut last_relay: Option<(u64, u64)> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut n: u64 = 0;
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            let live = state.hub.live();
+            let seats: HashMap<_, HashSet<_>> = live
+                .iter()
+                .map(|c| {
+                    let ids = c.seats.iter().map(|s| s.participant_id.clone()).collect();
+                    (c.id.clone(), ids)
+                })
+                .collect();
+            state.telemetry.retain(&seats, now);
+            let rows: Vec<ConsultationRow> = live
+                .iter()
+                .map(|c| row(c, state.telemetry.consultation(&c.id).as_ref(), now))
+                .collect();
+
+            let mut o = Overview {
+                consultations: live.len(),
+                ..Overview::default()
+            };
+            for p in rows.iter().flat_map(|r| &r.participants) {
+                match p.state {
+                    "waiting" => o.participants_waiting += 1,
+                    "reconnecting" => o.participants_reconnecting += 1,
+                    _ => o.participants_connected += 1,
+                }
+            }
+            for r in &rows {
+                match r.quality {
+                    Some(Quality::Good) => o.calls_good += 1,
+                    Some(Quality::Fair) => o.calls_fair += 1,
+                    Some(Quality::Poor) => o.calls_poor += 1,
+                    None => {}
+                }
+            }
+            let joins_total: u64 = ["doctor", "clinician", "patient"]
+                .into_iter()
+                .map(|role| state.metrics.joins.get_or_create(&RoleLabel { role }).get())
+                .sum();
+            o.joins_per_minute = joins.push(now, joins_total);
+            let failures_total: u64 = JOIN_FAILURE_CODES
+                .into_iter()
+                .map(|code| {
+                    state
+                        .metrics
+                        .errors
+                        .get_or_create(&CodeLabel { code })
+                        .get()
+                })
+                .sum();
+            let failures_minute = failures.push(now, failures_total);
+            if let Some(relay) = &state.relay_metrics {
+                let s = relay.snapshot();
+                let kbps = match last_relay {
+                    Some((t, bytes)) if now > t => {
+                        s.relayed_bytes.saturating_sub(bytes) as f64 * 8.0 / (now - t) as f64
+                    }
+                    _ => 0.0,
+                };
+                last_relay = Some((now, s.relayed_bytes));
+                o.relay = Some(RelayOverview {
+                    allocations: s.active_allocations,
+                    quota: state.config.turn.relay.total_quota,
+                    kbps,
+                });
+            }
+
+            if n.is_multiple_of(cfg.eval_interval_secs.max(1)) {
+                let obs = Observation {
+                    calls_scored: o.calls_good + o.calls_fair + o.calls_poor,
+                    calls_poor: o.calls_poor,
+                    relay: o.relay.as_ref().map(|r| (r.allocations, r.quota)),
+                    join_failures_last_minute: failures_minute,
+                    reconnecting: live
+                        .iter()
+                        .filter_map(|c| {
+                            let longest = c.seats.iter().filter_map(|s| s.down_for).max()?;
+                            Some((c.id.0.clone(), longest.as_secs()))
+                        })
+                        .collect(),
+                };
+                for alert in engine.evaluate(now, alerts::conditions(&cfg, &obs)) {
+                    tracing::warn!(alert = alert.name(), status = ?alert.status, summary = %alert.summary, "alert");
+                    if let Some(tx) = &webhook
+                        && tx.try_send(alert).is_err()
+                    {
+                        tracing::warn!("alert webhook queue full: alert dropped");
+                    }
+                }
+            }
+            n += 1;
+
+            let snapshot = Snapshot {
+                at_ms: now,
+                overview: o,
+                consultations: rows,
+                alerts_firing: engine.firing(),
+                alerts_history: engine.history().cloned().collect(),
+            };
+            match serde_json::to_string(&snapshot) {
+                Ok(json) => {
+                    state.dashboard.send_replace(Arc::from(json));
+                }
+                Err(e) => tracing::error!(error = %e, "dashboard snapshot not encodable"),
+            }
+        }
+    })
+}

@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub ice: IceConfig,
     pub turn: TurnSection,
+    /// The join page's app links (`/.well-known/…`).
+    pub web: crate::web::WebSection,
 }
 
 /// The bundled STUN/TURN relay.
@@ -102,6 +104,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ice: IceConfig::default(),
             turn: TurnSection::default(),
+            web: crate::web::WebSection::default(),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! Code map: [`config`] (the TOML file), [`auth`] (tokens, invite codes, TURN credentials),
 //! [`store`] (SQLite and the audit log), [`hub`] (live consultations: seats, waiting room,
 //! relay, rejoin window), [`ws`] (one task per WebSocket), [`api`] (HTTP routes), [`metrics`],
-//! [`tls`].
+//! [`tls`], [`web`] (the patient join page and app links).
 
 pub mod api;
 pub mod auth;
@@ -16,6 +16,7 @@ pub mod hub;
 pub mod metrics;
 pub mod store;
 pub mod tls;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;

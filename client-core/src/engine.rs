@@ -54,11 +54,11 @@ use webrtc::peer_connection::{
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
 use crate::impair::{DelayRuntime, SendDelay};
 use crate::loss_control::LossControl;
-use crate::media::{RED_PAYLOAD_TYPE, RedEncoder, SAMPLE_RATE};
+use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
 use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
-/// Payload types Bedside negotiates (both ends are Bedside, so they are fixed).
+/// The payload types Bedside offers. A session may negotiate others (see [`PayloadTypes`]).
 pub const OPUS_PAYLOAD_TYPE: u8 = 111;
 pub const H264_PAYLOAD_TYPE: u8 = 125;
 
@@ -113,6 +113,8 @@ pub struct RemoteMedia {
     pub peer: ParticipantId,
     pub kind: MediaKind,
     pub packet: rtc::rtp::Packet,
+    /// The payload types of the peer's session (which one is RED, which Opus).
+    pub payload_types: PayloadTypes,
     pub arrived: Instant,
 }
 
@@ -158,22 +160,98 @@ fn red_codec() -> RTCRtpCodec {
     }
 }
 
-/// Whether a session description offers or accepts RED for audio.
-fn negotiates_red(sdp: &str) -> bool {
-    sdp.lines().any(|l| {
-        l.strip_prefix(&format!("a=rtpmap:{RED_PAYLOAD_TYPE} "))
-            .is_some_and(|codec| codec.to_ascii_lowercase().starts_with("red/48000"))
-    })
+/// The RTP payload types one peer connection's session negotiated for our codecs (`None`: that
+/// codec was not negotiated).
+///
+/// Only the negotiated numbers hold for a call: a browser offers its own (Chromium puts H.264
+/// on e.g. 108) and the answer takes the offerer's (RFC 3264). `webrtc` drops every packet sent
+/// on a number not negotiated for the sender ("unsupported codec type by this transceiver",
+/// logged only at trace level), so the send path takes these numbers from the sender's
+/// negotiated codecs, and counts and warns about what it cannot send. `webrtc` gives a
+/// transceiver's sender and receiver the same negotiated codecs, so they also name what we
+/// receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadTypes {
+    pub h264: Option<u8>,
+    pub opus: Option<u8>,
+    /// RED over Opus (RFC 2198).
+    pub red: Option<u8>,
 }
 
-/// One peer connection's local tracks: its own packetizers, sequence numbers and SSRCs.
+impl PayloadTypes {
+    /// The numbers we offer (and assume for what arrives before a session is negotiated).
+    pub const OFFERED: PayloadTypes = PayloadTypes {
+        h264: Some(H264_PAYLOAD_TYPE),
+        opus: Some(OPUS_PAYLOAD_TYPE),
+        red: Some(RED_PAYLOAD_TYPE),
+    };
+
+    /// The numbers of our codecs among a session's negotiated `codecs` (audio and video). Of
+    /// several H.264 entries, the one our encoder's stream fits best: packetization mode 1
+    /// (our packetizer fragments large NAL units) is required, constrained baseline preferred.
+    pub fn from_codecs(codecs: &[RTCRtpCodecParameters]) -> Self {
+        let find = |mime: &str| {
+            codecs
+                .iter()
+                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
+                .map(|c| c.payload_type)
+        };
+        let h264 = codecs
+            .iter()
+            .filter(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case("video/H264"))
+            .filter_map(|c| h264_fit(&c.rtp_codec.sdp_fmtp_line).map(|fit| (fit, c.payload_type)))
+            // The first of the best (the peer's order is its preference).
+            .fold(None, |best: Option<(u8, u8)>, (fit, pt)| match best {
+                Some((b, _)) if b >= fit => best,
+                _ => Some((fit, pt)),
+            })
+            .map(|(_, pt)| pt);
+        PayloadTypes {
+            h264,
+            opus: find("audio/opus"),
+            red: find("audio/red"),
+        }
+    }
+
+    /// The payload type for one of our samples of `kind` (`red`: a RED payload).
+    fn for_sample(&self, kind: MediaKind, red: bool) -> Option<u8> {
+        match (kind, red) {
+            (MediaKind::Video, _) => self.h264,
+            (MediaKind::Audio, true) => self.red,
+            (MediaKind::Audio, false) => self.opus,
+        }
+    }
+}
+
+/// How well an H.264 format (its fmtp line) takes our stream: `None` without packetization
+/// mode 1; 1 for constrained baseline (profile-level-id 42e0..), 0 for another profile.
+fn h264_fit(fmtp: &str) -> Option<u8> {
+    let param = |name: &str| {
+        fmtp.split(';').find_map(|p| {
+            let (k, v) = p.trim().split_once('=')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    if param("packetization-mode") != Some("1") {
+        return None;
+    }
+    let constrained_baseline = param("profile-level-id").is_some_and(|id| {
+        id.len() == 6 && id[..2].eq_ignore_ascii_case("42") && id[2..4].eq_ignore_ascii_case("e0")
+    });
+    Some(u8::from(constrained_baseline))
+}
+
+/// One peer connection's local tracks: its own packetizers, sequence numbers and SSRCs, and the
+/// payload types its session negotiated.
 pub struct PeerTracks {
     video: Arc<TrackLocalStaticSample>,
     audio: Arc<TrackLocalStaticSample>,
     video_ssrc: u32,
     audio_ssrc: u32,
-    /// The peer's session description has RED: it can take redundant audio.
-    red: AtomicBool,
+    /// What we send on and what we receive on; `None` until the session is negotiated.
+    payload_types: Mutex<Option<(PayloadTypes, PayloadTypes)>>,
+    /// A codec this peer's session lacks has been warned about (video, audio).
+    warned: [AtomicBool; 2],
 }
 
 impl PeerTracks {
@@ -208,8 +286,47 @@ impl PeerTracks {
             audio: Arc::new(make(RtpCodecKind::Audio, opus_codec(), audio_ssrc)?),
             video_ssrc,
             audio_ssrc,
-            red: AtomicBool::new(false),
+            payload_types: Mutex::new(None),
+            warned: [AtomicBool::new(false), AtomicBool::new(false)],
         })
+    }
+
+    /// The payload types this peer's session negotiated for what we send, `None` before it
+    /// is negotiated.
+    pub fn sending(&self) -> Option<PayloadTypes> {
+        self.payload_types().map(|(send, _)| send)
+    }
+
+    /// The payload types the peer sends us on (ours until the session is negotiated).
+    pub fn receiving(&self) -> PayloadTypes {
+        self.payload_types()
+            .map_or(PayloadTypes::OFFERED, |(_, receive)| receive)
+    }
+
+    fn payload_types(&self) -> Option<(PayloadTypes, PayloadTypes)> {
+        *self.payload_types.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_negotiated(&self, send: PayloadTypes, receive: PayloadTypes) {
+        *self.payload_types.lock().unwrap_or_else(|p| p.into_inner()) = Some((send, receive));
+        self.warned
+            .iter()
+            .for_each(|w| w.store(false, Ordering::Relaxed));
+    }
+
+    /// A sample of `kind` cannot be sent: the session has no payload type for its codec. Said
+    /// once per negotiation and kind (the stats count every one).
+    fn warn_unsent(&self, kind: MediaKind) {
+        let (i, codec) = match kind {
+            MediaKind::Video => (0, "H.264"),
+            MediaKind::Audio => (1, "Opus"),
+        };
+        if !self.warned[i].swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                codec,
+                "the peer's session negotiated no payload type for this codec: its media is not sent"
+            );
+        }
     }
 }
 
@@ -239,23 +356,18 @@ impl LocalTracks {
         }))
     }
 
-    /// Fresh tracks for `peer`'s (new) peer connection; they replace any it had.
-    fn add_peer(&self, peer: &ParticipantId) -> Result<Arc<PeerTracks>, EngineError> {
-        let tracks = Arc::new(PeerTracks::new(&self.stream_id)?);
-        self.lock().insert(peer.clone(), tracks.clone());
-        Ok(tracks)
+    /// Fresh tracks for a (new) peer connection, not sent to before [`Self::add_peer`].
+    fn new_peer_tracks(&self) -> Result<Arc<PeerTracks>, EngineError> {
+        Ok(Arc::new(PeerTracks::new(&self.stream_id)?))
+    }
+
+    /// Sends to `peer` on `tracks` from now on, instead of any tracks it had.
+    fn add_peer(&self, peer: &ParticipantId, tracks: Arc<PeerTracks>) {
+        self.lock().insert(peer.clone(), tracks);
     }
 
     fn remove_peer(&self, peer: &ParticipantId) {
         self.lock().remove(peer);
-    }
-
-    /// `peer`'s session description was applied: whether it has RED (we always offer and
-    /// accept it, so then it is negotiated).
-    fn remote_accepts_red(&self, peer: &ParticipantId, red: bool) {
-        if let Some(tracks) = self.lock().get(peer) {
-            tracks.red.store(red, Ordering::Relaxed);
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, Arc<PeerTracks>>> {
@@ -267,90 +379,102 @@ impl LocalTracks {
         self.lock().len()
     }
 
-    /// Sends one H.264 access unit (Annex-B) lasting `duration` to every peer.
-    pub async fn write_video(
-        &self,
-        data: bytes::Bytes,
-        duration: Duration,
-    ) -> Result<(), EngineError> {
+    /// Sends one H.264 access unit (Annex-B) lasting `duration` to every peer. Returns to how
+    /// many peers it could not be sent because their session negotiated no payload type for
+    /// H.264 (each is also warned about, once).
+    pub async fn write_video(&self, data: bytes::Bytes, duration: Duration) -> u64 {
         self.write(MediaKind::Video, data, duration).await
     }
 
-    /// Sends one Opus packet lasting `duration` to every peer.
-    pub async fn write_audio(
-        &self,
-        data: bytes::Bytes,
-        duration: Duration,
-    ) -> Result<(), EngineError> {
+    /// Sends one Opus packet lasting `duration` to every peer; returns what
+    /// [`Self::write_video`] does, for Opus.
+    pub async fn write_audio(&self, data: bytes::Bytes, duration: Duration) -> u64 {
         self.write(MediaKind::Audio, data, duration).await
     }
 
-    /// The RED sample for this audio packet while redundancy is on; the encoder forgets the
-    /// previous frame whenever a frame is not sent as RED (it is then not the one before).
+    /// The redundant block for this audio packet while redundancy is on (`Some(None)`: on, but
+    /// no previous frame to carry); the encoder forgets the previous frame whenever a frame is
+    /// not sent as RED (it is then not the one before). Its payload type is set per peer.
     fn redundant_audio(
         &self,
         sent: bool,
         data: &bytes::Bytes,
         duration: Duration,
-    ) -> Option<Sample> {
+    ) -> Option<Option<RedBlock>> {
         let mut red = self.red.lock().unwrap_or_else(|p| p.into_inner());
         if !sent || !self.audio_redundancy.load(Ordering::Relaxed) {
             red.reset();
             return None;
         }
         let samples = (duration.as_secs_f64() * f64::from(SAMPLE_RATE)) as u32;
-        Some(Sample {
-            data: red.encode(OPUS_PAYLOAD_TYPE, data.clone(), samples),
-            duration,
-            ..Sample::new(Instant::now())
-        })
+        Some(red.redundant(OPUS_PAYLOAD_TYPE, data.clone(), samples))
     }
 
-    /// Writes to every peer; a peer whose connection is not ready yet (or is gone) does not keep
-    /// the others from getting the sample. Returns the last error, if any.
-    async fn write(
-        &self,
-        kind: MediaKind,
-        data: bytes::Bytes,
-        duration: Duration,
-    ) -> Result<(), EngineError> {
+    /// Writes to every peer on the payload types its session negotiated; a peer whose
+    /// connection is not ready yet (or is gone) does not keep the others from getting the
+    /// sample. Returns how many peers could not be sent it for want of a payload type.
+    async fn write(&self, kind: MediaKind, data: bytes::Bytes, duration: Duration) -> u64 {
         let enabled = match kind {
             MediaKind::Video => &self.video_enabled,
             MediaKind::Audio => &self.audio_enabled,
         };
         let enabled = enabled.load(Ordering::Relaxed);
-        // With redundancy on, the RED payload for peers that negotiated it (made once for all).
+        // With redundancy on, the block for peers that negotiated RED (made once for all).
         let redundant = match kind {
             MediaKind::Audio => self.redundant_audio(enabled, &data, duration),
             MediaKind::Video => None,
         };
         if !enabled {
-            return Ok(());
+            return 0;
         }
         let targets: Vec<Arc<PeerTracks>> = self.lock().values().cloned().collect();
-        let sample = Sample {
-            data,
+        let plain = Sample {
+            data: data.clone(),
             duration,
             ..Sample::new(Instant::now())
         };
-        let mut result = Ok(());
+        let mut unsent = 0;
         for peer in targets {
-            let (track, ssrc, payload_type, sample) = match (kind, &redundant) {
-                (MediaKind::Video, _) => (&peer.video, peer.video_ssrc, H264_PAYLOAD_TYPE, &sample),
-                (MediaKind::Audio, Some(red)) if peer.red.load(Ordering::Relaxed) => {
-                    (&peer.audio, peer.audio_ssrc, RED_PAYLOAD_TYPE, red)
+            // Before its session is negotiated a track is not bound: nothing can be sent yet.
+            let Some(types) = peer.sending() else {
+                continue;
+            };
+            let (track, ssrc) = match kind {
+                MediaKind::Video => (&peer.video, peer.video_ssrc),
+                MediaKind::Audio => (&peer.audio, peer.audio_ssrc),
+            };
+            // RED where redundancy is on and the session has both RED and Opus.
+            let red = match (&redundant, types.opus) {
+                (Some(block), Some(opus)) if types.red.is_some() => {
+                    let block: Vec<RedBlock> = block
+                        .iter()
+                        .map(|b| RedBlock {
+                            payload_type: opus,
+                            ..b.clone()
+                        })
+                        .collect();
+                    Some(Sample {
+                        data: red::encode_payload(&block, opus, &data),
+                        duration,
+                        ..Sample::new(plain.timestamp)
+                    })
                 }
-                (MediaKind::Audio, _) => (&peer.audio, peer.audio_ssrc, OPUS_PAYLOAD_TYPE, &sample),
+                _ => None,
+            };
+            let Some(payload_type) = types.for_sample(kind, red.is_some()) else {
+                unsent += 1;
+                peer.warn_unsent(kind);
+                continue;
             };
             if let Err(e) = track
                 .sample_writer(ssrc, payload_type)
-                .write_sample(sample)
+                .write_sample(red.as_ref().unwrap_or(&plain))
                 .await
             {
-                result = Err(e.into());
+                tracing::debug!(error = %e, "writing a sample failed");
             }
         }
-        result
+        unsent
     }
 }
 
@@ -672,6 +796,8 @@ struct Handler {
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
     remote_video: RemoteVideo,
+    /// This peer connection's tracks, for the payload types its session negotiated.
+    tracks: Arc<PeerTracks>,
 }
 
 #[async_trait::async_trait]
@@ -717,7 +843,7 @@ impl PeerConnectionEventHandler for Handler {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(self.peer.clone(), track.clone());
         }
-        let (peer, media) = (self.peer.clone(), self.media.clone());
+        let (peer, media, tracks) = (self.peer.clone(), self.media.clone(), self.tracks.clone());
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
@@ -725,6 +851,7 @@ impl PeerConnectionEventHandler for Handler {
                         peer: peer.clone(),
                         kind,
                         packet,
+                        payload_types: tracks.receiving(),
                         arrived: Instant::now(),
                     };
                     // A full pipeline drops packets rather than stalling the transport.
@@ -755,6 +882,8 @@ pub struct Engine {
     pacer_stats: HashMap<ParticipantId, Arc<PacerStats>>,
     /// The TURN-over-TCP shims of each peer connection (closed with it).
     shims: HashMap<ParticipantId, Vec<TurnTcpShim>>,
+    /// Each peer connection's local tracks and negotiated payload types.
+    peer_tracks: HashMap<ParticipantId, Arc<PeerTracks>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -776,6 +905,7 @@ impl Engine {
             chats: HashMap::new(),
             shims: HashMap::new(),
             pacer_stats: HashMap::new(),
+            peer_tracks: HashMap::new(),
             events,
             media,
         }
@@ -875,20 +1005,19 @@ impl Engine {
                 if pc.remote_description().await.is_some() {
                     self.path_changed(&peer);
                 }
-                let red = negotiates_red(&sdp);
                 match kind {
                     SdpKind::Offer => {
                         pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
                             .await?;
-                        self.tracks.remote_accepts_red(&peer, red);
                         let answer = pc.create_answer(None).await?;
                         pc.set_local_description(answer.clone()).await?;
+                        self.learn_payload_types(&peer, pc.as_ref()).await;
                         self.local_description(peer, SdpKind::Answer, answer.sdp);
                     }
                     SdpKind::Answer => {
                         pc.set_remote_description(RTCSessionDescription::answer(sdp)?)
                             .await?;
-                        self.tracks.remote_accepts_red(&peer, red);
+                        self.learn_payload_types(&peer, pc.as_ref()).await;
                     }
                 }
             }
@@ -978,11 +1107,48 @@ impl Engine {
         self.chats.remove(peer);
         self.shims.remove(peer);
         self.pacer_stats.remove(peer);
+        self.peer_tracks.remove(peer);
         self.tracks.remove_peer(peer);
         self.remote_video
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(peer);
+    }
+
+    /// `peer`'s session was negotiated (an offer and its answer applied): the payload types
+    /// it gave our codecs are what we send and receive on from now on. A transceiver counts
+    /// only in a direction it was negotiated for: `webrtc` reports the media engine's codecs
+    /// for a sender the answer left out, and its packets would be dropped unseen.
+    async fn learn_payload_types(&self, peer: &ParticipantId, pc: &dyn PeerConnection) {
+        use webrtc::rtp_transceiver::RTCRtpTransceiverDirection as Direction;
+        let Some(tracks) = self.peer_tracks.get(peer) else {
+            return;
+        };
+        let (mut send, mut receive) = (Vec::new(), Vec::new());
+        for transceiver in pc.get_transceivers().await {
+            let direction = transceiver.current_direction().await.unwrap_or_default();
+            // The receiver's own parameters come back empty in `webrtc` 0.21; a transceiver's
+            // sender and receiver take the same codecs from the negotiation.
+            let Ok(Some(sender)) = transceiver.sender().await else {
+                continue;
+            };
+            let Ok(parameters) = sender.get_parameters().await else {
+                continue;
+            };
+            let codecs = parameters.rtp_parameters.codecs;
+            if matches!(direction, Direction::Sendrecv | Direction::Recvonly) {
+                receive.extend(codecs.iter().cloned());
+            }
+            if matches!(direction, Direction::Sendrecv | Direction::Sendonly) {
+                send.extend(codecs);
+            }
+        }
+        let (send, receive) = (
+            PayloadTypes::from_codecs(&send),
+            PayloadTypes::from_codecs(&receive),
+        );
+        tracing::debug!(?send, ?receive, "negotiated payload types");
+        tracks.set_negotiated(send, receive);
     }
 
     fn local_description(&self, peer: ParticipantId, kind: SdpKind, sdp: String) {
@@ -1019,6 +1185,7 @@ impl Engine {
             },
             RtpCodecKind::Video,
         )?;
+        let tracks = self.tracks.new_peer_tracks()?;
         let pacer_stats = Arc::new(PacerStats::default());
         self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
         let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
@@ -1033,11 +1200,7 @@ impl Engine {
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(
-                GCC_INITIAL_BPS,
-                &[OPUS_PAYLOAD_TYPE, RED_PAYLOAD_TYPE],
-                pacer_stats,
-            ),
+            MediaPacer::new(GCC_INITIAL_BPS, tracks.audio_ssrc, pacer_stats),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
@@ -1092,6 +1255,7 @@ impl Engine {
             events: self.events.clone(),
             media: self.media.clone(),
             remote_video: self.remote_video.clone(),
+            tracks: tracks.clone(),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
         // address may be gone. Notice a dead path in 2 s rather than the default 5 s.
@@ -1118,7 +1282,8 @@ impl Engine {
             .with_udp_addrs(self.settings.udp_addrs.clone())
             .build()
             .await?;
-        let tracks = self.tracks.add_peer(peer)?;
+        self.tracks.add_peer(peer, tracks.clone());
+        self.peer_tracks.insert(peer.clone(), tracks.clone());
         pc.add_track(tracks.audio.clone() as Arc<dyn TrackLocal>)
             .await?;
         pc.add_track(tracks.video.clone() as Arc<dyn TrackLocal>)
@@ -1205,6 +1370,63 @@ mod tests {
         e.on_reports(*t, &reports);
     }
 
+    fn codec(mime: &str, fmtp: &str, payload_type: u8) -> RTCRtpCodecParameters {
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: mime.into(),
+                sdp_fmtp_line: fmtp.into(),
+                ..Default::default()
+            },
+            payload_type,
+        }
+    }
+
+    /// Chromium's H.264 list (several profiles, both packetization modes): the first
+    /// constrained-baseline entry in mode 1 is ours; without mode 1 there is none.
+    #[test]
+    fn the_h264_entry_our_stream_fits_is_chosen_from_a_browser_s_list() {
+        let chromium = [
+            codec("video/VP8", "", 96),
+            codec(
+                "video/H264",
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f",
+                102,
+            ),
+            codec(
+                "video/H264",
+                "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f",
+                106,
+            ),
+            codec(
+                "video/H264",
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+                108,
+            ),
+            codec(
+                "video/H264",
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=4d001f",
+                123,
+            ),
+            codec("audio/opus", "minptime=10;useinbandfec=1", 111),
+            codec("audio/red", "111/111", 63),
+        ];
+        let types = PayloadTypes::from_codecs(&chromium);
+        assert_eq!(
+            types,
+            PayloadTypes {
+                h264: Some(108),
+                opus: Some(111),
+                red: Some(63)
+            }
+        );
+        // Baseline in mode 1 still beats nothing; mode 0 alone is no H.264 for us.
+        assert_eq!(PayloadTypes::from_codecs(&chromium[..3]).h264, Some(102));
+        let mode0 = PayloadTypes::from_codecs(&chromium[2..3]);
+        assert_eq!((mode0.h264, mode0.opus, mode0.red), (None, None, None));
+        assert_eq!(mode0.for_sample(MediaKind::Video, false), None);
+        assert_eq!(types.for_sample(MediaKind::Audio, true), Some(63));
+    }
+
     fn estimator() -> PublishingEstimator {
         PublishingEstimator::new(Arc::default(), SharedEstimate::new())
     }
@@ -1249,15 +1471,5 @@ mod tests {
         // The same feedback without a path change is a collapse, and is treated as one.
         let (before, after) = run(false);
         assert!(after < before * 0.5, "{before} -> {after} kbps");
-    }
-
-    #[test]
-    fn red_is_recognised_in_a_description_only_as_red_at_48_khz_on_its_payload_type() {
-        let with = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=rtpmap:111 opus/48000/2\r\n\
-                    a=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n";
-        assert!(negotiates_red(with));
-        let without = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
-        assert!(!negotiates_red(without));
-        assert!(!negotiates_red("a=rtpmap:63 PCMU/8000\r\n"));
     }
 }

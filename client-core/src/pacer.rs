@@ -35,8 +35,9 @@ pub struct PacerStats {
 /// Paces RTP at the estimate, audio first, dropping what waited too long.
 pub struct MediaPacer {
     bucket: Pacer,
-    /// RTP payload types of audio (Opus, RED): everything else is paced as video.
-    audio_payload_types: Vec<u8>,
+    /// The SSRC of our audio (Opus or RED, on whatever payload types the session
+    /// negotiated): everything else is paced as video.
+    audio_ssrc: u32,
     audio: VecDeque<TaggedPacket>,
     video: VecDeque<TaggedPacket>,
     /// RTCP, and packets released by the bucket, waiting for `poll_write`.
@@ -46,10 +47,10 @@ pub struct MediaPacer {
 }
 
 impl MediaPacer {
-    pub fn new(initial_bps: f64, audio_payload_types: &[u8], stats: Arc<PacerStats>) -> Self {
+    pub fn new(initial_bps: f64, audio_ssrc: u32, stats: Arc<PacerStats>) -> Self {
         MediaPacer {
             bucket: Pacer::new(initial_bps),
-            audio_payload_types: audio_payload_types.to_vec(),
+            audio_ssrc,
             audio: VecDeque::new(),
             video: VecDeque::new(),
             out: VecDeque::new(),
@@ -115,7 +116,7 @@ impl rtc::sansio::Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         // RTCP (and anything else that is not RTP) is never held.
         let audio = match &msg.message.packet {
-            Packet::Rtp(rtp) => self.audio_payload_types.contains(&rtp.header.payload_type),
+            Packet::Rtp(rtp) => rtp.header.ssrc == self.audio_ssrc,
             _ => {
                 self.out.push_back(msg);
                 return Ok(());

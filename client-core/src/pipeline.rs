@@ -22,14 +22,14 @@ use rtc::media::io::sample_builder::SampleBuilder;
 use rtc::rtp::codec::h264::H264Packet;
 use tokio::sync::mpsc;
 
-use crate::engine::{LocalTracks, MediaKind, OPUS_PAYLOAD_TYPE, RemoteMedia};
+use crate::engine::{LocalTracks, MediaKind, PayloadTypes, RemoteMedia};
 use crate::media::red;
 use crate::media::{
     AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ,
     FRAME_SAMPLES, FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice,
     OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig,
-    PlayoutKind, RED_PAYLOAD_TYPE, TestPatternSource, ToneConfig, ToneSource, VideoSource,
-    contains_idr, detect_tone, read_marker,
+    PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone,
+    read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -124,6 +124,9 @@ pub struct SendStats {
     pub audio_frames_encoded: AtomicU64,
     /// Keyframe requests (PLI/FIR) received from peers, before rate limiting.
     pub keyframe_requests_received: AtomicU64,
+    /// Encoded samples not sent to a peer because its session negotiated no payload type for
+    /// the codec (counted once per peer and sample; the engine also logs a warning).
+    pub samples_unsent: AtomicU64,
     /// The picture being sent, for the self view: at most [`PREVIEW_FPS`] a second, emptied
     /// while video is off.
     pub preview: LatestFrame,
@@ -250,15 +253,16 @@ pub fn start_sender(
             }
         })
         .expect("spawn the media send thread");
+    let task_stats = stats.clone();
     tokio::spawn(async move {
         while let Some(encoded) = out_rx.recv().await {
-            let result = match encoded {
+            let unsent = match encoded {
                 Encoded::Video(data, duration) => tracks.write_video(data, duration).await,
                 Encoded::Audio(data) => tracks.write_audio(data, Duration::from_millis(20)).await,
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "writing a sample failed");
-            }
+            task_stats
+                .samples_unsent
+                .fetch_add(unsent, Ordering::Relaxed);
         }
     });
     (commands, stats)
@@ -423,7 +427,7 @@ fn receive_loop(
                     MediaKind::Audio => {
                         if let Some(buffer) = rx.audio.as_mut() {
                             let arrival = item.arrived.duration_since(epoch).as_micros() as u64;
-                            push_audio(buffer, &item.packet, arrival);
+                            push_audio(buffer, &item.packet, item.payload_types, arrival);
                         }
                     }
                 }
@@ -534,11 +538,17 @@ fn receive_video(
 }
 
 /// Puts one audio packet into the playout buffer: Opus as it is; RED (`media::red`) as its
-/// primary frame plus the earlier frames it carries, for the buffer to fill gaps with. A
-/// malformed RED payload is dropped with a log line (counted as lost by the buffer).
-fn push_audio(buffer: &mut AudioPlayoutBuffer, packet: &rtc::rtp::Packet, arrival_us: u64) {
+/// primary frame plus the earlier frames it carries, for the buffer to fill gaps with. Which is
+/// which the peer's session says (`types`). A malformed RED payload is dropped with a log line
+/// (counted as lost by the buffer).
+fn push_audio(
+    buffer: &mut AudioPlayoutBuffer,
+    packet: &rtc::rtp::Packet,
+    types: PayloadTypes,
+    arrival_us: u64,
+) {
     let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
-    if packet.header.payload_type != RED_PAYLOAD_TYPE {
+    if Some(packet.header.payload_type) != types.red {
         buffer.push(seq, ts, packet.payload.to_vec(), arrival_us);
         return;
     }
@@ -551,7 +561,7 @@ fn push_audio(buffer: &mut AudioPlayoutBuffer, packet: &rtc::rtp::Packet, arriva
             let count = redundant.len();
             for (i, block) in redundant.into_iter().enumerate() {
                 let back = count - i;
-                if block.payload_type == OPUS_PAYLOAD_TYPE
+                if Some(block.payload_type) == types.opus
                     && block.timestamp_offset as usize == back * FRAME_SAMPLES
                 {
                     buffer.push_redundant(seq.wrapping_sub(back as u16), block.data.to_vec());
@@ -614,6 +624,10 @@ fn play_audio(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::OPUS_PAYLOAD_TYPE;
+    use crate::media::RED_PAYLOAD_TYPE;
+
+    const OFFERED: PayloadTypes = PayloadTypes::OFFERED;
 
     /// An RTP packet of RED payload, sequence number `seq`, one 20 ms frame per number.
     fn red_packet(seq: u16, payload: bytes::Bytes) -> rtc::rtp::Packet {
@@ -642,7 +656,7 @@ mod tests {
             let encoded = opus.encode(&tone.next_frame(now)).unwrap();
             let payload = red.encode(OPUS_PAYLOAD_TYPE, encoded.into(), 960);
             if seq != 10 && seq != 11 {
-                push_audio(&mut buffer, &red_packet(seq, payload), now + 5_000);
+                push_audio(&mut buffer, &red_packet(seq, payload), OFFERED, now + 5_000);
             }
             buffer.pull(now + 10_000);
             now += FRAME_US;
@@ -675,7 +689,7 @@ mod tests {
                 };
                 let payload = red::encode_payload(&[block], OPUS_PAYLOAD_TYPE, &encoded);
                 if seq != 5 {
-                    push_audio(&mut buffer, &red_packet(seq, payload), now + 5_000);
+                    push_audio(&mut buffer, &red_packet(seq, payload), OFFERED, now + 5_000);
                 }
                 buffer.pull(now + 10_000);
                 now += FRAME_US;
@@ -684,6 +698,41 @@ mod tests {
         };
         assert_eq!(recovered(960), 1);
         assert_eq!(recovered(1920), 0);
+    }
+
+    /// A session that put Opus on 109 and RED on 100 (a browser's numbers): RED is read by
+    /// those numbers, and a packet on our own RED number is plain Opus there.
+    #[test]
+    fn red_is_read_on_the_payload_types_the_session_negotiated() {
+        use crate::media::{RedEncoder, ToneConfig, ToneSource};
+        let theirs = PayloadTypes {
+            h264: Some(108),
+            opus: Some(109),
+            red: Some(100),
+        };
+        let run = |packet_pt: u8, block_pt: u8| {
+            let mut tone = ToneSource::new(ToneConfig::default());
+            let mut opus = OpusEncoder::new(OpusConfig::default()).unwrap();
+            let mut red = RedEncoder::default();
+            let mut buffer = AudioPlayoutBuffer::new(PlayoutConfig::default()).unwrap();
+            let mut now = 0;
+            for seq in 0..20u16 {
+                let encoded = opus.encode(&tone.next_frame(now)).unwrap();
+                let mut packet = red_packet(seq, red.encode(block_pt, encoded.into(), 960));
+                packet.header.payload_type = packet_pt;
+                if seq != 10 {
+                    push_audio(&mut buffer, &packet, theirs, now + 5_000);
+                }
+                buffer.pull(now + 10_000);
+                now += FRAME_US;
+            }
+            buffer.stats()
+        };
+        assert_eq!(run(100, 109).red_recovered, 1);
+        // Blocks of another payload type than the session's Opus are not placed.
+        assert_eq!(run(100, OPUS_PAYLOAD_TYPE).red_recovered, 0);
+        // Our RED number is not RED in this session: the payload goes to the decoder as is.
+        assert_eq!(run(RED_PAYLOAD_TYPE, 109).red_recovered, 0);
     }
 
     #[test]

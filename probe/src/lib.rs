@@ -89,6 +89,9 @@ pub struct Report {
     /// Keyframe requests (PLI) we sent, and those we received.
     pub keyframes_requested: u64,
     pub keyframe_requests_received: u64,
+    /// Encoded samples not sent because the peer's session negotiated no payload type for
+    /// their codec (non-zero means that peer got no video or no audio from us).
+    pub samples_unsent: u64,
     /// Chat lines received. The probe answers each with `echo: <text>`, so an app can check
     /// its chat end to end against it.
     pub chat_received: u64,
@@ -249,6 +252,7 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         .sent
         .keyframe_requests_received
         .load(Ordering::Relaxed);
+    report.samples_unsent = client.sent.samples_unsent.load(Ordering::Relaxed);
     // The media of the first remote participant (probes test two-party calls).
     if let Some(rx) = client.received.stats().into_values().next() {
         report.video_frames_decoded = rx.video_frames_decoded;

@@ -16,7 +16,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::MediaError;
 
-/// RED's payload type (the one Chrome uses), negotiated as `audio/red` with `fmtp 111/111`.
+/// The payload type we offer RED on (the one Chrome uses), as `audio/red` with `fmtp 111/111`;
+/// a session may negotiate another (`engine::PayloadTypes`).
 pub const RED_PAYLOAD_TYPE: u8 = 63;
 /// Longest block a RED header can describe.
 const MAX_BLOCK: usize = 1023;
@@ -44,8 +45,20 @@ impl RedEncoder {
     /// The RED payload for `primary` (payload type `payload_type`), which starts
     /// `frame_samples` after the previous frame given here.
     pub fn encode(&mut self, payload_type: u8, primary: Bytes, frame_samples: u32) -> Bytes {
-        let previous = self.previous.replace(primary.clone());
-        let redundant = previous
+        let redundant = self.redundant(payload_type, primary.clone(), frame_samples);
+        encode_payload(redundant.as_slice(), payload_type, &primary)
+    }
+
+    /// The redundant block to send with `primary` (the previous frame, if it is worth a
+    /// copy), for a caller that builds the payload itself (one per payload type).
+    pub fn redundant(
+        &mut self,
+        payload_type: u8,
+        primary: Bytes,
+        frame_samples: u32,
+    ) -> Option<RedBlock> {
+        let previous = self.previous.replace(primary);
+        previous
             .filter(|p| {
                 // A DTX frame (a bare TOC byte or two) is not worth a copy.
                 p.len() > 2 && p.len() <= MAX_BLOCK && frame_samples <= MAX_OFFSET
@@ -54,8 +67,7 @@ impl RedEncoder {
                 payload_type,
                 timestamp_offset: frame_samples,
                 data,
-            });
-        encode_payload(redundant.as_slice(), payload_type, &primary)
+            })
     }
 
     /// Forgets the previous frame (the stream paused: it is no longer the one just before).

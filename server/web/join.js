@@ -226,6 +226,26 @@
     state.meter.ctx.resume().catch(() => {});
   }
 
+  // The level and the loudest frequency of what we hear (shown nowhere; the tests read it).
+  function watchRemoteAudio(track) {
+    const ctx = state.meter ? state.meter.ctx : new AudioContext();
+    const analyser = ctx.createAnalyser();
+    analyser.fftSize = 4096;
+    ctx.createMediaStreamSource(new MediaStream([track])).connect(analyser);
+    const time = new Float32Array(analyser.fftSize);
+    const freq = new Float32Array(analyser.frequencyBinCount);
+    const timer = setInterval(() => {
+      if (track.readyState === 'ended') return clearInterval(timer);
+      analyser.getFloatTimeDomainData(time);
+      let sum = 0;
+      for (const v of time) sum += v * v;
+      analyser.getFloatFrequencyData(freq);
+      let peak = 0;
+      for (let i = 1; i < freq.length; i++) if (freq[i] > freq[peak]) peak = i;
+      state.test.remoteAudio = { level: Math.sqrt(sum / time.length), peakHz: (peak * ctx.sampleRate) / analyser.fftSize };
+    }, 250);
+  }
+
   function applyMuteAndCamera() {
     if (!state.local) return;
     for (const t of state.local.getAudioTracks()) t.enabled = !state.muted;
@@ -617,6 +637,7 @@
     pc.ontrack = (e) => {
       p.remote.addTrack(e.track);
       $('remote').srcObject = p.remote;
+      if (e.track.kind === 'audio') watchRemoteAudio(e.track);
     };
     pc.onnegotiationneeded = async () => {
       if (!p.offerer) return;

@@ -49,7 +49,9 @@ try {
     }
   };
   const stat = (t, key) => Object.values(t.stats || {}).reduce((a, x) => a + (x[key] || 0), 0);
-  const media = (t, minFrames) => t.state === 'call' && stat(t, 'framesDecoded') >= minFrames && stat(t, 'audioEnergy') > 0;
+  // Video decoded, and the other side's audio heard (the page's analyser on the remote track).
+  const media = (t, minFrames) => t.state === 'call' && stat(t, 'framesDecoded') >= minFrames &&
+    t.remoteAudio && t.remoteAudio.level > 0.01;
 
   const resp = await page.goto(s.url);
   out({ event: 'page', status: resp.status(), csp: resp.headers()['content-security-policy'] || null, ms: ms() });
@@ -71,10 +73,12 @@ try {
   const minFrames = s.minFrames || 20;
   let t = await waitFor('media both ways', (t) => media(t, minFrames));
   out({ event: 'media', ms: ms(), stats: t.stats });
+  let chatEchoed = null;
   if (s.chat) {
     await page.fill('#chat-text', s.chat);
     await page.click('#chat-form button');
     t = await waitFor('the chat echo', (t) => t.chatReceived.includes('echo: ' + s.chat));
+    chatEchoed = t.chatReceived;
     out({ event: 'chat', ms: ms() });
   }
   if (s.screenshot) {
@@ -91,7 +95,7 @@ try {
   }
   if (s.holdMs) await new Promise((r) => setTimeout(r, s.holdMs));
   t = await test();
-  out({ result: { state: t.state, stats: t.stats, chatReceived: t.chatReceived, resumed: t.resumed,
+  out({ result: { state: t.state, stats: t.stats, remoteAudio: t.remoteAudio, chatReceived: chatEchoed, resumed: t.resumed,
     afterReload, events: t.events, errors } });
   if (s.leave) {
     await page.click('#leave');

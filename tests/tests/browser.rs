@@ -29,6 +29,8 @@ const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 /// The tone the page sends instead of its microphone (`?tone=`): the patient's, which the probe's
 /// detector names.
 const PATIENT_TONE_HZ: u32 = 660;
+/// The tone a doctor probe sends (`bedside_client_core::media::DOCTOR_TONE_HZ`).
+const DOCTOR_TONE_HZ: f64 = 440.0;
 
 #[derive(Clone, Debug)]
 struct Driver {
@@ -188,14 +190,21 @@ fn assert_probe_got_the_page(report: &Report) {
     assert_eq!(report.chat_received, 1, "{report:?}");
 }
 
-/// The page decoded the probe's video (320x180) and heard audio, on the candidate type given.
-fn assert_page_got_the_probe(result: &Value, candidate: &str, relay_protocol: Option<&str>) {
+/// The page decoded the probe's video (320x180) and heard its tone, on the candidate type given.
+fn assert_page_got_the_probe(
+    result: &Value,
+    tone_hz: f64,
+    candidate: &str,
+    relay_protocol: Option<&str>,
+) {
     let stats = result["stats"].as_object().expect("stats per peer");
     assert_eq!(stats.len(), 1, "{result}");
     let s = stats.values().next().unwrap();
     assert!(s["framesDecoded"].as_u64().unwrap_or(0) >= 20, "{result}");
     assert_eq!(s["frameWidth"], 320, "{result}");
-    assert!(s["audioEnergy"].as_f64().unwrap_or(0.0) > 0.0, "{result}");
+    assert!(s["audioPackets"].as_u64().unwrap_or(0) > 50, "{result}");
+    let heard = result["remoteAudio"]["peakHz"].as_f64().unwrap_or(0.0);
+    assert!((heard - tone_hz).abs() < 15.0, "heard {heard} Hz: {result}");
     assert_eq!(s["localCandidateType"], candidate, "{result}");
     if let Some(p) = relay_protocol {
         assert_eq!(s["relayProtocol"], p, "{result}");
@@ -259,7 +268,7 @@ async fn a_patient_joins_by_link_is_admitted_chats_and_resumes_after_a_reload() 
     page.expect("reloaded").await?;
     page.expect("resumed").await?;
     let result = page.finish().await?;
-    assert_page_got_the_probe(&result, "host", None);
+    assert_page_got_the_probe(&result, DOCTOR_TONE_HZ, "host", None);
     assert_eq!(result["resumed"], true, "{result}");
     let report = doctor.await??;
     assert_probe_got_the_page(&report);
@@ -323,7 +332,7 @@ async fn relay_only_call(relay: &str) -> Result<()> {
     .await?;
     page.expect("media").await?;
     let result = page.finish().await?;
-    assert_page_got_the_probe(&result, "relay", Some(relay));
+    assert_page_got_the_probe(&result, DOCTOR_TONE_HZ, "relay", Some(relay));
     assert_probe_got_the_page(&doctor.await??);
     let metrics = server.metrics().await?;
     assert!(
@@ -383,7 +392,7 @@ async fn a_browser_clinician_admits_a_native_patient_and_answers_its_offer() -> 
     page.expect("someone-waits").await?;
     page.expect("media").await?;
     let result = page.finish().await?;
-    assert_page_got_the_probe(&result, "host", None);
+    assert_page_got_the_probe(&result, f64::from(PATIENT_TONE_HZ), "host", None);
     // The page sends the patient's tone whatever its role: the probe names what it heard.
     assert_probe_got_the_page(&patient.await??);
     Ok(())

@@ -4,8 +4,8 @@
 // {"result": ...} with what the page measured (getStats: frames decoded, audio energy, the
 // candidate type), and exits 0, or prints {"error": ...} and exits 1. Every wait is bounded.
 //
-// Scenario fields: url, chromium, userDataDir, name (patient; absent for a clinician with a
-// #token url), admit (click Admit when someone waits), chat (a line to send; the probe answers
+// Scenario fields: url, chromium, userDataDir, name, clinician (joins with the #token in the
+// url and is admitted at once), admit (click Admit when someone waits), chat (a line to send; the probe answers
 // "echo: <line>"), screenshot (a path), reload (reload mid-call and check the seat resumes),
 // minFrames, holdMs, timeoutMs.
 import { createRequire } from 'node:module';
@@ -55,8 +55,8 @@ try {
 
   const resp = await page.goto(s.url);
   out({ event: 'page', status: resp.status(), csp: resp.headers()['content-security-policy'] || null, ms: ms() });
-  if (s.name) {
-    await page.fill('#name', s.name);
+  await page.fill('#name', s.name);
+  if (!s.clinician) {
     await page.click('#join');
     await waitFor('the waiting room', (t) => t.state === 'waiting' || t.state === 'call');
     out({ event: 'waiting', ms: ms(), text: (await page.textContent('#waiting h1')) });

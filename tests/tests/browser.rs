@@ -376,8 +376,11 @@ async fn a_browser_clinician_admits_a_native_patient_and_answers_its_offer() -> 
         &driver,
         json!({
             "url": format!("{}/j?tone={PATIENT_TONE_HZ}#token={token}", server.base_url),
+            "name": "Dr Browser",
+            "clinician": true,
             "admit": true,
             "chat": "hello from the browser",
+            "holdMs": 3000,
         }),
     )
     .await?;

@@ -67,7 +67,11 @@ struct Target {
     http: reqwest::Client,
 }
 
-fn target(args: &AdminArgs, config_file: Option<&Path>, data_dir: Option<PathBuf>) -> Result<Target> {
+fn target(
+    args: &AdminArgs,
+    config_file: Option<&Path>,
+    data_dir: Option<PathBuf>,
+) -> Result<Target> {
     let mut config = match config_file {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -83,7 +87,11 @@ fn target(args: &AdminArgs, config_file: Option<&Path>, data_dir: Option<PathBuf
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            let scheme = if config.tls_enabled() { "https" } else { "http" };
+            let scheme = if config.tls_enabled() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{addr}")
         }
     };
@@ -93,9 +101,7 @@ fn target(args: &AdminArgs, config_file: Option<&Path>, data_dir: Option<PathBuf
         None => {
             let path = data_dir.join("admin-api-key");
             std::fs::read_to_string(&path)
-                .with_context(|| {
-                    format!("no --key given and {} cannot be read", path.display())
-                })?
+                .with_context(|| format!("no --key given and {} cannot be read", path.display()))?
                 .trim()
                 .to_owned()
         }
@@ -118,7 +124,12 @@ fn target(args: &AdminArgs, config_file: Option<&Path>, data_dir: Option<PathBuf
 }
 
 impl Target {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.key);
         if let Some(body) = body {
@@ -152,13 +163,21 @@ fn ttl_body(ttl: Option<u64>) -> Value {
 }
 
 /// Runs one admin command and prints its outcome.
-pub async fn run(args: AdminArgs, config_file: Option<&Path>, data_dir: Option<PathBuf>) -> Result<()> {
+pub async fn run(
+    args: AdminArgs,
+    config_file: Option<&Path>,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
     use reqwest::Method;
     let t = target(&args, config_file, data_dir)?;
     let value = match &args.command {
         AdminCommand::Create { invite_ttl_secs } => {
-            t.call(Method::POST, "/consultations", Some(ttl_body(*invite_ttl_secs)))
-                .await?
+            t.call(
+                Method::POST,
+                "/consultations",
+                Some(ttl_body(*invite_ttl_secs)),
+            )
+            .await?
         }
         AdminCommand::List => t.call(Method::GET, "/consultations", None).await?,
         AdminCommand::Invite {
@@ -184,8 +203,12 @@ pub async fn run(args: AdminArgs, config_file: Option<&Path>, data_dir: Option<P
             .await?
         }
         AdminCommand::End { consultation_id } => {
-            t.call(Method::DELETE, &format!("/consultations/{consultation_id}"), None)
-                .await?
+            t.call(
+                Method::DELETE,
+                &format!("/consultations/{consultation_id}"),
+                None,
+            )
+            .await?
         }
         AdminCommand::Audit { consultation_id } => {
             t.call(
@@ -212,7 +235,11 @@ pub async fn run(args: AdminArgs, config_file: Option<&Path>, data_dir: Option<P
             let list: Vec<ConsultationSummary> = serde_json::from_value(value)?;
             println!("consultation           created     state   seats waiting connected");
             for c in list {
-                let state = if c.ended_at.is_some() { "ended" } else { "open" };
+                let state = if c.ended_at.is_some() {
+                    "ended"
+                } else {
+                    "open"
+                };
                 println!(
                     "{:<22} {:<11} {:<7} {:>5} {:>7} {:>9}",
                     c.consultation_id.0, c.created_at, state, c.seats, c.waiting, c.connected

@@ -121,7 +121,10 @@ fn with_page_headers(mut resp: Response, content_type: &'static str) -> Response
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -218,10 +221,21 @@ mod tests {
 
     #[test]
     fn loopback_hosts_are_recognised() {
-        for host in ["127.0.0.1:8443", "localhost", "LOCALHOST:1", "[::1]:80", "127.3.4.5"] {
+        for host in [
+            "127.0.0.1:8443",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:80",
+            "127.3.4.5",
+        ] {
             assert!(is_loopback_host(host), "{host}");
         }
-        for host in ["clinic.example.org", "10.0.0.1:8443", "[2001:db8::1]:443", ""] {
+        for host in [
+            "clinic.example.org",
+            "10.0.0.1:8443",
+            "[2001:db8::1]:443",
+            "",
+        ] {
             assert!(!is_loopback_host(host), "{host}");
         }
     }

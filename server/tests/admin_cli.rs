@@ -64,12 +64,19 @@ fn the_admin_cli_creates_a_consultation_prints_its_link_and_administers_it() {
 
     let (ok, out, _) = run(&["list"]);
     assert!(ok);
-    assert!(out.lines().any(|l| l.starts_with(&id) && l.contains("open")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&id) && l.contains("open")),
+        "{out}"
+    );
 
     let (ok, out, _) = run(&["invite", &id]);
     assert!(ok);
     let link = field(&out, "patient link");
-    assert!(link.starts_with(&format!("{base}/j/")) && !link.ends_with(code), "{out}");
+    assert!(
+        link.starts_with(&format!("{base}/j/")) && !link.ends_with(code),
+        "{out}"
+    );
 
     let (ok, out, _) = run(&["token", &id, "--role", "clinician"]);
     assert!(ok);
@@ -83,7 +90,11 @@ fn the_admin_cli_creates_a_consultation_prints_its_link_and_administers_it() {
     let (ok, out, _) = run(&["end", &id]);
     assert!(ok, "{out}");
     let (_, out, _) = run(&["list"]);
-    assert!(out.lines().any(|l| l.starts_with(&id) && l.contains("ended")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&id) && l.contains("ended")),
+        "{out}"
+    );
 
     let (ok, out, _) = run(&["audit", &id]);
     assert!(ok);

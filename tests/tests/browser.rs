@@ -69,7 +69,13 @@ fn find_driver() -> Result<Driver, String> {
         let npm = on_path("npm").ok_or("no npm on PATH (apt-get install npm)")?;
         std::fs::create_dir_all(&prefix).map_err(|e| e.to_string())?;
         let status = std::process::Command::new(npm)
-            .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+            .args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
             .arg(&prefix)
             .arg(PLAYWRIGHT)
             .status()
@@ -146,7 +152,9 @@ impl Page {
             let v = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
                 .with_context(|| format!("no '{name}' from the page; saw {:?}", self.seen))?
-                .with_context(|| format!("the driver ended before '{name}'; saw {:?}", self.seen))?;
+                .with_context(|| {
+                    format!("the driver ended before '{name}'; saw {:?}", self.seen)
+                })?;
             self.seen.push(v.clone());
             if let Some(e) = v.get("error") {
                 bail!("the page failed: {}", e.as_str().unwrap_or_default());

@@ -44,6 +44,10 @@ const TEST_PACKAGES: &[&str] = &[
     "libxrandr2",
     "gcc-aarch64-linux-gnu",
     "g++-aarch64-linux-gnu",
+    // The join page's browser suite (tests/tests/browser.rs): headless Chromium, and node with
+    // npm to install playwright-core into target/.
+    "chromium",
+    "nodejs",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

@@ -308,6 +308,18 @@ struct PeerConn {
     restart_deadline: Option<Instant>,
     /// A restart was wanted while signaling was down: do it once we are seated again.
     restart_pending: bool,
+    /// The session id (`o=` line) of the peer's last description: an offer with another one
+    /// comes from a new peer connection (a browser page reloaded, say), which ours cannot
+    /// continue (new DTLS), so it is rebuilt to answer it.
+    remote_session: Option<String>,
+}
+
+/// The session id of a session description's `o=` line.
+fn sdp_session_id(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("o="))
+        .and_then(|o| o.split_whitespace().nth(1))
+        .map(str::to_owned)
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -930,6 +942,22 @@ impl Call {
                     };
                     self.add_peer(peer, false);
                 }
+                let session = sdp_session_id(&sdp);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    let new_connection = p.remote_session.is_some() && session != p.remote_session;
+                    p.remote_session = session;
+                    if new_connection {
+                        p.offerer = false;
+                        p.media = PeerConnectionState::New;
+                        p.restart_deadline = None;
+                        self.engine(EngineCommand::ClosePeer { peer: from.clone() });
+                        self.engine(EngineCommand::CreatePeer {
+                            peer: from.clone(),
+                            offerer: false,
+                            ice_servers: self.ice_servers.clone(),
+                        });
+                    }
+                }
                 self.engine(EngineCommand::SetRemoteDescription {
                     peer: from,
                     kind: SdpKind::Offer,
@@ -937,7 +965,8 @@ impl Call {
                 });
             }
             ServerMessage::Answer { from, sdp } => {
-                if self.peers.contains_key(&from) {
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.remote_session = sdp_session_id(&sdp);
                     self.engine(EngineCommand::SetRemoteDescription {
                         peer: from,
                         kind: SdpKind::Answer,
@@ -1071,6 +1100,7 @@ impl Call {
                 media: PeerConnectionState::New,
                 restart_deadline: None,
                 restart_pending: false,
+                remote_session: None,
             },
         );
         self.engine(EngineCommand::CreatePeer {

@@ -253,8 +253,8 @@ fn a_patient_joins_waits_is_admitted_and_offers_to_the_doctor() {
     assert_eq!(states(&out), [&CallState::Connected]);
 }
 
-#[test]
-fn a_doctor_admits_and_answers_the_patients_offer() {
+/// A doctor seated and admitted, alone in the consultation.
+fn admitted_doctor() -> Harness {
     let mut h = Harness::new();
     h.open_and_join(JoinAuth::Token { token: "t".into() });
     h.joined("doc", Role::Doctor, false);
@@ -262,6 +262,12 @@ fn a_doctor_admits_and_answers_the_patients_offer() {
         peers: vec![],
         ice_servers: vec![],
     });
+    h
+}
+
+#[test]
+fn a_doctor_admits_and_answers_the_patients_offer() {
+    let mut h = admitted_doctor();
     assert_eq!(h.call.state(), CallState::WaitingForPeers);
     let waiting = vec![WaitingPatient {
         participant_id: pid("pat"),
@@ -870,6 +876,47 @@ fn chat_goes_to_connected_peers_and_says_when_it_cannot() {
             o,
             Output::Event(CallEvent::ChatNotDelivered { to: None, .. })
         )),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn an_offer_from_a_new_session_of_a_known_peer_rebuilds_the_connection() {
+    // A browser patient reloads its page mid-call: it resumes its seat and offers from a new
+    // peer connection (new session id, new DTLS), which the old one cannot continue.
+    let mut h = admitted_doctor();
+    h.msg(ServerMessage::PeerJoined {
+        peer: peer("pat", Role::Patient),
+    });
+    let offer = |session: u32, version: u32| ServerMessage::Offer {
+        from: pid("pat"),
+        sdp: format!("v=0\r\no=- {session} {version} IN IP4 127.0.0.1\r\ns=-\r\n"),
+    };
+    let applied = |out: &[Output]| {
+        matches!(
+            engine(out)[..],
+            [EngineCommand::SetRemoteDescription {
+                kind: SdpKind::Offer,
+                ..
+            }]
+        )
+    };
+    assert!(applied(&h.msg(offer(7, 2))));
+    // An ICE restart renegotiates the same session: applied to the same connection.
+    assert!(applied(&h.msg(offer(7, 3))));
+    let out = h.msg(offer(9, 2));
+    assert!(
+        matches!(
+            engine(&out)[..],
+            [
+                EngineCommand::ClosePeer { .. },
+                EngineCommand::CreatePeer { offerer: false, .. },
+                EngineCommand::SetRemoteDescription {
+                    kind: SdpKind::Offer,
+                    ..
+                }
+            ]
+        ),
         "{out:?}"
     );
 }

@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
         .merge(crate::dashboard::routes())
+        .merge(crate::web::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             check_host,
@@ -201,6 +202,9 @@ pub struct CreatedConsultation {
     pub invite_expires_at: u64,
     /// Where clients open the signaling WebSocket.
     pub ws_url: String,
+    /// The link to send the patient: `<public-url>/j/<invite_code>` (the join page).
+    #[serde(default)]
+    pub invite_url: String,
 }
 
 fn invite_ttl(state: &AppState, asked: Option<u64>) -> Result<u64, ApiError> {
@@ -264,9 +268,10 @@ async fn create_consultation(
             consultation_id: cid,
             doctor_token,
             doctor_token_expires_at: now + token_ttl.as_secs(),
-            invite_code: code,
             invite_expires_at,
             ws_url: state.ws_url.clone(),
+            invite_url: crate::web::invite_url(&state, &code),
+            invite_code: code,
         }),
     ))
 }
@@ -381,6 +386,9 @@ async fn issue_token(
 pub struct IssuedInvite {
     pub invite_code: String,
     pub expires_at: u64,
+    /// `<public-url>/j/<invite_code>`.
+    #[serde(default)]
+    pub invite_url: String,
 }
 
 async fn issue_invite(
@@ -411,6 +419,7 @@ async fn issue_invite(
         .store
         .audit(AuditEvent::new(&cid, AuditKind::InviteIssued));
     Ok(Json(IssuedInvite {
+        invite_url: crate::web::invite_url(&state, &code),
         invite_code: code,
         expires_at,
     }))

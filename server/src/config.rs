@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     pub telemetry: crate::telemetry::TelemetryConfig,
     pub alerts: crate::alerts::AlertsConfig,
+    /// The join page's app links (`/.well-known/…`).
+    pub web: crate::web::WebSection,
 }
 
 /// The bundled STUN/TURN relay.
@@ -109,6 +111,7 @@ impl Default for Config {
             limits: crate::limits::LimitsConfig::default(),
             telemetry: Default::default(),
             alerts: Default::default(),
+            web: crate::web::WebSection::default(),
         }
     }
 }

@@ -9,8 +9,8 @@
 //! relay, rejoin window), [`ws`] (reader and writer tasks per WebSocket), [`api`] (HTTP
 //! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin),
 //! [`net`] (the accept path: connection caps, idle timeout, backlog), [`telemetry`] (the calls'
-//! stats window), [`alerts`] (rules and webhook) and [`dashboard`] (`/dashboard` and its live
-//! feed).
+//! stats window), [`alerts`] (rules and webhook), [`dashboard`] (`/dashboard` and its live
+//! feed) and [`web`] (the patient join page and app links).
 
 pub mod alerts;
 pub mod api;
@@ -24,6 +24,7 @@ pub mod net;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+mod admin_cli;
+
 use anyhow::Context;
 use bedside_server::{Config, Server, config::REFERENCE_TOML, shutdown_signal};
 use clap::Parser;
@@ -27,6 +29,14 @@ struct Args {
     /// Run only the bundled STUN/TURN relay (the [turn.relay] settings), no signaling.
     #[arg(long)]
     only_turn: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Administer consultations through the API: create, list, invite, token, end, audit.
+    Admin(admin_cli::AdminArgs),
 }
 
 #[tokio::main]
@@ -35,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
     if args.print_config {
         print!("{REFERENCE_TOML}");
         return Ok(());
+    }
+    if let Some(Command::Admin(admin)) = args.command {
+        return admin_cli::run(admin, args.config.as_deref(), args.data_dir).await;
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -53,6 +53,10 @@ const TEST_PACKAGES: &[&str] = &[
     // The mobile bindings' Python and Kotlin (JVM) tests: under CI=true they fail without them.
     "python3",
     "default-jre-headless",
+    // The join page's browser suite (tests/tests/browser.rs): headless Chromium, and node with
+    // npm to install playwright-core into target/.
+    "chromium",
+    "nodejs",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

@@ -36,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/consultations/{id}/tokens", post(issue_token))
         .route("/api/v1/consultations/{id}/invites", post(issue_invite))
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .merge(crate::credentials::router(&state))
         .with_state(state)
 }
 
@@ -154,7 +155,7 @@ fn invite_ttl(state: &AppState, asked: Option<u64>) -> Result<u64, ApiError> {
     Ok(ttl)
 }
 
-async fn create_consultation(
+pub(crate) async fn create_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Json<CreateConsultation>, JsonRejection>,
@@ -230,7 +231,7 @@ fn summary(state: &AppState, row: crate::store::ConsultationRow) -> Consultation
 }
 
 /// Consultations of the last 24 hours, newest first.
-async fn list_consultations(
+pub(crate) async fn list_consultations(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<ConsultationSummary>>, ApiError> {
@@ -242,7 +243,7 @@ async fn list_consultations(
     Ok(Json(rows.into_iter().map(|r| summary(&state, r)).collect()))
 }
 
-async fn get_consultation(
+pub(crate) async fn get_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -256,7 +257,7 @@ async fn get_consultation(
     Ok(Json(summary(&state, row)))
 }
 
-async fn end_consultation(
+pub(crate) async fn end_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -285,7 +286,7 @@ pub struct IssuedToken {
 
 /// A fresh join token for a role in an open consultation (another clinician, or a doctor whose
 /// token expired).
-async fn issue_token(
+pub(crate) async fn issue_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -319,7 +320,7 @@ pub struct IssuedInvite {
     pub expires_at: u64,
 }
 
-async fn issue_invite(
+pub(crate) async fn issue_invite(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,

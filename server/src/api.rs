@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
         .merge(crate::dashboard::routes())
         .merge(crate::web::router())
+        .merge(crate::credentials::router(&state))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             check_host,
@@ -222,7 +223,7 @@ fn invite_ttl(state: &AppState, asked: Option<u64>) -> Result<u64, ApiError> {
     Ok(ttl)
 }
 
-async fn create_consultation(
+pub(crate) async fn create_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Json<CreateConsultation>, JsonRejection>,
@@ -299,7 +300,7 @@ fn summary(state: &AppState, row: crate::store::ConsultationRow) -> Consultation
 }
 
 /// Consultations of the last 24 hours, newest first.
-async fn list_consultations(
+pub(crate) async fn list_consultations(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<ConsultationSummary>>, ApiError> {
@@ -311,7 +312,7 @@ async fn list_consultations(
     Ok(Json(rows.into_iter().map(|r| summary(&state, r)).collect()))
 }
 
-async fn get_consultation(
+pub(crate) async fn get_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -325,7 +326,7 @@ async fn get_consultation(
     Ok(Json(summary(&state, row)))
 }
 
-async fn end_consultation(
+pub(crate) async fn end_consultation(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -354,7 +355,7 @@ pub struct IssuedToken {
 
 /// A fresh join token for a role in an open consultation (another clinician, or a doctor whose
 /// token expired).
-async fn issue_token(
+pub(crate) async fn issue_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -391,7 +392,7 @@ pub struct IssuedInvite {
     pub invite_url: String,
 }
 
-async fn issue_invite(
+pub(crate) async fn issue_invite(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,

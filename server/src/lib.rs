@@ -10,12 +10,14 @@
 //! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin),
 //! [`net`] (the accept path: connection caps, idle timeout, backlog), [`telemetry`] (the calls'
 //! stats window), [`alerts`] (rules and webhook), [`dashboard`] (`/dashboard` and its live
-//! feed) and [`web`] (the patient join page and app links).
+//! feed), [`web`] (the patient join page and app links) and [`credentials`] (doctor
+//! credentials for a remote clinic).
 
 pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod dashboard;
 pub mod hub;
 pub mod limits;

@@ -37,6 +37,9 @@ pub enum MediaError {
     /// An audio or video device failed (only with the `devices` feature).
     #[error("device: {0}")]
     Device(String),
+    /// The audio processing module (echo cancellation) rejected a frame.
+    #[error("audio processing: {0}")]
+    Audio(String),
 }
 
 /// Shorthand for results in the media layer.

@@ -20,6 +20,8 @@
 //! - [`playout`]: the adaptive audio jitter buffer with FEC and PLC.
 //! - [`sink`]: the UI's [`LatestFrame`].
 //! - `devices` (feature `devices`): real cameras, microphones and speakers.
+//! - `apm` (feature `devices`): echo cancellation, noise suppression and automatic gain on the
+//!   microphone path, the speaker's output as the echo reference.
 
 pub mod error;
 pub mod frame;
@@ -32,6 +34,8 @@ pub mod sink;
 pub mod source;
 pub mod tone;
 
+#[cfg(feature = "devices")]
+pub mod apm;
 #[cfg(feature = "devices")]
 pub mod devices;
 

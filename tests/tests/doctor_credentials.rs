@@ -1,0 +1,174 @@
+//! Doctor credentials against a real server: an administrator issues one, the doctor's app
+//! lists, creates and joins consultations with it, and a revoked or unknown credential gets
+//! nothing. The secret is stored only as a hash.
+
+use anyhow::Result;
+use bedside_server::api::{ConsultationSummary, CreatedConsultation, IssuedToken};
+use bedside_server::credentials::{CredentialSummary, IssuedCredential};
+use bedside_tests::TestServer;
+use serde_json::Value;
+
+async fn issue(server: &TestServer) -> Result<IssuedCredential> {
+    let resp = server
+        .http()
+        .post(server.api("/doctor-credentials"))
+        .bearer_auth(&server.admin_key)
+        .json(&serde_json::json!({ "ttl_days": 30 }))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 201);
+    Ok(resp.json().await?)
+}
+
+#[tokio::test]
+async fn a_doctor_credential_lists_creates_and_joins_until_revoked() -> Result<()> {
+    let server = TestServer::start().await?;
+    let cred = issue(&server).await?;
+    assert!(cred.credential.starts_with("bdc_"));
+    let now = bedside_server::auth::unix_now();
+    assert!(cred.expires_at > now + 29 * 24 * 3600 && cred.expires_at <= now + 30 * 24 * 3600);
+
+    // Create a consultation with it, as the app does.
+    let resp = server
+        .http()
+        .post(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 201);
+    let created: CreatedConsultation = resp.json().await?;
+    // The list shows it.
+    let list: Vec<ConsultationSummary> = server
+        .http()
+        .get(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].consultation_id, created.consultation_id);
+    // A fresh join token for the doctor, which the signaling server accepts.
+    let resp = server
+        .http()
+        .post(server.api(&format!(
+            "/doctor/consultations/{}/tokens",
+            created.consultation_id
+        )))
+        .bearer_auth(&cred.credential)
+        .json(&serde_json::json!({ "role": "doctor" }))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let token: IssuedToken = resp.json().await?;
+    let mut doctor = server.connect().await?;
+    doctor.join_token(&token.token).await?;
+    doctor.expect_type("admitted").await?;
+
+    // The doctor credential is not the admin key: the admin routes refuse it.
+    let resp = server
+        .http()
+        .get(server.api("/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    let resp = server
+        .http()
+        .post(server.api("/doctor-credentials"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+
+    // Revoked: refused from then on, and listed as revoked (never with its secret).
+    let resp = server
+        .http()
+        .delete(server.api(&format!("/doctor-credentials/{}", cred.credential_id)))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 204);
+    let resp = server
+        .http()
+        .get(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let resp = server
+        .http()
+        .get(server.api("/doctor-credentials"))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?;
+    let text = resp.text().await?;
+    assert!(!text.contains(&cred.credential), "the list shows a secret");
+    let listed: Vec<CredentialSummary> = serde_json::from_str(&text)?;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].revoked_at.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_credentials_and_bad_requests_get_clear_errors() -> Result<()> {
+    let server = TestServer::start().await?;
+    for bearer in [
+        None,
+        Some("bdc_0000000000000000"),
+        Some(server.admin_key.as_str()),
+    ] {
+        let mut req = server.http().get(server.api("/doctor/consultations"));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        assert_eq!(req.send().await?.status(), 401);
+    }
+    for body in [r#"{"ttl_days":0}"#, r#"{"ttl_days":9999}"#, "{not json"] {
+        let resp = server
+            .http()
+            .post(server.api("/doctor-credentials"))
+            .bearer_auth(&server.admin_key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16() / 100, 4, "{body}");
+    }
+    let resp = server
+        .http()
+        .delete(server.api("/doctor-credentials/d-nope"))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_store_keeps_only_a_hash_and_credentials_survive_a_restart() -> Result<()> {
+    let server = TestServer::start().await?;
+    let cred = issue(&server).await?;
+    let server = server.restart().await?;
+    let resp = server
+        .http()
+        .get(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let dir = server.data_dir.path().to_owned();
+    let mut server = server;
+    server.shutdown().await?;
+    for entry in std::fs::read_dir(&dir)? {
+        let bytes = std::fs::read(entry?.path())?;
+        let secret = cred.credential.as_bytes();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret),
+            "the credential's secret is on disk"
+        );
+    }
+    Ok(())
+}

@@ -633,3 +633,21 @@ impl ServerMessage {
         }
     }
 }
+
+/// Fuzzing entry (`fuzz/fuzz_targets/signaling_json.rs`, and the corpus run in
+/// `protocol/tests/fuzz_corpus.rs`): any bytes, as a client's or the server's text frame. Decoding
+/// must never panic, and whatever decodes must encode to text that decodes to the same message.
+#[doc(hidden)]
+pub fn fuzz_signaling(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(m) = ClientMessage::decode(text) {
+        let again = ClientMessage::decode(&m.encode()).expect("an encoded message decodes");
+        assert_eq!(again, m, "client message round trip");
+    }
+    if let Ok(m) = ServerMessage::decode(text) {
+        let again = ServerMessage::decode(&m.encode()).expect("an encoded message decodes");
+        assert_eq!(again, m, "server message round trip");
+    }
+}

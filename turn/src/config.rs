@@ -60,6 +60,12 @@ pub struct TurnConfig {
     /// handled in batches (far fewer wake-ups and syscalls per packet at moderate load). Adds
     /// at most this much delay per relayed packet; 0 disables it.
     pub coalesce_us: u32,
+    /// A TCP/TLS client connection that reads nothing for this long is closed, in seconds
+    /// (one that has not sent a complete first frame within 10 s is closed sooner).
+    pub stream_idle_timeout_secs: u64,
+    /// Most TCP/TLS client connections open at once, and from one source address.
+    pub max_stream_connections: usize,
+    pub max_stream_connections_per_source: usize,
 }
 
 impl Default for TurnConfig {
@@ -87,6 +93,9 @@ impl Default for TurnConfig {
             credential_ttl_secs: 86_400,
             udp_socket_buffer: 4 << 20,
             coalesce_us: 200,
+            stream_idle_timeout_secs: 60,
+            max_stream_connections: 4096,
+            max_stream_connections_per_source: 64,
         }
     }
 }

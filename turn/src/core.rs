@@ -259,8 +259,11 @@ pub struct Core {
     by_client: FxHashMap<Client, RelayId>,
     users: FxHashMap<Box<str>, u32>,
     count: u32,
-    /// Ports reserved by EVEN-PORT (R bit): token -> (socket, address, expiry).
-    reservations: FxHashMap<[u8; 8], (RelayId, SocketAddr, u64)>,
+    /// Ports reserved by EVEN-PORT (R bit): token -> (socket, address, expiry, user). A
+    /// reservation holds a port, so it counts toward its user's quota and the total (in `users`
+    /// and `reserved`) until it is claimed or expires.
+    reservations: FxHashMap<[u8; 8], (RelayId, SocketAddr, u64, Box<str>)>,
+    reserved: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -275,6 +278,7 @@ impl Core {
             users: FxHashMap::default(),
             count: 0,
             reservations: FxHashMap::default(),
+            reserved: 0,
             metrics,
         }
     }
@@ -466,14 +470,18 @@ impl Core {
 
     /// Expires allocations, permissions and channels. Call about once a second.
     pub fn tick(&mut self, now: u64, relays: &mut dyn RelaySockets) {
-        self.reservations.retain(|_, (rid, _, expires)| {
-            if *expires <= now {
-                relays.close(*rid);
-                false
-            } else {
-                true
+        let expired: Vec<[u8; 8]> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.2 <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in expired {
+            if let Some((rid, _, _, user)) = self.reservations.remove(&t) {
+                relays.close(rid);
+                self.unreserve(&user);
             }
-        });
+        }
         for rid in 0..self.allocs.len() {
             let expired = match &mut self.allocs[rid] {
                 Some(a) if a.expires <= now => true,
@@ -490,6 +498,17 @@ impl Core {
         }
     }
 
+    /// A reservation of `user` ended (claimed or expired): its port no longer counts.
+    fn unreserve(&mut self, user: &str) {
+        self.reserved = self.reserved.saturating_sub(1);
+        if let Some(n) = self.users.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.users.remove(user);
+            }
+        }
+    }
+
     /// A TCP/TLS client went away: its allocation goes too (RFC 8656 section 3.1).
     pub fn client_closed(&mut self, client: &Client, relays: &mut dyn RelaySockets) {
         if let Some(&rid) = self.by_client.get(client) {
@@ -499,9 +518,10 @@ impl Core {
 
     /// Removes every allocation (shutdown).
     pub fn clear(&mut self, relays: &mut dyn RelaySockets) {
-        for (_, (rid, _, _)) in self.reservations.drain() {
+        for (_, (rid, _, _, _)) in std::mem::take(&mut self.reservations) {
             relays.close(rid);
         }
+        self.reserved = 0;
         for rid in 0..self.allocs.len() {
             if self.allocs[rid].is_some() {
                 self.remove(rid as RelayId, relays);
@@ -680,11 +700,18 @@ impl Core {
             self.error(out, m, 400, Some(&key), false, None, now, client);
             return true;
         }
-        if self.users.get(&creds.user).copied().unwrap_or(0) >= self.cfg.user_quota {
+        // Ports this request takes: two with the R bit (the second is reserved), none when it
+        // claims a reservation (already counted).
+        let need: u32 = match (even_port, token) {
+            (_, Some(_)) => 0,
+            (Some(v), None) if v[0] & 0x80 != 0 => 2,
+            _ => 1,
+        };
+        if self.users.get(&creds.user).copied().unwrap_or(0) + need > self.cfg.user_quota {
             self.error(out, m, 486, Some(&key), false, None, now, client);
             return true;
         }
-        if self.count >= self.cfg.total_quota {
+        if self.count + self.reserved + need > self.cfg.total_quota {
             self.error(out, m, 508, Some(&key), false, None, now, client);
             return true;
         }
@@ -694,14 +721,19 @@ impl Core {
                 let mut k = [0u8; 8];
                 k.copy_from_slice(t);
                 match self.reservations.remove(&k) {
-                    Some((rid, addr, _)) => Ok((rid, addr)),
+                    Some((rid, addr, _, user)) => {
+                        self.unreserve(&user);
+                        Ok((rid, addr))
+                    }
                     None => Err(508),
                 }
             }
             (Some(v), None) if v[0] & 0x80 != 0 => relays.open_pair(ipv6).map(|[a, b]| {
                 let t: [u8; 8] = rand::random();
                 self.reservations
-                    .insert(t, (b.0, b.1, now + RESERVATION_MS));
+                    .insert(t, (b.0, b.1, now + RESERVATION_MS, creds.user.clone()));
+                *self.users.entry(creds.user.clone()).or_insert(0) += 1;
+                self.reserved += 1;
                 new_token = Some(t);
                 a
             }),

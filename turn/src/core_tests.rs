@@ -680,7 +680,11 @@ fn allocate_retransmission_gets_same_answer() {
 
 #[test]
 fn even_port_reservation_token() {
-    let mut core = core_with(config());
+    // Room for three allocations and a reservation (reservations count toward the total).
+    let mut core = core_with(TurnConfig {
+        total_quota: 4,
+        ..config()
+    });
     let mut r = FakeRelays::default();
     let mut rtp = TestClient::new(udp_client(6000), "rtp");
     let (_, code, resp) = rtp.request(&mut core, T0, &mut r, method::ALLOCATE, &|b| {
@@ -728,4 +732,33 @@ fn even_port_reservation_token() {
     core.tick(T0 + 31_000, &mut r);
     assert_eq!(r.open.len(), open_before - 1);
     assert!(core.reservations.is_empty());
+}
+
+#[test]
+fn even_port_reservations_count_toward_quotas() {
+    let mut core = core_with(config()); // 2 per user, 3 total
+    let mut r = FakeRelays::default();
+    let reserve = |core: &mut Core, r: &mut FakeRelays, port: u16, user: &str| {
+        let mut c = TestClient::new(udp_client(port), user);
+        c.request(core, T0, r, method::ALLOCATE, &|b| {
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            b.attr(attr::EVEN_PORT, &[0x80]);
+        })
+        .1
+    };
+    // An allocation with a reserved second port takes both of the user's two.
+    assert_eq!(reserve(&mut core, &mut r, 7000, "u"), None);
+    assert_eq!(reserve(&mut core, &mut r, 7001, "u"), Some(486));
+    let (_, code, _) = TestClient::new(udp_client(7002), "u").allocate(&mut core, T0, &mut r);
+    assert_eq!(code, Some(486));
+    // The total counts the reservation too: one port left of three.
+    assert_eq!(reserve(&mut core, &mut r, 7003, "v"), Some(508));
+    let (_, code, _) = TestClient::new(udp_client(7004), "v").allocate(&mut core, T0, &mut r);
+    assert_eq!(code, None);
+    // Once the reservation expires, its port is the user's again.
+    core.tick(T0 + 31_000, &mut r);
+    assert!(core.reservations.is_empty());
+    let (_, code, _) =
+        TestClient::new(udp_client(7005), "u").allocate(&mut core, T0 + 31_000, &mut r);
+    assert_eq!(code, None);
 }

@@ -192,6 +192,11 @@ pub async fn start(
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified()),
     );
+    // Every address of this host, not only the relay's: a peer on another interface of the
+    // relay's own machine (a public service bound there, say) is as internal as loopback.
+    own.extend(host_addresses());
+    own.sort();
+    own.dedup();
     let core_cfg = CoreConfig::from_config(&config, own)?;
     let metrics = Arc::new(Metrics::default());
     let core = Core::new(core_cfg, rand::random(), metrics.clone());
@@ -238,6 +243,12 @@ pub async fn start(
 
     let (stop, stop_rx) = watch::channel(false);
     let conn_ids = Arc::new(AtomicU64::new(1));
+    let streams = Arc::new(StreamLimits {
+        open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+        max: config.max_stream_connections,
+        per_source: config.max_stream_connections_per_source,
+        idle: std::time::Duration::from_secs(config.stream_idle_timeout_secs.max(1)),
+    });
     let mut tasks = Vec::new();
     for l in tcp {
         tasks.push(tokio::spawn(accept_loop(
@@ -246,6 +257,7 @@ pub async fn start(
             waker.clone(),
             stop_rx.clone(),
             conn_ids.clone(),
+            streams.clone(),
         )));
     }
     if let Some(acc) = acceptor {
@@ -256,6 +268,7 @@ pub async fn start(
                 waker.clone(),
                 stop_rx.clone(),
                 conn_ids.clone(),
+                streams.clone(),
             )));
         }
     }
@@ -281,12 +294,54 @@ pub async fn start(
     })
 }
 
+/// Caps and timeouts of TCP/TLS client connections.
+struct StreamLimits {
+    /// Open connections: in total, and per source address.
+    open: std::sync::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
+    max: usize,
+    per_source: usize,
+    idle: std::time::Duration,
+}
+
+/// Time a new TCP/TLS connection has for its TLS handshake and its first complete frame.
+const FIRST_FRAME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One connection's place under the caps, given back on drop.
+struct StreamSlot(Arc<StreamLimits>, IpAddr);
+
+impl StreamLimits {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.1.get(&ip).copied().unwrap_or(0);
+        if open.0 >= self.max || mine >= self.per_source {
+            return None;
+        }
+        open.0 += 1;
+        open.1.insert(ip, mine + 1);
+        Some(StreamSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.1);
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     l: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     waker: Waker,
     mut stop: watch::Receiver<bool>,
     ids: Arc<AtomicU64>,
+    limits: Arc<StreamLimits>,
 ) {
     loop {
         let (sock, addr) = tokio::select! {
@@ -300,23 +355,31 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
+        let Some(slot) = limits.take(addr.ip()) else {
+            // Over the cap: closed at once, before any read.
+            drop(sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let conn = ids.fetch_add(1, Relaxed);
         let waker = waker.clone();
         let stop = stop.clone();
+        let idle = limits.idle;
         match &tls {
             None => {
-                tokio::spawn(serve_stream(sock, conn, addr, waker, stop));
+                tokio::spawn(async move {
+                    serve_stream(sock, conn, addr, waker, stop, idle).await;
+                    drop(slot);
+                });
             }
             Some(acc) => {
                 let acc = acc.clone();
                 tokio::spawn(async move {
-                    let hs =
-                        tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock))
-                            .await;
+                    let hs = tokio::time::timeout(FIRST_FRAME, acc.accept(sock)).await;
                     if let Ok(Ok(s)) = hs {
-                        serve_stream(s, conn, addr, waker, stop).await;
+                        serve_stream(s, conn, addr, waker, stop, idle).await;
                     }
+                    drop(slot);
                 });
             }
         }
@@ -330,6 +393,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     addr: SocketAddr,
     waker: Waker,
     mut stop: watch::Receiver<bool>,
+    idle: std::time::Duration,
 ) {
     let (mut rd, mut wr) = tokio::io::split(s);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
@@ -346,9 +410,18 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     });
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 16384];
+    // Until the first complete frame the client gets FIRST_FRAME, then `idle` between reads.
+    let mut wait = FIRST_FRAME.min(idle);
     'read: loop {
         let n = tokio::select! {
-            r = rd.read(&mut chunk) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+            r = tokio::time::timeout(wait, rd.read(&mut chunk)) => match r {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
+                Err(_) => {
+                    tracing::debug!("turn stream idle: closed");
+                    break;
+                }
+            },
             _ = stop.changed() => break,
         };
         buf.extend_from_slice(&chunk[..n]);
@@ -358,6 +431,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                 Ok(None) => break,
                 Ok(Some(len)) if buf.len() >= len => {
                     let data: Vec<u8> = buf.drain(..len).collect();
+                    wait = idle;
                     if !waker.send(Ctrl::Frame { conn, addr, data }) {
                         break 'read;
                     }
@@ -483,4 +557,21 @@ pub fn fuzz_core(data: &[u8]) {
     core.tick(NOW + 400_000, &mut relays);
     core.tick(u64::MAX / 2, &mut relays);
     debug_assert_eq!(core.allocation_count(), 0);
+}
+
+/// The addresses of this host's interfaces (empty if the OS will not say).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
 }

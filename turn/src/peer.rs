@@ -66,8 +66,11 @@ impl Cidr {
     }
 }
 
-/// Unwraps IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) IPv6 addresses,
-/// plus NAT64 (64:ff9b::/96) ones, so policy sees the IPv4 address that would be reached.
+/// Unwraps IPv4-mapped (`::ffff:a.b.c.d`), IPv4-translated (`::ffff:0:a.b.c.d`, RFC 2765) and
+/// IPv4-compatible (`::a.b.c.d`) IPv6 addresses, plus NAT64 (64:ff9b::/96) ones, so policy sees
+/// the IPv4 address that would be reached. (The local-use NAT64 prefix 64:ff9b:1::/48 is refused
+/// as a whole by [`classify`]: where the IPv4 address sits in it depends on the operator's
+/// prefix length.)
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => {
@@ -84,7 +87,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
                     s[7] as u8,
                 ));
             }
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
                 return IpAddr::V4(Ipv4Addr::new(
                     (s[6] >> 8) as u8,
                     s[6] as u8,
@@ -150,6 +153,7 @@ fn classify_v6(a: Ipv6Addr) -> AddrClass {
         || (s[0] == 0x0100 && s[1] == 0 && s[2] == 0 && s[3] == 0) // 100::/64 discard
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
         || s[0] == 0x2002 // 6to4 can embed any IPv4 address
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // 64:ff9b:1::/48 local-use NAT64
         || (s[0] == 0x2001 && s[1] == 0); // Teredo can too
     if special {
         AddrClass::Special
@@ -201,6 +205,8 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:127.1.2.3",
             "::127.0.0.2",
+            "::ffff:0:127.0.0.1",
+            "64:ff9b::127.0.0.1",
         ] {
             assert_eq!(classify(ip(s)), AddrClass::Loopback, "{s}");
         }
@@ -223,6 +229,10 @@ mod tests {
             "::ffff:10.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::10.0.0.1",
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:169.254.169.254",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:ffff::7f00:1",
             "2002:0a00:0001::1",
         ] {
             assert_eq!(classify(ip(s)), AddrClass::Special, "{s}");

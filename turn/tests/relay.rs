@@ -258,6 +258,12 @@ async fn ipv6_relay_refuses_mapped_loopback_and_relays_over_ipv6() {
         "[fd00::1]:9",
         "[fe80::1]:9",
         "[::ffff:10.0.0.1]:9",
+        // IPv4-translated, NAT64 and local-use NAT64 forms of loopback and private addresses.
+        "[::ffff:0:127.0.0.1]:9",
+        "[::ffff:0:10.0.0.1]:9",
+        "[64:ff9b::7f00:1]:9",
+        "[64:ff9b:1::7f00:1]:9",
+        "[64:ff9b:1:7f00:1::]:9",
     ] {
         assert_eq!(
             c.create_permission(denied.parse().unwrap()).await,

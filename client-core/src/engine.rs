@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, NackGeneratorBuilder, Packet,
+    Attribute, BandwidthEstimator, EstimatorStats, Interceptor, NackGeneratorBuilder, Packet,
     PacketReport, Registry, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::media::Sample;
@@ -52,10 +52,10 @@ use webrtc::peer_connection::{
 };
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+use crate::congestion::{CongestionConfig, Estimator};
 use crate::impair::{DelayRuntime, SendDelay};
-use crate::loss_control::LossControl;
 use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
-use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
+use crate::pacer::{MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
 /// The payload types Bedside offers. A session may negotiate others (see [`PayloadTypes`]).
@@ -621,37 +621,20 @@ async fn read_feedback(
     }
 }
 
-/// Bounds of the congestion controller's estimate, bits per second. It starts high enough for
-/// 720p so a good link does not begin at the bottom of the quality ladder. The floor is above
-/// what audio alone puts on the wire (Opus with FEC plus RTP/SRTP/UDP/IP headers, about 55
-/// kbps): the pacer holds all RTP to the estimate, so a floor below that starves audio, the
-/// starved packets read as loss, and the estimate never climbs again (measured in the lab: stuck
-/// at a 30 kbps floor after a collapse, video never back).
-const GCC_INITIAL_BPS: f64 = 1_500_000.0;
-const GCC_MIN_BPS: f64 = 80_000.0;
-const GCC_MAX_BPS: f64 = 2_500_000.0;
-
-/// How long after a path change loss and delivery are not judged (see [`SharedEstimate`]).
-const PATH_SETTLE: Duration = Duration::from_secs(2);
-
 /// What one peer connection's estimator shares with the engine.
 #[derive(Debug)]
 struct SharedEstimate {
     /// The published target (f64 bits, bits per second).
     bps: AtomicU64,
     /// Bumped when the path changes: an ICE restart (ours or the peer's) or a new session
-    /// description. The feedback that first comes back over the new path reports everything
-    /// the old one swallowed as lost. That is not congestion, but read as such it cut the
-    /// estimate to the floor and sent the call audio-only for seconds after a handover. So the
-    /// estimator, at the first feedback after a bump, starts a fresh delivery guard and leaves
-    /// loss and delivery unjudged for [`PATH_SETTLE`] (the delay-based half goes on).
+    /// description ([`Estimator::path_changed`] says why that matters).
     path_changes: AtomicU64,
 }
 
 impl SharedEstimate {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            bps: AtomicU64::new(GCC_INITIAL_BPS.to_bits()),
+            bps: AtomicU64::new(CongestionConfig::default().initial_bps.to_bits()),
             path_changes: AtomicU64::new(0),
         })
     }
@@ -665,51 +648,31 @@ impl SharedEstimate {
     }
 }
 
-/// GCC's delay-based half with our loss-based half (`loss_control.rs`: the crate's backs off on
-/// loss the path has whatever we send), the target published where the driver can read it (the
-/// estimator lives inside the interceptor chain; this is the crate's
+/// The driver of the sans-IO [`Estimator`] (`congestion.rs`) inside the interceptor chain: it
+/// feeds it the feedback, the pacer's byte count and path changes, and publishes its target
+/// where the engine can read it (the estimator lives inside the chain; this is the crate's
 /// `bandwidth-estimation-from-disk` pattern).
 struct PublishingEstimator {
-    inner: Gcc,
-    loss: LossControl,
-    /// Caps the published estimate when far less arrives than the pacer sends.
-    guard: DeliveryGuard,
+    estimator: Estimator,
     pacer: Arc<PacerStats>,
     shared: Arc<SharedEstimate>,
     /// The path changes seen so far.
     path_changes: u64,
-    /// Loss and delivery are not judged before this (a path just changed).
-    settle_until: Option<Instant>,
 }
 
 impl PublishingEstimator {
     fn new(pacer: Arc<PacerStats>, shared: Arc<SharedEstimate>) -> Self {
         Self {
-            inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
-            loss: LossControl::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
-            guard: DeliveryGuard::default(),
+            estimator: Estimator::new(CongestionConfig::default()),
             pacer,
             shared,
             path_changes: 0,
-            settle_until: None,
         }
     }
 
     fn publish(&mut self) {
-        let target = self.guard.limit(self.target_bitrate());
+        let target = self.estimator.target_bps();
         self.shared.bps.store(target.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Whether the path changed so recently that loss says nothing about congestion.
-    fn settling(&mut self, now: Instant) -> bool {
-        let changes = self.shared.path_changes.load(Ordering::Relaxed);
-        if changes != self.path_changes {
-            self.path_changes = changes;
-            self.settle_until = Some(now + PATH_SETTLE);
-            self.guard = DeliveryGuard::default();
-            self.loss.forget_path();
-        }
-        self.settle_until.is_some_and(|t| now < t)
     }
 }
 
@@ -718,44 +681,31 @@ impl BandwidthEstimator for PublishingEstimator {
         if reports.is_empty() {
             return;
         }
-        self.inner.on_reports(now, reports);
-        if self.settling(now) {
-            self.publish();
-            return;
+        let changes = self.shared.path_changes.load(Ordering::Relaxed);
+        if changes != self.path_changes {
+            self.path_changes = changes;
+            self.estimator.path_changed();
         }
-        let lost = reports.iter().filter(|r| !r.arrived).count();
-        self.loss.update(now, lost, reports.len());
-        let arrived: u64 = reports
-            .iter()
-            .filter(|r| r.arrived)
-            .map(|r| r.size as u64)
-            .sum();
         let sent = self.pacer.bytes_sent.load(Ordering::Relaxed);
-        self.guard.on_feedback(now, arrived, sent, GCC_MIN_BPS);
+        self.estimator.on_reports(now, reports, sent);
         self.publish();
     }
 
     fn target_bitrate(&self) -> f64 {
-        self.inner
-            .delay_based_bitrate()
-            .min(self.loss.target())
-            .clamp(GCC_MIN_BPS, GCC_MAX_BPS)
+        self.estimator.pacing_bps()
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        self.inner.handle_timeout(now);
+        self.estimator.handle_timeout(now);
         self.publish();
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.inner.poll_timeout()
+        self.estimator.poll_timeout()
     }
 
     fn stats(&self) -> EstimatorStats {
-        let mut stats = self.inner.stats();
-        stats.loss_based_bitrate = Some(self.loss.target());
-        stats.packet_loss = self.loss.average_loss();
-        stats
+        self.estimator.stats()
     }
 }
 
@@ -1200,7 +1150,11 @@ impl Engine {
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(GCC_INITIAL_BPS, tracks.audio_ssrc, pacer_stats),
+            MediaPacer::new(
+                CongestionConfig::default().initial_bps,
+                tracks.audio_ssrc,
+                pacer_stats,
+            ),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long

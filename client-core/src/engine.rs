@@ -738,8 +738,8 @@ async fn read_chat(
     }
 }
 
-/// The remote video track of each peer, for sending it keyframe requests.
-type RemoteVideo = Arc<Mutex<HashMap<ParticipantId, Arc<dyn TrackRemote>>>>;
+/// A peer's remote video track once it has arrived, for sending it keyframe requests.
+type RemoteVideo = Arc<Mutex<Option<Arc<dyn TrackRemote>>>>;
 
 struct Handler {
     peer: ParticipantId,
@@ -788,10 +788,7 @@ impl PeerConnectionEventHandler for Handler {
             _ => MediaKind::Audio,
         };
         if kind == MediaKind::Video {
-            self.remote_video
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(self.peer.clone(), track.clone());
+            *self.remote_video.lock().unwrap_or_else(|p| p.into_inner()) = Some(track.clone());
         }
         let (peer, media, tracks) = (self.peer.clone(), self.media.clone(), self.tracks.clone());
         tokio::spawn(async move {
@@ -816,24 +813,30 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// The peer connections of one call.
+/// Everything the engine holds for one remote participant's peer connection: made together by
+/// [`Engine::build`] and dropped together (its TURN-over-TCP shims close with it).
+struct PeerSlot {
+    pc: Arc<dyn PeerConnection>,
+    /// Its local tracks and the payload types its session negotiated.
+    tracks: Arc<PeerTracks>,
+    /// Its congestion-controller estimate, and its path changes.
+    estimate: Arc<SharedEstimate>,
+    /// What the peer reports about the media we send it.
+    feedback: Arc<SendFeedback>,
+    /// Its video track, once it arrives.
+    remote_video: RemoteVideo,
+    /// The chat data channel.
+    chat: Arc<dyn DataChannel>,
+    /// What its pacer sent and dropped.
+    pacer_stats: Arc<PacerStats>,
+    _shims: Vec<TurnTcpShim>,
+}
+
+/// The peer connections of one call, one [`PeerSlot`] per remote participant.
 pub struct Engine {
     settings: EngineSettings,
     tracks: Arc<LocalTracks>,
-    peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
-    /// Each peer connection's congestion-controller estimate, and its path changes.
-    estimates: HashMap<ParticipantId, Arc<SharedEstimate>>,
-    /// What each peer reports about the media we send it.
-    feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
-    remote_video: RemoteVideo,
-    /// Each peer connection's chat data channel.
-    chats: HashMap<ParticipantId, Arc<dyn DataChannel>>,
-    /// What each peer connection's pacer sent and dropped.
-    pacer_stats: HashMap<ParticipantId, Arc<PacerStats>>,
-    /// The TURN-over-TCP shims of each peer connection (closed with it).
-    shims: HashMap<ParticipantId, Vec<TurnTcpShim>>,
-    /// Each peer connection's local tracks and negotiated payload types.
-    peer_tracks: HashMap<ParticipantId, Arc<PeerTracks>>,
+    peers: HashMap<ParticipantId, PeerSlot>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -849,13 +852,6 @@ impl Engine {
             settings,
             tracks,
             peers: HashMap::new(),
-            estimates: HashMap::new(),
-            feedback: HashMap::new(),
-            remote_video: RemoteVideo::default(),
-            chats: HashMap::new(),
-            shims: HashMap::new(),
-            pacer_stats: HashMap::new(),
-            peer_tracks: HashMap::new(),
             events,
             media,
         }
@@ -864,21 +860,21 @@ impl Engine {
     /// The lowest send-side bandwidth estimate over all peers, kbps: the one shared video
     /// encoding has to fit. `None` without peers.
     pub fn bandwidth_estimate_kbps(&self) -> Option<u32> {
-        self.estimates
-            .keys()
-            .filter_map(|peer| self.peer_estimate_kbps(peer))
+        self.peers
+            .values()
+            .map(|slot| slot.estimate.kbps())
             .min_by(f64::total_cmp)
             .map(|kbps| kbps as u32)
     }
 
     /// What the pacer of `peer`'s connection sent, and dropped because it waited too long.
     pub fn pacer_stats(&self, peer: &ParticipantId) -> Option<&Arc<PacerStats>> {
-        self.pacer_stats.get(peer)
+        self.peers.get(peer).map(|slot| &slot.pacer_stats)
     }
 
     /// The congestion controller's estimate for `peer`, kbps.
     pub fn peer_estimate_kbps(&self, peer: &ParticipantId) -> Option<f64> {
-        self.estimates.get(peer).map(|e| e.kbps())
+        self.peers.get(peer).map(|slot| slot.estimate.kbps())
     }
 
     pub fn tracks(&self) -> &Arc<LocalTracks> {
@@ -887,7 +883,7 @@ impl Engine {
 
     /// The peer connection for `peer`, for statistics.
     pub fn peer(&self, peer: &ParticipantId) -> Option<&Arc<dyn PeerConnection>> {
-        self.peers.get(peer)
+        self.peers.get(peer).map(|slot| &slot.pc)
     }
 
     pub fn peer_ids(&self) -> impl Iterator<Item = &ParticipantId> {
@@ -896,18 +892,32 @@ impl Engine {
 
     /// What `peer` reports about the media we send it.
     pub fn send_feedback(&self, peer: &ParticipantId) -> Option<&Arc<SendFeedback>> {
-        self.feedback.get(peer)
+        self.peers.get(peer).map(|slot| &slot.feedback)
+    }
+
+    fn pc(&self, peer: &ParticipantId) -> Result<Arc<dyn PeerConnection>, EngineError> {
+        self.peers
+            .get(peer)
+            .map(|slot| slot.pc.clone())
+            .ok_or(EngineError::UnknownPeer)
+    }
+
+    /// Takes `peer`'s slot out (our media stops going to it); the caller closes its
+    /// connection.
+    fn remove(&mut self, peer: &ParticipantId) -> Option<PeerSlot> {
+        self.tracks.remove_peer(peer);
+        self.peers.remove(peer)
     }
 
     /// Asks `peer` for a video keyframe (RTCP PLI), when its video cannot be decoded. Does
     /// nothing before its video track has arrived.
     pub async fn request_keyframe_from(&self, peer: &ParticipantId) -> Result<(), EngineError> {
-        let track = self
-            .remote_video
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .cloned();
+        let track = self.peers.get(peer).and_then(|slot| {
+            slot.remote_video
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
         let Some(track) = track else {
             return Ok(());
         };
@@ -931,14 +941,12 @@ impl Engine {
                 offerer,
                 ice_servers,
             } => {
-                if let Some(old) = self.peers.remove(&peer) {
-                    let _ = old.close().await;
+                if let Some(old) = self.remove(&peer) {
+                    let _ = old.pc.close().await;
                 }
-                self.forget(&peer);
-                let estimate = SharedEstimate::new();
-                let pc = self.build(&peer, ice_servers, estimate.clone()).await?;
-                self.estimates.insert(peer.clone(), estimate);
-                self.peers.insert(peer.clone(), pc.clone());
+                let slot = self.build(&peer, ice_servers).await?;
+                let pc = slot.pc.clone();
+                self.peers.insert(peer.clone(), slot);
                 if offerer {
                     let offer = pc.create_offer(None).await?;
                     pc.set_local_description(offer.clone()).await?;
@@ -946,11 +954,7 @@ impl Engine {
                 }
             }
             EngineCommand::SetRemoteDescription { peer, kind, sdp } => {
-                let pc = self
-                    .peers
-                    .get(&peer)
-                    .ok_or(EngineError::UnknownPeer)?
-                    .clone();
+                let pc = self.pc(&peer)?;
                 // A description after the first renegotiates, on an ICE restart a new path.
                 if pc.remote_description().await.is_some() {
                     self.path_changed(&peer);
@@ -972,7 +976,7 @@ impl Engine {
                 }
             }
             EngineCommand::AddRemoteCandidate { peer, candidate } => {
-                let pc = self.peers.get(&peer).ok_or(EngineError::UnknownPeer)?;
+                let pc = self.pc(&peer)?;
                 if candidate.candidate.is_empty() {
                     return Ok(());
                 }
@@ -986,11 +990,7 @@ impl Engine {
                 .await?;
             }
             EngineCommand::RestartIce { peer } => {
-                let pc = self
-                    .peers
-                    .get(&peer)
-                    .ok_or(EngineError::UnknownPeer)?
-                    .clone();
+                let pc = self.pc(&peer)?;
                 self.path_changed(&peer);
                 pc.restart_ice().await?;
                 let offer = pc.create_offer(None).await?;
@@ -998,9 +998,8 @@ impl Engine {
                 self.local_description(peer, SdpKind::Offer, offer.sdp);
             }
             EngineCommand::ClosePeer { peer } => {
-                self.forget(&peer);
-                if let Some(pc) = self.peers.remove(&peer) {
-                    pc.close().await?;
+                if let Some(slot) = self.remove(&peer) {
+                    slot.pc.close().await?;
                 }
             }
             EngineCommand::SetMicrophoneMuted(muted) => {
@@ -1013,7 +1012,7 @@ impl Engine {
                 self.tracks.audio_redundancy.store(on, Ordering::Relaxed);
             }
             EngineCommand::SendChat { peer, id, text } => {
-                let sent = match self.chats.get(&peer) {
+                let sent = match self.peers.get(&peer).map(|slot| &slot.chat) {
                     Some(channel) => {
                         let wire = bedside_protocol::chat::PeerMessage::Chat { id, text }.encode();
                         channel.send_text(&wire).await
@@ -1036,33 +1035,17 @@ impl Engine {
     pub async fn close_all(&mut self) {
         let peers: Vec<_> = self.peers.keys().cloned().collect();
         for peer in &peers {
-            self.forget(peer);
-        }
-        for (_, pc) in self.peers.drain() {
-            let _ = pc.close().await;
+            if let Some(slot) = self.remove(peer) {
+                let _ = slot.pc.close().await;
+            }
         }
     }
 
     /// `peer`'s path is changing (see [`SharedEstimate`]).
     fn path_changed(&self, peer: &ParticipantId) {
-        if let Some(estimate) = self.estimates.get(peer) {
-            estimate.path_changed();
+        if let Some(slot) = self.peers.get(peer) {
+            slot.estimate.path_changed();
         }
-    }
-
-    /// Drops what belonged to `peer`'s peer connection (not the connection itself).
-    fn forget(&mut self, peer: &ParticipantId) {
-        self.estimates.remove(peer);
-        self.feedback.remove(peer);
-        self.chats.remove(peer);
-        self.shims.remove(peer);
-        self.pacer_stats.remove(peer);
-        self.peer_tracks.remove(peer);
-        self.tracks.remove_peer(peer);
-        self.remote_video
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer);
     }
 
     /// `peer`'s session was negotiated (an offer and its answer applied): the payload types
@@ -1071,7 +1054,7 @@ impl Engine {
     /// for a sender the answer left out, and its packets would be dropped unseen.
     async fn learn_payload_types(&self, peer: &ParticipantId, pc: &dyn PeerConnection) {
         use webrtc::rtp_transceiver::RTCRtpTransceiverDirection as Direction;
-        let Some(tracks) = self.peer_tracks.get(peer) else {
+        let Some(tracks) = self.peers.get(peer).map(|slot| &slot.tracks) else {
             return;
         };
         let (mut send, mut receive) = (Vec::new(), Vec::new());
@@ -1107,12 +1090,14 @@ impl Engine {
             .send(EngineEvent::LocalDescription { peer, kind, sdp });
     }
 
+    /// A new peer connection for `peer`, with everything that goes with it; our media goes to
+    /// it from now on.
     async fn build(
         &mut self,
         peer: &ParticipantId,
         ice_servers: Vec<IceServer>,
-        estimate: Arc<SharedEstimate>,
-    ) -> Result<Arc<dyn PeerConnection>, EngineError> {
+    ) -> Result<PeerSlot, EngineError> {
+        let estimate = SharedEstimate::new();
         let mut media_engine = MediaEngine::default();
         media_engine.register_codec(
             RTCRtpCodecParameters {
@@ -1137,8 +1122,7 @@ impl Engine {
         )?;
         let tracks = self.tracks.new_peer_tracks()?;
         let pacer_stats = Arc::new(PacerStats::default());
-        self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
-        let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
+        let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate.clone());
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
         let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
         let registry = configure_congestion_control(
@@ -1153,7 +1137,7 @@ impl Engine {
             MediaPacer::new(
                 CongestionConfig::default().initial_bps,
                 tracks.audio_ssrc,
-                pacer_stats,
+                pacer_stats.clone(),
             ),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
@@ -1199,16 +1183,16 @@ impl Engine {
                 });
             }
         }
-        self.shims.insert(peer.clone(), shims);
         let mut config = RTCConfigurationBuilder::new().with_ice_servers(servers);
         if self.settings.relay_only {
             config = config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
         }
+        let remote_video = RemoteVideo::default();
         let handler = Arc::new(Handler {
             peer: peer.clone(),
             events: self.events.clone(),
             media: self.media.clone(),
-            remote_video: self.remote_video.clone(),
+            remote_video: remote_video.clone(),
             tracks: tracks.clone(),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
@@ -1237,7 +1221,6 @@ impl Engine {
             .build()
             .await?;
         self.tracks.add_peer(peer, tracks.clone());
-        self.peer_tracks.insert(peer.clone(), tracks.clone());
         pc.add_track(tracks.audio.clone() as Arc<dyn TrackLocal>)
             .await?;
         pc.add_track(tracks.video.clone() as Arc<dyn TrackLocal>)
@@ -1253,10 +1236,8 @@ impl Engine {
                 }),
             )
             .await?;
-        self.chats.insert(peer.clone(), chat.clone());
-        tokio::spawn(read_chat(chat, peer.clone(), self.events.clone()));
+        tokio::spawn(read_chat(chat.clone(), peer.clone(), self.events.clone()));
         let feedback = Arc::new(SendFeedback::default());
-        self.feedback.insert(peer.clone(), feedback.clone());
         for track in [tracks.audio.clone(), tracks.video.clone()] {
             tokio::spawn(read_feedback(
                 track,
@@ -1266,7 +1247,16 @@ impl Engine {
                 self.events.clone(),
             ));
         }
-        Ok(Arc::new(pc))
+        Ok(PeerSlot {
+            pc: Arc::new(pc),
+            tracks,
+            estimate,
+            feedback,
+            remote_video,
+            chat,
+            pacer_stats,
+            _shims: shims,
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
 use rtc::interceptor::{
-    Attribute, BandwidthEstimator, EstimatorStats, Gcc, Interceptor, NackGeneratorBuilder, Packet,
+    Attribute, BandwidthEstimator, EstimatorStats, Interceptor, NackGeneratorBuilder, Packet,
     PacketReport, Registry, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::media::Sample;
@@ -52,10 +52,10 @@ use webrtc::peer_connection::{
 };
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
+use crate::congestion::{CongestionConfig, Estimator};
 use crate::impair::{DelayRuntime, SendDelay};
-use crate::loss_control::LossControl;
 use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
-use crate::pacer::{DeliveryGuard, MediaPacer, PacerStats};
+use crate::pacer::{MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
 
 /// The payload types Bedside offers. A session may negotiate others (see [`PayloadTypes`]).
@@ -621,37 +621,20 @@ async fn read_feedback(
     }
 }
 
-/// Bounds of the congestion controller's estimate, bits per second. It starts high enough for
-/// 720p so a good link does not begin at the bottom of the quality ladder. The floor is above
-/// what audio alone puts on the wire (Opus with FEC plus RTP/SRTP/UDP/IP headers, about 55
-/// kbps): the pacer holds all RTP to the estimate, so a floor below that starves audio, the
-/// starved packets read as loss, and the estimate never climbs again (measured in the lab: stuck
-/// at a 30 kbps floor after a collapse, video never back).
-const GCC_INITIAL_BPS: f64 = 1_500_000.0;
-const GCC_MIN_BPS: f64 = 80_000.0;
-const GCC_MAX_BPS: f64 = 2_500_000.0;
-
-/// How long after a path change loss and delivery are not judged (see [`SharedEstimate`]).
-const PATH_SETTLE: Duration = Duration::from_secs(2);
-
 /// What one peer connection's estimator shares with the engine.
 #[derive(Debug)]
 struct SharedEstimate {
     /// The published target (f64 bits, bits per second).
     bps: AtomicU64,
     /// Bumped when the path changes: an ICE restart (ours or the peer's) or a new session
-    /// description. The feedback that first comes back over the new path reports everything
-    /// the old one swallowed as lost. That is not congestion, but read as such it cut the
-    /// estimate to the floor and sent the call audio-only for seconds after a handover. So the
-    /// estimator, at the first feedback after a bump, starts a fresh delivery guard and leaves
-    /// loss and delivery unjudged for [`PATH_SETTLE`] (the delay-based half goes on).
+    /// description ([`Estimator::path_changed`] says why that matters).
     path_changes: AtomicU64,
 }
 
 impl SharedEstimate {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            bps: AtomicU64::new(GCC_INITIAL_BPS.to_bits()),
+            bps: AtomicU64::new(CongestionConfig::default().initial_bps.to_bits()),
             path_changes: AtomicU64::new(0),
         })
     }
@@ -665,51 +648,31 @@ impl SharedEstimate {
     }
 }
 
-/// GCC's delay-based half with our loss-based half (`loss_control.rs`: the crate's backs off on
-/// loss the path has whatever we send), the target published where the driver can read it (the
-/// estimator lives inside the interceptor chain; this is the crate's
+/// The driver of the sans-IO [`Estimator`] (`congestion.rs`) inside the interceptor chain: it
+/// feeds it the feedback, the pacer's byte count and path changes, and publishes its target
+/// where the engine can read it (the estimator lives inside the chain; this is the crate's
 /// `bandwidth-estimation-from-disk` pattern).
 struct PublishingEstimator {
-    inner: Gcc,
-    loss: LossControl,
-    /// Caps the published estimate when far less arrives than the pacer sends.
-    guard: DeliveryGuard,
+    estimator: Estimator,
     pacer: Arc<PacerStats>,
     shared: Arc<SharedEstimate>,
     /// The path changes seen so far.
     path_changes: u64,
-    /// Loss and delivery are not judged before this (a path just changed).
-    settle_until: Option<Instant>,
 }
 
 impl PublishingEstimator {
     fn new(pacer: Arc<PacerStats>, shared: Arc<SharedEstimate>) -> Self {
         Self {
-            inner: Gcc::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
-            loss: LossControl::new(GCC_INITIAL_BPS, GCC_MIN_BPS, GCC_MAX_BPS),
-            guard: DeliveryGuard::default(),
+            estimator: Estimator::new(CongestionConfig::default()),
             pacer,
             shared,
             path_changes: 0,
-            settle_until: None,
         }
     }
 
     fn publish(&mut self) {
-        let target = self.guard.limit(self.target_bitrate());
+        let target = self.estimator.target_bps();
         self.shared.bps.store(target.to_bits(), Ordering::Relaxed);
-    }
-
-    /// Whether the path changed so recently that loss says nothing about congestion.
-    fn settling(&mut self, now: Instant) -> bool {
-        let changes = self.shared.path_changes.load(Ordering::Relaxed);
-        if changes != self.path_changes {
-            self.path_changes = changes;
-            self.settle_until = Some(now + PATH_SETTLE);
-            self.guard = DeliveryGuard::default();
-            self.loss.forget_path();
-        }
-        self.settle_until.is_some_and(|t| now < t)
     }
 }
 
@@ -718,44 +681,31 @@ impl BandwidthEstimator for PublishingEstimator {
         if reports.is_empty() {
             return;
         }
-        self.inner.on_reports(now, reports);
-        if self.settling(now) {
-            self.publish();
-            return;
+        let changes = self.shared.path_changes.load(Ordering::Relaxed);
+        if changes != self.path_changes {
+            self.path_changes = changes;
+            self.estimator.path_changed();
         }
-        let lost = reports.iter().filter(|r| !r.arrived).count();
-        self.loss.update(now, lost, reports.len());
-        let arrived: u64 = reports
-            .iter()
-            .filter(|r| r.arrived)
-            .map(|r| r.size as u64)
-            .sum();
         let sent = self.pacer.bytes_sent.load(Ordering::Relaxed);
-        self.guard.on_feedback(now, arrived, sent, GCC_MIN_BPS);
+        self.estimator.on_reports(now, reports, sent);
         self.publish();
     }
 
     fn target_bitrate(&self) -> f64 {
-        self.inner
-            .delay_based_bitrate()
-            .min(self.loss.target())
-            .clamp(GCC_MIN_BPS, GCC_MAX_BPS)
+        self.estimator.pacing_bps()
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        self.inner.handle_timeout(now);
+        self.estimator.handle_timeout(now);
         self.publish();
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.inner.poll_timeout()
+        self.estimator.poll_timeout()
     }
 
     fn stats(&self) -> EstimatorStats {
-        let mut stats = self.inner.stats();
-        stats.loss_based_bitrate = Some(self.loss.target());
-        stats.packet_loss = self.loss.average_loss();
-        stats
+        self.estimator.stats()
     }
 }
 
@@ -788,8 +738,8 @@ async fn read_chat(
     }
 }
 
-/// The remote video track of each peer, for sending it keyframe requests.
-type RemoteVideo = Arc<Mutex<HashMap<ParticipantId, Arc<dyn TrackRemote>>>>;
+/// A peer's remote video track once it has arrived, for sending it keyframe requests.
+type RemoteVideo = Arc<Mutex<Option<Arc<dyn TrackRemote>>>>;
 
 struct Handler {
     peer: ParticipantId,
@@ -838,10 +788,7 @@ impl PeerConnectionEventHandler for Handler {
             _ => MediaKind::Audio,
         };
         if kind == MediaKind::Video {
-            self.remote_video
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(self.peer.clone(), track.clone());
+            *self.remote_video.lock().unwrap_or_else(|p| p.into_inner()) = Some(track.clone());
         }
         let (peer, media, tracks) = (self.peer.clone(), self.media.clone(), self.tracks.clone());
         tokio::spawn(async move {
@@ -866,24 +813,30 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// The peer connections of one call.
+/// Everything the engine holds for one remote participant's peer connection: made together by
+/// [`Engine::build`] and dropped together (its TURN-over-TCP shims close with it).
+struct PeerSlot {
+    pc: Arc<dyn PeerConnection>,
+    /// Its local tracks and the payload types its session negotiated.
+    tracks: Arc<PeerTracks>,
+    /// Its congestion-controller estimate, and its path changes.
+    estimate: Arc<SharedEstimate>,
+    /// What the peer reports about the media we send it.
+    feedback: Arc<SendFeedback>,
+    /// Its video track, once it arrives.
+    remote_video: RemoteVideo,
+    /// The chat data channel.
+    chat: Arc<dyn DataChannel>,
+    /// What its pacer sent and dropped.
+    pacer_stats: Arc<PacerStats>,
+    _shims: Vec<TurnTcpShim>,
+}
+
+/// The peer connections of one call, one [`PeerSlot`] per remote participant.
 pub struct Engine {
     settings: EngineSettings,
     tracks: Arc<LocalTracks>,
-    peers: HashMap<ParticipantId, Arc<dyn PeerConnection>>,
-    /// Each peer connection's congestion-controller estimate, and its path changes.
-    estimates: HashMap<ParticipantId, Arc<SharedEstimate>>,
-    /// What each peer reports about the media we send it.
-    feedback: HashMap<ParticipantId, Arc<SendFeedback>>,
-    remote_video: RemoteVideo,
-    /// Each peer connection's chat data channel.
-    chats: HashMap<ParticipantId, Arc<dyn DataChannel>>,
-    /// What each peer connection's pacer sent and dropped.
-    pacer_stats: HashMap<ParticipantId, Arc<PacerStats>>,
-    /// The TURN-over-TCP shims of each peer connection (closed with it).
-    shims: HashMap<ParticipantId, Vec<TurnTcpShim>>,
-    /// Each peer connection's local tracks and negotiated payload types.
-    peer_tracks: HashMap<ParticipantId, Arc<PeerTracks>>,
+    peers: HashMap<ParticipantId, PeerSlot>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
 }
@@ -899,13 +852,6 @@ impl Engine {
             settings,
             tracks,
             peers: HashMap::new(),
-            estimates: HashMap::new(),
-            feedback: HashMap::new(),
-            remote_video: RemoteVideo::default(),
-            chats: HashMap::new(),
-            shims: HashMap::new(),
-            pacer_stats: HashMap::new(),
-            peer_tracks: HashMap::new(),
             events,
             media,
         }
@@ -914,21 +860,21 @@ impl Engine {
     /// The lowest send-side bandwidth estimate over all peers, kbps: the one shared video
     /// encoding has to fit. `None` without peers.
     pub fn bandwidth_estimate_kbps(&self) -> Option<u32> {
-        self.estimates
-            .keys()
-            .filter_map(|peer| self.peer_estimate_kbps(peer))
+        self.peers
+            .values()
+            .map(|slot| slot.estimate.kbps())
             .min_by(f64::total_cmp)
             .map(|kbps| kbps as u32)
     }
 
     /// What the pacer of `peer`'s connection sent, and dropped because it waited too long.
     pub fn pacer_stats(&self, peer: &ParticipantId) -> Option<&Arc<PacerStats>> {
-        self.pacer_stats.get(peer)
+        self.peers.get(peer).map(|slot| &slot.pacer_stats)
     }
 
     /// The congestion controller's estimate for `peer`, kbps.
     pub fn peer_estimate_kbps(&self, peer: &ParticipantId) -> Option<f64> {
-        self.estimates.get(peer).map(|e| e.kbps())
+        self.peers.get(peer).map(|slot| slot.estimate.kbps())
     }
 
     pub fn tracks(&self) -> &Arc<LocalTracks> {
@@ -937,7 +883,7 @@ impl Engine {
 
     /// The peer connection for `peer`, for statistics.
     pub fn peer(&self, peer: &ParticipantId) -> Option<&Arc<dyn PeerConnection>> {
-        self.peers.get(peer)
+        self.peers.get(peer).map(|slot| &slot.pc)
     }
 
     pub fn peer_ids(&self) -> impl Iterator<Item = &ParticipantId> {
@@ -946,18 +892,32 @@ impl Engine {
 
     /// What `peer` reports about the media we send it.
     pub fn send_feedback(&self, peer: &ParticipantId) -> Option<&Arc<SendFeedback>> {
-        self.feedback.get(peer)
+        self.peers.get(peer).map(|slot| &slot.feedback)
+    }
+
+    fn pc(&self, peer: &ParticipantId) -> Result<Arc<dyn PeerConnection>, EngineError> {
+        self.peers
+            .get(peer)
+            .map(|slot| slot.pc.clone())
+            .ok_or(EngineError::UnknownPeer)
+    }
+
+    /// Takes `peer`'s slot out (our media stops going to it); the caller closes its
+    /// connection.
+    fn remove(&mut self, peer: &ParticipantId) -> Option<PeerSlot> {
+        self.tracks.remove_peer(peer);
+        self.peers.remove(peer)
     }
 
     /// Asks `peer` for a video keyframe (RTCP PLI), when its video cannot be decoded. Does
     /// nothing before its video track has arrived.
     pub async fn request_keyframe_from(&self, peer: &ParticipantId) -> Result<(), EngineError> {
-        let track = self
-            .remote_video
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .cloned();
+        let track = self.peers.get(peer).and_then(|slot| {
+            slot.remote_video
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
         let Some(track) = track else {
             return Ok(());
         };
@@ -981,14 +941,12 @@ impl Engine {
                 offerer,
                 ice_servers,
             } => {
-                if let Some(old) = self.peers.remove(&peer) {
-                    let _ = old.close().await;
+                if let Some(old) = self.remove(&peer) {
+                    let _ = old.pc.close().await;
                 }
-                self.forget(&peer);
-                let estimate = SharedEstimate::new();
-                let pc = self.build(&peer, ice_servers, estimate.clone()).await?;
-                self.estimates.insert(peer.clone(), estimate);
-                self.peers.insert(peer.clone(), pc.clone());
+                let slot = self.build(&peer, ice_servers).await?;
+                let pc = slot.pc.clone();
+                self.peers.insert(peer.clone(), slot);
                 if offerer {
                     let offer = pc.create_offer(None).await?;
                     pc.set_local_description(offer.clone()).await?;
@@ -996,11 +954,7 @@ impl Engine {
                 }
             }
             EngineCommand::SetRemoteDescription { peer, kind, sdp } => {
-                let pc = self
-                    .peers
-                    .get(&peer)
-                    .ok_or(EngineError::UnknownPeer)?
-                    .clone();
+                let pc = self.pc(&peer)?;
                 // A description after the first renegotiates, on an ICE restart a new path.
                 if pc.remote_description().await.is_some() {
                     self.path_changed(&peer);
@@ -1022,7 +976,7 @@ impl Engine {
                 }
             }
             EngineCommand::AddRemoteCandidate { peer, candidate } => {
-                let pc = self.peers.get(&peer).ok_or(EngineError::UnknownPeer)?;
+                let pc = self.pc(&peer)?;
                 if candidate.candidate.is_empty() {
                     return Ok(());
                 }
@@ -1036,11 +990,7 @@ impl Engine {
                 .await?;
             }
             EngineCommand::RestartIce { peer } => {
-                let pc = self
-                    .peers
-                    .get(&peer)
-                    .ok_or(EngineError::UnknownPeer)?
-                    .clone();
+                let pc = self.pc(&peer)?;
                 self.path_changed(&peer);
                 pc.restart_ice().await?;
                 let offer = pc.create_offer(None).await?;
@@ -1048,9 +998,8 @@ impl Engine {
                 self.local_description(peer, SdpKind::Offer, offer.sdp);
             }
             EngineCommand::ClosePeer { peer } => {
-                self.forget(&peer);
-                if let Some(pc) = self.peers.remove(&peer) {
-                    pc.close().await?;
+                if let Some(slot) = self.remove(&peer) {
+                    slot.pc.close().await?;
                 }
             }
             EngineCommand::SetMicrophoneMuted(muted) => {
@@ -1063,7 +1012,7 @@ impl Engine {
                 self.tracks.audio_redundancy.store(on, Ordering::Relaxed);
             }
             EngineCommand::SendChat { peer, id, text } => {
-                let sent = match self.chats.get(&peer) {
+                let sent = match self.peers.get(&peer).map(|slot| &slot.chat) {
                     Some(channel) => {
                         let wire = bedside_protocol::chat::PeerMessage::Chat { id, text }.encode();
                         channel.send_text(&wire).await
@@ -1086,33 +1035,17 @@ impl Engine {
     pub async fn close_all(&mut self) {
         let peers: Vec<_> = self.peers.keys().cloned().collect();
         for peer in &peers {
-            self.forget(peer);
-        }
-        for (_, pc) in self.peers.drain() {
-            let _ = pc.close().await;
+            if let Some(slot) = self.remove(peer) {
+                let _ = slot.pc.close().await;
+            }
         }
     }
 
     /// `peer`'s path is changing (see [`SharedEstimate`]).
     fn path_changed(&self, peer: &ParticipantId) {
-        if let Some(estimate) = self.estimates.get(peer) {
-            estimate.path_changed();
+        if let Some(slot) = self.peers.get(peer) {
+            slot.estimate.path_changed();
         }
-    }
-
-    /// Drops what belonged to `peer`'s peer connection (not the connection itself).
-    fn forget(&mut self, peer: &ParticipantId) {
-        self.estimates.remove(peer);
-        self.feedback.remove(peer);
-        self.chats.remove(peer);
-        self.shims.remove(peer);
-        self.pacer_stats.remove(peer);
-        self.peer_tracks.remove(peer);
-        self.tracks.remove_peer(peer);
-        self.remote_video
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer);
     }
 
     /// `peer`'s session was negotiated (an offer and its answer applied): the payload types
@@ -1121,7 +1054,7 @@ impl Engine {
     /// for a sender the answer left out, and its packets would be dropped unseen.
     async fn learn_payload_types(&self, peer: &ParticipantId, pc: &dyn PeerConnection) {
         use webrtc::rtp_transceiver::RTCRtpTransceiverDirection as Direction;
-        let Some(tracks) = self.peer_tracks.get(peer) else {
+        let Some(tracks) = self.peers.get(peer).map(|slot| &slot.tracks) else {
             return;
         };
         let (mut send, mut receive) = (Vec::new(), Vec::new());
@@ -1157,12 +1090,14 @@ impl Engine {
             .send(EngineEvent::LocalDescription { peer, kind, sdp });
     }
 
+    /// A new peer connection for `peer`, with everything that goes with it; our media goes to
+    /// it from now on.
     async fn build(
         &mut self,
         peer: &ParticipantId,
         ice_servers: Vec<IceServer>,
-        estimate: Arc<SharedEstimate>,
-    ) -> Result<Arc<dyn PeerConnection>, EngineError> {
+    ) -> Result<PeerSlot, EngineError> {
+        let estimate = SharedEstimate::new();
         let mut media_engine = MediaEngine::default();
         media_engine.register_codec(
             RTCRtpCodecParameters {
@@ -1187,8 +1122,7 @@ impl Engine {
         )?;
         let tracks = self.tracks.new_peer_tracks()?;
         let pacer_stats = Arc::new(PacerStats::default());
-        self.pacer_stats.insert(peer.clone(), pacer_stats.clone());
-        let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate);
+        let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate.clone());
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).
         let registry = Registry::new().with(Slot::from(14_000), FeedbackForwarder::default());
         let registry = configure_congestion_control(
@@ -1200,7 +1134,11 @@ impl Engine {
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(GCC_INITIAL_BPS, tracks.audio_ssrc, pacer_stats),
+            MediaPacer::new(
+                CongestionConfig::default().initial_bps,
+                tracks.audio_ssrc,
+                pacer_stats.clone(),
+            ),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
@@ -1245,16 +1183,16 @@ impl Engine {
                 });
             }
         }
-        self.shims.insert(peer.clone(), shims);
         let mut config = RTCConfigurationBuilder::new().with_ice_servers(servers);
         if self.settings.relay_only {
             config = config.with_ice_transport_policy(RTCIceTransportPolicy::Relay);
         }
+        let remote_video = RemoteVideo::default();
         let handler = Arc::new(Handler {
             peer: peer.clone(),
             events: self.events.clone(),
             media: self.media.clone(),
-            remote_video: self.remote_video.clone(),
+            remote_video: remote_video.clone(),
             tracks: tracks.clone(),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
@@ -1283,7 +1221,6 @@ impl Engine {
             .build()
             .await?;
         self.tracks.add_peer(peer, tracks.clone());
-        self.peer_tracks.insert(peer.clone(), tracks.clone());
         pc.add_track(tracks.audio.clone() as Arc<dyn TrackLocal>)
             .await?;
         pc.add_track(tracks.video.clone() as Arc<dyn TrackLocal>)
@@ -1299,10 +1236,8 @@ impl Engine {
                 }),
             )
             .await?;
-        self.chats.insert(peer.clone(), chat.clone());
-        tokio::spawn(read_chat(chat, peer.clone(), self.events.clone()));
+        tokio::spawn(read_chat(chat.clone(), peer.clone(), self.events.clone()));
         let feedback = Arc::new(SendFeedback::default());
-        self.feedback.insert(peer.clone(), feedback.clone());
         for track in [tracks.audio.clone(), tracks.video.clone()] {
             tokio::spawn(read_feedback(
                 track,
@@ -1312,7 +1247,16 @@ impl Engine {
                 self.events.clone(),
             ));
         }
-        Ok(Arc::new(pc))
+        Ok(PeerSlot {
+            pc: Arc::new(pc),
+            tracks,
+            estimate,
+            feedback,
+            remote_video,
+            chat,
+            pacer_stats,
+            _shims: shims,
+        })
     }
 }
 

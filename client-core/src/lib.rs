@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod call;
+pub mod congestion;
 pub mod driver;
 pub mod engine;
 pub mod impair;

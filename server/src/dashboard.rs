@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::AppState;
 use crate::alerts::{self, Alert, Engine, Observation};
 use crate::hub::LiveConsultation;
-use crate::metrics::{CodeLabel, RoleLabel};
+use crate::metrics::{CodeLabel, QualityLabel, RoleLabel};
 use crate::telemetry::{ConsultationTelemetry, Transition, now_ms};
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
@@ -341,6 +341,26 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                     kbps,
                 });
             }
+
+            let m = &state.metrics;
+            for (quality, count) in [
+                ("good", o.calls_good),
+                ("fair", o.calls_fair),
+                ("poor", o.calls_poor),
+            ] {
+                m.calls
+                    .get_or_create(&QualityLabel { quality })
+                    .set(count as i64);
+            }
+            m.relay_allocation_quota
+                .set(o.relay.as_ref().map_or(0, |r| i64::from(r.quota)));
+            let longest_down = live
+                .iter()
+                .flat_map(|c| c.seats.iter().filter_map(|s| s.down_for))
+                .max()
+                .unwrap_or_default();
+            m.seat_held_longest_seconds
+                .set(longest_down.as_secs() as i64);
 
             if n.is_multiple_of(cfg.eval_interval_secs.max(1)) {
                 let obs = Observation {

@@ -95,10 +95,53 @@ async fn promtool_check_metrics_passes_on_metrics() -> Result<()> {
         "promtool: {said}"
     );
 
+    // Every family the shipped Grafana dashboard and Prometheus rules query is served.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let grafana: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("deploy/grafana/bedside.json"),
+    )?)?;
+    let mut queries: Vec<String> = grafana["panels"]
+        .as_array()
+        .context("panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+    queries.push(std::fs::read_to_string(
+        root.join("deploy/prometheus/alerts.yml"),
+    )?);
+    for q in &queries {
+        for name in metric_names(q) {
+            assert!(
+                text.lines().any(|l| l.starts_with(&name)),
+                "{name} (queried by {q:?}) is not in /metrics"
+            );
+        }
+    }
+
     // Prometheus itself asks for OpenMetrics, and gets it.
     let om = server.metrics().await?;
     assert!(om.trim_end().ends_with("# EOF"));
     Ok(())
+}
+
+/// The `bedside_*` metric names in a query or rule file.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("bedside_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `bedside_errors_total` is a family; `bedside-server` in prose is not a metric.
+        if end > "bedside_".len() {
+            out.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
 }
 
 #[test]

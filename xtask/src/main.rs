@@ -44,6 +44,12 @@ const TEST_PACKAGES: &[&str] = &[
     "libxrandr2",
     "gcc-aarch64-linux-gnu",
     "g++-aarch64-linux-gnu",
+    // The operations dashboard's browser test (headless Chromium driven by playwright-core
+    // from npm: this image's nodejs is NodeSource's, which bundles npm; with Debian's own
+    // nodejs add "npm") and promtool for /metrics and the shipped Prometheus rules.
+    "chromium",
+    "nodejs",
+    "prometheus",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

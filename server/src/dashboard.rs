@@ -288,7 +288,10 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             state.telemetry.retain(&seats, now);
             let rows: Vec<ConsultationRow> = live
                 .iter()
-                .map(|c| row(c, state.telemetry.consultation(&c.id).as_ref(), now))
+                .map(|c| {
+                    let t = state.telemetry.consultation(&c.id, SPARK_POINTS);
+                    row(c, t.as_ref(), now)
+                })
                 .collect();
 
             let mut o = Overview {
@@ -387,6 +390,15 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             n += 1;
 
+            // The gauges and the alert rules need the overview every second; the JSON only
+            // while someone watches.
+            if state.dashboard.receiver_count() == 0 {
+                // A dashboard that opens later must not be shown an old snapshot first.
+                if &**state.dashboard.borrow() != "{}" {
+                    state.dashboard.send_replace(Arc::from("{}"));
+                }
+                continue;
+            }
             let snapshot = Snapshot {
                 at_ms: now,
                 overview: o,

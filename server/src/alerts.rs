@@ -520,6 +520,28 @@ mod tests {
     }
 
     #[test]
+    fn bad_settings_are_refused() {
+        let bad = [
+            AlertsConfig {
+                eval_interval_secs: 0,
+                ..AlertsConfig::default()
+            },
+            AlertsConfig {
+                calls_poor_share: 1.5,
+                ..AlertsConfig::default()
+            },
+            AlertsConfig {
+                webhook_url: "pager.example/hook".into(),
+                ..AlertsConfig::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+        AlertsConfig::default().validate().unwrap();
+    }
+
+    #[test]
     fn the_payload_is_alertmanagers() {
         let cfg = cfg();
         let obs = Observation {

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::AppState;
 use crate::alerts::{self, Alert, Engine, Observation};
 use crate::hub::LiveConsultation;
-use crate::metrics::{CodeLabel, RoleLabel};
+use crate::metrics::{CodeLabel, QualityLabel, RoleLabel};
 use crate::telemetry::{ConsultationTelemetry, Transition, now_ms};
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
@@ -288,7 +288,10 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             state.telemetry.retain(&seats, now);
             let rows: Vec<ConsultationRow> = live
                 .iter()
-                .map(|c| row(c, state.telemetry.consultation(&c.id).as_ref(), now))
+                .map(|c| {
+                    let t = state.telemetry.consultation(&c.id, SPARK_POINTS);
+                    row(c, t.as_ref(), now)
+                })
                 .collect();
 
             let mut o = Overview {
@@ -342,6 +345,26 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 });
             }
 
+            let m = &state.metrics;
+            for (quality, count) in [
+                ("good", o.calls_good),
+                ("fair", o.calls_fair),
+                ("poor", o.calls_poor),
+            ] {
+                m.calls
+                    .get_or_create(&QualityLabel { quality })
+                    .set(count as i64);
+            }
+            m.relay_allocation_quota
+                .set(o.relay.as_ref().map_or(0, |r| i64::from(r.quota)));
+            let longest_down = live
+                .iter()
+                .flat_map(|c| c.seats.iter().filter_map(|s| s.down_for))
+                .max()
+                .unwrap_or_default();
+            m.seat_held_longest_seconds
+                .set(longest_down.as_secs() as i64);
+
             if n.is_multiple_of(cfg.eval_interval_secs.max(1)) {
                 let obs = Observation {
                     calls_scored: o.calls_good + o.calls_fair + o.calls_poor,
@@ -367,6 +390,15 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
             n += 1;
 
+            // The gauges and the alert rules need the overview every second; the JSON only
+            // while someone watches.
+            if state.dashboard.receiver_count() == 0 {
+                // A dashboard that opens later must not be shown an old snapshot first.
+                if &**state.dashboard.borrow() != "{}" {
+                    state.dashboard.send_replace(Arc::from("{}"));
+                }
+                continue;
+            }
             let snapshot = Snapshot {
                 at_ms: now,
                 overview: o,

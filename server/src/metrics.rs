@@ -69,6 +69,11 @@ pub struct LimitLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QualityLabel {
+    pub quality: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
@@ -109,6 +114,12 @@ pub struct Metrics {
     pub join_admitted_seconds: Histogram,
     /// A patient's time in the waiting room, by how it ended.
     pub waiting_room_seconds: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
+    /// Live calls by their quality score (set by the dashboard's feed every second).
+    pub calls: Family<QualityLabel, Gauge>,
+    /// The bundled relay's `total-quota` (0 without it).
+    pub relay_allocation_quota: Gauge,
+    /// The longest a held seat's link has been down now, seconds.
+    pub seat_held_longest_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,6 +141,9 @@ impl Default for Metrics {
             limited: Family::default(),
             join_admitted_seconds: Histogram::new(wait_buckets()),
             waiting_room_seconds: Family::new_with_constructor(|| Histogram::new(wait_buckets())),
+            calls: Family::default(),
+            relay_allocation_quota: Gauge::default(),
+            seat_held_longest_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +212,21 @@ impl Default for Metrics {
             "waiting_room_seconds",
             "Time patients spent in the waiting room, by outcome (admitted, denied, left)",
             m.waiting_room_seconds.clone(),
+        );
+        registry.register(
+            "calls",
+            "Live calls by quality score (good, fair, poor; the shared score of bedside-protocol)",
+            m.calls.clone(),
+        );
+        registry.register(
+            "relay_allocation_quota",
+            "The bundled relay's total allocation quota (0 when it does not run)",
+            m.relay_allocation_quota.clone(),
+        );
+        registry.register(
+            "seat_held_longest_seconds",
+            "The longest any held seat's link has been down now",
+            m.seat_held_longest_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

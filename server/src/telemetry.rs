@@ -114,8 +114,14 @@ pub trait TelemetryStore: Send + Sync {
     );
     /// A change the server itself saw (a link dropped, a seat resumed).
     fn note(&self, cid: &ConsultationId, pid: &ParticipantId, role: Role, at_ms: u64, c: Change);
-    /// A copy of one consultation's window.
-    fn consultation(&self, cid: &ConsultationId) -> Option<ConsultationTelemetry>;
+    /// A copy of one consultation's window with at most the `max_samples` newest samples per
+    /// participant (the dashboard reads every live consultation every second: it copies only
+    /// what it shows).
+    fn consultation(
+        &self,
+        cid: &ConsultationId,
+        max_samples: usize,
+    ) -> Option<ConsultationTelemetry>;
     /// Forgets consultations not in `live`, participants not in them, and samples older than
     /// the window.
     fn retain(&self, live: &HashMap<ConsultationId, HashSet<ParticipantId>>, now_ms: u64);
@@ -266,8 +272,25 @@ impl TelemetryStore for MemoryTelemetry {
         self.push_transition(entry, t);
     }
 
-    fn consultation(&self, cid: &ConsultationId) -> Option<ConsultationTelemetry> {
-        self.lock().get(cid).cloned()
+    fn consultation(
+        &self,
+        cid: &ConsultationId,
+        max_samples: usize,
+    ) -> Option<ConsultationTelemetry> {
+        let map = self.lock();
+        let c = map.get(cid)?;
+        Some(ConsultationTelemetry {
+            participants: c
+                .participants
+                .iter()
+                .map(|(pid, p)| {
+                    let skip = p.samples.len().saturating_sub(max_samples);
+                    let samples = p.samples.iter().skip(skip).cloned().collect();
+                    (pid.clone(), ParticipantTelemetry { samples })
+                })
+                .collect(),
+            transitions: c.transitions.clone(),
+        })
     }
 
     fn retain(&self, live: &HashMap<ConsultationId, HashSet<ParticipantId>>, now_ms: u64) {
@@ -308,7 +331,7 @@ mod tests {
             // Four a second: every other one is under the minimum gap.
             store.record(&cid, &pid, Role::Patient, i * 125, &StatsReport::default());
         }
-        let c = store.consultation(&cid).unwrap();
+        let c = store.consultation(&cid, usize::MAX).unwrap();
         let samples = &c.participants[&pid].samples;
         assert!(samples.len() <= 41, "{}", samples.len());
         let (first, last) = (
@@ -335,7 +358,7 @@ mod tests {
         s("connected", false, 1000);
         s("Jane Doe 10.1.2.3", true, 2000);
         store.note(&cid, &pid, Role::Doctor, 3000, Change::LinkDropped);
-        let c = store.consultation(&cid).unwrap();
+        let c = store.consultation(&cid, usize::MAX).unwrap();
         let kinds: Vec<_> = c.transitions.iter().map(|t| t.change.clone()).collect();
         assert_eq!(
             kinds,
@@ -354,6 +377,6 @@ mod tests {
         assert_eq!(c.participants[&pid].last().unwrap().report.rtt_ms, None);
 
         store.retain(&HashMap::new(), 4000);
-        assert!(store.consultation(&cid).is_none());
+        assert!(store.consultation(&cid, 1).is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! The server's own alert rules, delivered to a webhook receiver run by the test (Alertmanager's
 //! webhook payload): "calls poor" raised by an impaired probe call and resolved once the
-//! impairment is gone, and "relay near quota" under a quota-sized load from coturn's
-//! `turnutils_uclient`.
+//! impairment is gone; "relay near quota" under a quota-sized load from coturn's
+//! `turnutils_uclient`; refused joins and a seat held past the threshold, also shown as firing
+//! on the dashboard's feed.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
+use bedside_protocol::ClientMessage;
 use bedside_tests::ops::{self, ProbeCall};
 use bedside_tests::{TestServer, test_config, with_turn};
 use serde_json::Value;
@@ -190,5 +192,85 @@ async fn a_quota_sized_relay_load_raises_relay_near_quota() -> Result<()> {
         .unwrap_or("");
     assert!(summary.contains("of its 4 allocations"), "{summary}");
     let _ = uclient.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_joins_and_a_held_seat_raise_their_alerts_and_the_dashboard_shows_them()
+-> Result<()> {
+    let (url, mut hooks) = receiver().await?;
+    let mut config = alerting(test_config(), url);
+    config.alerts.join_failures_per_minute = 2;
+    config.alerts.stuck_reconnecting_secs = 2;
+    let server = TestServer::start_with(config).await?;
+
+    // Three forged tokens: more than two refused joins in a minute.
+    for _ in 0..3 {
+        let mut c = server.connect().await?;
+        c.send_join(bedside_protocol::JoinAuth::Token {
+            token: "not.a.token".into(),
+        })
+        .await?;
+        c.expect_error(bedside_protocol::ErrorCode::InvalidToken)
+            .await?;
+    }
+    next_alert(
+        &mut hooks,
+        "BedsideJoinFailures",
+        "firing",
+        Duration::from_secs(15),
+    )
+    .await?;
+
+    // A doctor whose link drops without `leave`: the seat is held, then "stuck reconnecting".
+    let c = server.create_consultation().await?;
+    let doctor = server.doctor(&c).await?;
+    let token = doctor.resume_token.clone().context("resume token")?;
+    drop(doctor);
+    let stuck = next_alert(
+        &mut hooks,
+        "BedsideStuckReconnecting",
+        "firing",
+        Duration::from_secs(15),
+    )
+    .await?;
+    assert_eq!(
+        stuck["alerts"][0]["labels"]["consultation"],
+        c.consultation_id.0.as_str()
+    );
+
+    // The dashboard lists both as firing.
+    let events =
+        ops::read_events(&server.base_url, &server.admin_key, Duration::from_secs(3)).await?;
+    let last = ops::snapshots(&events)
+        .into_iter()
+        .rfind(|s| s.get("overview").is_some())
+        .context("no snapshot")?;
+    let firing: Vec<&str> = last["alerts_firing"]
+        .as_array()
+        .context("alerts_firing")?
+        .iter()
+        .filter_map(|a| a["labels"]["alertname"].as_str())
+        .collect();
+    assert!(
+        firing.contains(&"BedsideJoinFailures") && firing.contains(&"BedsideStuckReconnecting"),
+        "{firing:?}"
+    );
+
+    // Resuming the seat resolves the held-seat alert.
+    let mut back = server.connect().await?;
+    back.send(ClientMessage::Resume {
+        protocol_version: bedside_protocol::PROTOCOL_VERSION,
+        resume_token: token,
+    })
+    .await?;
+    back.expect_type("joined").await?;
+    next_alert(
+        &mut hooks,
+        "BedsideStuckReconnecting",
+        "resolved",
+        Duration::from_secs(15),
+    )
+    .await?;
     Ok(())
 }

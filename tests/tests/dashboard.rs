@@ -85,7 +85,11 @@ async fn the_dashboard_shows_two_live_calls_and_the_impaired_one_is_poor() -> Re
         std::fs::metadata(&shot)?.len() > 10_000,
         "screenshot {shot:?}"
     );
-    eprintln!("dashboard screenshot: {}", shot.display());
+    eprintln!(
+        "dashboard screenshot: {}; a new snapshot rendered {} ms after the first look",
+        shot.display(),
+        page["update_ms"]
+    );
 
     // Nothing that identifies anyone, in the page or in its event stream.
     let events = events.await??;

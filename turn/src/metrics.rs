@@ -243,3 +243,47 @@ impl prometheus_client::collector::Collector for Metrics {
         prometheus_client::collector::Collector::encode(&Collector(self.snapshot_full()), encoder)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_its_values() {
+        let m = Metrics::default();
+        m.relayed_packets.fetch_add(3, Relaxed);
+        m.active_allocations.fetch_add(2, Relaxed);
+        m.error(486);
+        m.error(999);
+        m.allocate_latency(70);
+        let text = m.prometheus();
+        for family in [
+            "active_allocations",
+            "allocations",
+            "relayed_packets",
+            "relayed_bytes",
+            "dropped_packets",
+            "binding_requests",
+            "error_responses",
+            "allocate_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP bedside_turn_{family} ")),
+                "{family}: {text}"
+            );
+        }
+        for sample in [
+            "bedside_turn_active_allocations 2",
+            "bedside_turn_relayed_packets_total 3",
+            "bedside_turn_error_responses_total{code=\"486\"} 1",
+            "bedside_turn_error_responses_total{code=\"other\"} 1",
+            "bedside_turn_allocate_seconds_bucket{le=\"0.00005\"} 0",
+            "bedside_turn_allocate_seconds_bucket{le=\"0.0001\"} 1",
+            "bedside_turn_allocate_seconds_bucket{le=\"+Inf\"} 1",
+            "bedside_turn_allocate_seconds_count 1",
+        ] {
+            assert!(text.contains(sample), "{sample}: {text}");
+        }
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}

@@ -57,6 +57,10 @@ const TEST_PACKAGES: &[&str] = &[
     // npm to install playwright-core into target/.
     "chromium",
     "nodejs",
+    // The operations dashboard's browser test (the same Chromium and node: this image's nodejs
+    // is NodeSource's, which bundles npm; with Debian's own nodejs add "npm") and promtool for
+    // /metrics and the shipped Prometheus rules.
+    "prometheus",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

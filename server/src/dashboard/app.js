@@ -57,6 +57,7 @@ function tile(k, v) {
 }
 
 function render(s) {
+  if (!s.overview) return; // the server's first snapshot is not built yet
   last = s;
   const o = s.overview;
   const tiles = [

@@ -714,6 +714,7 @@
 
   function setBanner(text) {
     note($('banner'), text);
+    if (text.startsWith('Reconnecting')) state.test.sawReconnecting = true;
   }
 
   // ---- Chat ----------------------------------------------------------------------------------

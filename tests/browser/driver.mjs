@@ -7,6 +7,7 @@
 // Scenario fields: url, chromium, userDataDir, name, clinician (joins with the #token in the
 // url and is admitted at once), admit (click Admit when someone waits), chat (a line to send; the probe answers
 // "echo: <line>"), screenshot (a path), reload (reload mid-call and check the seat resumes),
+// outage (the test restarts the server after "ready-for-outage": the seat must resume),
 // minFrames, holdMs, timeoutMs.
 import { createRequire } from 'node:module';
 
@@ -81,6 +82,16 @@ try {
     chatEchoed = t.chatReceived;
     out({ event: 'chat', ms: ms() });
   }
+  let afterOutage = null;
+  if (s.outage) {
+    // The test takes the server away now; the page must resume its seat, the media going on.
+    const frames = stat(t, 'framesDecoded');
+    out({ event: 'ready-for-outage', ms: ms() });
+    t = await waitFor('the seat resumed', (t) => t.resumed && t.sawReconnecting && t.state === 'call' &&
+      stat(t, 'framesDecoded') >= frames + minFrames);
+    afterOutage = { framesBefore: frames, framesAfter: stat(t, 'framesDecoded'), events: t.events };
+    out({ event: 'resumed', ms: ms() });
+  }
   if (s.screenshot) {
     await page.screenshot({ path: s.screenshot });
   }
@@ -96,7 +107,7 @@ try {
   if (s.holdMs) await new Promise((r) => setTimeout(r, s.holdMs));
   t = await test();
   out({ result: { state: t.state, stats: t.stats, remoteAudio: t.remoteAudio, chatReceived: chatEchoed, resumed: t.resumed,
-    afterReload, events: t.events, errors } });
+    afterReload, afterOutage, sawReconnecting: Boolean(t.sawReconnecting), events: t.events, errors } });
   if (s.leave) {
     await page.click('#leave');
     await waitFor('the end screen', (t) => t.state === 'ended');

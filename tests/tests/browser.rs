@@ -304,6 +304,52 @@ async fn a_patient_joins_by_link_is_admitted_chats_and_resumes_after_a_reload() 
     Ok(())
 }
 
+/// The server restarts mid-call: the page says it is reconnecting, resumes its seat with the
+/// token it kept, and the media (peer to peer) never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_call_resumes_the_page_s_seat() -> Result<()> {
+    let Some(driver) = driver() else {
+        return Ok(());
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let server = TestServer::start().await?;
+    let c = server.create_consultation().await?;
+    let doctor = tokio::spawn(run(probe(
+        &server,
+        JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        Duration::from_secs(12),
+    )));
+    let mut page = Page::open(
+        &driver,
+        json!({
+            "url": format!("{}?tone={PATIENT_TONE_HZ}", c.invite_url),
+            "name": "Ada Patient",
+            "outage": true,
+            "timeoutMs": 30000,
+        }),
+    )
+    .await?;
+    page.expect("ready-for-outage").await?;
+    let server = server.restart().await?;
+    page.expect("resumed").await?;
+    let result = page.finish().await?;
+    assert_eq!(result["resumed"], true, "{result}");
+    assert_eq!(result["sawReconnecting"], true, "{result}");
+    // The peer connection never left "connected": media went on through the outage.
+    assert_eq!(
+        result["events"],
+        json!(["pc:connecting", "pc:connected", "resumed"]),
+        "{result}"
+    );
+    let report = doctor.await??;
+    assert!(report.connected, "{report:?}");
+    assert!(report.video_frames_decoded >= 20, "{report:?}");
+    drop(server);
+    Ok(())
+}
+
 /// A relay-only browser call through the bundled relay over `relay` ("udp" or "tls").
 async fn relay_only_call(relay: &str) -> Result<()> {
     let Some(driver) = driver() else {

@@ -254,7 +254,7 @@ async fn a_patient_joins_by_link_is_admitted_chats_and_resumes_after_a_reload() 
             "chat": "hello from the browser",
             "screenshot": screenshot_path(),
             "reload": true,
-            "holdMs": 1000,
+            "holdMs": 3000,
         }),
     )
     .await?;
@@ -350,7 +350,7 @@ async fn a_server_restart_mid_call_resumes_the_page_s_seat() -> Result<()> {
     Ok(())
 }
 
-/// A relay-only browser call through the bundled relay over `relay` ("udp" or "tls").
+/// A relay-only browser call through the bundled relay over `relay` ("udp", "tcp" or "tls").
 async fn relay_only_call(relay: &str) -> Result<()> {
     let Some(driver) = driver() else {
         return Ok(());
@@ -400,6 +400,11 @@ async fn relay_only_call(relay: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_only_browser_call_goes_through_turn_over_udp() -> Result<()> {
     relay_only_call("udp").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_browser_call_goes_through_turn_over_tcp() -> Result<()> {
+    relay_only_call("tcp").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,6 +196,8 @@ fn assert_probe_got_the_page(report: &Report) {
     assert!(report.audio_frames_received >= 50, "{report:?}");
     assert_eq!(report.heard.as_deref(), Some("patient"), "{report:?}");
     assert_eq!(report.chat_received, 1, "{report:?}");
+    // Every sample went out on a payload type the session negotiated.
+    assert_eq!(report.samples_unsent, 0, "{report:?}");
 }
 
 /// The page decoded the probe's video (320x180) and heard its tone, on the candidate type given.
@@ -413,7 +415,8 @@ async fn a_relay_only_browser_call_goes_through_turn_over_tls() -> Result<()> {
 }
 
 /// The page as a clinician (a join token in the link's fragment) admits a native patient probe,
-/// which offers: the browser answers.
+/// which offers: the browser answers. The browser then goes offline and back: the page asks the
+/// probe to restart ICE, and the call goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_clinician_admits_a_native_patient_and_answers_its_offer() -> Result<()> {
     let Some(driver) = driver() else {
@@ -440,7 +443,9 @@ async fn a_browser_clinician_admits_a_native_patient_and_answers_its_offer() -> 
             "clinician": true,
             "admit": true,
             "chat": "hello from the browser",
-            "holdMs": 3000,
+            "networkChange": true,
+            "holdMs": 2000,
+            "timeoutMs": 25000,
         }),
     )
     .await?;
@@ -450,11 +455,18 @@ async fn a_browser_clinician_admits_a_native_patient_and_answers_its_offer() -> 
         JoinAuth::InviteCode {
             code: c.invite_code.clone(),
         },
-        Duration::from_secs(8),
+        Duration::from_secs(12),
     )));
     page.expect("someone-waits").await?;
     page.expect("media").await?;
+    page.expect("network-changed").await?;
     let result = page.finish().await?;
+    // The network change restarted ICE: the probe (the offerer) sent a second offer, with new
+    // credentials, and the media went on.
+    let ufrags = result["afterNetworkChange"]["remoteUfrags"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(ufrags >= 2, "{result}");
     assert_page_got_the_probe(&result, f64::from(PATIENT_TONE_HZ), "host", None);
     // The page sends the patient's tone whatever its role: the probe names what it heard.
     assert_probe_got_the_page(&patient.await??);

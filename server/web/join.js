@@ -59,7 +59,7 @@
     cameraOff: false,
     audioOnlyByNetwork: false,
     chatId: 0,
-    test: { state: 'lobby', chatReceived: [], chatSent: 0, stats: {}, resumed: false, events: [] },
+    test: { state: 'lobby', chatReceived: [], chatSent: 0, stats: {}, resumed: false, events: [], remoteUfrags: [] },
   };
   // What the browser tests read (no personal data: figures and states only).
   window.bedsideTest = state.test;
@@ -431,6 +431,8 @@
           await p.pc.setLocalDescription({ type: 'rollback' });
         }
         await p.pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+        const ufrag = (msg.sdp.match(/a=ice-ufrag:(\S+)/) || [])[1];
+        if (ufrag && !state.test.remoteUfrags.includes(ufrag)) state.test.remoteUfrags.push(ufrag);
         await p.pc.setLocalDescription();
         send({ type: 'answer', to: msg.from, sdp: p.pc.localDescription.sdp });
         break;
@@ -686,12 +688,17 @@
     }, RESTART_TIMEOUT_MS);
   }
 
+  // The browser fires several of these for one change (connection change, online): one
+  // restart for a burst.
   function networkChanged(why) {
     event('network:' + why);
-    if (!state.ws || state.ws.readyState > WebSocket.OPEN) {
-      if (sessionStorage.getItem(RESUME_KEY)) connect();
-    }
-    for (const id of state.peers.keys()) restartIce(id);
+    clearTimeout(state.networkTimer);
+    state.networkTimer = setTimeout(() => {
+      if (!state.ws || state.ws.readyState > WebSocket.OPEN) {
+        if (sessionStorage.getItem(RESUME_KEY)) connect();
+      }
+      for (const id of state.peers.keys()) restartIce(id);
+    }, 300);
   }
 
   function closePeer(id) {
@@ -714,6 +721,7 @@
 
   function setBanner(text) {
     note($('banner'), text);
+    if (text.startsWith('Reconnecting')) state.test.sawReconnecting = true;
   }
 
   // ---- Chat ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 // Scenario fields: url, chromium, userDataDir, name, clinician (joins with the #token in the
 // url and is admitted at once), admit (click Admit when someone waits), chat (a line to send; the probe answers
 // "echo: <line>"), screenshot (a path), reload (reload mid-call and check the seat resumes),
+// networkChange (offline and back: ICE must restart), outage (the test restarts the server after "ready-for-outage": the seat must resume),
 // minFrames, holdMs, timeoutMs.
 import { createRequire } from 'node:module';
 
@@ -81,6 +82,28 @@ try {
     chatEchoed = t.chatReceived;
     out({ event: 'chat', ms: ms() });
   }
+  let afterNetworkChange = null;
+  if (s.networkChange) {
+    // The browser goes offline and back: the page restarts ICE (asks for it as the answerer).
+    const frames = stat(t, 'framesDecoded');
+    await context.setOffline(true);
+    await new Promise((r) => setTimeout(r, 300));
+    await context.setOffline(false);
+    t = await waitFor('media after the network change', (t) => t.events.includes('network:online') &&
+      t.remoteUfrags.length >= 2 && t.state === 'call' && stat(t, 'framesDecoded') >= frames + minFrames);
+    afterNetworkChange = { framesBefore: frames, framesAfter: stat(t, 'framesDecoded'), remoteUfrags: t.remoteUfrags.length };
+    out({ event: 'network-changed', ms: ms() });
+  }
+  let afterOutage = null;
+  if (s.outage) {
+    // The test takes the server away now; the page must resume its seat, the media going on.
+    const frames = stat(t, 'framesDecoded');
+    out({ event: 'ready-for-outage', ms: ms() });
+    t = await waitFor('the seat resumed', (t) => t.resumed && t.sawReconnecting && t.state === 'call' &&
+      stat(t, 'framesDecoded') >= frames + minFrames);
+    afterOutage = { framesBefore: frames, framesAfter: stat(t, 'framesDecoded'), events: t.events };
+    out({ event: 'resumed', ms: ms() });
+  }
   if (s.screenshot) {
     await page.screenshot({ path: s.screenshot });
   }
@@ -96,7 +119,7 @@ try {
   if (s.holdMs) await new Promise((r) => setTimeout(r, s.holdMs));
   t = await test();
   out({ result: { state: t.state, stats: t.stats, remoteAudio: t.remoteAudio, chatReceived: chatEchoed, resumed: t.resumed,
-    afterReload, events: t.events, errors } });
+    afterReload, afterOutage, afterNetworkChange, sawReconnecting: Boolean(t.sawReconnecting), events: t.events, errors } });
   if (s.leave) {
     await page.click('#leave');
     await waitFor('the end screen', (t) => t.state === 'ended');

@@ -34,6 +34,9 @@ async fn nothing_identifying_reaches_the_logs() -> Result<()> {
 
     let server = TestServer::start().await?;
     let c = server.create_consultation().await?;
+    // The patient opens the join page: the invite code is in its path.
+    let page = server.http().get(&c.invite_url).send().await?;
+    assert!(page.status().is_success());
     let mut doctor = server.doctor(&c).await?;
     let mut patient = server.waiting_patient(&c, "Zelda Quintana").await?;
     doctor

@@ -36,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/consultations/{id}/tokens", post(issue_token))
         .route("/api/v1/consultations/{id}/invites", post(issue_invite))
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .route("/readyz", get(crate::health::readyz))
         .with_state(state)
 }
 
@@ -118,7 +119,14 @@ async fn ws_upgrade(
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| crate::ws::serve(state, socket, peer.ip()))
+        .on_upgrade(move |socket| {
+            // One span per connection, named by the consultation it joins (ws.rs records it),
+            // so a consultation's lines can be followed by its id.
+            tracing::Instrument::instrument(
+                crate::ws::serve(state, socket, peer.ip()),
+                tracing::info_span!("consultation", id = tracing::field::Empty),
+            )
+        })
 }
 
 #[derive(Debug, Default, Deserialize)]

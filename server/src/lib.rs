@@ -11,8 +11,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod checkconfig;
 pub mod config;
+pub mod filemodes;
+pub mod health;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod store;
 pub mod tls;
@@ -52,6 +56,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Turn(#[from] bedside_turn::TurnError),
+    #[error("data directory: {0}")]
+    DataDir(String),
 }
 
 /// Extra Prometheus text appended to `/metrics` (the TURN relay's, when it runs in-process).
@@ -68,6 +74,8 @@ pub struct AppState {
     pub admin_key: String,
     pub ws_url: String,
     pub extra_metrics: Option<ExtraMetrics>,
+    /// What `/readyz` checks.
+    pub readiness: Arc<health::Readiness>,
 }
 
 /// A server bound to its port and ready to serve.
@@ -153,6 +161,7 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let data_dir = config.data_dir();
+        filemodes::prepare_data_dir(&data_dir).map_err(ServerError::DataDir)?;
         let store = Store::open(&data_dir)?;
 
         let token_secret = if config.token_secret.is_empty() {
@@ -217,6 +226,10 @@ impl Server {
         );
         let per_minute =
             NonZeroU32::new(config.invite_attempts_per_minute).expect("validated to be > 0");
+        let readiness = Arc::new(health::Readiness::new(
+            store.clone(),
+            turn.as_ref().and_then(|t| t.udp_addrs().first().copied()),
+        ));
         let state = Arc::new(AppState {
             invite_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
             config,
@@ -227,6 +240,7 @@ impl Server {
             admin_key,
             ws_url,
             extra_metrics,
+            readiness,
         });
         Ok(Server {
             listener,
@@ -287,9 +301,17 @@ impl Server {
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
+            state
+                .readiness
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             state.hub.shutdown();
             h.graceful_shutdown(Some(Duration::from_secs(5)));
         });
+        let pruner = tokio::spawn(prune_daily(
+            self.state.store.clone(),
+            self.state.config.audit_retention_days,
+        ));
         let state = self.state.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -319,6 +341,7 @@ impl Server {
             }
         };
         janitor.abort();
+        pruner.abort();
         if let Some(relay) = self.turn {
             relay.shutdown();
             relay.join().await;
@@ -339,6 +362,24 @@ fn admin_key(config: &Config, data_dir: &std::path::Path) -> Result<(String, boo
             let key = auth::random_secret(24);
             tls::write_private(&path, key.as_bytes())?;
             Ok((key, true))
+        }
+    }
+}
+
+/// Prunes the store at start and then once a day (see [`Store::prune`]).
+async fn prune_daily(store: Store, audit_retention_days: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+    loop {
+        tick.tick().await;
+        match store.prune(audit_retention_days, auth::unix_now()).await {
+            Ok(p) => tracing::info!(
+                invites = p.invites,
+                seats = p.seats,
+                audit_rows = p.audit_rows,
+                consultations = p.consultations,
+                "store pruned"
+            ),
+            Err(e) => tracing::error!(error = %e, "store prune failed"),
         }
     }
 }

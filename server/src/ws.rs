@@ -322,6 +322,8 @@ impl Conn {
                 }
             }
         };
+        // This connection's span (api.rs) is named by its consultation from here on.
+        tracing::Span::current().record("id", cid.0.as_str());
         let display_name = display_name
             .map(|n| n.trim().chars().take(MAX_DISPLAY_NAME).collect::<String>())
             .filter(|n| !n.is_empty());
@@ -345,6 +347,7 @@ impl Conn {
             .tokens
             .verify(token, TokenKind::Resume)
             .map_err(|e| (e.code(), "the resume token was refused"))?;
+        tracing::Span::current().record("id", claims.cid.0.as_str());
         let pid = bedside_protocol::ParticipantId(claims.sub);
         if !state.hub.has_seat(&claims.cid, &pid) {
             // Not live here: after a restart, the seat may be in the store.

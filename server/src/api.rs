@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(issue_invite).delete(revoke_invites),
         )
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .route("/readyz", get(crate::health::readyz))
         .merge(crate::dashboard::routes())
         .merge(crate::web::router())
         .merge(crate::credentials::router(&state))
@@ -184,7 +185,14 @@ async fn ws_upgrade(
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| crate::ws::serve(state, socket, client))
+        .on_upgrade(move |socket| {
+            // One span per connection, named by the consultation it joins (ws.rs records it),
+            // so a consultation's lines can be followed by its id.
+            tracing::Instrument::instrument(
+                crate::ws::serve(state, socket, client),
+                tracing::info_span!("consultation", id = tracing::field::Empty),
+            )
+        })
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -37,6 +37,26 @@ pub struct Config {
     pub alerts: crate::alerts::AlertsConfig,
     /// The join page's app links (`/.well-known/…`).
     pub web: crate::web::WebSection,
+    /// `text` (colour only on a terminal, `NO_COLOR` honoured) or `json` (one object a line).
+    pub log_format: LogFormat,
+    /// Days the audit log is kept; older rows and the consultations that ended before are
+    /// pruned daily. 0 keeps everything.
+    pub audit_retention_days: u32,
+    /// Files holding the secrets instead of the file or the store (for containers and systemd
+    /// credentials). The environment (`BEDSIDE_ADMIN_API_KEY`, `BEDSIDE_TOKEN_SECRET`,
+    /// `BEDSIDE_TURN_SECRET`) may also carry them; see [`Config::load_secrets`].
+    pub admin_api_key_file: PathBuf,
+    pub token_secret_file: PathBuf,
+    pub turn_secret_file: PathBuf,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The bundled STUN/TURN relay.
@@ -112,6 +132,11 @@ impl Default for Config {
             telemetry: Default::default(),
             alerts: Default::default(),
             web: crate::web::WebSection::default(),
+            log_format: LogFormat::Text,
+            audit_retention_days: 0,
+            admin_api_key_file: PathBuf::new(),
+            token_secret_file: PathBuf::new(),
+            turn_secret_file: PathBuf::new(),
         }
     }
 }

@@ -16,11 +16,15 @@
 pub mod alerts;
 pub mod api;
 pub mod auth;
+pub mod checkconfig;
 pub mod config;
 pub mod credentials;
 pub mod dashboard;
+pub mod filemodes;
+pub mod health;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod store;
@@ -63,6 +67,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Turn(#[from] bedside_turn::TurnError),
+    #[error("data directory: {0}")]
+    DataDir(String),
 }
 
 /// Extra Prometheus text appended to `/metrics` (the in-process relay's families are registered
@@ -91,6 +97,8 @@ pub struct AppState {
     pub dashboard: tokio::sync::watch::Sender<Arc<str>>,
     /// The bundled relay's counters, when it runs in-process.
     pub relay_metrics: Option<Arc<bedside_turn::Metrics>>,
+    /// What `/readyz` checks.
+    pub readiness: Arc<health::Readiness>,
 }
 
 /// A server bound to its port and ready to serve.
@@ -176,6 +184,7 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let data_dir = config.data_dir();
+        filemodes::prepare_data_dir(&data_dir).map_err(ServerError::DataDir)?;
         let store = Store::open(&data_dir)?;
 
         let token_secret = if config.token_secret.is_empty() {
@@ -245,6 +254,10 @@ impl Server {
         )
         .allow_burst(NonZeroU32::new(config.limits.resume_burst.saturating_mul(4)).expect("> 0"));
         let telemetry = Arc::new(telemetry::MemoryTelemetry::new(config.telemetry.clone()));
+        let readiness = Arc::new(health::Readiness::new(
+            store.clone(),
+            turn.as_ref().and_then(|t| t.udp_addrs().first().copied()),
+        ));
         let state = Arc::new(AppState {
             resume_limiter: RateLimiter::keyed(resume_quota),
             resume_source_limiter: RateLimiter::keyed(source_quota),
@@ -261,6 +274,7 @@ impl Server {
             admin_key,
             ws_url,
             extra_metrics,
+            readiness,
         });
         Ok(Server {
             listener,
@@ -321,9 +335,17 @@ impl Server {
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
+            state
+                .readiness
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             state.hub.shutdown();
             h.graceful_shutdown(Some(Duration::from_secs(5)));
         });
+        let pruner = tokio::spawn(prune_daily(
+            self.state.store.clone(),
+            self.state.config.audit_retention_days,
+        ));
         let state = self.state.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -369,6 +391,7 @@ impl Server {
         };
         janitor.abort();
         feed.abort();
+        pruner.abort();
         if let Some(relay) = self.turn {
             relay.shutdown();
             relay.join().await;
@@ -401,6 +424,24 @@ fn admin_key(config: &Config, data_dir: &std::path::Path) -> Result<(String, boo
             let key = auth::random_secret(24);
             tls::write_private(&path, key.as_bytes())?;
             Ok((key, true))
+        }
+    }
+}
+
+/// Prunes the store at start and then once a day (see [`Store::prune`]).
+async fn prune_daily(store: Store, audit_retention_days: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+    loop {
+        tick.tick().await;
+        match store.prune(audit_retention_days, auth::unix_now()).await {
+            Ok(p) => tracing::info!(
+                invites = p.invites,
+                seats = p.seats,
+                audit_rows = p.audit_rows,
+                consultations = p.consultations,
+                "store pruned"
+            ),
+            Err(e) => tracing::error!(error = %e, "store prune failed"),
         }
     }
 }

@@ -30,6 +30,17 @@ pub enum StoreError {
     },
     #[error("store: the worker stopped")]
     Gone,
+    #[error(
+        "store: {path} has schema version {found}, newer than this server knows ({known}); \
+         run the release that wrote it, or restore a backup"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("store: {0} is not a bedside-server store")]
+    NotAStore(String),
 }
 
 /// What happened, for the audit log.
@@ -163,6 +174,45 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The schema's history: `MIGRATIONS[n]` takes a store from `user_version` n to n + 1.
+/// Append only; never edit a released step. Version 0 is the first release's store (the tables
+/// of step 1, created with `IF NOT EXISTS`, and `user_version` 0), so step 1 is a no-op there.
+/// `tests/store_ops.rs` upgrades a store made with the first release's schema.
+pub const MIGRATIONS: &[&str] = &[
+    SCHEMA,
+    // 2: the daily prune finds old audit rows and ended consultations by index.
+    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at_ms);
+     CREATE INDEX IF NOT EXISTS consultations_by_end ON consultations(ended_at);",
+];
+
+/// The schema version this server writes.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the store at `path` to [`schema_version`], one transaction per step.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > schema_version() {
+        return Err(StoreError::TooNew {
+            path: path.display().to_string(),
+            found,
+            known: schema_version(),
+        });
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", step as i64 + 1)?;
+        tx.commit()?;
+        if found > 0 || step > 0 {
+            tracing::info!(version = step + 1, "store schema migrated");
+        }
+    }
+    Ok(())
+}
+
+/// The first release's schema (version 0); kept for the migration from it.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS consultations (
     id TEXT PRIMARY KEY,
@@ -217,13 +267,20 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        let dir_err = |source| StoreError::Dir {
             path: dir.display().to_string(),
             source,
-        })?;
+        };
+        crate::filemodes::create_private_dir(dir).map_err(dir_err)?;
         let path = dir.join("bedside.db");
-        let conn = open_conn(&path)?;
-        conn.execute_batch(SCHEMA)?;
+        // Created 0600 before SQLite opens it: SQLite gives `-wal` and `-shm` the same mode.
+        crate::filemodes::create_private_file(&path).map_err(dir_err)?;
+        let mut conn = open_conn(&path)?;
+        migrate(&mut conn, &path)?;
+        // A store from a release that made them 0644 is tightened.
+        for f in ["bedside.db", "bedside.db-wal", "bedside.db-shm"] {
+            crate::filemodes::make_private(&dir.join(f)).map_err(dir_err)?;
+        }
         let reader = open_conn(&path)?;
         reader.pragma_update(None, "query_only", true)?;
         let (tx, rx) = mpsc::channel();
@@ -456,6 +513,46 @@ impl Store {
         .await
     }
 
+    /// Answers when the worker runs and the database file is readable (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|c| c.query_row("SELECT count(*) FROM settings", [], |_| Ok(())))
+            .await
+    }
+
+    /// The daily prune: expired invites and the seats of ended consultations always; with a
+    /// retention of `audit_retention_days` (0: keep everything), audit rows older than that and
+    /// the consultations that ended before then.
+    pub async fn prune(&self, audit_retention_days: u32, now: u64) -> Result<Pruned, StoreError> {
+        self.flush_audit().await?;
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let mut pruned = Pruned {
+                invites: tx.execute("DELETE FROM invites WHERE expires_at <= ?1", [now])?,
+                seats: tx.execute(
+                    "DELETE FROM seats WHERE consultation_id IN
+                     (SELECT id FROM consultations WHERE ended_at IS NOT NULL)",
+                    [],
+                )?,
+                ..Pruned::default()
+            };
+            if audit_retention_days > 0 {
+                let cutoff = now.saturating_sub(u64::from(audit_retention_days) * 86_400);
+                pruned.audit_rows =
+                    tx.execute("DELETE FROM audit WHERE at_ms < ?1", [cutoff * 1000])?;
+                tx.execute(
+                    "DELETE FROM invites WHERE consultation_id IN
+                     (SELECT id FROM consultations WHERE ended_at < ?1)",
+                    [cutoff],
+                )?;
+                pruned.consultations =
+                    tx.execute("DELETE FROM consultations WHERE ended_at < ?1", [cutoff])?;
+            }
+            tx.commit()?;
+            Ok(pruned)
+        })
+        .await
+    }
+
     /// The audit log of one consultation, oldest first (after writing what is pending).
     pub async fn audit_log(&self, id: ConsultationId) -> Result<Vec<AuditEvent>, StoreError> {
         self.flush_audit().await?;
@@ -480,6 +577,100 @@ impl Store {
         })
         .await
     }
+}
+
+/// What one prune deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub invites: usize,
+    pub seats: usize,
+    pub audit_rows: usize,
+    pub consultations: usize,
+}
+
+/// How many pages a backup step copies before it lets the server write again.
+const BACKUP_PAGES_PER_STEP: std::ffi::c_int = 256;
+
+/// Copies the store in `data_dir` to `dest` (a new file, mode 0600) with SQLite's online backup
+/// API: consistent even while the server runs and writes, which a file copy of a WAL database
+/// is not. The copy holds the token and relay secrets.
+pub fn backup_file(data_dir: &Path, dest: &Path) -> Result<(), StoreError> {
+    let src_path = data_dir.join("bedside.db");
+    if !src_path.exists() {
+        return Err(StoreError::NotAStore(src_path.display().to_string()));
+    }
+    let dest_err = |source| StoreError::Dir {
+        path: dest.display().to_string(),
+        source,
+    };
+    if dest.exists() {
+        return Err(dest_err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the backup file exists; choose a new name",
+        )));
+    }
+    crate::filemodes::create_private_file(dest).map_err(dest_err)?;
+    let result = (|| -> Result<(), StoreError> {
+        let src =
+            Connection::open_with_flags(&src_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        src.busy_timeout(Duration::from_secs(5))?;
+        let mut dst = Connection::open(dest)?;
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+        backup.run_to_completion(BACKUP_PAGES_PER_STEP, Duration::from_millis(5), None)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    result
+}
+
+/// Replaces the store in `data_dir` with the backup at `src`, after checking it is a sound
+/// bedside store no newer than this server. The server must be stopped (the binary holds the
+/// data directory's lock while it runs, and `restore` takes it).
+pub fn restore_file(src: &Path, data_dir: &Path) -> Result<(), StoreError> {
+    let not_store = || StoreError::NotAStore(src.display().to_string());
+    {
+        let backup = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|_| not_store())?;
+        let ok: String = backup
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|_| not_store())?;
+        let has_settings: bool = backup
+            .query_row(
+                "SELECT count(*) = 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|_| not_store())?;
+        if ok != "ok" || !has_settings {
+            return Err(not_store());
+        }
+        let version: i64 = backup.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > schema_version() {
+            return Err(StoreError::TooNew {
+                path: src.display().to_string(),
+                found: version,
+                known: schema_version(),
+            });
+        }
+    }
+    let dir_err = |source| StoreError::Dir {
+        path: data_dir.display().to_string(),
+        source,
+    };
+    crate::filemodes::create_private_dir(data_dir).map_err(dir_err)?;
+    let path = data_dir.join("bedside.db");
+    crate::filemodes::create_private_file(&path).map_err(dir_err)?;
+    let mut conn = open_conn(&path)?;
+    conn.restore(
+        rusqlite::MAIN_DB,
+        src,
+        None::<fn(rusqlite::backup::Progress)>,
+    )?;
+    migrate(&mut conn, &path)?;
+    conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+    Ok(())
 }
 
 fn row_to_consultation(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConsultationRow> {

@@ -483,6 +483,8 @@ impl Conn {
                 }
             }
         };
+        // This connection's span (api.rs) is named by its consultation from here on.
+        tracing::Span::current().record("id", cid.0.as_str());
         let display_name = display_name
             .map(|n| clean_display_name(&n))
             .filter(|n| !n.is_empty());
@@ -506,6 +508,7 @@ impl Conn {
             .tokens
             .verify(token, TokenKind::Resume)
             .map_err(|e| (e.code(), "the resume token was refused"))?;
+        tracing::Span::current().record("id", claims.cid.0.as_str());
         // Throttled per seat and per source before anything is looked up, audited or told.
         let source = crate::limits::source_key(self.peer_ip);
         if state.resume_limiter.check_key(&claims.sub).is_err()

@@ -15,6 +15,8 @@
 //! - `bench-turn`: the relay against coturn, in release.
 //! - `bench-media`: codec and pattern figures (criterion-free bench), in release.
 //! - `lint`: rustfmt and clippy, as CI expects them.
+//! - `package`: the server's Debian package (`bedside-server_*.deb`, release build) with
+//!   cargo-deb, installed into `~/.cargo/bin` first if missing.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -61,6 +63,10 @@ const TEST_PACKAGES: &[&str] = &[
     // is NodeSource's, which bundles npm; with Debian's own nodejs add "npm") and promtool for
     // /metrics and the shipped Prometheus rules.
     "prometheus",
+    // The Debian package check: `systemd-analyze verify` on the installed unit, and the
+    // package's postinst creates its user with adduser.
+    "systemd",
+    "adduser",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).
@@ -92,11 +98,14 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some("sans-io") => sans_io::check(&root()),
+        Some("package") => package(Profile::Release).map(|deb| {
+            println!("{}", deb.display());
+        }),
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
                  bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint | \
-                 packages | sans-io>"
+                 packages | sans-io | package>"
             );
             return ExitCode::from(2);
         }
@@ -181,6 +190,7 @@ fn test(extra: &[String]) -> Result<()> {
         "--bins",
     ]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    package_check()?;
     // The mobile bindings as a Kotlin (JVM) and a Swift developer get them: generated, the
     // Kotlin run against a real server, the Swift C header compiled and linked. The generator is
     // behind a feature (slow to compile), so this is a second, smaller build.
@@ -456,14 +466,19 @@ fn wait_healthy(timeout: Duration) -> Result<()> {
 
 /// A minimal HTTP/1.1 request to the demo server on loopback.
 fn http(method: &str, path: &str, bearer: Option<&str>) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(DEMO_ADDR)?;
+    http_at(DEMO_ADDR, method, path, bearer)
+}
+
+/// A minimal HTTP/1.1 request to `addr`.
+fn http_at(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = bearer
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {DEMO_ADDR}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -477,4 +492,200 @@ fn http(method: &str, path: &str, bearer: Option<&str>) -> Result<(u16, String)>
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Which build goes into the Debian package.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// `cargo xtask package`: cargo-deb's own release build.
+    Release,
+    /// The CI check: the debug binary `test` already built (a release build of the server
+    /// takes minutes on a small machine), packaged unstripped with fast compression.
+    Debug,
+}
+
+/// cargo-deb, installed with `cargo install cargo-deb --locked` when missing.
+fn ensure_cargo_deb() -> Result<()> {
+    let found = cargo()
+        .args(["deb", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("xtask: installing cargo-deb (once)");
+        run(cargo().args(["install", "cargo-deb", "--locked"]))?;
+    }
+    Ok(())
+}
+
+/// Builds the server's Debian package and returns its path. The conffile
+/// `/etc/bedside/bedside.toml` is written first from `server/config.reference.toml` (one
+/// source for the reference and the installed file), with the service's data directory.
+fn package(profile: Profile) -> Result<PathBuf> {
+    ensure_cargo_deb()?;
+    let reference = std::fs::read_to_string(root().join("server/config.reference.toml"))?;
+    let body: String = reference
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| {
+            if l == "data-dir = \"\"" {
+                "data-dir = \"/var/lib/bedside\"\n".to_owned()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    if !body.contains("data-dir = \"/var/lib/bedside\"") {
+        bail!("server/config.reference.toml has no `data-dir = \"\"` line to set");
+    }
+    let conffile = format!(
+        "# /etc/bedside/bedside.toml: the bedside-server service's configuration (a conffile: an\n\
+         # upgrade keeps your edits). `bedside-server --print-config` prints the reference.\n\
+         # Check it before a restart: bedside-server --check-config /etc/bedside/bedside.toml\n\
+         # The guide (ports, TLS, proxies, backups): /usr/share/doc/bedside-server/deploying.md\n\
+         #\n\
+         # As installed it serves on localhost only. For a clinic: listen = \"0.0.0.0:8443\",\n\
+         # public-url, [tls] (or mode = \"off\" behind a TLS proxy) and turn.relay.relay-ips.\n\n{body}"
+    );
+    let dir = root().join("target/deb");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bedside.toml"), conffile)?;
+    let out = dir.join(match profile {
+        Profile::Release => "bedside-server.deb",
+        Profile::Debug => "bedside-server-debug.deb",
+    });
+    let mut deb = cargo();
+    deb.args(["deb", "-p", "bedside-server", "--output"])
+        .arg(&out);
+    if profile == Profile::Debug {
+        deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"]);
+    }
+    run(&mut deb)?;
+    Ok(out)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The Debian package as an administrator meets it: built (from the debug binary), installed
+/// with `dpkg -i`, its unit accepted by `systemd-analyze verify`, the installed binary started
+/// with the installed config (directly: CI has no systemd as PID 1) and answering /healthz and
+/// /readyz, then removed with `dpkg -r`. Needs root: skipped without it, a failure under CI.
+fn package_check() -> Result<()> {
+    if !is_root() {
+        if std::env::var_os("CI").is_some() {
+            bail!("the Debian package check needs root (dpkg -i)");
+        }
+        eprintln!("xtask: skipping the Debian package check: it needs root (dpkg -i)");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let deb = package(Profile::Debug)?;
+    run(Command::new("dpkg").arg("-i").arg(&deb))?;
+    let result = check_installed_package();
+    let removed = run(Command::new("dpkg").args(["-r", "bedside-server"]));
+    let gone = !Path::new("/usr/bin/bedside-server").exists();
+    // Leave the machine as it was: the conffile, the user and /var/lib/bedside too.
+    let _ = run(Command::new("dpkg").args(["--purge", "bedside-server"]));
+    result?;
+    removed?;
+    if !gone {
+        bail!("dpkg -r left /usr/bin/bedside-server behind");
+    }
+    eprintln!(
+        "xtask: the Debian package built, installed, ran and was removed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn check_installed_package() -> Result<()> {
+    const UNIT: &str = "/lib/systemd/system/bedside-server.service";
+    const CONFFILE: &str = "/etc/bedside/bedside.toml";
+    for path in ["/usr/bin/bedside-server", UNIT, CONFFILE] {
+        if !Path::new(path).exists() {
+            bail!("the package did not install {path}");
+        }
+    }
+    let user = Command::new("getent")
+        .args(["passwd", "bedside"])
+        .output()?;
+    if !user.status.success() {
+        bail!("postinst did not create the bedside user");
+    }
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", UNIT])
+        .output()
+        .context("running systemd-analyze (package systemd)")?;
+    let said = String::from_utf8_lossy(&verify.stderr);
+    if !verify.status.success() || said.contains("bedside-server.service:") {
+        bail!("systemd-analyze verify refused the unit: {said}");
+    }
+    run(Command::new("/usr/bin/bedside-server").args(["--check-config", CONFFILE]))?;
+    // The installed binary with the installed config; the address and data directory moved
+    // aside so the check touches neither port 8443 nor /var/lib/bedside.
+    let data = tempfile_dir("bedside-package-check")?;
+    let mut server = Command::new("/usr/bin/bedside-server")
+        .args([
+            "--config",
+            CONFFILE,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the installed bedside-server")?;
+    let result = (|| -> Result<()> {
+        let stdout = server.stdout.take().context("server stdout")?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let listening = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening on http://"))
+            .context("the installed server did not say where it listens")?;
+        std::thread::spawn(move || lines.for_each(drop));
+        let addr = listening
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .context("no address")?
+            .to_owned();
+        for path in ["/healthz", "/readyz"] {
+            let (status, body) = http_at(&addr, "GET", path, None)?;
+            if status != 200 {
+                bail!("the installed server answered {path} with {status}: {body}");
+            }
+        }
+        Ok(())
+    })();
+    sigterm(server.id());
+    let status = server.wait()?;
+    let _ = std::fs::remove_dir_all(&data);
+    result?;
+    if !status.success() {
+        bail!("the installed server did not stop cleanly on SIGTERM: {status}");
+    }
+    Ok(())
+}
+
+/// A new private directory under the system temp dir.
+fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// SIGTERM, as systemd stops the service.
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }

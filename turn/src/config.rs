@@ -66,6 +66,9 @@ pub struct TurnConfig {
     /// Most TCP/TLS client connections open at once, and from one source address.
     pub max_stream_connections: usize,
     pub max_stream_connections_per_source: usize,
+    /// Maximum simultaneous allocations from one client address (IPv6: one /64), whatever
+    /// the users; 486 beyond. Bounds what one source can hold with many credentials.
+    pub source_quota: u32,
 }
 
 impl Default for TurnConfig {
@@ -96,6 +99,7 @@ impl Default for TurnConfig {
             stream_idle_timeout_secs: 60,
             max_stream_connections: 4096,
             max_stream_connections_per_source: 64,
+            source_quota: 200,
         }
     }
 }

@@ -210,6 +210,8 @@ pub struct CoreConfig {
     pub user_quota: u32,
     /// Allocations in total.
     pub total_quota: u32,
+    /// Allocations per client address (IPv6 per /64).
+    pub source_quota: u32,
     /// Bytes per second per allocation (0: none).
     pub bps: u64,
     /// Default lifetime (s).
@@ -242,11 +244,23 @@ impl CoreConfig {
             },
             user_quota: c.user_quota,
             total_quota: c.total_quota,
+            source_quota: c.source_quota,
             bps: c.max_bps_per_allocation,
             default_lifetime: c.default_lifetime_secs.max(1),
             max_lifetime: c.max_lifetime_secs.max(c.default_lifetime_secs).max(1),
             nonce_lifetime: Duration::from_secs(c.nonce_lifetime_secs.max(1) as u64),
         })
+    }
+}
+
+/// The key a client source is counted under: its IPv4 address, or its IPv6 address's /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match crate::peer::canonical(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 
@@ -258,6 +272,8 @@ pub struct Core {
     allocs: Vec<Option<Allocation>>,
     by_client: FxHashMap<Client, RelayId>,
     users: FxHashMap<Box<str>, u32>,
+    /// Allocations per client source (see [`source_key`]).
+    sources: FxHashMap<IpAddr, u32>,
     count: u32,
     /// Ports reserved by EVEN-PORT (R bit): token -> (socket, address, expiry, user). A
     /// reservation holds a port, so it counts toward its user's quota and the total (in `users`
@@ -276,6 +292,7 @@ impl Core {
             allocs: Vec::new(),
             by_client: FxHashMap::default(),
             users: FxHashMap::default(),
+            sources: FxHashMap::default(),
             count: 0,
             reservations: FxHashMap::default(),
             reserved: 0,
@@ -535,6 +552,13 @@ impl Core {
         };
         let Some(a) = slot.take() else { return };
         self.by_client.remove(&a.client);
+        let src = source_key(a.client.addr.ip());
+        if let Some(n) = self.sources.get_mut(&src) {
+            *n -= 1;
+            if *n == 0 {
+                self.sources.remove(&src);
+            }
+        }
         if let Some(n) = self.users.get_mut(&a.user) {
             *n -= 1;
             if *n == 0 {
@@ -711,6 +735,11 @@ impl Core {
             self.error(out, m, 486, Some(&key), false, None, now, client);
             return true;
         }
+        let src = source_key(client.addr.ip());
+        if self.sources.get(&src).copied().unwrap_or(0) + need.min(1) > self.cfg.source_quota {
+            self.error(out, m, 486, Some(&key), false, None, now, client);
+            return true;
+        }
         if self.count + self.reserved + need > self.cfg.total_quota {
             self.error(out, m, 508, Some(&key), false, None, now, client);
             return true;
@@ -759,6 +788,7 @@ impl Core {
             return true;
         }
         *self.users.entry(creds.user.clone()).or_insert(0) += 1;
+        *self.sources.entry(src).or_insert(0) += 1;
         self.allocs[idx] = Some(Allocation {
             client: *client,
             relay_addr,

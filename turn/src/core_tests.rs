@@ -762,3 +762,24 @@ fn even_port_reservations_count_toward_quotas() {
         TestClient::new(udp_client(7005), "u").allocate(&mut core, T0 + 31_000, &mut r);
     assert_eq!(code, None);
 }
+
+#[test]
+fn one_source_is_held_to_its_quota_whatever_the_users() {
+    let mut core = core_with(TurnConfig {
+        source_quota: 2,
+        total_quota: 10,
+        ..config()
+    });
+    let mut r = FakeRelays::default();
+    // Fresh credentials for every allocation do not help one address past its quota.
+    for (port, user, want) in [(1, "a", None), (2, "b", None), (3, "c", Some(486))] {
+        let (_, code, _) = TestClient::new(udp_client(port), user).allocate(&mut core, T0, &mut r);
+        assert_eq!(code, want, "{user}");
+    }
+    let other = Client {
+        transport: Transport::Udp { listener: 0 },
+        addr: "203.0.113.20:5".parse().unwrap(),
+    };
+    let (_, code, _) = TestClient::new(other, "d").allocate(&mut core, T0, &mut r);
+    assert_eq!(code, None);
+}

@@ -171,7 +171,7 @@ fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
         "auth-secret": SECRET, "realm": REALM,
         "listen-udp": [format!("127.0.0.1:{port}")], "listen-tcp": [],
         "relay-ips": ["127.0.0.1"], "relay-port-min": 46000, "relay-port-max": 47999,
-        "allow-loopback-peers": true, "user-quota": 100000, "total-quota": 100000,
+        "allow-loopback-peers": true, "user-quota": 100000, "total-quota": 100000, "source-quota": 100000,
         "max-bps-per-allocation": 0,
         "coalesce-us": std::env::var("BENCH_COALESCE_US").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(200)
     });

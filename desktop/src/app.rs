@@ -76,6 +76,8 @@ pub struct DesktopApp {
     settings: Settings,
     /// Keeps the speaker playing; dropping it stops the playback thread.
     speaker: Option<std::sync::mpsc::Sender<()>>,
+    /// `model.arrivals` when the doctor was last alerted to a waiting patient.
+    alerted_arrivals: u64,
 }
 
 /// How often today's consultations are fetched again while a clinic is open.
@@ -83,13 +85,17 @@ const CONSULTATIONS_REFRESH: Duration = Duration::from_secs(10);
 
 impl DesktopApp {
     pub fn new(ctx: egui::Context, rt: tokio::runtime::Handle, mut options: AppOptions) -> Self {
+        crate::view::apply_style(&ctx);
         let (tx, rx) = std::sync::mpsc::channel();
         let waker = ctx.clone();
         let ui_tx = UiSender::new(tx, move || waker.request_repaint());
         let connect = options.connect.take();
         let demo = options.demo;
         let mut settings_file = SettingsFile::in_dir(&options.settings_dir);
-        let mut model = AppModel::default();
+        let mut model = AppModel {
+            utc_offset_secs: crate::attention::local_utc_offset_secs(),
+            ..AppModel::default()
+        };
         let settings = settings_file.load().unwrap_or_else(|e| {
             model.error = Some(format!("{e}. It was left as it is; defaults are used."));
             Settings::default()
@@ -128,11 +134,18 @@ impl DesktopApp {
             settings_file,
             settings,
             speaker: None,
+            alerted_arrivals: 0,
         };
         if let Some(join) = connect {
             app.connect(join);
         } else if demo {
             app.execute(UiCommand::StartLocalClinic);
+        } else if app.drafts.token.starts_with(clinic::CREDENTIAL_PREFIX) {
+            // Signed in before: the credential is in the keyring, so sign in again at once.
+            app.execute(UiCommand::SignIn {
+                address: app.drafts.ws_url.clone(),
+                credential: app.drafts.token.clone(),
+            });
         }
         app
     }
@@ -190,6 +203,34 @@ impl DesktopApp {
                     consultation_id: None,
                 });
             }
+            UiCommand::SignIn {
+                address,
+                credential,
+            } => {
+                self.model.error = None;
+                let admin = match AdminApi::remote(&address, &credential) {
+                    Ok(admin) => admin,
+                    Err(e) => {
+                        self.model.error = Some(format!("{e:#}"));
+                        return;
+                    }
+                };
+                self.settings.server_url.clone_from(&address);
+                self.save_settings();
+                self.model.keyring_note = Some(
+                    match self.options.secrets.save_token(&address, &credential) {
+                        Ok(()) => "Credential remembered in the system keyring.".into(),
+                        Err(why) => format!("The credential is not remembered: {why}."),
+                    },
+                );
+                self.model.busy = Some("Signing in to the clinic…".into());
+                let ui = self.ui_tx.clone();
+                self.rt.spawn(async move {
+                    if let Err(e) = clinic::sign_in(admin, &ui).await {
+                        ui.send(AppMsg::Failed(format!("{e:#}")));
+                    }
+                });
+            }
             UiCommand::ChooseCamera(id) => {
                 self.settings.camera = Some(id.clone());
                 self.save_settings();
@@ -238,11 +279,18 @@ impl DesktopApp {
             }
             UiCommand::Reset => {
                 self.end_session();
+                if self.admin.as_ref().is_some_and(|a| a.doctor) {
+                    // Still signed in to the remote clinic: back to today's list.
+                    self.model = self.model.next_session();
+                    self.fetch_consultations();
+                    return;
+                }
                 self.clinic_stop = None;
                 self.admin = None;
                 // The clinic is gone, and its consultations with it.
                 self.model = AppModel {
                     consultations: None,
+                    clinic_label: None,
                     ..self.model.next_session()
                 };
             }
@@ -372,6 +420,13 @@ impl DesktopApp {
                     self.model.invite_code = invite_code;
                     self.model.busy = Some("Joining…".into());
                 }
+                AppMsg::RemoteClinic(admin) => {
+                    self.model.clinic_label = Some(clinic::host_of(&admin.base_url));
+                    self.model.consultations = Some(Vec::new());
+                    self.model.busy = None;
+                    self.consultations_fetched = Some(Instant::now());
+                    self.admin = Some(admin);
+                }
                 AppMsg::LocalClinic { stop, admin } => {
                     self.clinic_stop = Some(stop);
                     self.admin = Some(admin);
@@ -481,6 +536,32 @@ impl DesktopApp {
         }
     }
 
+    /// A patient arrived in the waiting room since the last alert: ask the window system for
+    /// the doctor's attention (a flashing task bar entry), and chime on the speaker while no
+    /// call is playing (a chime queued behind a call's audio would delay it).
+    fn alert_arrivals(&mut self) {
+        if self.model.arrivals <= self.alerted_arrivals {
+            return;
+        }
+        self.alerted_arrivals = self.model.arrivals;
+        self.ctx
+            .send_viewport_cmd(egui::ViewportCommand::RequestUserAttention(
+                egui::UserAttentionType::Informational,
+            ));
+        if let Some(session) = &self.session
+            && self.model.peers.is_empty()
+        {
+            for frame in crate::attention::chime() {
+                session.received.audio().push(frame);
+            }
+        }
+    }
+
+    /// How many times the doctor was alerted to a waiting patient.
+    pub fn alerts(&self) -> u64 {
+        self.alerted_arrivals
+    }
+
     fn auto_admit(&mut self) -> Vec<UiCommand> {
         if !self.options.auto_admit || !matches!(self.model.call_state, CallState::WaitingForPeers)
         {
@@ -522,6 +603,7 @@ impl DesktopApp {
     /// One frame, also usable without eframe (from a test harness).
     pub fn frame(&mut self, ui: &mut egui::Ui) {
         self.drain();
+        self.alert_arrivals();
         self.update_video();
         self.update_preview();
         let mut commands = self.auto_admit();

@@ -32,6 +32,8 @@ pub enum AppMsg {
         invite_code: Option<String>,
         consultation_id: Option<ConsultationId>,
     },
+    /// Signed in to a remote clinic with a doctor credential (its first list is on the way).
+    RemoteClinic(AdminApi),
     /// A local clinic is up (kept alive by `stop`; dropping it stops the server).
     LocalClinic {
         stop: oneshot::Sender<()>,
@@ -88,18 +90,58 @@ pub struct DoctorJoin {
     pub consultation_id: Option<ConsultationId>,
 }
 
-/// The local clinic's administration API. Not `Debug`: the key is a secret.
+/// A clinic's consultation API: the local clinic's administration API (with its admin key),
+/// or a remote clinic's doctor routes (`/api/v1/doctor/…`, with the doctor credential an
+/// administrator issued). Not `Debug`: the key is a secret.
 #[derive(Clone)]
 pub struct AdminApi {
     pub base_url: String,
     pub key: String,
     pub ws_url: String,
+    /// True for a doctor credential on a remote clinic.
+    pub doctor: bool,
 }
 
+/// What a doctor credential starts with (the server's `credentials::PREFIX`).
+pub use bedside_server::credentials::PREFIX as CREDENTIAL_PREFIX;
+
 impl AdminApi {
+    /// A remote clinic at `address` (`https://clinic.example`, or its `wss://…/ws` signaling
+    /// URL), signed in with a doctor credential.
+    ///
+    /// # Errors
+    /// When the address is not an http(s) or ws(s) URL.
+    pub fn remote(address: &str, credential: &str) -> Result<Self> {
+        let address = address.trim().trim_end_matches('/');
+        let (scheme, rest) = address
+            .split_once("://")
+            .context("the clinic address must start with https:// (or http:// on a test bench)")?;
+        let secure = match scheme {
+            "https" | "wss" => true,
+            "http" | "ws" => false,
+            _ => bail!("the clinic address must start with https:// or http://"),
+        };
+        let host = rest.strip_suffix("/ws").unwrap_or(rest);
+        if host.is_empty() {
+            bail!("the clinic address has no host");
+        }
+        let (http, ws) = if secure {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        Ok(AdminApi {
+            base_url: format!("{http}://{host}"),
+            key: credential.trim().to_owned(),
+            ws_url: format!("{ws}://{host}/ws"),
+            doctor: true,
+        })
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let scope = if self.doctor { "/doctor" } else { "" };
         reqwest::Client::new()
-            .request(method, format!("{}/api/v1{path}", self.base_url))
+            .request(method, format!("{}/api/v1{scope}{path}", self.base_url))
             .bearer_auth(&self.key)
             .timeout(Duration::from_secs(10))
     }
@@ -111,6 +153,9 @@ impl AdminApi {
             .send()
             .await
             .context("listing consultations")?;
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            bail!("the clinic refused the credential (revoked, expired or mistyped)");
+        }
         if !resp.status().is_success() {
             bail!("listing consultations: HTTP {}", resp.status());
         }
@@ -120,9 +165,17 @@ impl AdminApi {
 
     /// A new consultation, joined as its doctor.
     pub async fn create(&self) -> Result<DoctorJoin> {
-        let created = create_consultation(&self.base_url, &self.key).await?;
+        let resp = self
+            .request(reqwest::Method::POST, "/consultations")
+            .send()
+            .await
+            .context("creating a consultation")?;
+        if resp.status() != reqwest::StatusCode::CREATED {
+            bail!("creating a consultation: HTTP {}", resp.status());
+        }
+        let created: CreatedConsultation = resp.json().await?;
         Ok(DoctorJoin {
-            ws_url: self.ws_url.clone(),
+            ws_url: created.ws_url,
             token: created.doctor_token,
             invite_code: Some(created.invite_code),
             consultation_id: Some(created.consultation_id),
@@ -182,6 +235,7 @@ pub async fn start_local_clinic(data_dir: PathBuf, ui: &UiSender) -> Result<Doct
         base_url: server.base_url(),
         key: server.admin_api_key().to_owned(),
         ws_url: server.ws_url().to_owned(),
+        doctor: false,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(async move {
@@ -194,21 +248,6 @@ pub async fn start_local_clinic(data_dir: PathBuf, ui: &UiSender) -> Result<Doct
     let join = admin.create().await?;
     tracing::info!("local clinic started, consultation created");
     Ok(join)
-}
-
-/// `POST /api/v1/consultations` with the admin key.
-pub async fn create_consultation(base_url: &str, admin_key: &str) -> Result<CreatedConsultation> {
-    let resp = reqwest::Client::new()
-        .post(format!("{base_url}/api/v1/consultations"))
-        .bearer_auth(admin_key)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .context("creating a consultation")?;
-    if resp.status() != reqwest::StatusCode::CREATED {
-        bail!("creating a consultation: HTTP {}", resp.status());
-    }
-    Ok(resp.json().await?)
 }
 
 /// Starts the doctor's client, joins, and forwards its events to the UI (the waker task).
@@ -272,8 +311,35 @@ pub fn spawn_demo_patient(ws_url: String, invite_code: String, net: &NetOptions)
     });
 }
 
+/// Signs in to a remote clinic: one list of today's consultations proves the credential.
+pub async fn sign_in(admin: AdminApi, ui: &UiSender) -> Result<()> {
+    let list = admin.consultations().await?;
+    ui.send(AppMsg::RemoteClinic(admin));
+    ui.send(AppMsg::Consultations(list));
+    tracing::info!("signed in to a remote clinic");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_clinic_address_gives_its_api_and_signaling_urls() {
+        for typed in [
+            "https://clinic.example",
+            "https://clinic.example/",
+            "wss://clinic.example/ws",
+        ] {
+            let api = super::AdminApi::remote(typed, " bdc_x ").unwrap();
+            assert_eq!(api.base_url, "https://clinic.example");
+            assert_eq!(api.ws_url, "wss://clinic.example/ws");
+            assert_eq!(api.key, "bdc_x");
+        }
+        let api = super::AdminApi::remote("http://127.0.0.1:8080", "bdc_x").unwrap();
+        assert_eq!(api.ws_url, "ws://127.0.0.1:8080/ws");
+        assert!(super::AdminApi::remote("clinic.example", "bdc_x").is_err());
+        assert!(super::AdminApi::remote("ftp://clinic.example", "bdc_x").is_err());
+    }
+
     #[test]
     fn host_of_drops_path_and_credentials() {
         assert_eq!(

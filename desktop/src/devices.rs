@@ -75,7 +75,7 @@ impl DeviceLists {
             found
                 .iter()
                 .filter(|d| d.kind == kind && !d.id.is_empty())
-                .map(|d| Choice::new(&d.id, &d.name))
+                .map(|d| Choice::new(&d.id, &readable_name(&d.name)))
                 .collect()
         };
         DeviceLists::with_devices(
@@ -130,7 +130,9 @@ pub fn open_microphone(id: &str) -> Result<Box<dyn AudioSource>, String> {
     }
     #[cfg(feature = "devices")]
     {
-        bedside_client_core::media::devices::open_microphone(Some(id), clock())
+        // Echo cancellation, noise suppression and automatic gain, against what the speaker
+        // plays (see client-core's media/apm.rs).
+        bedside_client_core::media::apm::open_processed_microphone(Some(id), clock(), echo_path())
             .map(|m| Box::new(m) as Box<dyn AudioSource>)
             .map_err(|e| format!("The microphone could not be opened: {e}"))
     }
@@ -151,14 +153,52 @@ pub fn open_speaker(id: &str, audio: Arc<PlayedAudio>) -> Result<Option<Playback
     }
     #[cfg(feature = "devices")]
     {
-        bedside_client_core::media::devices::open_speaker(Some(id), audio, clock())
-            .map(|s| Some(Box::new(s) as Playback))
-            .map_err(|e| format!("The speaker could not be opened: {e}"))
+        bedside_client_core::media::apm::open_speaker_with_reference(
+            Some(id),
+            audio,
+            clock(),
+            echo_path().clone(),
+        )
+        .map(|s| Some(Box::new(s) as Playback))
+        .map_err(|e| format!("The speaker could not be opened: {e}"))
     }
     #[cfg(not(feature = "devices"))]
     {
         let _ = audio;
         Err("This build of Bedside has no speaker support.".into())
+    }
+}
+
+/// The echo reference shared by the app's one speaker and one microphone.
+#[cfg(feature = "devices")]
+fn echo_path() -> &'static bedside_client_core::media::apm::EchoPath {
+    static PATH: std::sync::OnceLock<bedside_client_core::media::apm::EchoPath> =
+        std::sync::OnceLock::new();
+    PATH.get_or_init(Default::default)
+}
+
+/// A device name a person understands. ALSA's plug-in devices describe themselves by what they
+/// do ("Discard all samples (playback) or generate zero samples (capture)" is the `null`
+/// device); known ones get a short name, and any long description is cut at its first comma
+/// or parenthesis.
+pub fn readable_name(name: &str) -> String {
+    const KNOWN: [(&str, &str); 6] = [
+        ("Discard all samples", "Silent device (no sound card)"),
+        ("Default ALSA Output", "System default"),
+        ("Default Audio Device", "System default"),
+        ("PulseAudio Sound Server", "PulseAudio"),
+        ("PipeWire Sound Server", "PipeWire"),
+        ("Rate Converter Plugin", "Rate converter"),
+    ];
+    if let Some((_, short)) = KNOWN.iter().find(|(k, _)| name.starts_with(k)) {
+        return (*short).to_owned();
+    }
+    let cut = name.find([',', '(', '\n']).unwrap_or(name.len());
+    let short = name[..cut].trim();
+    if short.is_empty() {
+        "Unnamed device".to_owned()
+    } else {
+        short.to_owned()
     }
 }
 
@@ -171,6 +211,20 @@ fn clock() -> bedside_client_core::media::devices::SessionClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_are_readable() {
+        assert_eq!(
+            readable_name("Discard all samples (playback) or generate zero samples (capture)"),
+            "Silent device (no sound card)"
+        );
+        assert_eq!(
+            readable_name("HDA Intel PCH, ALC257 Analog\nFront speakers"),
+            "HDA Intel PCH"
+        );
+        assert_eq!(readable_name("USB camera"), "USB camera");
+        assert_eq!(readable_name(" (x)"), "Unnamed device");
+    }
 
     #[test]
     fn every_list_ends_with_its_synthetic_choice() {

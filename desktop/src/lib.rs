@@ -6,6 +6,7 @@
 //! - [`app`]: the eframe app: drains events at the start of each frame, uploads the newest remote
 //!   frame, runs the view and carries out its commands on the tokio runtime.
 //! - [`clinic`]: background work (in-process clinic server, REST, the call client, demo patient).
+//! - [`attention`]: the chime when a patient arrives, and the doctor's time zone.
 //! - [`devices`]: the camera, microphone and speaker pickers and what a choice opens.
 //! - [`settings`]: what is remembered between runs (a TOML file; the token in the keyring).
 //!
@@ -13,6 +14,7 @@
 //! live in `bedside-client-core`.
 
 pub mod app;
+pub mod attention;
 pub mod clinic;
 pub mod devices;
 pub mod model;

@@ -20,10 +20,15 @@ pub const CHAT_LINES_KEPT: usize = 500;
 pub enum UiCommand {
     /// Run a clinic server in this process and open a consultation on it.
     StartLocalClinic,
-    /// Join a consultation on a remote clinic as its doctor.
+    /// Join a consultation on a remote clinic as its doctor, with a one-off join token.
     ConnectToClinic {
         ws_url: String,
         token: String,
+    },
+    /// Sign in to a remote clinic with a doctor credential (then see today's consultations).
+    SignIn {
+        address: String,
+        credential: String,
     },
     /// Put text on the clipboard (the invite code).
     Copy(String),
@@ -49,6 +54,8 @@ pub enum UiCommand {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Screen {
     Connect,
+    /// Signed in to a clinic, in no consultation: today's list.
+    Clinic,
     Consultation,
     InCall,
     Ended,
@@ -164,6 +171,13 @@ pub struct AppModel {
     pub consultation_id: Option<ConsultationId>,
     /// Said under the connect form: whether the token is remembered, and where.
     pub keyring_note: Option<String>,
+    /// The doctor's time zone, as an offset from UTC in seconds (times are shown in it).
+    pub utc_offset_secs: i32,
+    /// Every patient seen in the waiting room this session, to tell an arrival from an update.
+    pub seen_waiting: HashSet<ParticipantId>,
+    /// How many patients arrived in the waiting room this session (the app raises the window's
+    /// attention and chimes when it grows).
+    pub arrivals: u64,
 }
 
 impl Default for AppModel {
@@ -197,6 +211,9 @@ impl Default for AppModel {
             consultations: None,
             consultation_id: None,
             keyring_note: None,
+            utc_offset_secs: 0,
+            seen_waiting: HashSet::new(),
+            arrivals: 0,
         }
     }
 }
@@ -216,6 +233,11 @@ impl AppModel {
             }
             CallEvent::Seated { participant_id, .. } => self.me = Some(participant_id),
             CallEvent::WaitingRoom(list) => {
+                for p in &list {
+                    if self.seen_waiting.insert(p.participant_id.clone()) {
+                        self.arrivals += 1;
+                    }
+                }
                 self.waiting = list;
                 self.waiting_at = Some(Instant::now());
             }
@@ -278,6 +300,9 @@ impl AppModel {
 
     pub fn screen(&self) -> Screen {
         if !self.has_session {
+            if self.consultations.is_some() && self.busy.is_none() {
+                return Screen::Clinic;
+            }
             return Screen::Connect;
         }
         match self.call_state {
@@ -317,6 +342,8 @@ impl AppModel {
             speaker: std::mem::take(&mut self.speaker),
             consultations: self.consultations.take(),
             keyring_note: self.keyring_note.take(),
+            clinic_label: self.clinic_label.take(),
+            utc_offset_secs: self.utc_offset_secs,
             ..AppModel::default()
         }
     }
@@ -330,6 +357,34 @@ impl AppModel {
             s,
             self.audio_only.is_some(),
         ))
+    }
+
+    /// Why the quality light shows what it shows, in plain words; `None` while all is well or
+    /// before the first sample.
+    pub fn quality_reason(&self) -> Option<&'static str> {
+        let s = self.last_stats.as_ref()?;
+        if s.loss_in_pct.is_some_and(|l| l > POOR_LOSS_PCT) {
+            return Some("the patient's connection is losing many packets");
+        }
+        if s.rtt_ms.is_some_and(|r| r > POOR_RTT_MS) {
+            return Some("the patient's connection is very slow to answer");
+        }
+        if s.loss_in_pct.is_some_and(|l| l > 1.0) {
+            return Some("the patient's connection is losing packets");
+        }
+        if s.rtt_ms.is_some_and(|r| r > 200.0) {
+            return Some("the patient's connection is slow to answer");
+        }
+        if self.audio_only.is_none() && s.video_received.as_ref().is_some_and(|v| v.fps < 10.0) {
+            return Some("the patient's picture is arriving slowly");
+        }
+        None
+    }
+
+    /// A time of day (seconds since the Unix epoch) in the doctor's time zone, `HH:MM`.
+    pub fn local_time(&self, unix_secs: u64) -> String {
+        let local = (unix_secs as i64 + i64::from(self.utc_offset_secs)).rem_euclid(86_400);
+        format!("{:02}:{:02}", local / 3600, local % 3600 / 60)
     }
 
     /// The banners over the call, most important first.
@@ -358,6 +413,16 @@ impl AppModel {
     pub fn waited_secs(&self, patient: &WaitingPatient) -> u64 {
         let since = self.waiting_at.map_or(0, |t| t.elapsed().as_secs());
         patient.waiting_secs + since
+    }
+
+    /// "waiting 42 s", "waiting 3 min 05 s": the counter next to a waiting patient.
+    pub fn waited_text(&self, patient: &WaitingPatient) -> String {
+        let secs = self.waited_secs(patient);
+        if secs < 60 {
+            format!("waiting {secs} s")
+        } else {
+            format!("waiting {} min {:02} s", secs / 60, secs % 60)
+        }
     }
 
     /// Why the call ended, in words.

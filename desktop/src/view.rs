@@ -2,7 +2,8 @@
 //! never blocks, never talks to the network and never changes call state itself.
 
 use bedside_client_core::call::{CallState, UserCommand};
-use egui::{Color32, RichText, TextureHandle, Ui};
+use bedside_protocol::ParticipantId;
+use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, Ui};
 use egui_plot::{Line, Plot};
 
 use crate::devices::Choice;
@@ -11,10 +12,54 @@ use crate::model::{AppModel, Quality, Screen, Series, UiCommand};
 /// What the connect form holds while it is being typed (not call state).
 #[derive(Clone, Debug, Default)]
 pub struct Drafts {
+    /// The clinic's address (or its signaling URL).
     pub ws_url: String,
+    /// A doctor credential (`bdc_…`) or a one-off join token.
     pub token: String,
     /// The chat line being typed.
     pub chat: String,
+    /// A question on screen before something that cannot be undone.
+    pub confirm: Option<Confirm>,
+}
+
+/// What asks for confirmation first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// Turn this waiting patient away.
+    Deny { id: ParticipantId, name: String },
+    /// Leave the consultation.
+    Leave,
+}
+
+/// Mute or unmute the microphone.
+pub const SHORTCUT_MUTE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::D);
+/// Camera off or on.
+pub const SHORTCUT_CAMERA: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::E);
+/// Leave the consultation (asks first).
+pub const SHORTCUT_LEAVE: KeyboardShortcut = KeyboardShortcut::new(
+    Modifiers {
+        shift: true,
+        ..Modifiers::COMMAND
+    },
+    Key::L,
+);
+
+/// Text colours with at least 4.5:1 contrast on the panels (WCAG AA for normal text): egui's
+/// default dark theme draws weak text at about 2.7:1. Applied by the app, and by the UI tests
+/// so the snapshots show what the doctor sees.
+pub fn apply_style(ctx: &egui::Context) {
+    ctx.all_styles_mut(|style| {
+        let v = &mut style.visuals;
+        if v.dark_mode {
+            v.widgets.noninteractive.fg_stroke.color = Color32::from_gray(215);
+            v.widgets.inactive.fg_stroke.color = Color32::from_gray(225);
+            v.weak_text_color = Some(Color32::from_gray(170));
+        } else {
+            v.widgets.noninteractive.fg_stroke.color = Color32::from_gray(30);
+            v.widgets.inactive.fg_stroke.color = Color32::from_gray(20);
+            v.weak_text_color = Some(Color32::from_gray(85));
+        }
+    });
 }
 
 /// Textures the app uploaded for this frame (none in UI tests).
@@ -50,21 +95,77 @@ pub fn view(
             egui::CentralPanel::default()
                 .show(ui, |ui| connect_screen(ui, model, drafts, &mut out));
         }
+        Screen::Clinic => {
+            egui::CentralPanel::default().show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .show(ui, |ui| consultations_panel(ui, model, &mut out));
+            });
+        }
         Screen::Consultation => {
-            egui::CentralPanel::default().show(ui, |ui| consultation_screen(ui, model, &mut out));
+            egui::CentralPanel::default()
+                .show(ui, |ui| consultation_screen(ui, model, drafts, &mut out));
         }
         Screen::InCall => in_call_screen(ui, model, drafts, video, &mut out),
         Screen::Ended => {
             egui::CentralPanel::default().show(ui, |ui| {
                 ui.heading(model.ended_text());
-                if ui.button("Back to start").clicked() {
+                let back = if model.consultations.is_some() {
+                    "Back to today's consultations"
+                } else {
+                    "Back to start"
+                };
+                if ui.button(back).clicked() {
                     out.push(UiCommand::Reset);
                 }
             });
         }
     }
+    confirmation(ui, drafts, &mut out);
     out
 }
+
+/// The confirmation dialog, while one is asked for.
+fn confirmation(ui: &mut Ui, drafts: &mut Drafts, out: &mut Vec<UiCommand>) {
+    let Some(confirm) = drafts.confirm.clone() else {
+        return;
+    };
+    let (question, detail, yes, command) = match &confirm {
+        Confirm::Deny { id, name } => (
+            format!("Turn {name} away?"),
+            "They are told the clinic will not see them now, and leave the waiting room.",
+            "Turn away",
+            UiCommand::Call(UserCommand::Deny(id.clone())),
+        ),
+        Confirm::Leave => (
+            "Leave the consultation?".to_owned(),
+            "The patient stays in the consultation and can be joined again from today's list.",
+            "Leave now",
+            UiCommand::Call(UserCommand::Leave),
+        ),
+    };
+    let mut answered = false;
+    egui::Modal::new(egui::Id::unique("bedside-confirm")).show(ui.ctx(), |ui| {
+        ui.set_max_width(360.0);
+        ui.heading(question);
+        ui.label(detail);
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            if ui.button(RichText::new(yes).color(DANGER)).clicked() {
+                out.push(command);
+                answered = true;
+            }
+            if ui.button("Cancel").clicked() || ui.input(|i| i.key_pressed(Key::Escape)) {
+                answered = true;
+            }
+        });
+    });
+    if answered {
+        drafts.confirm = None;
+    }
+}
+
+/// Red for what cannot be undone, readable on the dark panels (about 6.5:1).
+const DANGER: Color32 = Color32::from_rgb(255, 130, 120);
 
 fn state_text(state: &CallState) -> &'static str {
     match state {
@@ -100,17 +201,17 @@ fn connect_screen(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut 
     ui.group(|ui| {
         ui.label("Connect to a clinic");
         egui::Grid::new("connect").num_columns(2).show(ui, |ui| {
-            let label = ui.label("Server URL");
+            let label = ui.label("Clinic address");
             ui.add(
-                egui::TextEdit::singleline(&mut drafts.ws_url).hint_text("wss://clinic.example/ws"),
+                egui::TextEdit::singleline(&mut drafts.ws_url).hint_text("https://clinic.example"),
             )
             .labelled_by(label.id);
             ui.end_row();
-            let label = ui.label("Doctor token");
+            let label = ui.label("Doctor credential");
             ui.add(
                 egui::TextEdit::singleline(&mut drafts.token)
                     .password(true)
-                    .hint_text("from the clinic"),
+                    .hint_text("from the clinic's administrator"),
             )
             .labelled_by(label.id);
             ui.end_row();
@@ -123,9 +224,18 @@ fn connect_screen(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut 
             .add_enabled(ready, egui::Button::new("Connect to a clinic"))
             .clicked()
         {
-            out.push(UiCommand::ConnectToClinic {
-                ws_url: drafts.ws_url.trim().to_owned(),
-                token: drafts.token.trim().to_owned(),
+            let (address, secret) = (drafts.ws_url.trim(), drafts.token.trim());
+            // A doctor credential signs in to the clinic; anything else is a one-off join token.
+            out.push(if secret.starts_with(crate::clinic::CREDENTIAL_PREFIX) {
+                UiCommand::SignIn {
+                    address: address.to_owned(),
+                    credential: secret.to_owned(),
+                }
+            } else {
+                UiCommand::ConnectToClinic {
+                    ws_url: address.to_owned(),
+                    token: secret.to_owned(),
+                }
             });
         }
     });
@@ -143,7 +253,7 @@ fn invite_row(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
     }
 }
 
-fn waiting_room(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
+fn waiting_room(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut Vec<UiCommand>) {
     ui.heading("Waiting room");
     if model.waiting.is_empty() {
         ui.label("Nobody is waiting.");
@@ -156,7 +266,7 @@ fn waiting_room(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
             for patient in &model.waiting {
                 let name = patient.display_name.as_deref().unwrap_or("Unnamed patient");
                 ui.label(RichText::new(name).strong());
-                let mut waited = format!("waiting {} s", model.waited_secs(patient));
+                let mut waited = model.waited_text(patient);
                 if !patient.connected {
                     waited.push_str(" (connection dropped)");
                 }
@@ -166,28 +276,53 @@ fn waiting_room(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
                         patient.participant_id.clone(),
                     )));
                 }
-                if ui.button("Deny").clicked() {
-                    out.push(UiCommand::Call(UserCommand::Deny(
-                        patient.participant_id.clone(),
-                    )));
+                if ui
+                    .button("Deny")
+                    .on_hover_text("Turn this patient away (asks first)")
+                    .clicked()
+                {
+                    drafts.confirm = Some(Confirm::Deny {
+                        id: patient.participant_id.clone(),
+                        name: name.to_owned(),
+                    });
                 }
                 ui.end_row();
             }
         });
 }
 
-fn consultation_screen(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
-    ui.heading("Consultation");
-    invite_row(ui, model, out);
-    ui.separator();
-    waiting_room(ui, model, out);
-    ui.separator();
-    devices_panel(ui, model, out);
-    ui.separator();
-    consultations_panel(ui, model, out);
-    ui.separator();
-    if ui.button("Leave").clicked() {
-        out.push(UiCommand::Call(UserCommand::Leave));
+fn consultation_screen(
+    ui: &mut Ui,
+    model: &AppModel,
+    drafts: &mut Drafts,
+    out: &mut Vec<UiCommand>,
+) {
+    egui::ScrollArea::vertical().show(ui, |ui| {
+        ui.heading("Consultation");
+        invite_row(ui, model, out);
+        ui.separator();
+        waiting_room(ui, model, drafts, out);
+        ui.separator();
+        devices_panel(ui, model, out);
+        ui.separator();
+        consultations_panel(ui, model, out);
+        ui.separator();
+        leave_button(ui, drafts);
+    });
+}
+
+/// "Leave", which asks first (also on its shortcut).
+fn leave_button(ui: &mut Ui, drafts: &mut Drafts) {
+    let tip = format!(
+        "Leave the consultation ({})",
+        ui.ctx().format_shortcut(&SHORTCUT_LEAVE)
+    );
+    let clicked = ui
+        .button(RichText::new("Leave").color(DANGER))
+        .on_hover_text(tip)
+        .clicked();
+    if clicked || ui.input_mut(|i| i.consume_shortcut(&SHORTCUT_LEAVE)) {
+        drafts.confirm = Some(Confirm::Leave);
     }
 }
 
@@ -200,8 +335,14 @@ fn in_call_screen(
 ) {
     egui::Panel::bottom("controls").show(ui, |ui| {
         ui.horizontal(|ui| {
+            let ctx = ui.ctx().clone();
             let mute = if model.mic_muted { "Unmute" } else { "Mute" };
-            if ui.button(mute).clicked() {
+            let tip = format!(
+                "Microphone on or off ({})",
+                ctx.format_shortcut(&SHORTCUT_MUTE)
+            );
+            let clicked = ui.button(mute).on_hover_text(tip).clicked();
+            if clicked || ui.input_mut(|i| i.consume_shortcut(&SHORTCUT_MUTE)) {
                 out.push(UiCommand::Call(UserCommand::SetMicrophoneMuted(
                     !model.mic_muted,
                 )));
@@ -211,7 +352,12 @@ fn in_call_screen(
             } else {
                 "Camera on"
             };
-            if ui.button(cam).clicked() {
+            let tip = format!(
+                "Camera on or off ({})",
+                ctx.format_shortcut(&SHORTCUT_CAMERA)
+            );
+            let clicked = ui.button(cam).on_hover_text(tip).clicked();
+            if clicked || ui.input_mut(|i| i.consume_shortcut(&SHORTCUT_CAMERA)) {
                 out.push(UiCommand::Call(UserCommand::SetCameraEnabled(
                     !model.camera_enabled,
                 )));
@@ -222,34 +368,37 @@ fn in_call_screen(
             } else {
                 "Audio only"
             };
-            if ui.button(ao).clicked() {
+            if ui
+                .button(ao)
+                .on_hover_text("Stop video both ways to save the connection")
+                .clicked()
+            {
                 out.push(UiCommand::Call(UserCommand::SetAudioOnly(
                     !manual_audio_only,
                 )));
             }
-            if ui
-                .button(RichText::new("Leave").color(Color32::LIGHT_RED))
-                .clicked()
-            {
-                out.push(UiCommand::Call(UserCommand::Leave));
-            }
+            leave_button(ui, drafts);
         });
     });
     egui::Panel::right("side")
         .default_size(320.0)
         .show(ui, |ui| {
             egui::ScrollArea::vertical().show(ui, |ui| {
-                self_view(ui, model, video);
                 invite_row(ui, model, out);
                 if !model.waiting.is_empty() {
-                    waiting_room(ui, model, out);
+                    waiting_room(ui, model, drafts, out);
                 }
                 ui.separator();
                 chat_panel(ui, model, drafts, out);
                 ui.separator();
-                stats_panel(ui, model);
-                ui.separator();
-                devices_panel(ui, model, out);
+                egui::CollapsingHeader::new("Call details")
+                    .id_salt("call-details")
+                    .default_open(false)
+                    .show(ui, |ui| {
+                        stats_panel(ui, model);
+                        ui.separator();
+                        devices_panel(ui, model, out);
+                    });
                 ui.separator();
                 consultations_panel(ui, model, out);
             });
@@ -261,6 +410,23 @@ fn in_call_screen(
                 .inner_margin(6.0)
                 .show(ui, |ui| {
                     ui.label(RichText::new(banner).color(Color32::WHITE).strong());
+                });
+        }
+        if let Some(first) = model.waiting.first() {
+            // Someone else arrived during this call: say so where the doctor is looking.
+            let name = first.display_name.as_deref().unwrap_or("A patient");
+            egui::Frame::new()
+                .fill(Color32::from_rgb(20, 70, 130))
+                .inner_margin(6.0)
+                .show(ui, |ui| {
+                    ui.label(
+                        RichText::new(format!(
+                            "{name} is in the waiting room ({})",
+                            model.waited_text(first)
+                        ))
+                        .color(Color32::WHITE)
+                        .strong(),
+                    );
                 });
         }
         ui.horizontal(|ui| {
@@ -277,55 +443,60 @@ fn in_call_screen(
                 let (dot, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
                 ui.painter().circle_filled(dot.center(), 5.0, color);
                 ui.label(text);
+                if let Some(reason) = model.quality_reason() {
+                    ui.label(format!("({reason})"));
+                }
             }
         });
         remote_video(ui, model, video);
     });
 }
 
+/// The patient's picture, centred and as large as the panel allows, with the self view small
+/// in its bottom-right corner.
 fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
-    let avail = ui.available_size();
+    let area = ui.available_rect_before_wrap();
+    ui.allocate_rect(area, egui::Sense::hover());
+    let painter = ui.painter_at(area);
+    painter.rect_filled(area, 4.0, Color32::from_gray(20));
     match (&video.remote, model.audio_only.is_some()) {
         (Some(tex), false) => {
             let [w, h] = tex.size().map(|s| s.max(1) as f32);
-            let scale = (avail.x / w).min(avail.y / h).max(0.01);
-            ui.add(egui::Image::new((
-                tex.id(),
-                egui::vec2(w * scale, h * scale),
-            )));
+            let scale = (area.width() / w).min(area.height() / h).max(0.01);
+            let rect =
+                egui::Rect::from_center_size(area.center(), egui::vec2(w * scale, h * scale));
+            egui::Image::new((tex.id(), rect.size())).paint_at(ui, rect);
         }
         (_, audio_only) => {
-            let (rect, _) = ui.allocate_exact_size(avail, egui::Sense::hover());
-            ui.painter().rect_filled(rect, 4.0, Color32::from_gray(20));
             let text = if audio_only {
                 "Audio only"
             } else {
                 "Waiting for the patient's video…"
             };
-            ui.painter().text(
-                rect.center(),
-                egui::Align2::CENTER_CENTER,
-                text,
-                egui::FontId::proportional(18.0),
-                Color32::GRAY,
+            ui.put(
+                egui::Rect::from_center_size(area.center(), egui::vec2(area.width(), 30.0)),
+                egui::Label::new(
+                    RichText::new(text)
+                        .size(18.0)
+                        .color(Color32::from_gray(200)),
+                ),
             );
         }
     }
+    let size = egui::vec2(192.0, 108.0).min(area.size() * 0.3);
+    let corner = egui::Rect::from_min_size(area.max - size - egui::vec2(12.0, 12.0), size);
+    self_view(ui, model, video, corner);
 }
 
-fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView) {
-    let size = egui::vec2(192.0, 108.0);
+fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView, rect: egui::Rect) {
     if let (Some(tex), true) = (&video.local, model.camera_enabled) {
         let [w, h] = tex.size().map(|s| s.max(1) as f32);
-        let scale = (size.x / w).min(size.y / h);
-        ui.add(egui::Image::new((
-            tex.id(),
-            egui::vec2(w * scale, h * scale),
-        )));
+        let scale = (rect.width() / w).min(rect.height() / h);
+        let fit = egui::Rect::from_center_size(rect.center(), egui::vec2(w * scale, h * scale));
+        egui::Image::new((tex.id(), fit.size())).paint_at(ui, fit);
         return;
     }
-    let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
-    ui.painter().rect_filled(rect, 4.0, Color32::from_gray(40));
+    ui.painter().rect_filled(rect, 4.0, Color32::from_gray(45));
     let text = if !model.camera_enabled {
         "Camera off"
     } else if model.audio_only.is_some() {
@@ -335,7 +506,7 @@ fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView) {
     };
     ui.put(
         rect,
-        egui::Label::new(RichText::new(text).color(Color32::LIGHT_GRAY)),
+        egui::Label::new(RichText::new(text).color(Color32::from_gray(220))),
     );
 }
 
@@ -417,8 +588,7 @@ fn consultations_panel(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) 
         .striped(true)
         .show(ui, |ui| {
             for c in list {
-                let secs = c.created_at % 86_400;
-                ui.label(format!("{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60));
+                ui.label(model.local_time(c.created_at));
                 let state = if c.ended_at.is_some() {
                     "ended".to_owned()
                 } else {
@@ -488,7 +658,7 @@ fn chat_panel(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut Vec<
 
 /// The call quality plots (RTT, loss, bitrate, frame rate) from the stats history.
 pub fn stats_panel(ui: &mut Ui, model: &AppModel) {
-    ui.heading("Call quality");
+    ui.strong("Call quality");
     let h = &model.stats;
     if h.samples == 0 {
         ui.label("No statistics yet.");

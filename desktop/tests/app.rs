@@ -219,3 +219,95 @@ fn an_unreadable_settings_file_is_reported_and_left_alone() {
         .execute(UiCommand::ChooseSpeaker(settings::SPEAKER_OFF.into()));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "camera = [");
 }
+
+#[test]
+fn a_remote_clinic_signs_in_with_a_doctor_credential_and_a_waiting_patient_raises_attention() {
+    use bedside_server::credentials::IssuedCredential;
+    let rt = runtime();
+    let server = rt.block_on(bedside_tests::TestServer::start()).unwrap();
+    let cred: IssuedCredential = rt
+        .block_on(async {
+            server
+                .http()
+                .post(server.api("/doctor-credentials"))
+                .bearer_auth(&server.admin_key)
+                .send()
+                .await?
+                .json()
+                .await
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = Arc::new(MemorySecrets::default());
+    let mut h = app(&rt, dir.path(), secrets.clone());
+    h.step();
+    h.state_mut().execute(UiCommand::SignIn {
+        address: server.base_url.clone(),
+        credential: cred.credential.clone(),
+    });
+    step_until(&mut h, "today's (empty) list", |a| {
+        a.model().screen() == Screen::Clinic
+    });
+    assert_eq!(
+        secrets.token(&server.base_url).as_deref(),
+        Some(cred.credential.as_str())
+    );
+    h.get_by_label("New consultation").click();
+    step_until(&mut h, "the new consultation", |a| {
+        a.model().call_state == CallState::WaitingForPeers
+            && a.model()
+                .consultations
+                .as_ref()
+                .is_some_and(|l| l.len() == 1)
+    });
+    assert_eq!(h.state().alerts(), 0);
+    // A patient arrives with the invite code the app shows: the doctor is alerted once.
+    let code = h.state().model().invite_code.clone().unwrap();
+    let _patient = rt
+        .block_on(async {
+            let mut p = server.connect().await?;
+            p.join_invite(&code, Some("Grace Hopper")).await?;
+            p.expect_type("waiting").await?;
+            anyhow::Ok(p)
+        })
+        .unwrap();
+    step_until(&mut h, "the patient in the waiting room", |a| {
+        a.model().waiting.len() == 1
+    });
+    assert_eq!(h.state().alerts(), 1);
+    h.get_by_label("Grace Hopper");
+
+    // Ending the call goes back to today's list: still signed in.
+    h.state_mut().execute(UiCommand::Reset);
+    step_until(&mut h, "back to the list", |a| {
+        a.model().screen() == Screen::Clinic
+            && a.model()
+                .consultations
+                .as_ref()
+                .is_some_and(|l| l.len() == 1)
+    });
+    drop(h);
+
+    // The next start signs in by itself from the keyring.
+    let mut h = app(&rt, dir.path(), secrets.clone());
+    step_until(&mut h, "signed in again", |a| {
+        a.model().screen() == Screen::Clinic
+    });
+    drop(h);
+
+    // Revoked: signing in fails and says why.
+    rt.block_on(async {
+        server
+            .http()
+            .delete(server.api(&format!("/doctor-credentials/{}", cred.credential_id)))
+            .bearer_auth(&server.admin_key)
+            .send()
+            .await
+    })
+    .unwrap();
+    let mut h = app(&rt, dir.path(), secrets);
+    step_until(&mut h, "the refusal", |a| a.model().error.is_some());
+    let error = h.state().model().error.clone().unwrap();
+    assert!(error.contains("refused the credential"), "{error}");
+    assert_eq!(h.state().model().screen(), Screen::Connect);
+}

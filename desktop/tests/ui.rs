@@ -22,6 +22,7 @@ fn harness(model: AppModel) -> Harness<'static, State> {
         .renderer(SoftRenderer::default())
         .build_ui_state(
             |ui, state: &mut State| {
+                bedside_desktop::view::apply_style(ui.ctx());
                 let out = view(ui, &state.model, &mut state.drafts, &VideoView::default());
                 state.commands.extend(out);
             },
@@ -131,12 +132,26 @@ fn waiting_room_shows_patient_and_admit_deny_produce_commands() {
         vec![UiCommand::Call(UserCommand::Admit(pid("p7")))]
     );
     h.state_mut().commands.clear();
+    // Deny asks first; cancelling sends nothing.
     h.get_by_label("Deny").click();
+    h.run();
+    h.snapshot("confirm_deny");
+    h.get_by_label("Turn Grace Hopper away?");
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Cancel")
+        .click();
+    h.run();
+    assert!(h.state().commands.is_empty());
+    assert!(h.query_by_label("Turn Grace Hopper away?").is_none());
+    h.get_by_label("Deny").click();
+    h.run();
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Turn away")
+        .click();
     h.run();
     assert_eq!(
         h.state().commands,
         vec![UiCommand::Call(UserCommand::Deny(pid("p7")))]
     );
+    assert!(h.state().drafts.confirm.is_none());
     h.state_mut().commands.clear();
     h.get_by_label("Copy").click();
     h.run();
@@ -176,7 +191,8 @@ fn in_call_shows_audio_only_banner_and_toggle() {
     h.snapshot("in_call_audio_only");
     h.get_by_label("Audio only: the network is too weak for video");
     // Not asked for by the doctor: the button still offers audio-only.
-    h.get_by_label("Audio only").click();
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Audio only")
+        .click();
     h.run();
     assert_eq!(
         h.state().commands,
@@ -205,7 +221,6 @@ fn in_call_buttons_produce_commands() {
     for (label, expected) in [
         ("Mute", UserCommand::SetMicrophoneMuted(true)),
         ("Camera off", UserCommand::SetCameraEnabled(false)),
-        ("Leave", UserCommand::Leave),
     ] {
         h.state_mut().commands.clear();
         h.get_by_label(label).click();
@@ -216,6 +231,18 @@ fn in_call_buttons_produce_commands() {
             "{label}"
         );
     }
+    // Leave asks first.
+    h.state_mut().commands.clear();
+    h.get_by_label("Leave").click();
+    h.run();
+    h.snapshot("confirm_leave");
+    assert!(h.state().commands.is_empty());
+    h.get_by_label("Leave now").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Call(UserCommand::Leave)]
+    );
     // The model changes only through events: muting shows once the client confirms it.
     h.state_mut().model.apply(CallEvent::MicrophoneMuted(true));
     h.run();
@@ -232,6 +259,10 @@ fn poor_network_banner_and_stats_panel_render_with_history() {
         });
     }
     let mut h = harness(m);
+    h.run();
+    // The plots are folded away in "Call details" until asked for.
+    assert!(h.query_by_label("RTT (ms): 69.0").is_none());
+    h.get_by_label("Call details").click();
     h.run();
     h.snapshot("in_call_with_stats");
     assert!(h.query_by_label("Patient's network is poor").is_none());
@@ -251,18 +282,21 @@ fn poor_network_banner_and_stats_panel_render_with_history() {
     h.run();
     h.get_by_label("Patient's network is poor");
     h.get_by_label("Call quality: poor");
+    h.get_by_label("(the patient's connection is very slow to answer)");
     h.state_mut().model.apply(CallEvent::Stats {
         participant_id: pid("p1"),
         report: report(250.0, 0.0),
     });
     h.run();
     h.get_by_label("Call quality: fair");
+    h.get_by_label("(the patient's connection is slow to answer)");
     h.state_mut().model.apply(CallEvent::Stats {
         participant_id: pid("p1"),
         report: report(50.0, 7.5),
     });
     h.run();
     h.get_by_label("Patient's network is poor");
+    h.get_by_label("(the patient's connection is losing many packets)");
 }
 
 #[test]
@@ -459,7 +493,8 @@ fn today_s_consultations_open_and_create() {
     m.consultation_id = Some(ConsultationId("c-here".into()));
     let mut h = harness(m);
     h.run();
-    h.get_by_label("14:05 UTC");
+    // Times are the doctor's (UTC here; one hour ahead below).
+    h.get_by_label("14:05");
     h.get_by_label("ended");
     h.get_by_label("you are here");
     // Only the open consultation that the doctor is not in can be opened.
@@ -477,4 +512,164 @@ fn today_s_consultations_open_and_create() {
             UiCommand::RefreshConsultations,
         ]
     );
+}
+
+#[test]
+fn times_are_in_the_doctor_s_time_zone() {
+    let m = AppModel {
+        utc_offset_secs: 3600,
+        ..AppModel::default()
+    };
+    assert_eq!(m.local_time(3600 * 14 + 5 * 60), "15:05");
+    let m = AppModel {
+        utc_offset_secs: -5 * 3600,
+        ..AppModel::default()
+    };
+    assert_eq!(m.local_time(3600 * 2), "21:00");
+}
+
+#[test]
+fn a_doctor_credential_signs_in_and_the_clinic_list_shows() {
+    use bedside_protocol::ConsultationId;
+    use bedside_server::api::ConsultationSummary;
+    let mut h = harness(AppModel::default());
+    h.state_mut().drafts = Drafts {
+        ws_url: "https://clinic.example".into(),
+        token: "bdc_0123456789".into(),
+        ..Drafts::default()
+    };
+    h.run();
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Connect to a clinic")
+        .click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::SignIn {
+            address: "https://clinic.example".into(),
+            credential: "bdc_0123456789".into(),
+        }]
+    );
+    // Signed in, no consultation yet: today's list.
+    let mut m = AppModel {
+        clinic_label: Some("clinic.example".into()),
+        consultations: Some(vec![ConsultationSummary {
+            consultation_id: ConsultationId("c-1".into()),
+            created_at: 3600 * 9 + 30 * 60,
+            ended_at: None,
+            seats: 1,
+            waiting: 1,
+            connected: 0,
+        }]),
+        ..AppModel::default()
+    };
+    m.utc_offset_secs = 0;
+    let mut h = harness(m);
+    h.run();
+    assert_eq!(h.state().model.screen(), Screen::Clinic);
+    h.snapshot("remote_clinic");
+    h.get_by_label("09:30");
+    h.get_by_label("1 waiting · 0 connected");
+    h.get_by_label("Open").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::OpenConsultation(ConsultationId("c-1".into()))]
+    );
+}
+
+#[test]
+fn a_patient_arriving_during_a_call_is_announced_and_counted_once() {
+    let mut m = in_call();
+    let grace = WaitingPatient {
+        participant_id: pid("p8"),
+        display_name: Some("Grace Hopper".into()),
+        waiting_secs: 75,
+        connected: true,
+    };
+    m.apply(CallEvent::WaitingRoom(vec![grace.clone()]));
+    assert_eq!(m.arrivals, 1);
+    // The same patient in a later snapshot is not a new arrival.
+    m.apply(CallEvent::WaitingRoom(vec![grace]));
+    assert_eq!(m.arrivals, 1);
+    let mut h = harness(m);
+    h.run();
+    h.snapshot("attention_on_arrival");
+    h.get_by_label("Grace Hopper is in the waiting room (waiting 1 min 15 s)");
+}
+
+#[test]
+fn shortcuts_mute_and_turn_the_camera_off_and_tooltips_name_them() {
+    let mut h = harness(in_call());
+    h.run();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::D);
+    h.run();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::E);
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![
+            UiCommand::Call(UserCommand::SetMicrophoneMuted(true)),
+            UiCommand::Call(UserCommand::SetCameraEnabled(false)),
+        ]
+    );
+    // Leave's shortcut asks first, like the button.
+    h.key_press_modifiers(
+        egui::Modifiers::COMMAND | egui::Modifiers::SHIFT,
+        egui::Key::L,
+    );
+    h.run();
+    h.get_by_label("Leave the consultation?");
+    // Cancel the question, then hover Mute until its tooltip shows (egui waits a moment).
+    h.get_by_label("Cancel").click();
+    h.run();
+    h.get_by_label("Mute").hover();
+    for _ in 0..60 {
+        h.step();
+    }
+    h.get_by_label("Microphone on or off (Ctrl+D)");
+}
+
+/// WCAG's contrast ratio between two colours.
+fn contrast(a: egui::Color32, b: egui::Color32) -> f32 {
+    fn luminance(c: egui::Color32) -> f32 {
+        let lin = |v: u8| {
+            let v = f32::from(v) / 255.0;
+            if v <= 0.039_28 {
+                v / 12.92
+            } else {
+                ((v + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * lin(c.r()) + 0.7152 * lin(c.g()) + 0.0722 * lin(c.b())
+    }
+    let (x, y) = (luminance(a), luminance(b));
+    (x.max(y) + 0.05) / (x.min(y) + 0.05)
+}
+
+#[test]
+fn all_text_has_at_least_4_5_to_1_contrast() {
+    for theme in [egui::Theme::Dark, egui::Theme::Light] {
+        let dark = theme == egui::Theme::Dark;
+        let ctx = egui::Context::default();
+        let before = ctx.style_of(theme).visuals.weak_text_color();
+        bedside_desktop::view::apply_style(&ctx);
+        let v = ctx.style_of(theme).visuals.clone();
+        for (what, color) in [
+            ("weak text", v.weak_text_color()),
+            ("text", v.widgets.noninteractive.fg_stroke.color),
+            ("button text", v.widgets.inactive.fg_stroke.color),
+        ] {
+            for (bg_name, bg) in [("panel", v.panel_fill), ("window", v.window_fill)] {
+                let ratio = contrast(color, bg);
+                assert!(
+                    ratio >= 4.5,
+                    "{what} on the {bg_name} is {ratio:.2}:1 (dark: {dark})"
+                );
+            }
+        }
+        // egui's own weak text in the dark theme is below the bar: the style is what fixes it.
+        if dark {
+            assert!(contrast(before, v.panel_fill) < 4.5);
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The embedded store: SQLite (bundled) for consultations, invite codes, generated secrets and
 //! the audit log. Nothing of the media, the chat, names, addresses or tokens is ever written:
-//! invite codes are kept as SHA-256 hashes and the audit log holds ids and roles only.
+//! invite codes and doctor credentials are kept as SHA-256 hashes and the audit log holds ids
+//! and roles only.
 //!
 //! One worker thread owns the SQLite connection. [`Store::call`] sends it a closure over a
 //! channel and awaits the answer, so no async task blocks on the disk, no lock is contended and

@@ -362,6 +362,9 @@ impl AppModel {
     /// Why the quality light shows what it shows, in plain words; `None` while all is well or
     /// before the first sample.
     pub fn quality_reason(&self) -> Option<&'static str> {
+        use bedside_protocol::quality::{
+            FAIR_LOSS_PCT, FAIR_MIN_FPS, FAIR_RTT_MS, POOR_LOSS_PCT, POOR_RTT_MS,
+        };
         let s = self.last_stats.as_ref()?;
         if s.loss_in_pct.is_some_and(|l| l > POOR_LOSS_PCT) {
             return Some("the patient's connection is losing many packets");
@@ -369,13 +372,13 @@ impl AppModel {
         if s.rtt_ms.is_some_and(|r| r > POOR_RTT_MS) {
             return Some("the patient's connection is very slow to answer");
         }
-        if s.loss_in_pct.is_some_and(|l| l > 1.0) {
+        if s.loss_in_pct.is_some_and(|l| l > FAIR_LOSS_PCT) {
             return Some("the patient's connection is losing packets");
         }
-        if s.rtt_ms.is_some_and(|r| r > 200.0) {
+        if s.rtt_ms.is_some_and(|r| r > FAIR_RTT_MS) {
             return Some("the patient's connection is slow to answer");
         }
-        if self.audio_only.is_none() && s.video_received.as_ref().is_some_and(|v| v.fps < 10.0) {
+        if self.audio_only.is_none() && s.video_received.as_ref().is_some_and(|v| v.fps < FAIR_MIN_FPS) {
             return Some("the patient's picture is arriving slowly");
         }
         None

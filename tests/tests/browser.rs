@@ -1,6 +1,6 @@
 //! The patient's join page in a real browser: headless Chromium (Debian's `chromium`, with its
 //! fake camera and microphone) driven by `tests/browser/driver.mjs` (playwright-core, installed
-//! with npm into `target/browser-driver/` when missing), against the real server and a
+//! with npm into `target/node-tools/` when missing), against the real server and a
 //! `bedside-probe` on the other side. Both sides say what they decoded: the probe's report, and
 //! the page's `getStats()` (inbound-rtp frames decoded, audio energy, the candidate in use).
 //!
@@ -24,8 +24,6 @@ use tokio::sync::mpsc;
 static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
 
-/// The version of playwright-core the driver is written against.
-const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 /// The tone the page sends instead of its microphone (`?tone=`): the patient's, which the probe's
 /// detector names.
 const PATIENT_TONE_HZ: u32 = 660;
@@ -60,30 +58,13 @@ fn find_driver() -> Result<Driver, String> {
         .or_else(|| Some(PathBuf::from("/usr/bin/chromium")).filter(|p| p.is_file()))
         .ok_or("no Chromium (apt-get install chromium, or set CHROMIUM)")?;
     on_path("node").ok_or("no node on PATH (apt-get install nodejs)")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"));
-    let prefix = target.join("browser-driver");
-    let node_modules = prefix.join("node_modules");
-    if !node_modules.join("playwright-core/package.json").is_file() {
-        let npm = on_path("npm").ok_or("no npm on PATH (apt-get install npm)")?;
-        std::fs::create_dir_all(&prefix).map_err(|e| e.to_string())?;
-        let status = std::process::Command::new(npm)
-            .args([
-                "install",
-                "--no-save",
-                "--no-audit",
-                "--no-fund",
-                "--prefix",
-            ])
-            .arg(&prefix)
-            .arg(PLAYWRIGHT)
-            .status()
-            .map_err(|e| format!("npm: {e}"))?;
-        if !status.success() {
-            return Err(format!("npm install {PLAYWRIGHT} failed: {status}"));
-        }
-    }
+    on_path("npm").ok_or("no npm on PATH (apt-get install npm)")?;
+    // The same pinned playwright-core as the dashboard's test, installed once into target/.
+    let module = bedside_tests::ops::playwright_core().map_err(|e| format!("{e:#}"))?;
+    let node_modules = module
+        .parent()
+        .expect("playwright-core lives in node_modules")
+        .to_owned();
     Ok(Driver {
         chromium,
         node_modules,

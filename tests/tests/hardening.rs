@@ -739,3 +739,29 @@ async fn an_admission_survives_a_sigkill_right_after_it_was_acknowledged() -> Re
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_doctor_token_seats_one_connection_at_a_time() -> Result<()> {
+    let server = TestServer::start().await?;
+    let c = server.create_consultation().await?;
+    let mut doctor = server.doctor(&c).await?;
+    // A copy of the token cannot take a second seat while the doctor holds the first.
+    let mut thief = server.connect().await?;
+    thief
+        .send(ClientMessage::Join {
+            protocol_version: PROTOCOL_VERSION,
+            auth: bedside_protocol::JoinAuth::Token {
+                token: c.doctor_token.clone(),
+            },
+            display_name: None,
+        })
+        .await?;
+    thief.expect_error(ErrorCode::AlreadyJoined).await?;
+    still_connected(&mut doctor).await?;
+    // Once the doctor has left, the token seats again (the app's rejoin after its seat expired).
+    doctor.send(ClientMessage::Leave).await?;
+    doctor.expect_close().await?;
+    let mut again = server.connect().await?;
+    again.join_token(&c.doctor_token).await?;
+    Ok(())
+}

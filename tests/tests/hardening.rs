@@ -521,6 +521,13 @@ async fn slow_http_connections_are_capped_and_closed_while_a_doctor_joins() -> R
     config.limits.header_read_timeout_secs = 2;
     config.limits.http_idle_timeout_secs = 2;
     config.limits.max_connections_per_source = 100;
+    // Both ends of 2,000 connections live in this process: raise the soft open-files limit to
+    // the hard one, and say so if that is still too few.
+    let limit = bedside_tests::raise_fd_limit();
+    assert!(
+        limit >= 4_400,
+        "open-files limit {limit}: this test needs 4,400"
+    );
     let server = TestServer::start_with(config).await?;
     let c = server.create_consultation().await?;
     // 2,000 connections from one attacker address, each with a partial request.

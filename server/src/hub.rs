@@ -118,6 +118,9 @@ struct Seat {
     generation: u64,
     /// The invite code (its hash) a patient came with, for the per-invite waiting cap.
     invite: Option<[u8; 32]>,
+    /// The id of the join token a doctor or clinician came with: while this seat lives, the
+    /// same token seats no one else.
+    token_id: Option<String>,
     /// SHA-256 of the last resume token handed out: only that one resumes the seat (every
     /// resume hands out a new one). `None` after a restart, until the first resume.
     resume_hash: Option<[u8; 32]>,
@@ -303,12 +306,17 @@ impl Hub {
         display_name: Option<String>,
         conn: &ConnHandle,
         invite: Option<[u8; 32]>,
+        token_id: Option<String>,
     ) -> Result<Seated, ErrorCode> {
         loop {
             let room = self.room_or_create(cid);
             let mut r = lock(&room);
             if r.closed {
                 continue;
+            }
+            if token_id.is_some() && r.seats.values().any(|s| s.token_id == token_id) {
+                self.metrics.limit("join_token_reused");
+                return Err(ErrorCode::AlreadyJoined);
             }
             let admitted_n = r.seats.values().filter(|s| s.admitted).count();
             if role != Role::Patient {
@@ -347,6 +355,7 @@ impl Hub {
                     seq,
                     generation: 0,
                     invite,
+                    token_id,
                     resume_hash: None,
                     down_since: None,
                 },
@@ -797,6 +806,7 @@ impl Hub {
                     seq,
                     generation: 1,
                     invite: None,
+                    token_id: None,
                     resume_hash: None,
                     down_since: Some(Instant::now()),
                 },

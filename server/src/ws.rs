@@ -431,7 +431,7 @@ impl Conn {
             ));
         }
         let state = &self.state;
-        let (cid, role, invite_hash) = match auth {
+        let (cid, role, invite_hash, token_id) = match auth {
             JoinAuth::Token { token } => {
                 let claims = state
                     .tokens
@@ -450,7 +450,7 @@ impl Conn {
                         return Err((ErrorCode::Internal, "try again"));
                     }
                 }
-                (claims.cid, claims.role, None)
+                (claims.cid, claims.role, None, Some(claims.sub))
             }
             JoinAuth::InviteCode { code } => {
                 if state
@@ -469,7 +469,7 @@ impl Conn {
                 };
                 let hash = invite::hash(&code);
                 match state.store.redeem_invite(hash, auth::unix_now()).await {
-                    Ok(Some(cid)) => (cid, bedside_protocol::Role::Patient, Some(hash)),
+                    Ok(Some(cid)) => (cid, bedside_protocol::Role::Patient, Some(hash), None),
                     Ok(None) => {
                         return Err((
                             ErrorCode::InvalidInviteCode,
@@ -490,8 +490,14 @@ impl Conn {
             .filter(|n| !n.is_empty());
         let seated = state
             .hub
-            .join(&cid, role, display_name, &self.handle, invite_hash)
-            .map_err(|code| (code, "the consultation has no free seat"))?;
+            .join(&cid, role, display_name, &self.handle, invite_hash, token_id)
+            .map_err(|code| match code {
+                ErrorCode::AlreadyJoined => (
+                    code,
+                    "this join token already holds a seat; resume that seat, or ask for a new token",
+                ),
+                _ => (code, "the consultation has no free seat"),
+            })?;
         self.seated = Some(seated);
         Ok(())
     }

@@ -330,6 +330,20 @@ impl Client {
     }
 }
 
+/// Raises this process's soft open-files limit to the hard one; returns the new limit.
+pub fn raise_fd_limit() -> u64 {
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
+    }
+}
+
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

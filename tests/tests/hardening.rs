@@ -521,6 +521,13 @@ async fn slow_http_connections_are_capped_and_closed_while_a_doctor_joins() -> R
     config.limits.header_read_timeout_secs = 2;
     config.limits.http_idle_timeout_secs = 2;
     config.limits.max_connections_per_source = 100;
+    // Both ends of 2,000 connections live in this process: raise the soft open-files limit to
+    // the hard one, and say so if that is still too few.
+    let limit = bedside_tests::raise_fd_limit();
+    assert!(
+        limit >= 4_400,
+        "open-files limit {limit}: this test needs 4,400"
+    );
     let server = TestServer::start_with(config).await?;
     let c = server.create_consultation().await?;
     // 2,000 connections from one attacker address, each with a partial request.
@@ -737,5 +744,31 @@ async fn an_admission_survives_a_sigkill_right_after_it_was_acknowledged() -> Re
         child.start_kill()?;
         child.wait().await?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_doctor_token_seats_one_connection_at_a_time() -> Result<()> {
+    let server = TestServer::start().await?;
+    let c = server.create_consultation().await?;
+    let mut doctor = server.doctor(&c).await?;
+    // A copy of the token cannot take a second seat while the doctor holds the first.
+    let mut thief = server.connect().await?;
+    thief
+        .send(ClientMessage::Join {
+            protocol_version: PROTOCOL_VERSION,
+            auth: bedside_protocol::JoinAuth::Token {
+                token: c.doctor_token.clone(),
+            },
+            display_name: None,
+        })
+        .await?;
+    thief.expect_error(ErrorCode::AlreadyJoined).await?;
+    still_connected(&mut doctor).await?;
+    // Once the doctor has left, the token seats again (the app's rejoin after its seat expired).
+    doctor.send(ClientMessage::Leave).await?;
+    doctor.expect_close().await?;
+    let mut again = server.connect().await?;
+    again.join_token(&c.doctor_token).await?;
     Ok(())
 }

@@ -40,19 +40,6 @@ struct Args {
 
 const ADMIN_KEY: &str = "bench-admin-key-0123456789";
 
-fn raise_fd_limit() -> u64 {
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur
-    }
-}
-
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -196,7 +183,7 @@ async fn hold(mut conn: SignalingConnection, mut stop: watch::Receiver<bool>) ->
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let limit = raise_fd_limit();
+    let limit = bedside_tests::raise_fd_limit();
     let needed = args.consultations as u64 * 2 + 64;
     if limit < needed {
         bail!("open-files limit is {limit}, {needed} needed: lower --consultations");

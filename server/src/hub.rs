@@ -248,8 +248,10 @@ impl Hub {
         self.metrics.consultations_active.set(rooms.len() as i64);
     }
 
-    /// The ICE servers for one participant, with TURN credentials bound to its id.
-    pub fn ice_servers(&self, pid: &ParticipantId) -> Vec<IceServer> {
+    /// The ICE servers for one participant, with TURN credentials bound to its id and its
+    /// consultation: the relay's user is `<consultation>/<participant>`, so its group quota
+    /// (`turn.relay.group-quota`) bounds what one consultation holds, however many seats.
+    pub fn ice_servers(&self, cid: &ConsultationId, pid: &ParticipantId) -> Vec<IceServer> {
         let mut servers = Vec::new();
         if !self.ice.stun_urls.is_empty() {
             servers.push(IceServer {
@@ -261,7 +263,7 @@ impl Hub {
         if !self.ice.turn_urls.is_empty() {
             let (username, credential) = auth::turn_rest_credentials(
                 &self.ice.turn_secret,
-                &pid.0,
+                &format!("{}/{}", cid.0, pid.0),
                 Duration::from_secs(self.ice.turn_credential_ttl_secs),
                 auth::unix_now(),
             );
@@ -285,7 +287,7 @@ impl Hub {
             .get(&seated.participant_id)
             .map(|s| s.admitted);
         match admitted {
-            Some(true) => Ok(self.ice_servers(&seated.participant_id)),
+            Some(true) => Ok(self.ice_servers(&seated.consultation_id, &seated.participant_id)),
             Some(false) => {
                 self.metrics.limit("ice_before_admission");
                 Err(ErrorCode::NotAdmitted)
@@ -417,7 +419,7 @@ impl Hub {
                 &self.metrics,
                 ServerMessage::Admitted {
                     peers: peers_of(r, pid),
-                    ice_servers: self.ice_servers(pid),
+                    ice_servers: self.ice_servers(&r.id, pid),
                 },
             );
             if seat.role.can_admit() {
@@ -624,7 +626,7 @@ impl Hub {
                     &self.metrics,
                     ServerMessage::Admitted {
                         peers: peers_of(&r, target),
-                        ice_servers: self.ice_servers(target),
+                        ice_servers: self.ice_servers(&r.id, target),
                     },
                 );
             }

@@ -729,10 +729,11 @@ async fn admitted_participants_get_the_bundled_relay_with_short_lived_credential
         })
         .expect("a TURN server");
     assert!(turn.urls.iter().any(|u| u.ends_with("?transport=tcp")));
-    // TURN REST credentials bound to this participant, expiring within the configured TTL.
+    // TURN REST credentials bound to this participant and its consultation (the relay's group),
+    // expiring within the configured TTL.
     let username = turn.username.clone().unwrap();
     let (expiry, user) = username.split_once(':').unwrap();
-    assert_eq!(user, doctor.id().0);
+    assert_eq!(user, format!("{}/{}", c.consultation_id, doctor.id().0));
     let expiry: u64 = expiry.parse()?;
     let now = unix_now();
     assert!(expiry > now && expiry <= now + 600 + 5, "{expiry} vs {now}");

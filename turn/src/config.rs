@@ -43,6 +43,11 @@ pub struct TurnConfig {
     pub user_quota: u32,
     /// Maximum simultaneous allocations in total; 508 beyond.
     pub total_quota: u32,
+    /// Maximum simultaneous allocations of one group: the part of the user id before its first
+    /// `/` (Bedside's server names users `<consultation>/<participant>`, so a group is one
+    /// consultation); 486 beyond. A user id without `/` is in no group. 0: no group limit.
+    /// Bounds what one consultation can hold however many seats it mints credentials for.
+    pub group_quota: u32,
     /// Bandwidth limit per allocation in bytes per second, both directions together (0: none).
     pub max_bps_per_allocation: u64,
     /// Lifetime granted when the client asks for none, in seconds.
@@ -89,6 +94,7 @@ impl Default for TurnConfig {
             allow_loopback_peers: false,
             user_quota: 10,
             total_quota: 10_000,
+            group_quota: 50,
             max_bps_per_allocation: 2_500_000,
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,

@@ -210,6 +210,8 @@ pub struct CoreConfig {
     pub user_quota: u32,
     /// Allocations in total.
     pub total_quota: u32,
+    /// Allocations per group (a consultation; 0: none).
+    pub group_quota: u32,
     /// Allocations per client address (IPv6 per /64).
     pub source_quota: u32,
     /// Bytes per second per allocation (0: none).
@@ -244,6 +246,7 @@ impl CoreConfig {
             },
             user_quota: c.user_quota,
             total_quota: c.total_quota,
+            group_quota: c.group_quota,
             source_quota: c.source_quota,
             bps: c.max_bps_per_allocation,
             default_lifetime: c.default_lifetime_secs.max(1),
@@ -264,6 +267,24 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The group a REST user id belongs to: the part before its first `/`, if any (Bedside's
+/// server names users `<consultation>/<participant>`).
+fn group_of(user: &str) -> Option<&str> {
+    user.split_once('/').map(|(group, _)| group)
+}
+
+/// Adds `delta` to `key`'s count in `map`, dropping the entry at zero.
+fn count(map: &mut FxHashMap<Box<str>, u32>, key: &str, delta: i32) {
+    if delta > 0 {
+        *map.entry(key.into()).or_insert(0) += delta as u32;
+    } else if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(delta.unsigned_abs());
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
 /// The sans-IO relay state.
 #[derive(Debug)]
 pub struct Core {
@@ -272,6 +293,8 @@ pub struct Core {
     allocs: Vec<Option<Allocation>>,
     by_client: FxHashMap<Client, RelayId>,
     users: FxHashMap<Box<str>, u32>,
+    /// Allocations (and reservations) per group (see [`group_of`]).
+    groups: FxHashMap<Box<str>, u32>,
     /// Allocations per client source (see [`source_key`]).
     sources: FxHashMap<IpAddr, u32>,
     count: u32,
@@ -292,6 +315,7 @@ impl Core {
             allocs: Vec::new(),
             by_client: FxHashMap::default(),
             users: FxHashMap::default(),
+            groups: FxHashMap::default(),
             sources: FxHashMap::default(),
             count: 0,
             reservations: FxHashMap::default(),
@@ -518,11 +542,14 @@ impl Core {
     /// A reservation of `user` ended (claimed or expired): its port no longer counts.
     fn unreserve(&mut self, user: &str) {
         self.reserved = self.reserved.saturating_sub(1);
-        if let Some(n) = self.users.get_mut(user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.users.remove(user);
-            }
+        self.count_user(user, -1);
+    }
+
+    /// One more (or one fewer) allocation or reservation held by `user` and its group.
+    fn count_user(&mut self, user: &str, delta: i32) {
+        count(&mut self.users, user, delta);
+        if let Some(group) = group_of(user) {
+            count(&mut self.groups, group, delta);
         }
     }
 
@@ -559,12 +586,7 @@ impl Core {
                 self.sources.remove(&src);
             }
         }
-        if let Some(n) = self.users.get_mut(&a.user) {
-            *n -= 1;
-            if *n == 0 {
-                self.users.remove(&a.user);
-            }
-        }
+        self.count_user(&a.user, -1);
         self.count -= 1;
         self.metrics.active_allocations.fetch_sub(1, Relaxed);
         relays.close(rid);
@@ -735,6 +757,14 @@ impl Core {
             self.error(out, m, 486, Some(&key), false, None, now, client);
             return true;
         }
+        if self.cfg.group_quota > 0
+            && group_of(&creds.user).is_some_and(|g| {
+                self.groups.get(g).copied().unwrap_or(0) + need > self.cfg.group_quota
+            })
+        {
+            self.error(out, m, 486, Some(&key), false, None, now, client);
+            return true;
+        }
         let src = source_key(client.addr.ip());
         if self.sources.get(&src).copied().unwrap_or(0) + need.min(1) > self.cfg.source_quota {
             self.error(out, m, 486, Some(&key), false, None, now, client);
@@ -761,7 +791,7 @@ impl Core {
                 let t: [u8; 8] = rand::random();
                 self.reservations
                     .insert(t, (b.0, b.1, now + RESERVATION_MS, creds.user.clone()));
-                *self.users.entry(creds.user.clone()).or_insert(0) += 1;
+                self.count_user(&creds.user, 1);
                 self.reserved += 1;
                 new_token = Some(t);
                 a
@@ -787,7 +817,7 @@ impl Core {
             self.error(out, m, 500, Some(&key), false, None, now, client);
             return true;
         }
-        *self.users.entry(creds.user.clone()).or_insert(0) += 1;
+        self.count_user(&creds.user, 1);
         *self.sources.entry(src).or_insert(0) += 1;
         self.allocs[idx] = Some(Allocation {
             client: *client,

@@ -783,3 +783,32 @@ fn one_source_is_held_to_its_quota_whatever_the_users() {
     let (_, code, _) = TestClient::new(other, "d").allocate(&mut core, T0, &mut r);
     assert_eq!(code, None);
 }
+
+#[test]
+fn one_consultation_is_held_to_its_group_quota_whatever_its_seats() {
+    let mut core = core_with(TurnConfig {
+        group_quota: 3,
+        total_quota: 10,
+        ..config()
+    });
+    let mut r = FakeRelays::default();
+    // Users `<consultation>/<participant>`: two seats of c1 hold the group's three, a third
+    // seat is refused; another consultation and an ungrouped user are not held by c1.
+    for (port, user, want) in [
+        (1, "c1/a", None),
+        (2, "c1/a", None),
+        (3, "c1/b", None),
+        (4, "c1/b", Some(486)),
+        (5, "c1/c", Some(486)),
+        (6, "c2/a", None),
+        (7, "c1", None),
+    ] {
+        let (_, code, _) = TestClient::new(udp_client(port), user).allocate(&mut core, T0, &mut r);
+        assert_eq!(code, want, "{user} from port {port}");
+    }
+    // When one of c1's allocations goes, the group has room again.
+    let first = *core.by_client.get(&udp_client(1)).expect("allocated");
+    core.remove(first, &mut r);
+    let (_, code, _) = TestClient::new(udp_client(8), "c1/c").allocate(&mut core, T0, &mut r);
+    assert_eq!(code, None);
+}

@@ -13,6 +13,7 @@
 //! - `lint`: rustfmt and clippy, as CI expects them.
 //! - `package`: the server's Debian package (`bedside-server_*.deb`, release build) with
 //!   cargo-deb, installed into `~/.cargo/bin` first if missing.
+//! - `package-check`: only the Debian package step of `test` (root).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -79,11 +80,13 @@ fn main() -> ExitCode {
         Some("package") => package(Profile::Release).map(|deb| {
             println!("{}", deb.display());
         }),
+        Some("package-check") => run(cargo().args(["build", "-p", "bedside-server", "--bins"]))
+            .and_then(|()| package_check()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
                  bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint | \
-                 package>"
+                 package | package-check>"
             );
             return ExitCode::from(2);
         }

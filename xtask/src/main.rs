@@ -531,9 +531,11 @@ fn package(profile: Profile) -> Result<PathBuf> {
     let mut deb = cargo();
     deb.args(["deb", "-p", "bedside-server", "--output"])
         .arg(&out);
-    if profile == Profile::Debug {
-        deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"]);
-    }
+    match profile {
+        // The release profile keeps debug info (for profiling); the package does not need it.
+        Profile::Release => deb.arg("--strip"),
+        Profile::Debug => deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"]),
+    };
     run(&mut deb)?;
     Ok(out)
 }

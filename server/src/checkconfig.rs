@@ -247,13 +247,12 @@ pub fn check_config(config: &Config) -> Vec<Problem> {
             ConfigError::Invalid(m) => m,
             other => other.to_string(),
         };
-        // validate() names the key first when there is one.
+        // validate()'s messages name the keys they are about: the first is the key.
         let key = message
             .split_whitespace()
-            .next()
-            .filter(|w| w.contains('-') || w.contains('.'))
+            .map(|w| w.trim_matches(|c: char| !(c.is_alphanumeric() || c == '-' || c == '.')))
+            .find(|w| w.contains('-') || w.contains('.'))
             .unwrap_or("(settings)")
-            .trim_end_matches(':')
             .to_owned();
         problems.push(Problem { key, message });
     }

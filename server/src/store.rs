@@ -201,12 +201,18 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             known: schema_version(),
         });
     }
+    // A first-release store (version 0) already has the tables; a new file has none.
+    let existed: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'settings'",
+        [],
+        |r| r.get(0),
+    )?;
     for (step, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", step as i64 + 1)?;
         tx.commit()?;
-        if found > 0 || step > 0 {
+        if existed {
             tracing::info!(version = step + 1, "store schema migrated");
         }
     }

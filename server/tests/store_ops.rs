@@ -333,3 +333,27 @@ fn a_backup_of_a_running_server_restores_into_a_working_one() {
     assert!(!out.0);
     assert!(out.1.contains("not a bedside-server store"), "{}", out.1);
 }
+
+#[tokio::test]
+async fn readiness_names_what_is_not_ready() {
+    use bedside_server::health::Readiness;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert!(
+        Readiness::new(store.clone(), None)
+            .not_ready()
+            .await
+            .is_empty()
+    );
+    // A relay address nothing answers on (a port just released).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let r = Readiness::new(store.clone(), Some(silent));
+    assert_eq!(r.not_ready().await, vec!["relay"]);
+    r.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(r.not_ready().await, vec!["draining", "relay"]);
+    let response = r.response().await;
+    assert_eq!(response.status(), 503);
+}

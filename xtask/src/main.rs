@@ -17,6 +17,7 @@
 //! - `lint`: rustfmt and clippy, as CI expects them.
 //! - `package`: the server's Debian package (`bedside-server_*.deb`, release build) with
 //!   cargo-deb, installed into `~/.cargo/bin` first if missing.
+//! - `package-check`: only the Debian package step of `test` (root).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -101,11 +102,13 @@ fn main() -> ExitCode {
         Some("package") => package(Profile::Release).map(|deb| {
             println!("{}", deb.display());
         }),
+        Some("package-check") => run(cargo().args(["build", "-p", "bedside-server", "--bins"]))
+            .and_then(|()| package_check()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
                  bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint | \
-                 packages | sans-io | package>"
+                 packages | sans-io | package | package-check>"
             );
             return ExitCode::from(2);
         }
@@ -558,9 +561,11 @@ fn package(profile: Profile) -> Result<PathBuf> {
     let mut deb = cargo();
     deb.args(["deb", "-p", "bedside-server", "--output"])
         .arg(&out);
-    if profile == Profile::Debug {
-        deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"]);
-    }
+    match profile {
+        // The release profile keeps debug info (for profiling); the package does not need it.
+        Profile::Release => deb.arg("--strip"),
+        Profile::Debug => deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"]),
+    };
     run(&mut deb)?;
     Ok(out)
 }

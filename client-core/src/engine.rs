@@ -12,7 +12,8 @@
 //! reports through to the application, so a peer's PLI becomes [`EngineEvent::KeyframeRequested`]
 //! and its receiver reports give the loss on what we send ([`SendFeedback`]), which the crate's
 //! own sender statistics leave at 0. The other way, [`Engine::request_keyframe_from`] sends a PLI
-//! for a peer's video when the pipeline cannot decode it.
+//! for a peer's video when the state machine asks (`EngineCommand::RequestKeyframeFrom`: the
+//! pipeline cannot decode it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1047,6 +1048,9 @@ impl Engine {
                     tracing::debug!(error = %e, "chat line not handed to the data channel");
                     let _ = self.events.send(EngineEvent::ChatUndelivered { peer, id });
                 }
+            }
+            EngineCommand::RequestKeyframeFrom { peer } => {
+                self.request_keyframe_from(&peer).await?;
             }
             EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
                 // The encoder belongs to the media pipeline: the driver routes these there.

@@ -278,7 +278,8 @@ pub struct ReceiveStats {
     pub video_decode_errors: u64,
     /// Frames not decoded because a reference was lost: the picture froze until a keyframe.
     pub video_frames_skipped: u64,
-    /// Keyframe requests (PLI) sent to this participant.
+    /// Keyframe requests (PLI) sent to this participant (when the call asked, see
+    /// `call::KEYFRAME_REQUEST_INTERVAL`).
     pub keyframes_requested: u64,
     pub width: u32,
     pub height: u32,
@@ -355,6 +356,13 @@ impl Received {
             .collect()
     }
 
+    /// A keyframe request went to `peer` (the driver counts what the call asks for).
+    pub fn keyframe_requested(&self, peer: &ParticipantId) {
+        if let Some((_, stats)) = self.lock().get_mut(peer) {
+            stats.keyframes_requested += 1;
+        }
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, (Arc<LatestFrame>, ReceiveStats)>> {
@@ -367,7 +375,6 @@ struct PeerRx {
     decoder: Option<H264Decoder>,
     /// Packets of the video were lost for good: nothing decodes until the next keyframe.
     lost_reference: bool,
-    last_keyframe_request: Option<Instant>,
     audio: Option<AudioPlayoutBuffer>,
     markers: AudioMarkerReader,
     samples_played: u64,
@@ -386,7 +393,6 @@ impl PeerRx {
                 .with_max_time_delay(Duration::from_millis(500)),
             decoder: H264Decoder::new().ok(),
             lost_reference: false,
-            last_keyframe_request: None,
             audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
             markers: AudioMarkerReader::new(),
             samples_played: 0,
@@ -395,12 +401,10 @@ impl PeerRx {
     }
 }
 
-/// While a participant's video cannot be decoded, ask it for a keyframe this often.
-const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
-
 /// Starts the receive thread; it reads `media` until the sender side closes. When a
 /// participant's video cannot be decoded (lost packets, a decoder error, no keyframe yet), the
-/// participant is sent on `keyframe_needed`, at most every [`KEYFRAME_REQUEST_INTERVAL`].
+/// participant is sent on `keyframe_needed` for every frame that cannot be shown; when to ask
+/// it for a keyframe is the call's decision (`EngineEvent::KeyframeNeeded`).
 pub fn start_receiver(
     media: std_mpsc::Receiver<RemoteMedia>,
     keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
@@ -501,14 +505,7 @@ fn receive_video(
             return;
         };
         if needs_keyframe {
-            let due = rx
-                .last_keyframe_request
-                .is_none_or(|at| item.arrived.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL);
-            if due {
-                rx.last_keyframe_request = Some(item.arrived);
-                stats.keyframes_requested += 1;
-                let _ = keyframe_needed.send(item.peer.clone());
-            }
+            let _ = keyframe_needed.send(item.peer.clone());
         }
         let Some(decoded) = decoded else {
             stats.video_frames_skipped += 1;
@@ -782,7 +779,7 @@ mod tests {
                 sequencer.clone(),
                 90_000,
             );
-            let (shared, (tx, _rx)) = (Received::default(), mpsc::unbounded_channel());
+            let (shared, (tx, mut needs)) = (Received::default(), mpsc::unbounded_channel());
             let peer = ParticipantId("browser".into());
             let mut rx = PeerRx::new(&peer, &shared);
             let mut media_packets = 0;
@@ -820,16 +817,20 @@ mod tests {
                     rx_push(&mut rx, &shared, &tx, &peer, packet, arrived);
                 }
             }
-            shared.stats().remove(&peer).unwrap()
+            let mut needed = 0;
+            while needs.try_recv().is_ok() {
+                needed += 1;
+            }
+            (shared.stats().remove(&peer).unwrap(), needed)
         };
-        let clean = run(None);
+        let (clean, clean_needs) = run(None);
         assert_eq!(clean.video_frames_skipped, 0, "{clean:?}");
-        assert_eq!(clean.keyframes_requested, 0, "{clean:?}");
+        assert_eq!(clean_needs, 0, "{clean:?}");
         assert!(clean.video_frames_decoded >= 28, "{clean:?}");
         // A real loss in the fifth frame's packets (after the keyframe) freezes until a keyframe.
-        let lossy = run(Some(12));
+        let (lossy, lossy_needs) = run(Some(12));
         assert!(lossy.video_frames_skipped > 0, "{lossy:?}");
-        assert!(lossy.keyframes_requested > 0, "{lossy:?}");
+        assert!(lossy_needs > 0, "{lossy:?}");
     }
 
     fn rx_push(

@@ -128,6 +128,10 @@ pub enum EngineEvent {
     },
     /// The peer asked for a video keyframe (RTCP PLI or FIR): it lost video and cannot decode.
     KeyframeRequested { peer: ParticipantId },
+    /// We cannot decode the peer's video (a reference was lost, or decoding failed): it must
+    /// send a keyframe. Reported for every frame that cannot be shown; the call decides when
+    /// to ask ([`EngineCommand::RequestKeyframeFrom`]).
+    KeyframeNeeded { peer: ParticipantId },
     /// A chat line arrived on the peer's data channel (already checked against the limits).
     ChatReceived {
         peer: ParticipantId,
@@ -185,6 +189,10 @@ pub enum EngineCommand {
     SetVideoSending(bool),
     /// Send a keyframe now (a peer's media just connected and needs one to start decoding).
     RequestKeyframe,
+    /// Ask the peer for a keyframe (RTCP PLI): its video cannot be decoded.
+    RequestKeyframeFrom {
+        peer: ParticipantId,
+    },
     /// Let audio packets carry the previous frame too (RED), to peers that negotiated it.
     SetAudioRedundancy(bool),
     /// Send a chat line on the peer's data channel.
@@ -312,6 +320,8 @@ struct PeerConn {
     /// comes from a new peer connection (a browser page reloaded, say), which ours cannot
     /// continue (new DTLS), so it is rebuilt to answer it.
     remote_session: Option<String>,
+    /// When we last asked this peer for a keyframe.
+    last_keyframe_request: Option<Instant>,
 }
 
 /// The session id of a session description's `o=` line.
@@ -380,8 +390,12 @@ pub struct Call {
     out: VecDeque<Output>,
 }
 
-/// Keyframe requests closer together than this share one keyframe: a burst of PLIs after a
-/// loss (or one per peer in a group) must not turn the video into a stream of keyframes.
+/// The one keyframe policy, both ways. Keyframe requests closer together than this share one
+/// keyframe: a burst of PLIs after a loss (or one per peer in a group) must not turn the video
+/// into a stream of keyframes. And while a peer's video cannot be decoded we ask it for a
+/// keyframe at most this often (a lost request is repeated; a keyframe is about one round
+/// trip away). The sender also forces a keyframe every 2 s (`pipeline::KEYFRAME_INTERVAL`),
+/// so a receiver whose requests are all lost still recovers.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 
 impl Call {
@@ -669,6 +683,17 @@ impl Call {
                 if self.peers.contains_key(&peer) && self.video_sending() && !recent {
                     self.last_keyframe = Some(now);
                     self.engine(EngineCommand::RequestKeyframe);
+                }
+            }
+            EngineEvent::KeyframeNeeded { peer } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    let due = p
+                        .last_keyframe_request
+                        .is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL);
+                    if due {
+                        p.last_keyframe_request = Some(now);
+                        self.engine(EngineCommand::RequestKeyframeFrom { peer });
+                    }
                 }
             }
             EngineEvent::ChatReceived { peer, id, text } => {
@@ -1101,6 +1126,7 @@ impl Call {
                 restart_deadline: None,
                 restart_pending: false,
                 remote_session: None,
+                last_keyframe_request: None,
             },
         );
         self.engine(EngineCommand::CreatePeer {

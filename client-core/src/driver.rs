@@ -226,9 +226,8 @@ impl Driver {
                     self.call.handle_engine(Instant::now(), ev);
                 }
                 Some(peer) = self.keyframe_needed.recv() => {
-                    if let Err(e) = self.engine.request_keyframe_from(&peer).await {
-                        tracing::debug!(error = %e, "keyframe request failed");
-                    }
+                    let needed = crate::call::EngineEvent::KeyframeNeeded { peer };
+                    self.call.handle_engine(Instant::now(), needed);
                 }
                 _ = sleep => self.call.handle_timeout(Instant::now()),
                 _ = stats_tick.tick() => self.collect_stats().await,
@@ -273,6 +272,12 @@ impl Driver {
                         fps,
                         bitrate_kbps,
                     });
+                }
+                Output::Engine(EngineCommand::RequestKeyframeFrom { peer }) => {
+                    self.received.keyframe_requested(&peer);
+                    if let Err(e) = self.engine.request_keyframe_from(&peer).await {
+                        tracing::debug!(error = %e, "keyframe request failed");
+                    }
                 }
                 Output::Engine(cmd) => {
                     if let Err(e) = self.engine.execute(cmd).await {

@@ -12,7 +12,8 @@
 //! reports through to the application, so a peer's PLI becomes [`EngineEvent::KeyframeRequested`]
 //! and its receiver reports give the loss on what we send ([`SendFeedback`]), which the crate's
 //! own sender statistics leave at 0. The other way, [`Engine::request_keyframe_from`] sends a PLI
-//! for a peer's video when the pipeline cannot decode it.
+//! for a peer's video when the state machine asks (`EngineCommand::RequestKeyframeFrom`: the
+//! pipeline cannot decode it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::{IceCandidate, IceServer, ParticipantId};
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{
     Attribute, BandwidthEstimator, EstimatorStats, Interceptor, NackGeneratorBuilder, Packet,
     PacketReport, Registry, Slot, StreamInfo, TaggedPacket,
@@ -621,6 +623,29 @@ async fn read_feedback(
     }
 }
 
+/// mDNS for a new peer connection: webrtc 0.21 joins the mDNS multicast group when it builds one
+/// (and again at every ICE-restart rebind) unless mDNS is off, and in a network with no route
+/// for 224.0.0.0/4 (a locked-down host, a container, a bare network namespace) that join fails
+/// with ENODEV and so does the build. So mDNS stays on (remote `.local` candidates are resolved)
+/// only where a socket here can join the group; otherwise it is off, and a peer's `.local`
+/// candidates are ignored (its server-reflexive and relay candidates still connect; browsers
+/// give real host addresses once the page may use the camera).
+fn multicast_dns_mode() -> MulticastDnsMode {
+    let joined = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
+        s.join_multicast_v4(
+            &std::net::Ipv4Addr::new(224, 0, 0, 251),
+            &std::net::Ipv4Addr::UNSPECIFIED,
+        )
+    });
+    match joined {
+        Ok(()) => MulticastDnsMode::QueryOnly,
+        Err(e) => {
+            tracing::info!(error = %e, "no multicast route: mDNS off for this peer connection");
+            MulticastDnsMode::Disabled
+        }
+    }
+}
+
 /// What one peer connection's estimator shares with the engine.
 #[derive(Debug)]
 struct SharedEstimate {
@@ -1024,6 +1049,9 @@ impl Engine {
                     let _ = self.events.send(EngineEvent::ChatUndelivered { peer, id });
                 }
             }
+            EngineCommand::RequestKeyframeFrom { peer } => {
+                self.request_keyframe_from(&peer).await?;
+            }
             EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
                 // The encoder belongs to the media pipeline: the driver routes these there.
             }
@@ -1196,8 +1224,10 @@ impl Engine {
             tracks: tracks.clone(),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
-        // address may be gone. Notice a dead path in 2 s rather than the default 5 s.
+        // address may be gone. Notice a dead path in 2 s rather than the default 5 s. mDNS
+        // only where the network has a multicast route (see `multicast_dns_mode`).
         let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(multicast_dns_mode())
             .with_discard_local_candidates_during_ice_restart(true)
             .with_ice_timeouts(
                 Some(Duration::from_secs(2)),

@@ -278,7 +278,8 @@ pub struct ReceiveStats {
     pub video_decode_errors: u64,
     /// Frames not decoded because a reference was lost: the picture froze until a keyframe.
     pub video_frames_skipped: u64,
-    /// Keyframe requests (PLI) sent to this participant.
+    /// Keyframe requests (PLI) sent to this participant (when the call asked, see
+    /// `call::KEYFRAME_REQUEST_INTERVAL`).
     pub keyframes_requested: u64,
     pub width: u32,
     pub height: u32,
@@ -355,6 +356,13 @@ impl Received {
             .collect()
     }
 
+    /// A keyframe request went to `peer` (the driver counts what the call asks for).
+    pub fn keyframe_requested(&self, peer: &ParticipantId) {
+        if let Some((_, stats)) = self.lock().get_mut(peer) {
+            stats.keyframes_requested += 1;
+        }
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, (Arc<LatestFrame>, ReceiveStats)>> {
@@ -367,19 +375,36 @@ struct PeerRx {
     decoder: Option<H264Decoder>,
     /// Packets of the video were lost for good: nothing decodes until the next keyframe.
     lost_reference: bool,
-    last_keyframe_request: Option<Instant>,
     audio: Option<AudioPlayoutBuffer>,
     markers: AudioMarkerReader,
     samples_played: u64,
     sink: Arc<LatestFrame>,
 }
 
-/// While a participant's video cannot be decoded, ask it for a keyframe this often.
-const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+impl PeerRx {
+    /// What a newly heard participant gets, its entry in `shared` included.
+    fn new(peer: &ParticipantId, shared: &Received) -> Self {
+        let sink = Arc::new(LatestFrame::new());
+        shared
+            .lock()
+            .insert(peer.clone(), (sink.clone(), ReceiveStats::default()));
+        PeerRx {
+            video: SampleBuilder::new(256, H264Packet::default(), 90_000)
+                .with_max_time_delay(Duration::from_millis(500)),
+            decoder: H264Decoder::new().ok(),
+            lost_reference: false,
+            audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
+            markers: AudioMarkerReader::new(),
+            samples_played: 0,
+            sink,
+        }
+    }
+}
 
 /// Starts the receive thread; it reads `media` until the sender side closes. When a
 /// participant's video cannot be decoded (lost packets, a decoder error, no keyframe yet), the
-/// participant is sent on `keyframe_needed`, at most every [`KEYFRAME_REQUEST_INTERVAL`].
+/// participant is sent on `keyframe_needed` for every frame that cannot be shown; when to ask
+/// it for a keyframe is the call's decision (`EngineEvent::KeyframeNeeded`).
 pub fn start_receiver(
     media: std_mpsc::Receiver<RemoteMedia>,
     keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
@@ -405,23 +430,9 @@ fn receive_loop(
         let wait = next_pull.saturating_duration_since(Instant::now());
         match media.recv_timeout(wait) {
             Ok(item) => {
-                let rx = peers.entry(item.peer.clone()).or_insert_with(|| {
-                    let sink = Arc::new(LatestFrame::new());
-                    shared
-                        .lock()
-                        .insert(item.peer.clone(), (sink.clone(), ReceiveStats::default()));
-                    PeerRx {
-                        video: SampleBuilder::new(256, H264Packet::default(), 90_000)
-                            .with_max_time_delay(Duration::from_millis(500)),
-                        decoder: H264Decoder::new().ok(),
-                        lost_reference: false,
-                        last_keyframe_request: None,
-                        audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
-                        markers: AudioMarkerReader::new(),
-                        samples_played: 0,
-                        sink,
-                    }
-                });
+                let rx = peers
+                    .entry(item.peer.clone())
+                    .or_insert_with(|| PeerRx::new(&item.peer, &shared));
                 match item.kind {
                     MediaKind::Video => receive_video(&item, rx, &shared, &keyframe_needed),
                     MediaKind::Audio => {
@@ -471,9 +482,12 @@ fn receive_video(
             return;
         };
         let idr = contains_idr(&sample.data);
+        // Padding-only packets (Chromium's bandwidth probes on the video SSRC when it has no
+        // RTX) take sequence numbers and carry no media: the sample builder counts them as
+        // dropped, but nothing was lost. Only other drops lose a reference.
         if idr {
             rx.lost_reference = false;
-        } else if sample.prev_dropped_packets > 0 {
+        } else if sample.prev_dropped_packets > sample.prev_padding_packets {
             rx.lost_reference = true;
         }
         // Decoding a frame whose reference is missing shows garbage: freeze on the last
@@ -491,14 +505,7 @@ fn receive_video(
             return;
         };
         if needs_keyframe {
-            let due = rx
-                .last_keyframe_request
-                .is_none_or(|at| item.arrived.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL);
-            if due {
-                rx.last_keyframe_request = Some(item.arrived);
-                stats.keyframes_requested += 1;
-                let _ = keyframe_needed.send(item.peer.clone());
-            }
+            let _ = keyframe_needed.send(item.peer.clone());
         }
         let Some(decoded) = decoded else {
             stats.video_frames_skipped += 1;
@@ -733,6 +740,115 @@ mod tests {
         assert_eq!(run(100, OPUS_PAYLOAD_TYPE).red_recovered, 0);
         // Our RED number is not RED in this session: the payload goes to the decoder as is.
         assert_eq!(run(RED_PAYLOAD_TYPE, 109).red_recovered, 0);
+    }
+
+    /// Real H.264 packetized as webrtc does, with two padding-only packets (Chromium's
+    /// bandwidth probes: the padding bit, no payload, the last frame's timestamp) after each
+    /// frame. Padding is not loss: every frame decodes and no keyframe is asked for. A lost
+    /// media packet still freezes the picture until a keyframe (so the test can tell).
+    #[test]
+    fn padding_only_packets_are_not_loss() {
+        use crate::media::{H264Config, PatternConfig, TestPatternSource};
+        use rtc::rtp::packetizer::{Packetizer, new_packetizer};
+        use rtc::rtp::sequence::Sequencer;
+        let run = |drop_media_packet: Option<usize>| {
+            let config = H264Config {
+                width: 320,
+                height: 180,
+                bitrate_bps: 300_000,
+                frame_skip: false,
+                ..Default::default()
+            };
+            let mut encoder = H264Encoder::new(config).unwrap();
+            let mut pattern = TestPatternSource::new(PatternConfig {
+                width: 320,
+                height: 180,
+                fps: 30,
+                tag: 1,
+            })
+            .unwrap();
+            let sequencer: Box<dyn Sequencer> =
+                Box::new(rtc::rtp::sequence::new_random_sequencer());
+            let start = Instant::now();
+            let mut packetizer = new_packetizer(
+                start,
+                1200,
+                108,
+                7,
+                Box::new(rtc::rtp::codec::h264::H264Payloader::default()),
+                sequencer.clone(),
+                90_000,
+            );
+            let (shared, (tx, mut needs)) = (Received::default(), mpsc::unbounded_channel());
+            let peer = ParticipantId("browser".into());
+            let mut rx = PeerRx::new(&peer, &shared);
+            let mut media_packets = 0;
+            for i in 0..30u64 {
+                let frame = pattern.next_frame(i * 33_333);
+                let au = encoder.encode(&frame).unwrap().expect("a frame");
+                let packets = packetizer.packetize(start, &au.data.into(), 3000).unwrap();
+                let timestamp = packets[0].header.timestamp;
+                let mut padding = Vec::new();
+                for _ in 0..2 {
+                    let mut header = packets[0].header.clone();
+                    header.sequence_number = sequencer.next_sequence_number();
+                    header.padding = true;
+                    header.marker = false;
+                    header.timestamp = timestamp;
+                    padding.push(rtc::rtp::Packet {
+                        header,
+                        payload: bytes::Bytes::new(),
+                    });
+                }
+                let at = start + Duration::from_millis(i * 33);
+                let mut wire = Vec::new();
+                for packet in packets {
+                    media_packets += 1;
+                    if Some(media_packets) != drop_media_packet {
+                        wire.push((packet, at));
+                    }
+                }
+                wire.extend(
+                    padding
+                        .into_iter()
+                        .map(|p| (p, at + Duration::from_millis(1))),
+                );
+                for (packet, arrived) in wire {
+                    rx_push(&mut rx, &shared, &tx, &peer, packet, arrived);
+                }
+            }
+            let mut needed = 0;
+            while needs.try_recv().is_ok() {
+                needed += 1;
+            }
+            (shared.stats().remove(&peer).unwrap(), needed)
+        };
+        let (clean, clean_needs) = run(None);
+        assert_eq!(clean.video_frames_skipped, 0, "{clean:?}");
+        assert_eq!(clean_needs, 0, "{clean:?}");
+        assert!(clean.video_frames_decoded >= 28, "{clean:?}");
+        // A real loss in the fifth frame's packets (after the keyframe) freezes until a keyframe.
+        let (lossy, lossy_needs) = run(Some(12));
+        assert!(lossy.video_frames_skipped > 0, "{lossy:?}");
+        assert!(lossy_needs > 0, "{lossy:?}");
+    }
+
+    fn rx_push(
+        rx: &mut PeerRx,
+        shared: &Received,
+        tx: &mpsc::UnboundedSender<ParticipantId>,
+        peer: &ParticipantId,
+        packet: rtc::rtp::Packet,
+        arrived: Instant,
+    ) {
+        let item = RemoteMedia {
+            peer: peer.clone(),
+            kind: MediaKind::Video,
+            packet,
+            payload_types: OFFERED,
+            arrived,
+        };
+        receive_video(&item, rx, shared, tx);
     }
 
     #[test]

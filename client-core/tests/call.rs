@@ -695,6 +695,34 @@ fn a_peer_s_keyframe_requests_force_keyframes_at_a_bounded_rate() {
     assert_eq!(keyframes(&h.engine(request())), 1);
 }
 
+/// Our receiver cannot decode the doctor's video: it reports every frame it cannot show, and
+/// the call asks the doctor for a keyframe at most once per interval (the one keyframe policy),
+/// per peer, and never for someone who is not a peer.
+#[test]
+fn keyframes_are_asked_of_a_peer_through_the_call_at_a_bounded_rate() {
+    let mut h = Harness::connected_patient();
+    let needed = |peer: &str| EngineEvent::KeyframeNeeded { peer: pid(peer) };
+    let asks = |out: &[Output]| {
+        engine(out)
+            .iter()
+            .filter(
+                |c| matches!(c, EngineCommand::RequestKeyframeFrom { peer } if *peer == pid("doc")),
+            )
+            .count()
+    };
+    h.advance(Duration::from_secs(1));
+    assert_eq!(asks(&h.engine(needed("doc"))), 1);
+    // Thirty undecodable frames a second share that request...
+    for _ in 0..5 {
+        h.advance(Duration::from_millis(33));
+        assert_eq!(asks(&h.engine(needed("doc"))), 0);
+    }
+    // ...and past the interval, still frozen, the request is repeated (it may have been lost).
+    h.advance(KEYFRAME_REQUEST_INTERVAL);
+    assert_eq!(asks(&h.engine(needed("doc"))), 1);
+    assert!(engine(&h.engine(needed("stranger"))).is_empty());
+}
+
 #[test]
 fn backgrounding_pauses_video_and_coming_back_checks_the_link() {
     let mut h = Harness::connected_patient();

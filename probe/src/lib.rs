@@ -41,6 +41,9 @@ pub struct ProbeOptions {
     pub bitrate_kbps: u32,
     /// Testing only: hold what this probe sends for this long (and up to `jitter` more).
     pub send_delay: Option<SendDelay>,
+    /// A private CA (PEM) trusted beside the web's roots, for `wss://` signaling and `turns:`
+    /// relays with certificates of a clinic's or a lab's own CA.
+    pub ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl ProbeOptions {
@@ -57,6 +60,7 @@ impl ProbeOptions {
             height: 720,
             bitrate_kbps: 1500,
             send_delay: None,
+            ca_cert_pem: None,
         }
     }
 
@@ -136,6 +140,16 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 /// Joins, stays, leaves, and reports.
 pub async fn run(options: ProbeOptions) -> Result<Report> {
     let mut client_options = ClientOptions::new(&options.server_url);
+    if let Some(pem) = &options.ca_cert_pem {
+        // The web's roots and this CA's certificates (at least one).
+        anyhow::ensure!(
+            String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----"),
+            "the CA file holds no PEM certificate"
+        );
+        let tls = bedside_client_core::signaling::tls_config(Some(pem))
+            .map_err(|e| anyhow::anyhow!("the CA file: {e}"))?;
+        client_options.tls = Some(tls);
+    }
     client_options.engine = EngineSettings {
         udp_addrs: options.udp_addrs.clone(),
         relay_only: options.relay_only,
@@ -300,4 +314,28 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         bail!("could not join: {:?}", report.ended);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA file that is not one is a clear error before anything connects.
+    #[tokio::test]
+    async fn a_ca_file_without_a_certificate_is_refused() {
+        for pem in [
+            &b"not a certificate"[..],
+            b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        ] {
+            let options = ProbeOptions {
+                ca_cert_pem: Some(pem.to_vec()),
+                ..ProbeOptions::new(
+                    "wss://127.0.0.1:9/ws",
+                    JoinAuth::InviteCode { code: "x".into() },
+                )
+            };
+            let err = run(options).await.expect_err("refused").to_string();
+            assert!(err.contains("CA file"), "{err}");
+        }
+    }
 }

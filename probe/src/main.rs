@@ -48,6 +48,10 @@ struct Args {
     /// Testing only: up to this much more delay per datagram (ms), drawn at random.
     #[arg(long, default_value_t = 0)]
     jitter_ms: u64,
+    /// Also trust this CA's certificates (a PEM file), for wss:// and TURN over TLS with a
+    /// private CA.
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -65,7 +69,15 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(code)) => JoinAuth::InviteCode { code },
         (None, None) => unreachable!("clap requires one"),
     };
+    let ca_cert_pem = match &args.ca_cert {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let report = run(ProbeOptions {
+        ca_cert_pem,
         display_name: Some(args.name),
         duration: Duration::from_secs(args.duration),
         relay_only: args.relay_only,

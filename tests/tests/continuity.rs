@@ -277,3 +277,67 @@ fn a_bandwidth_collapse_goes_audio_only_and_video_comes_back() -> Result<()> {
     assert_eq!(t.doctor["heard"], "patient", "{}", t.doctor);
     Ok(())
 }
+
+/// A peer connection builds, and offers, in a network with no multicast route (a locked-down
+/// host, a container): webrtc 0.21 joins the mDNS group by default and failed there with
+/// ENODEV. The network is a fresh namespace of this test's own thread (root), holding only a
+/// loopback interface that is down, so there is no route at all.
+#[test]
+fn a_peer_connection_builds_where_there_is_no_multicast_route() {
+    use bedside_client_core::call::{EngineCommand, EngineEvent, SdpKind};
+    use bedside_client_core::engine::{Engine, EngineSettings, LocalTracks};
+    use bedside_protocol::ParticipantId;
+    if let Some(why) = scenarios::unavailable() {
+        bedside_tests::skip(&format!("no network namespaces here: {why}"));
+        return;
+    }
+    let outcome = std::thread::spawn(|| -> Result<String> {
+        // SAFETY: unshare only moves this thread into a new network namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        anyhow::ensure!(rc == 0, "unshare: {}", std::io::Error::last_os_error());
+        // The precondition: joining the mDNS group fails here.
+        let join = std::net::UdpSocket::bind("0.0.0.0:0")?.join_multicast_v4(
+            &std::net::Ipv4Addr::new(224, 0, 0, 251),
+            &std::net::Ipv4Addr::UNSPECIFIED,
+        );
+        anyhow::ensure!(join.is_err(), "this namespace has a multicast route");
+        // Every socket of a current-thread runtime is made on this thread, in the namespace.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+            let (media_tx, _media_rx) = std::sync::mpsc::sync_channel(16);
+            let tracks = LocalTracks::new("bedside")?;
+            let mut engine = Engine::new(EngineSettings::default(), tracks, events_tx, media_tx);
+            engine
+                .execute(EngineCommand::CreatePeer {
+                    peer: ParticipantId("far".into()),
+                    offerer: true,
+                    ice_servers: vec![],
+                })
+                .await?;
+            let offer = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match events.recv().await {
+                        Some(EngineEvent::LocalDescription {
+                            kind: SdpKind::Offer,
+                            sdp,
+                            ..
+                        }) => return Some(sdp),
+                        Some(_) => continue,
+                        None => return None,
+                    }
+                }
+            })
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no offer"))?;
+            engine.close_all().await;
+            Ok(offer)
+        })
+    })
+    .join()
+    .expect("the namespace thread")
+    .expect("a peer connection built and offered");
+    assert!(outcome.contains("m=video"), "an offer with our media");
+}

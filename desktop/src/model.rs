@@ -378,7 +378,11 @@ impl AppModel {
         if s.rtt_ms.is_some_and(|r| r > FAIR_RTT_MS) {
             return Some("the patient's connection is slow to answer");
         }
-        if self.audio_only.is_none() && s.video_received.as_ref().is_some_and(|v| v.fps < FAIR_MIN_FPS) {
+        if self.audio_only.is_none()
+            && s.video_received
+                .as_ref()
+                .is_some_and(|v| v.fps < FAIR_MIN_FPS)
+        {
             return Some("the patient's picture is arriving slowly");
         }
         None

@@ -88,7 +88,10 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 #[tokio::main]
 async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let mut args = Args::parse();
-    if let Some(Command::Admin(admin)) = args.command.take() {
+    if matches!(args.command, Some(Command::Admin(_))) {
+        let Some(Command::Admin(admin)) = args.command.take() else {
+            unreachable!("matched just above")
+        };
         admin_cli::run(admin, args.config.as_deref(), args.data_dir).await?;
         return Ok(std::process::ExitCode::SUCCESS);
     }

@@ -39,6 +39,10 @@ pub struct AppOptions {
     pub settings_dir: PathBuf,
     /// Where the doctor's token is remembered.
     pub secrets: Arc<dyn SecretStore>,
+    /// Sign in to this remote clinic at once: its address and a doctor credential.
+    pub sign_in: Option<(String, String)>,
+    /// Once signed in, open this consultation (a link from the clinic's schedule).
+    pub open_consultation: Option<bedside_protocol::ConsultationId>,
 }
 
 struct Session {
@@ -90,6 +94,7 @@ impl DesktopApp {
         let waker = ctx.clone();
         let ui_tx = UiSender::new(tx, move || waker.request_repaint());
         let connect = options.connect.take();
+        let sign_in = options.sign_in.take();
         let demo = options.demo;
         let mut settings_file = SettingsFile::in_dir(&options.settings_dir);
         let mut model = AppModel {
@@ -138,6 +143,11 @@ impl DesktopApp {
         };
         if let Some(join) = connect {
             app.connect(join);
+        } else if let Some((address, credential)) = sign_in {
+            app.execute(UiCommand::SignIn {
+                address,
+                credential,
+            });
         } else if demo {
             app.execute(UiCommand::StartLocalClinic);
         } else if app.drafts.token.starts_with(clinic::CREDENTIAL_PREFIX) {
@@ -426,6 +436,9 @@ impl DesktopApp {
                     self.model.busy = None;
                     self.consultations_fetched = Some(Instant::now());
                     self.admin = Some(admin);
+                    if let Some(id) = self.options.open_consultation.take() {
+                        self.execute(UiCommand::OpenConsultation(id));
+                    }
                 }
                 AppMsg::LocalClinic { stop, admin } => {
                     self.clinic_stop = Some(stop);

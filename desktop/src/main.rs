@@ -28,6 +28,12 @@ struct Args {
     /// The doctor token (from the environment only, so it is not visible in `ps`).
     #[arg(skip)]
     token: Option<String>,
+    /// Sign in at once to the remote clinic at this address (with BEDSIDE_CREDENTIAL).
+    #[arg(long, env = "BEDSIDE_CLINIC_URL")]
+    clinic_url: Option<String>,
+    /// Once signed in, open this consultation.
+    #[arg(long, env = "BEDSIDE_CONSULTATION")]
+    consultation: Option<String>,
     /// The patient's invite code to show (and, with --demo, to start the simulated patient with).
     #[arg(long, env = "BEDSIDE_INVITE_CODE")]
     invite_code: Option<String>,
@@ -85,6 +91,17 @@ fn main() -> Result<()> {
         (Some(_), None) => anyhow::bail!("--server-url needs BEDSIDE_TOKEN in the environment"),
         _ => None,
     };
+    // The credential, like the token, only from the environment (not visible in `ps`).
+    let credential = std::env::var("BEDSIDE_CREDENTIAL")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let sign_in = match (args.clinic_url, credential) {
+        (Some(url), Some(credential)) => Some((url, credential)),
+        (Some(_), None) => {
+            anyhow::bail!("--clinic-url needs BEDSIDE_CREDENTIAL in the environment")
+        }
+        _ => None,
+    };
     let udp_addrs = if args.udp_addrs.is_empty() {
         vec!["0.0.0.0:0".to_owned()]
     } else {
@@ -99,6 +116,8 @@ fn main() -> Result<()> {
         auto_admit: args.auto_admit,
         settings_dir: args.config_dir.unwrap_or_else(SettingsFile::default_dir),
         secrets: Arc::new(Keyring),
+        sign_in,
+        open_consultation: args.consultation.map(bedside_protocol::ConsultationId),
     };
     let native = eframe::NativeOptions {
         renderer: eframe::Renderer::Glow,

@@ -60,6 +60,8 @@ fn app(
         auto_admit: false,
         settings_dir: dir.join("config"),
         secrets,
+        sign_in: None,
+        open_consultation: None,
     };
     let app = DesktopApp::new(egui::Context::default(), rt.handle().clone(), options);
     Harness::builder()

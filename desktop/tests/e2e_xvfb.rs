@@ -1,16 +1,20 @@
-//! End to end under Xvfb: a real server, a simulated patient (the probe), and the real app binary
-//! in a virtual X display joining as the doctor. The app admits the patient (`--auto-admit`,
-//! which goes through the same command path as the Admit button) and reports through its status
-//! file that remote frames are being shown; a screenshot is saved to `target/desktop-e2e.png`.
+//! End to end under Xvfb: the real server binary in its own process (a remote clinic), a
+//! simulated patient (the probe), and the real app binary in a virtual X display signing in with
+//! a doctor credential the administrator issued, opening the consultation and joining as its
+//! doctor. The app admits the patient (`--auto-admit`, which goes through the same command path
+//! as the Admit button) and reports through its status file that remote frames are being shown;
+//! a screenshot is saved to `target/desktop-e2e.png`.
 //!
-//! Skips, with a message, when `Xvfb` is not installed or no display can be started.
+//! Skips, with a message, when `Xvfb` is not installed or no display can be started (fails
+//! under `CI=true` when the server binary is missing).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::JoinAuth;
-use bedside_tests::TestServer;
+use bedside_server::api::CreatedConsultation;
+use bedside_server::credentials::IssuedCredential;
 
 /// Kills (by PID) and reaps a child process when dropped.
 struct Reaped(Option<Child>);
@@ -88,12 +92,58 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         return;
     };
 
-    let mut server = TestServer::start().await.expect("server");
-    let created = server.create_consultation().await.expect("consultation");
+    // The clinic: bedside-server in its own process, as a remote clinic runs it.
+    let binary = bedside_tests::netns::workspace_bin("bedside-server");
+    if !binary.is_file() {
+        let why = format!(
+            "{} is not built (cargo build -p bedside-server)",
+            binary.display()
+        );
+        assert!(std::env::var("CI").is_err(), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin_key = "e2e-admin-key-0123456789";
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata-dir = {:?}\nadmin-api-key = \"{admin_key}\"\n\
+             token-secret = \"e2e-token-secret\"\n[turn]\nenabled = false\n",
+            dir.path().join("server-data")
+        ),
+    )
+    .unwrap();
+    let (_server, base_url) = bedside_tests::spawn_server_process(&binary, &config)
+        .await
+        .expect("the server process");
+    let http = reqwest::Client::new();
+    // The administrator issues a doctor credential; with it a consultation is booked.
+    let credential: IssuedCredential = http
+        .post(format!("{base_url}/api/v1/doctor-credentials"))
+        .bearer_auth(admin_key)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("a doctor credential")
+        .json()
+        .await
+        .unwrap();
+    let created: CreatedConsultation = http
+        .post(format!("{base_url}/api/v1/doctor/consultations"))
+        .bearer_auth(&credential.credential)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("a consultation")
+        .json()
+        .await
+        .unwrap();
 
     // The patient: a probe with synthetic 640x360 media, waiting with the invite code.
     let mut patient = bedside_probe::ProbeOptions::new(
-        server.ws_url.clone(),
+        created.ws_url.clone(),
         JoinAuth::InviteCode {
             code: created.invite_code.clone(),
         },
@@ -105,7 +155,6 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     patient.udp_addrs = vec!["127.0.0.1:0".into()];
     let patient = tokio::spawn(bedside_probe::run(patient));
 
-    let dir = tempfile::tempdir().unwrap();
     let status = dir.path().join("status.json");
     let log = std::fs::File::create(dir.path().join("app.log")).unwrap();
     let app = Command::new(env!("CARGO_BIN_EXE_bedside-desktop"))
@@ -116,9 +165,11 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         .arg("--config-dir")
         .arg(dir.path())
         .env("DISPLAY", &display)
-        .env("BEDSIDE_SERVER_URL", &server.ws_url)
-        .env("BEDSIDE_TOKEN", &created.doctor_token)
-        .env("BEDSIDE_INVITE_CODE", &created.invite_code)
+        .env("BEDSIDE_CLINIC_URL", &base_url)
+        .env("BEDSIDE_CREDENTIAL", &credential.credential)
+        .env("BEDSIDE_CONSULTATION", &created.consultation_id.0)
+        .env_remove("BEDSIDE_SERVER_URL")
+        .env_remove("BEDSIDE_TOKEN")
         .env_remove("BEDSIDE_DEMO")
         .env_remove("WAYLAND_DISPLAY")
         .stdout(log.try_clone().unwrap())
@@ -180,5 +231,4 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     drop(app);
     patient.abort();
     let _ = patient.await;
-    server.shutdown().await.unwrap();
 }

@@ -118,6 +118,8 @@ fn waiting_room_shows_patient_and_admit_deny_produce_commands() {
         waiting_secs: 42,
         connected: true,
     }]));
+    // The counter counts up from when the list arrived: held still for the snapshots.
+    m.waiting_at = None;
     let mut h = harness(m);
     h.run();
     assert_eq!(h.state().model.screen(), Screen::Consultation);
@@ -134,6 +136,9 @@ fn waiting_room_shows_patient_and_admit_deny_produce_commands() {
     h.state_mut().commands.clear();
     // Deny asks first; cancelling sends nothing.
     h.get_by_label("Deny").click();
+    h.run();
+    // The pointer away from the button, so no tooltip depends on timing.
+    h.hover_at(egui::pos2(600.0, 890.0));
     h.run();
     h.snapshot("confirm_deny");
     h.get_by_label("Turn Grace Hopper away?");
@@ -234,6 +239,9 @@ fn in_call_buttons_produce_commands() {
     // Leave asks first.
     h.state_mut().commands.clear();
     h.get_by_label("Leave").click();
+    h.run();
+    // The pointer away from the button, so no tooltip depends on timing.
+    h.hover_at(egui::pos2(600.0, 890.0));
     h.run();
     h.snapshot("confirm_leave");
     assert!(h.state().commands.is_empty());
@@ -591,6 +599,7 @@ fn a_patient_arriving_during_a_call_is_announced_and_counted_once() {
     // The same patient in a later snapshot is not a new arrival.
     m.apply(CallEvent::WaitingRoom(vec![grace]));
     assert_eq!(m.arrivals, 1);
+    m.waiting_at = None;
     let mut h = harness(m);
     h.run();
     h.snapshot("attention_on_arrival");

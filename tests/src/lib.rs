@@ -389,3 +389,18 @@ pub async fn spawn_server_process(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((server, base))
 }
+
+/// Log output captured in memory (a `tracing_subscriber` writer), for tests that read what the
+/// server logged.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

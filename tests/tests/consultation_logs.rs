@@ -3,25 +3,9 @@
 //! consultation's connections carry its id in their `consultation` span, so an administrator
 //! can follow one consultation with `jq 'select(.span.id == "…")'`.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use anyhow::Result;
 use bedside_server::config::LogFormat;
-use bedside_tests::TestServer;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use bedside_tests::{CapturedLogs as Captured, TestServer};
 
 #[tokio::test]
 async fn a_consultations_lines_can_be_followed_by_its_id() -> Result<()> {

@@ -1,25 +1,9 @@
 //! No names, tokens, invite codes, session descriptions or IP addresses in the server's logs,
 //! even at debug level, through a whole consultation with every kind of message.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use anyhow::Result;
 use bedside_protocol::{ClientMessage, IceCandidate, StatsReport};
-use bedside_tests::TestServer;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use bedside_tests::{CapturedLogs as Captured, TestServer};
 
 #[tokio::test]
 async fn nothing_identifying_reaches_the_logs() -> Result<()> {

@@ -69,6 +69,9 @@ pub struct DesktopApp {
     drafts: Drafts,
     video: VideoView,
     session: Option<Session>,
+    /// The number of the latest session started ([`clinic::start_doctor`]); messages of
+    /// earlier ones are ignored.
+    session_number: u64,
     remote: Option<RemoteSink>,
     clinic_stop: Option<oneshot::Sender<()>>,
     /// The local clinic's administration API (today's consultations).
@@ -130,6 +133,7 @@ impl DesktopApp {
             drafts,
             video: VideoView::default(),
             session: None,
+            session_number: 0,
             remote: None,
             clinic_stop: None,
             admin: None,
@@ -164,11 +168,13 @@ impl DesktopApp {
         self.model.busy = Some("Connecting to the clinic…".into());
         let (ui, net) = (self.ui_tx.clone(), self.options.net.clone());
         let demo = self.options.demo;
+        self.session_number += 1;
+        let number = self.session_number;
         self.rt.spawn(async move {
             if demo && let Some(code) = join.invite_code.clone() {
                 clinic::spawn_demo_patient(join.ws_url.clone(), code, &net);
             }
-            if let Err(e) = clinic::start_doctor(join, &net, &ui) {
+            if let Err(e) = clinic::start_doctor(number, join, &net, &ui) {
                 ui.send(AppMsg::Failed(format!("{e:#}")));
             }
         });
@@ -183,13 +189,15 @@ impl DesktopApp {
                 let (ui, net) = (self.ui_tx.clone(), self.options.net.clone());
                 let data_dir = self.options.data_dir.clone();
                 let demo = self.options.demo;
+                self.session_number += 1;
+                let number = self.session_number;
                 self.rt.spawn(async move {
                     let result = async {
                         let join = clinic::start_local_clinic(data_dir, &ui).await?;
                         if demo && let Some(code) = join.invite_code.clone() {
                             clinic::spawn_demo_patient(join.ws_url.clone(), code, &net);
                         }
-                        clinic::start_doctor(join, &net, &ui)
+                        clinic::start_doctor(number, join, &net, &ui)
                     }
                     .await;
                     if let Err(e) = result {
@@ -407,7 +415,12 @@ impl DesktopApp {
     fn drain(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
+                AppMsg::Session { number, handle, .. } if number != self.session_number => {
+                    // The doctor moved on before this session was up.
+                    handle.send(UserCommand::Leave);
+                }
                 AppMsg::Session {
+                    number: _,
                     handle,
                     received,
                     sent,
@@ -476,7 +489,10 @@ impl DesktopApp {
                     self.connect(join);
                     self.fetch_consultations();
                 }
-                AppMsg::Event(event) => self.model.apply(event),
+                AppMsg::Event(number, event) if number == self.session_number => {
+                    self.model.apply(event)
+                }
+                AppMsg::Event(..) => {}
                 AppMsg::Failed(message) => {
                     self.model.busy = None;
                     self.model.error = Some(message);

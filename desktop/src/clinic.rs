@@ -23,8 +23,10 @@ use tokio::sync::oneshot;
 
 /// What background tasks tell the UI thread.
 pub enum AppMsg {
-    /// The doctor's client exists and has been told to join.
+    /// The doctor's client exists and has been told to join. `number` is the one
+    /// [`start_doctor`] was given: the app takes only its latest session's messages.
     Session {
+        number: u64,
         handle: ClientHandle,
         received: Received,
         sent: Arc<SendStats>,
@@ -48,7 +50,9 @@ pub enum AppMsg {
     Consultations(Vec<ConsultationSummary>),
     /// Move the doctor into this consultation.
     Switch(DoctorJoin),
-    Event(CallEvent),
+    /// A call event of session `number` (an earlier session's, still draining after the doctor
+    /// switched consultations, is ignored: its `Ended(Left)` would end the new one's view).
+    Event(u64, CallEvent),
     Failed(String),
 }
 
@@ -251,7 +255,7 @@ pub async fn start_local_clinic(data_dir: PathBuf, ui: &UiSender) -> Result<Doct
 }
 
 /// Starts the doctor's client, joins, and forwards its events to the UI (the waker task).
-pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result<()> {
+pub fn start_doctor(number: u64, join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result<()> {
     let mut options = ClientOptions::new(join.ws_url.clone());
     options.engine = EngineSettings {
         udp_addrs: net.udp_addrs.clone(),
@@ -271,10 +275,11 @@ pub fn start_doctor(join: DoctorJoin, net: &NetOptions, ui: &UiSender) -> Result
     let forward = ui.clone();
     tokio::spawn(async move {
         while let Some(event) = client.events.recv().await {
-            forward.send(AppMsg::Event(event));
+            forward.send(AppMsg::Event(number, event));
         }
     });
     ui.send(AppMsg::Session {
+        number,
         handle: client.handle,
         received: client.received,
         sent: client.sent,
@@ -367,7 +372,7 @@ mod waker_tests {
         let ui = UiSender::new(tx, move || {
             w.fetch_add(1, Ordering::SeqCst);
         });
-        ui.send(AppMsg::Event(CallEvent::State(CallState::Joining)));
+        ui.send(AppMsg::Event(0, CallEvent::State(CallState::Joining)));
         ui.clone().send(AppMsg::Failed("x".into()));
         assert_eq!(wakes.load(Ordering::SeqCst), 2);
         assert_eq!(rx.try_iter().count(), 2);

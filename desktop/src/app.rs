@@ -268,6 +268,7 @@ impl DesktopApp {
                 self.open_speaker();
             }
             UiCommand::RefreshConsultations => self.fetch_consultations(),
+            UiCommand::SignOut => self.sign_out(),
             UiCommand::NewConsultation | UiCommand::OpenConsultation(_) => {
                 let Some(admin) = self.admin.clone() else {
                     return;
@@ -313,6 +314,37 @@ impl DesktopApp {
                 };
             }
         }
+    }
+
+    /// Leaves the call, revokes the doctor credential on the clinic (in the background) and
+    /// forgets it here: the keyring entry and the draft go, and the app is back at the connect
+    /// screen. The credential is forgotten even when the clinic cannot be reached.
+    fn sign_out(&mut self) {
+        let Some(admin) = self.admin.take().filter(|a| a.doctor) else {
+            return;
+        };
+        self.end_session();
+        let address = self.settings.server_url.clone();
+        let forgotten = self.options.secrets.forget_token(&address);
+        self.drafts.token.clear();
+        let ui = self.ui_tx.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = admin.sign_out().await {
+                ui.send(AppMsg::Failed(format!(
+                    "{e:#}; the credential is forgotten here, ask the clinic to revoke it"
+                )));
+            }
+        });
+        self.model = AppModel {
+            consultations: None,
+            clinic_label: None,
+            signed_in: false,
+            keyring_note: Some(match forgotten {
+                Ok(()) => "Signed out: the credential is revoked and forgotten.".into(),
+                Err(why) => format!("Signed out, but the keyring kept the credential: {why}."),
+            }),
+            ..self.model.next_session()
+        };
     }
 
     /// Leaves the call (if any) and forgets what belonged to it.
@@ -444,6 +476,7 @@ impl DesktopApp {
                     self.model.busy = Some("Joining…".into());
                 }
                 AppMsg::RemoteClinic(admin) => {
+                    self.model.signed_in = true;
                     self.model.clinic_label = Some(clinic::host_of(&admin.base_url));
                     self.model.consultations = Some(Vec::new());
                     self.model.busy = None;

@@ -167,6 +167,20 @@ impl AdminApi {
         Ok(resp.json().await?)
     }
 
+    /// Signs out: the clinic revokes the doctor credential this API was signed in with.
+    pub async fn sign_out(&self) -> Result<()> {
+        let resp = self
+            .request(reqwest::Method::DELETE, "/credential")
+            .send()
+            .await
+            .context("signing out")?;
+        // Refused: it was revoked or expired already, which is what signing out wants.
+        if !resp.status().is_success() && resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+            bail!("signing out: HTTP {}", resp.status());
+        }
+        Ok(())
+    }
+
     /// A new consultation, joined as its doctor.
     pub async fn create(&self) -> Result<DoctorJoin> {
         let resp = self

@@ -44,6 +44,8 @@ pub enum UiCommand {
     OpenConsultation(ConsultationId),
     /// Fetch today's consultations again.
     RefreshConsultations,
+    /// Sign out of the remote clinic: the credential is revoked on the clinic and forgotten here.
+    SignOut,
     /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
     Call(UserCommand),
     /// Back to the connect screen after a call ended or failed.
@@ -167,6 +169,8 @@ pub struct AppModel {
     /// Today's consultations on this clinic: `None` where the app has no administration key
     /// (a remote clinic gives the doctor one link per consultation).
     pub consultations: Option<Vec<ConsultationSummary>>,
+    /// Signed in to a remote clinic with a doctor credential (so the app can sign out).
+    pub signed_in: bool,
     /// The consultation the doctor is in, when known.
     pub consultation_id: Option<ConsultationId>,
     /// Said under the connect form: whether the token is remembered, and where.
@@ -341,6 +345,7 @@ impl AppModel {
             microphone: std::mem::take(&mut self.microphone),
             speaker: std::mem::take(&mut self.speaker),
             consultations: self.consultations.take(),
+            signed_in: self.signed_in,
             keyring_note: self.keyring_note.take(),
             clinic_label: self.clinic_label.take(),
             utc_offset_secs: self.utc_offset_secs,

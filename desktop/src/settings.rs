@@ -126,6 +126,11 @@ pub trait SecretStore: Send + Sync {
     /// # Errors
     /// Why it could not be saved (no keyring on this system, access refused), in words.
     fn save_token(&self, server_url: &str, token: &str) -> Result<(), String>;
+    /// Forgets the token saved for `server_url` (signing out); nothing saved is not an error.
+    ///
+    /// # Errors
+    /// Why it could not be removed, in words.
+    fn forget_token(&self, server_url: &str) -> Result<(), String>;
 }
 
 /// The operating system's keyring (Keychain, Credential Manager, the Linux kernel keyring).
@@ -151,6 +156,13 @@ impl SecretStore for Keyring {
                 keyring::Error::NoEntry => "this session has no keyring".to_owned(),
                 other => other.to_string(),
             })
+    }
+
+    fn forget_token(&self, server_url: &str) -> Result<(), String> {
+        match keyring::Entry::new(KEYRING_SERVICE, server_url).and_then(|e| e.delete_credential()) {
+            Ok(()) | Err(keyring::Error::NoEntry) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

@@ -579,6 +579,14 @@ fn consultations_panel(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) 
         if ui.button("Refresh").clicked() {
             out.push(UiCommand::RefreshConsultations);
         }
+        if model.signed_in
+            && ui
+                .button("Sign out")
+                .on_hover_text("Revoke this computer's credential and forget it")
+                .clicked()
+        {
+            out.push(UiCommand::SignOut);
+        }
     });
     if ui.button("New consultation").clicked() {
         out.push(UiCommand::NewConsultation);

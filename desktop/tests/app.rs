@@ -30,6 +30,10 @@ impl SecretStore for MemorySecrets {
             .insert(server_url.to_owned(), token.to_owned());
         Ok(())
     }
+    fn forget_token(&self, server_url: &str) -> Result<(), String> {
+        self.0.lock().unwrap().remove(server_url);
+        Ok(())
+    }
 }
 
 /// A keyring that is not there (like this machine's).
@@ -41,6 +45,9 @@ impl SecretStore for NoKeyring {
     }
     fn save_token(&self, _: &str, _: &str) -> Result<(), String> {
         Err("this session has no keyring".into())
+    }
+    fn forget_token(&self, _: &str) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -311,5 +318,72 @@ fn a_remote_clinic_signs_in_with_a_doctor_credential_and_a_waiting_patient_raise
     step_until(&mut h, "the refusal", |a| a.model().error.is_some());
     let error = h.state().model().error.clone().unwrap();
     assert!(error.contains("refused the credential"), "{error}");
+    assert_eq!(h.state().model().screen(), Screen::Connect);
+}
+
+#[test]
+fn signing_out_revokes_the_credential_on_the_clinic_and_forgets_it() {
+    use bedside_server::credentials::IssuedCredential;
+    let rt = runtime();
+    let server = rt.block_on(bedside_tests::TestServer::start()).unwrap();
+    let cred: IssuedCredential = rt
+        .block_on(async {
+            server
+                .http()
+                .post(server.api("/doctor-credentials"))
+                .bearer_auth(&server.admin_key)
+                .send()
+                .await?
+                .json()
+                .await
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = Arc::new(MemorySecrets::default());
+    let mut h = app(&rt, dir.path(), secrets.clone());
+    h.step();
+    h.state_mut().execute(UiCommand::SignIn {
+        address: server.base_url.clone(),
+        credential: cred.credential.clone(),
+    });
+    step_until(&mut h, "today's list", |a| {
+        a.model().screen() == Screen::Clinic
+    });
+    h.get_by_label("Sign out").click();
+    step_until(&mut h, "the connect screen", |a| {
+        a.model().screen() == Screen::Connect
+    });
+    assert_eq!(
+        secrets.token(&server.base_url),
+        None,
+        "the keyring forgot it"
+    );
+    // The clinic refuses it from then on (the revocation runs in the background).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = rt
+            .block_on(async {
+                server
+                    .http()
+                    .get(server.api("/doctor/consultations"))
+                    .bearer_auth(&cred.credential)
+                    .send()
+                    .await
+            })
+            .unwrap()
+            .status();
+        if status == 401 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still accepted: {status}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(h);
+    // The next start does not sign in by itself.
+    let mut h = app(&rt, dir.path(), secrets);
+    for _ in 0..20 {
+        h.step();
+    }
     assert_eq!(h.state().model().screen(), Screen::Connect);
 }

@@ -362,15 +362,25 @@ pub struct IssuedToken {
 }
 
 /// A fresh join token for a role in an open consultation (another clinician, or a doctor whose
-/// token expired).
+/// token expired). Through a doctor credential (`credential`), only a doctor's token: a patient's
+/// or a clinician's would let the credential's holder sit in someone else's seat.
 pub(crate) async fn issue_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
+    credential: Option<axum::Extension<crate::credentials::DoctorCredential>>,
     Path(id): Path<String>,
     body: Result<Json<TokenRequest>, JsonRejection>,
 ) -> Result<Json<IssuedToken>, ApiError> {
     require_admin(&state, &headers)?;
     let Json(req) = body?;
+    if credential.is_some() && req.role != Role::Doctor {
+        state.metrics.limit("credential_scope");
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a doctor credential issues doctor tokens only; patients join with an invite".into(),
+        ));
+    }
     let cid = open_consultation(&state, id).await?;
     let now = auth::unix_now();
     let ttl = Duration::from_secs(state.config.join_token_ttl_secs);

@@ -6,15 +6,24 @@
 //! SHA-256, like invite codes, with its id and dates: never a name.
 //!
 //! With it the app reaches a subset of the administration API under `/api/v1/doctor/`: today's
-//! consultations, creating one, a fresh short-lived join token, a new invite code, ending one.
-//! Those routes are the administration API's own handlers (so both stay one implementation):
-//! a middleware checks the doctor credential (not expired, not revoked) and only then lets the
-//! request through as the clinic's own, in place of the admin key. Audit lines and the
-//! metrics are therefore the same as for the administrator's calls.
+//! consultations, creating one, a fresh short-lived *doctor* join token, a new invite code for
+//! a patient, ending one. Those routes are the administration API's own handlers (so both stay
+//! one implementation): a middleware checks the doctor credential (not expired, not revoked)
+//! and only then lets the request through as the clinic's own, in place of the admin key, with
+//! the credential's id attached ([`DoctorCredential`]) so that the handlers can narrow what it
+//! may do: a doctor credential never gets a patient's or a clinician's join token (it could
+//! impersonate them), nor the audit log or invite revocation, which are not routed here.
+//!
+//! The doctor signs out with `DELETE /api/v1/doctor/credential`, which revokes the credential
+//! it is sent with (the desktop app then forgets it). Issuing, revoking, signing out and every
+//! change a credential makes (consultation created or ended, token or invite issued) are
+//! written to the credential's audit log, `GET /api/v1/doctor-credentials/{id}/audit` (admin
+//! key): ids, consultation ids and times only.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -55,11 +64,98 @@ pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             "/api/v1/doctor/consultations/{id}/invites",
             post(api::issue_invite),
         )
+        .route("/api/v1/doctor/credential", delete(sign_out))
         .route_layer(middleware::from_fn_with_state(state.clone(), doctor_auth));
     Router::new()
         .route("/api/v1/doctor-credentials", post(issue).get(list))
         .route("/api/v1/doctor-credentials/{id}", delete(revoke))
+        .route("/api/v1/doctor-credentials/{id}/audit", get(audit_log))
         .merge(doctor)
+}
+
+/// The doctor credential a request on the doctor's routes came with (its id), set by the
+/// middleware for the handlers that narrow what a credential may do.
+#[derive(Clone, Debug)]
+pub struct DoctorCredential(pub String);
+
+/// One line of a credential's audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialEvent {
+    pub at_ms: u64,
+    pub event: String,
+    pub consultation_id: Option<String>,
+}
+
+/// Appends one line to a credential's audit log.
+async fn record(state: &AppState, credential: &str, event: &'static str, cid: Option<String>) {
+    let (id, at) = (credential.to_owned(), crate::store::now_ms());
+    let written = state
+        .store
+        .call(move |c| {
+            c.prepare_cached(
+                "INSERT INTO credential_audit(at_ms, credential_id, event, consultation_id) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![at, id, event, cid])
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::error!(error = %e, "credential audit write failed");
+    }
+}
+
+async fn audit_log(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<CredentialEvent>>, Error> {
+    require_admin(&state, &headers)?;
+    let rows = state
+        .store
+        .call(move |c| {
+            let mut q = c.prepare_cached(
+                "SELECT at_ms, event, consultation_id FROM credential_audit \
+                 WHERE credential_id = ?1 ORDER BY id",
+            )?;
+            q.query_map([id], |r| {
+                Ok(CredentialEvent {
+                    at_ms: r.get(0)?,
+                    event: r.get(1)?,
+                    consultation_id: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(Json(rows))
+}
+
+/// Revokes the credential the request came with: the doctor signs out.
+async fn sign_out(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(DoctorCredential(id)): axum::Extension<DoctorCredential>,
+) -> Result<StatusCode, Error> {
+    set_revoked(&state, &id).await?;
+    record(&state, &id, "signed_out", None).await;
+    tracing::info!(credential = %id, "doctor signed out");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Marks a credential revoked (once: a second revocation keeps the first time); false if
+/// there is no such credential.
+async fn set_revoked(state: &AppState, id: &str) -> Result<bool, Error> {
+    let now = auth::unix_now();
+    let row_id = id.to_owned();
+    let changed = state
+        .store
+        .call(move |c| {
+            c.prepare_cached(
+                "UPDATE doctor_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            )?
+            .execute(params![row_id, now])
+        })
+        .await?;
+    Ok(changed > 0)
 }
 
 struct Error(StatusCode, &'static str, String);
@@ -162,6 +258,7 @@ async fn issue(
             .execute(params![row_id, &digest[..], now, expires_at])
         })
         .await?;
+    record(&state, &id, "issued", None).await;
     tracing::info!(credential = %id, "doctor credential issued");
     Ok((
         StatusCode::CREATED,
@@ -205,24 +302,14 @@ async fn revoke(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Error> {
     require_admin(&state, &headers)?;
-    let now = auth::unix_now();
-    let row_id = id.clone();
-    let changed = state
-        .store
-        .call(move |c| {
-            c.prepare_cached(
-                "UPDATE doctor_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            )?
-            .execute(params![row_id, now])
-        })
-        .await?;
-    if changed == 0 {
+    if !set_revoked(&state, &id).await? {
         return Err(Error(
             StatusCode::NOT_FOUND,
             "credential_not_found",
             "no such doctor credential".into(),
         ));
     }
+    record(&state, &id, "revoked", None).await;
     tracing::info!(credential = %id, "doctor credential revoked");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -257,14 +344,35 @@ async fn doctor_auth(State(state): State<Arc<AppState>>, mut req: Request, next:
             .optional()
         })
         .await;
-    match found {
-        Ok(Some(_)) => {}
+    let id = match found {
+        Ok(Some(id)) => id,
         Ok(None) => return refused(),
         Err(e) => return Error::from(e).into_response(),
-    }
+    };
     let Ok(admin) = HeaderValue::from_str(&format!("Bearer {}", state.admin_key)) else {
         return refused();
     };
     req.headers_mut().insert(header::AUTHORIZATION, admin);
-    next.run(req).await
+    req.extensions_mut().insert(DoctorCredential(id.clone()));
+    // What a change through the doctor's routes did, for the credential's audit log.
+    let event = match (req.method(), req.uri().path().rsplit('/').next()) {
+        (&Method::POST, Some("consultations")) => Some("consultation_created"),
+        (&Method::POST, Some("tokens")) => Some("token_issued"),
+        (&Method::POST, Some("invites")) => Some("invite_issued"),
+        (&Method::DELETE, _) if req.uri().path().contains("/consultations/") => {
+            Some("consultation_ended")
+        }
+        _ => None,
+    };
+    let cid = req
+        .uri()
+        .path()
+        .strip_prefix("/api/v1/doctor/consultations/")
+        .and_then(|rest| rest.split('/').next())
+        .map(str::to_owned);
+    let response = next.run(req).await;
+    if let Some(event) = event.filter(|_| response.status().is_success()) {
+        record(&state, &id, event, cid).await;
+    }
+    response
 }

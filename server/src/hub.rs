@@ -28,7 +28,7 @@ use crate::limits::LimitsConfig;
 use crate::metrics::{
     Metrics, OUTCOME_ADMITTED, OUTCOME_DENIED, OUTCOME_LEFT, ResultLabel, RoleLabel,
 };
-use crate::store::{AuditEvent, AuditKind, SeatRow, Store};
+use crate::store::{AuditEvent, AuditKind, JoinTokenId, SeatRow, Store};
 
 /// What the hub asks a connection task to do.
 #[derive(Debug)]
@@ -118,9 +118,9 @@ struct Seat {
     generation: u64,
     /// The invite code (its hash) a patient came with, for the per-invite waiting cap.
     invite: Option<[u8; 32]>,
-    /// The id of the join token a doctor or clinician came with: while this seat lives, the
-    /// same token seats no one else.
-    token_id: Option<String>,
+    /// The join token a doctor or clinician came with: while this seat lives, the same token
+    /// seats no one else, and once its holder leaves it is spent (see [`Hub::join`]).
+    token: Option<JoinTokenId>,
     /// SHA-256 of the last resume token handed out: only that one resumes the seat (every
     /// resume hands out a new one). `None` after a restart, until the first resume.
     resume_hash: Option<[u8; 32]>,
@@ -178,6 +178,9 @@ pub struct Hub {
     ice: IceConfig,
     rejoin_window: Duration,
     max_participants: usize,
+    /// Join tokens whose holder left (id to expiry, Unix seconds). The store keeps them too, for
+    /// after a restart; this map closes the moment before the store's batch is written.
+    spent: Mutex<HashMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,6 +208,7 @@ impl Hub {
             ice,
             rejoin_window,
             max_participants,
+            spent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -301,6 +305,12 @@ impl Hub {
     /// Doctors and clinicians always get a seat while fewer than `max-participants` are
     /// admitted: waiting patients never count against them. Patients are held to the total,
     /// to `max-waiting` and to `max-waiting-per-invite` (`invite` is the code's hash).
+    ///
+    /// A join token (`token`, a doctor's or clinician's) seats one connection: while its seat
+    /// lives a second join with it is `already_joined` (the holder resumes with its resume
+    /// token instead), and once its holder left it is spent (`invalid_token`) until it expires.
+    /// A seat released by the rejoin window leaves its token usable, so the app's full rejoin
+    /// after a long outage still works within the token's lifetime.
     pub fn join(
         &self,
         cid: &ConsultationId,
@@ -308,15 +318,25 @@ impl Hub {
         display_name: Option<String>,
         conn: &ConnHandle,
         invite: Option<[u8; 32]>,
-        token_id: Option<String>,
+        token: Option<JoinTokenId>,
     ) -> Result<Seated, ErrorCode> {
+        if let Some(t) = &token
+            && lock(&self.spent).contains_key(&t.id)
+        {
+            self.metrics.limit("join_token_spent");
+            return Err(ErrorCode::InvalidToken);
+        }
         loop {
             let room = self.room_or_create(cid);
             let mut r = lock(&room);
             if r.closed {
                 continue;
             }
-            if token_id.is_some() && r.seats.values().any(|s| s.token_id == token_id) {
+            if let Some(t) = &token
+                && r.seats
+                    .values()
+                    .any(|s| s.token.as_ref().is_some_and(|s| s.id == t.id))
+            {
                 self.metrics.limit("join_token_reused");
                 return Err(ErrorCode::AlreadyJoined);
             }
@@ -357,7 +377,7 @@ impl Hub {
                     seq,
                     generation: 0,
                     invite,
-                    token_id,
+                    token: token.clone(),
                     resume_hash: None,
                     down_since: None,
                 },
@@ -375,7 +395,7 @@ impl Hub {
                 .inc();
             self.store
                 .audit(AuditEvent::new(cid, AuditKind::Joined).participant(&pid, role));
-            self.store.seat_taken(cid, &pid, role, admitted);
+            self.store.seat_taken(cid, &pid, role, admitted, token);
             self.welcome(&mut r, &pid, false);
             if admitted {
                 self.broadcast_admitted(&r, &pid, |seat| ServerMessage::PeerJoined {
@@ -399,7 +419,11 @@ impl Hub {
         let role = r.seats[pid].role;
         let resume_token = self.tokens.issue_resume(&r.id, role, pid);
         let seat = r.seats.get_mut(pid).expect("seated");
-        seat.resume_hash = Some(token_hash(&resume_token));
+        let hash = token_hash(&resume_token);
+        seat.resume_hash = Some(hash);
+        // Persisted with the seat, so that after a restart only this token resumes it; the
+        // connection's writer makes it durable before `joined` goes out (ws.rs).
+        self.store.seat_resume_token(pid, hash);
         let seat = &r.seats[pid];
         let Some(conn) = &seat.conn else { return };
         conn.send(
@@ -708,6 +732,9 @@ impl Hub {
             }
             let seat = r.seats.remove(&seated.participant_id).expect("present");
             self.store.seat_released(&seated.participant_id);
+            if let (LeaveReason::Left, Some(token)) = (reason, &seat.token) {
+                self.spend(token);
+            }
             if !seat.admitted {
                 self.metrics
                     .waited(OUTCOME_LEFT, seat.joined_at.elapsed().as_secs_f64());
@@ -808,8 +835,8 @@ impl Hub {
                     seq,
                     generation: 1,
                     invite: None,
-                    token_id: None,
-                    resume_hash: None,
+                    token: row.token.clone(),
+                    resume_hash: row.resume_hash,
                     down_since: Some(Instant::now()),
                 },
             );
@@ -822,6 +849,18 @@ impl Hub {
                 1,
             );
         }
+    }
+
+    /// Marks a join token spent: its holder left.
+    fn spend(&self, token: &JoinTokenId) {
+        let mut spent = lock(&self.spent);
+        if spent.len() >= 1024 {
+            let now = auth::unix_now();
+            spent.retain(|_, exp| *exp > now);
+        }
+        spent.insert(token.id.clone(), token.expires_at);
+        drop(spent);
+        self.store.join_token_spent(token.clone());
     }
 
     /// Releases the seat when the rejoin window passes without a resume.

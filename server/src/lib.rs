@@ -82,7 +82,8 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    pub invite_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failed invite codes per source (only failures spend it).
+    pub invite_limiter: limits::FailureBudget,
     pub admin_key: String,
     pub ws_url: String,
     pub extra_metrics: Option<ExtraMetrics>,
@@ -262,7 +263,7 @@ impl Server {
             resume_limiter: RateLimiter::keyed(resume_quota),
             resume_source_limiter: RateLimiter::keyed(source_quota),
             gate: limits::Gate::new(&config.public_url, &config.limits),
-            invite_limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            invite_limiter: limits::FailureBudget::new(per_minute.get()),
             telemetry,
             dashboard: dashboard::channel(),
             relay_metrics,
@@ -351,8 +352,9 @@ impl Server {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                state.invite_limiter.retain_recent();
-                state.invite_limiter.shrink_to_fit();
+                state
+                    .invite_limiter
+                    .retain_recent(std::time::Instant::now());
                 state.resume_limiter.retain_recent();
                 state.resume_limiter.shrink_to_fit();
                 state.resume_source_limiter.retain_recent();

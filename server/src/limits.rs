@@ -151,6 +151,64 @@ impl Budget {
     }
 }
 
+/// Failed attempts per key (invite codes per source), as a token bucket of `per_minute` that
+/// refills continuously: [`FailureBudget::blocked`] while the bucket is empty, and only
+/// [`FailureBudget::fail`] spends. A source that redeems right codes is never slowed, and one
+/// that guesses is refused (right codes too, since the guess and the right code cannot be told
+/// apart before the lookup) until its bucket refills.
+///
+/// Hand-written rather than a `governor` keyed limiter: governor spends a cell on every check
+/// and cannot look without spending, and here the check comes before the lookup while only its
+/// outcome may spend. Time is an argument, so the unit test runs without a clock.
+pub struct FailureBudget {
+    per_minute: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl FailureBudget {
+    pub fn new(per_minute: u32) -> Self {
+        FailureBudget {
+            per_minute: f64::from(per_minute.max(1)),
+            buckets: Default::default(),
+        }
+    }
+
+    fn level(&self, bucket: (f64, std::time::Instant), now: std::time::Instant) -> f64 {
+        let refill = now.saturating_duration_since(bucket.1).as_secs_f64() * self.per_minute / 60.0;
+        (bucket.0 + refill).min(self.per_minute)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, (f64, std::time::Instant)>>
+    {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `key` has no failure left to spend.
+    pub fn blocked(&self, key: &IpAddr, now: std::time::Instant) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|b| self.level(*b, now) < 1.0)
+    }
+
+    /// Spends one failure of `key`.
+    pub fn fail(&self, key: IpAddr, now: std::time::Instant) {
+        let mut buckets = self.lock();
+        let level = buckets
+            .get(&key)
+            .map_or(self.per_minute, |b| self.level(*b, now));
+        buckets.insert(key, ((level - 1.0).max(0.0), now));
+    }
+
+    /// Forgets the keys whose bucket is full again (they are as good as new).
+    pub fn retain_recent(&self, now: std::time::Instant) {
+        let mut buckets = self.lock();
+        buckets.retain(|_, b| self.level(*b, now) < self.per_minute);
+        buckets.shrink_to_fit();
+    }
+}
+
 /// The key a source is limited by: an IPv4 address, or an IPv6 address's /64 (one subscriber's
 /// prefix), with IPv4-mapped IPv6 taken as the IPv4 address it maps.
 pub fn source_key(ip: IpAddr) -> IpAddr {
@@ -311,6 +369,24 @@ pub fn host_header(headers: &HeaderMap) -> Option<&str> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn only_failures_spend_the_invite_budget_and_it_refills() {
+        let t0 = std::time::Instant::now();
+        let budget = FailureBudget::new(3);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(!budget.blocked(&a, t0));
+        for _ in 0..3 {
+            budget.fail(a, t0);
+        }
+        assert!(budget.blocked(&a, t0));
+        assert!(!budget.blocked(&b, t0), "another source keeps its budget");
+        // One failure comes back every 20 s (3 a minute).
+        assert!(budget.blocked(&a, t0 + Duration::from_secs(19)));
+        assert!(!budget.blocked(&a, t0 + Duration::from_secs(21)));
+        budget.retain_recent(t0 + Duration::from_secs(61));
+        assert!(budget.lock().is_empty());
+    }
 
     #[test]
     fn ipv6_sources_are_limited_per_64_and_mapped_v4_as_v4() {

@@ -141,8 +141,13 @@ enum SeatWrite {
         cid: ConsultationId,
         role: Role,
         admitted: bool,
+        token: Option<JoinTokenId>,
     },
     Admitted(ParticipantId),
+    /// The seat's newest resume token (its SHA-256).
+    Resume(ParticipantId, [u8; 32]),
+    /// A join token whose holder left: it seats no one until it expires.
+    TokenSpent(JoinTokenId),
     Released(ParticipantId),
     AllReleased(ConsultationId),
 }
@@ -153,6 +158,18 @@ pub struct SeatRow {
     pub participant_id: ParticipantId,
     pub role: Role,
     pub admitted: bool,
+    /// SHA-256 of the newest resume token handed out for the seat.
+    pub resume_hash: Option<[u8; 32]>,
+    /// The join token a doctor or clinician took the seat with.
+    pub token: Option<JoinTokenId>,
+}
+
+/// A join token's id (`sub`) and expiry (Unix seconds): what binds a doctor's or clinician's
+/// token to the one seat it took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinTokenId {
+    pub id: String,
+    pub expires_at: u64,
 }
 
 /// How long an audit event may wait for company before it is written.
@@ -184,6 +201,24 @@ pub const MIGRATIONS: &[&str] = &[
     // 2: the daily prune finds old audit rows and ended consultations by index.
     "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at_ms);
      CREATE INDEX IF NOT EXISTS consultations_by_end ON consultations(ended_at);",
+    // 3: a seat's newest resume token (its hash) and the join token it was taken with survive a
+    // restart; join tokens whose holder left are spent until they expire; doctor credentials
+    // have an audit log of their own (credentials.rs).
+    "ALTER TABLE seats ADD COLUMN resume_hash BLOB;
+     ALTER TABLE seats ADD COLUMN token_id TEXT;
+     ALTER TABLE seats ADD COLUMN token_expires_at INTEGER;
+     CREATE TABLE IF NOT EXISTS spent_join_tokens (
+         token_id TEXT PRIMARY KEY,
+         expires_at INTEGER NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS credential_audit (
+         id INTEGER PRIMARY KEY,
+         at_ms INTEGER NOT NULL,
+         credential_id TEXT NOT NULL,
+         event TEXT NOT NULL,
+         consultation_id TEXT
+     );
+     CREATE INDEX IF NOT EXISTS credential_audit_by_id ON credential_audit(credential_id, id);",
 ];
 
 /// The schema version this server writes.
@@ -340,12 +375,14 @@ impl Store {
         pid: &ParticipantId,
         role: Role,
         admitted: bool,
+        token: Option<JoinTokenId>,
     ) {
         let _ = self.tx.send(Cmd::Seat(SeatWrite::Taken {
             pid: pid.clone(),
             cid: cid.clone(),
             role,
             admitted,
+            token,
         }));
     }
 
@@ -365,14 +402,22 @@ impl Store {
     pub async fn seats(&self, cid: ConsultationId) -> Result<Vec<SeatRow>, StoreError> {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT participant_id, role, admitted FROM seats WHERE consultation_id = ?1",
+                "SELECT participant_id, role, admitted, resume_hash, token_id, token_expires_at
+                 FROM seats WHERE consultation_id = ?1",
             )?;
             stmt.query_map([cid.0], |r| {
                 let role: String = r.get(1)?;
+                let hash: Option<Vec<u8>> = r.get(3)?;
+                let token: Option<String> = r.get(4)?;
                 Ok(SeatRow {
                     participant_id: ParticipantId(r.get(0)?),
                     role: parse_role(&role).unwrap_or(Role::Patient),
                     admitted: r.get(2)?,
+                    resume_hash: hash.and_then(|h| h.try_into().ok()),
+                    token: token.map(|id| JoinTokenId {
+                        id,
+                        expires_at: r.get::<_, Option<u64>>(5).ok().flatten().unwrap_or(0),
+                    }),
                 })
             })?
             .collect()
@@ -533,6 +578,10 @@ impl Store {
         self.flush_audit().await?;
         self.call(move |c| {
             let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM spent_join_tokens WHERE expires_at <= ?1",
+                [now],
+            )?;
             let mut pruned = Pruned {
                 invites: tx.execute("DELETE FROM invites WHERE expires_at <= ?1", [now])?,
                 seats: tx.execute(
@@ -583,6 +632,33 @@ impl Store {
             .collect()
         })
         .await
+    }
+}
+
+/// Resume and join token bindings (the hardening of tokens): kept in a block of their own.
+impl Store {
+    /// The newest resume token handed out for a seat (its SHA-256), so that after a restart only
+    /// that one resumes the seat.
+    pub fn seat_resume_token(&self, pid: &ParticipantId, hash: [u8; 32]) {
+        let _ = self
+            .tx
+            .send(Cmd::Seat(SeatWrite::Resume(pid.clone(), hash)));
+    }
+
+    /// A join token whose holder left: spent until it expires, across restarts.
+    pub fn join_token_spent(&self, token: JoinTokenId) {
+        let _ = self.tx.send(Cmd::Seat(SeatWrite::TokenSpent(token)));
+    }
+
+    /// Whether a join token was spent (its holder left), as far as the store knows.
+    pub fn is_join_token_spent(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM spent_join_tokens WHERE token_id = ?1")?
+                .query_row([id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
     }
 }
 
@@ -781,12 +857,28 @@ fn write_batch(conn: &mut Connection, pending: &mut Vec<AuditEvent>, seats: &mut
                     cid,
                     role,
                     admitted,
+                    token,
                 } => tx
                     .prepare_cached(
-                        "INSERT OR REPLACE INTO seats(participant_id, consultation_id, role, admitted)
-                         VALUES (?1, ?2, ?3, ?4)",
+                        "INSERT OR REPLACE INTO seats(participant_id, consultation_id, role, admitted,
+                         token_id, token_expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )?
-                    .execute(params![pid.0, cid.0, role.as_str(), admitted])?,
+                    .execute(params![
+                        pid.0,
+                        cid.0,
+                        role.as_str(),
+                        admitted,
+                        token.as_ref().map(|t| &t.id),
+                        token.as_ref().map(|t| t.expires_at),
+                    ])?,
+                SeatWrite::Resume(pid, hash) => tx
+                    .prepare_cached("UPDATE seats SET resume_hash = ?2 WHERE participant_id = ?1")?
+                    .execute(params![pid.0, &hash[..]])?,
+                SeatWrite::TokenSpent(t) => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO spent_join_tokens(token_id, expires_at) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![t.id, t.expires_at])?,
                 SeatWrite::Admitted(pid) => tx
                     .prepare_cached("UPDATE seats SET admitted = 1 WHERE participant_id = ?1")?
                     .execute([&pid.0])?,

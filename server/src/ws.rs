@@ -33,7 +33,7 @@ use crate::auth::{self, TokenKind, invite};
 use crate::hub::{ConnHandle, Outbound, Seated};
 use crate::limits::Budget;
 use crate::metrics::ResultLabel;
-use crate::store::{AuditEvent, AuditKind};
+use crate::store::{AuditEvent, AuditKind, JoinTokenId, Store};
 use bedside_protocol::ParticipantId;
 
 /// Why the read loop ended.
@@ -59,6 +59,10 @@ struct Conn {
     seated: Option<Seated>,
 }
 
+/// Why a join token whose holder left is refused.
+const SPENT: &str =
+    "this join token was used by someone who has left; ask the clinic for a new one";
+
 /// Longest display name kept (characters); longer ones are cut, not refused.
 const MAX_DISPLAY_NAME: usize = 80;
 
@@ -76,7 +80,12 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
     let (sink, mut stream) = socket.split();
     let (ctl, ctl_rx) = mpsc::channel(1);
     let mut writer = tokio::spawn(write_loop(
-        sink, outbound, ctl_rx, overflowed, keepalive, dead_after,
+        sink,
+        outbound,
+        ctl_rx,
+        overflowed,
+        state.store.clone(),
+        (keepalive, dead_after),
     ));
     let mut writer_done = false;
     let mut check = interval(keepalive);
@@ -186,13 +195,18 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
 }
 
 /// Writes queued messages, control frames and pings; every write has `deadline`.
+///
+/// `joined` (a join or a resume) goes out only once the store has committed what was queued
+/// before it: the seat and its new resume token. A server killed right after a client read its
+/// resume token gives the seat back to that token when it starts again. The store batches
+/// these commits, so a join storm costs one commit per batch, not one per join.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbound: mpsc::Receiver<Outbound>,
     mut ctl: mpsc::Receiver<(u16, &'static str)>,
     overflowed: Arc<AtomicBool>,
-    keepalive: Duration,
-    deadline: Duration,
+    store: Store,
+    (keepalive, deadline): (Duration, Duration),
 ) -> WriterEnd {
     let mut ping = interval_at(Instant::now() + keepalive, keepalive);
     loop {
@@ -204,7 +218,14 @@ async fn write_loop(
                 None => return WriterEnd::Dead,
             },
             out = outbound.recv() => match out {
-                Some(Outbound::Message(msg)) => Message::Text(msg.encode().into()),
+                Some(Outbound::Message(msg)) => {
+                    if matches!(msg, ServerMessage::Joined { .. })
+                        && !matches!(timeout(deadline, store.flush_audit()).await, Ok(Ok(())))
+                    {
+                        tracing::error!("store write failed before joined");
+                    }
+                    Message::Text(msg.encode().into())
+                }
                 Some(Outbound::Close(code, reason)) => {
                     return close(&mut sink, code, reason, deadline).await;
                 }
@@ -379,6 +400,11 @@ impl Conn {
             }
             ClientMessage::Leave => {
                 hub.leave(seated, self.handle.id);
+                // The seat's release (and its join token's spending) is durable before the
+                // close tells the client it is done.
+                if let Err(e) = self.state.store.flush_audit().await {
+                    tracing::error!(error = %e, "store write failed");
+                }
                 return Some(End::Done);
             }
             ClientMessage::Join { .. }
@@ -450,13 +476,30 @@ impl Conn {
                         return Err((ErrorCode::Internal, "try again"));
                     }
                 }
-                (claims.cid, claims.role, None, Some(claims.sub))
+                // Spent before a restart (its holder left): the hub's own map covers the rest.
+                match state.store.is_join_token_spent(&claims.sub) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        state.metrics.limit("join_token_spent");
+                        return Err((ErrorCode::InvalidToken, SPENT));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store lookup failed");
+                        return Err((ErrorCode::Internal, "try again"));
+                    }
+                }
+                let token = JoinTokenId {
+                    id: claims.sub,
+                    expires_at: claims.exp,
+                };
+                (claims.cid, claims.role, None, Some(token))
             }
             JoinAuth::InviteCode { code } => {
+                // Only wrong codes spend the source's budget (see `limits::FailureBudget`).
+                let source = crate::limits::source_key(self.peer_ip);
                 if state
                     .invite_limiter
-                    .check_key(&crate::limits::source_key(self.peer_ip))
-                    .is_err()
+                    .blocked(&source, std::time::Instant::now())
                 {
                     state.metrics.limit("invite_attempts");
                     return Err((
@@ -471,6 +514,7 @@ impl Conn {
                 match state.store.redeem_invite(hash, auth::unix_now()).await {
                     Ok(Some(cid)) => (cid, bedside_protocol::Role::Patient, Some(hash), None),
                     Ok(None) => {
+                        state.invite_limiter.fail(source, std::time::Instant::now());
                         return Err((
                             ErrorCode::InvalidInviteCode,
                             "the invite code is unknown or has expired",
@@ -496,6 +540,7 @@ impl Conn {
                     code,
                     "this join token already holds a seat; resume that seat, or ask for a new token",
                 ),
+                ErrorCode::InvalidToken => (code, SPENT),
                 _ => (code, "the consultation has no free seat"),
             })?;
         self.seated = Some(seated);

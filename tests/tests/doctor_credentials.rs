@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use bedside_server::api::{ConsultationSummary, CreatedConsultation, IssuedToken};
-use bedside_server::credentials::{CredentialSummary, IssuedCredential};
+use bedside_server::credentials::{CredentialEvent, CredentialSummary, IssuedCredential};
 use bedside_tests::TestServer;
 use serde_json::Value;
 
@@ -170,5 +170,165 @@ async fn the_store_keeps_only_a_hash_and_credentials_survive_a_restart() -> Resu
             "the credential's secret is on disk"
         );
     }
+    Ok(())
+}
+
+/// `POST /doctor/consultations/{id}/tokens` for `role` with `credential`.
+async fn token_for(
+    server: &TestServer,
+    credential: &str,
+    cid: &str,
+    role: &str,
+) -> Result<reqwest::Response> {
+    Ok(server
+        .http()
+        .post(server.api(&format!("/doctor/consultations/{cid}/tokens")))
+        .bearer_auth(credential)
+        .json(&serde_json::json!({ "role": role }))
+        .send()
+        .await?)
+}
+
+#[tokio::test]
+async fn a_doctor_credential_gets_doctor_tokens_only_signs_out_and_is_audited() -> Result<()> {
+    let server = TestServer::start().await?;
+    let cred = issue(&server).await?;
+    let created: CreatedConsultation = server
+        .http()
+        .post(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cid = created.consultation_id.0.clone();
+    // Never a token to sit in a patient's or a clinician's seat...
+    for role in ["patient", "clinician"] {
+        let resp = token_for(&server, &cred.credential, &cid, role).await?;
+        assert_eq!(resp.status(), 403, "{role}");
+        let body: Value = resp.json().await?;
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+    // ...nor the audit log or invite revocation, which are not routed for it.
+    for (method, path) in [
+        (
+            reqwest::Method::GET,
+            format!("/doctor/consultations/{cid}/audit"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/doctor/consultations/{cid}/invites"),
+        ),
+    ] {
+        let resp = server
+            .http()
+            .request(method, server.api(&path))
+            .bearer_auth(&cred.credential)
+            .send()
+            .await?;
+        assert!(resp.status().is_client_error(), "{path}: {}", resp.status());
+    }
+    // Its own doctor token and an invite for the patient, as the app needs.
+    assert_eq!(
+        token_for(&server, &cred.credential, &cid, "doctor")
+            .await?
+            .status(),
+        200
+    );
+    let resp = server
+        .http()
+        .post(server.api(&format!("/doctor/consultations/{cid}/invites")))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    // The administrator's key still issues any role.
+    let resp = server
+        .http()
+        .post(server.api(&format!("/consultations/{cid}/tokens")))
+        .bearer_auth(&server.admin_key)
+        .json(&serde_json::json!({ "role": "clinician" }))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+
+    // Sign-out revokes the credential it is sent with.
+    let resp = server
+        .http()
+        .delete(server.api("/doctor/credential"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 204);
+    let resp = server
+        .http()
+        .get(server.api("/doctor/consultations"))
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401);
+    let listed: Vec<CredentialSummary> = server
+        .http()
+        .get(server.api("/doctor-credentials"))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(listed[0].revoked_at.is_some());
+    // A second credential, revoked by the administrator.
+    let other = issue(&server).await?;
+    let resp = server
+        .http()
+        .delete(server.api(&format!("/doctor-credentials/{}", other.credential_id)))
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 204);
+
+    // Both are in the credentials' audit logs (admin key only), with ids and times, no secret.
+    let audit = |id: String| {
+        let req = server
+            .http()
+            .get(server.api(&format!("/doctor-credentials/{id}/audit")));
+        async move { anyhow::Ok(req) }
+    };
+    let resp = audit(cred.credential_id.clone())
+        .await?
+        .bearer_auth(&cred.credential)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 401, "a doctor credential reads no audit log");
+    let text = audit(cred.credential_id.clone())
+        .await?
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(!text.contains(&cred.credential), "the audit shows a secret");
+    let events: Vec<CredentialEvent> = serde_json::from_str(&text)?;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "issued",
+            "consultation_created",
+            "token_issued",
+            "invite_issued",
+            "signed_out"
+        ],
+        "{text}"
+    );
+    assert_eq!(events[2].consultation_id.as_deref(), Some(cid.as_str()));
+    let events: Vec<CredentialEvent> = audit(other.credential_id.clone())
+        .await?
+        .bearer_auth(&server.admin_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["issued", "revoked"]);
     Ok(())
 }

@@ -748,27 +748,228 @@ async fn an_admission_survives_a_sigkill_right_after_it_was_acknowledged() -> Re
 }
 
 #[tokio::test]
-async fn a_doctor_token_seats_one_connection_at_a_time() -> Result<()> {
+async fn a_doctor_token_seats_one_connection_and_is_spent_once_the_doctor_left() -> Result<()> {
     let server = TestServer::start().await?;
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
-    // A copy of the token cannot take a second seat while the doctor holds the first.
-    let mut thief = server.connect().await?;
-    thief
-        .send(ClientMessage::Join {
+    let copied = |server: &TestServer| {
+        let url = server.ws_url.clone();
+        let token = c.doctor_token.clone();
+        async move {
+            let mut thief = Client::connect(&url).await?;
+            thief
+                .send_join(bedside_protocol::JoinAuth::Token { token })
+                .await?;
+            anyhow::Ok(thief)
+        }
+    };
+    // A copy of the token cannot take a second seat while the doctor holds the first...
+    copied(&server)
+        .await?
+        .expect_error(ErrorCode::AlreadyJoined)
+        .await?;
+    still_connected(&mut doctor).await?;
+    // ...nor while the doctor's link is down and the seat held for the rejoin window; the
+    // doctor's own resume takes the seat back.
+    let resume_token = doctor.resume_token.clone().unwrap();
+    doctor.conn.abort();
+    copied(&server)
+        .await?
+        .expect_error(ErrorCode::AlreadyJoined)
+        .await?;
+    let mut doctor = server.connect().await?;
+    doctor
+        .send(ClientMessage::Resume {
             protocol_version: PROTOCOL_VERSION,
-            auth: bedside_protocol::JoinAuth::Token {
-                token: c.doctor_token.clone(),
-            },
-            display_name: None,
+            resume_token,
         })
         .await?;
-    thief.expect_error(ErrorCode::AlreadyJoined).await?;
+    match doctor.expect_type("joined").await? {
+        ServerMessage::Joined { resumed: true, .. } => {}
+        other => bail!("{other:?}"),
+    }
     still_connected(&mut doctor).await?;
-    // Once the doctor has left, the token seats again (the app's rejoin after its seat expired).
+    // Once the doctor has left, the token is spent: a copy seats no one.
     doctor.send(ClientMessage::Leave).await?;
     doctor.expect_close().await?;
+    copied(&server)
+        .await?
+        .expect_error(ErrorCode::InvalidToken)
+        .await?;
+    let m = server.metrics().await?;
+    assert_eq!(
+        metric(&m, "bedside_limited_total{limit=\"join_token_spent\"}"),
+        1.0,
+        "{m}"
+    );
+    // A fresh token from the clinic seats the doctor again.
+    let fresh: bedside_server::api::IssuedToken = server
+        .http()
+        .post(server.api(&format!("/consultations/{}/tokens", c.consultation_id)))
+        .bearer_auth(&server.admin_key)
+        .json(&serde_json::json!({ "role": "doctor" }))
+        .send()
+        .await?
+        .json()
+        .await?;
     let mut again = server.connect().await?;
-    again.join_token(&c.doctor_token).await?;
+    again.join_token(&fresh.token).await?;
+    Ok(())
+}
+
+/// Sends `resume` with `token` on a new connection to `api`; returns the first answer.
+async fn resume_with(api: &TestApi, token: &str) -> Result<(Client, ServerMessage)> {
+    let mut c = Client::connect(&api.ws()).await?;
+    c.send(ClientMessage::Resume {
+        protocol_version: PROTOCOL_VERSION,
+        resume_token: token.to_owned(),
+    })
+    .await?;
+    let first = c.next().await?;
+    if let ServerMessage::Joined { resume_token, .. } = &first {
+        c.resume_token = Some(resume_token.clone());
+    }
+    Ok((c, first))
+}
+
+#[tokio::test]
+async fn after_a_sigkill_the_newest_resume_token_resumes_its_seat_and_spent_tokens_stay_spent()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    let (mut child, api) = killable_server(dir.path()).await?;
+    let c: bedside_server::api::CreatedConsultation = http
+        .post(format!("{}/api/v1/consultations", api.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut doctor = Client::connect(&api.ws()).await?;
+    doctor.join_token(&c.doctor_token).await?;
+    doctor.expect_type("waiting_room").await?;
+    let mut patient = Client::connect(&api.ws()).await?;
+    patient.join_invite(&c.invite_code, Some("Kim")).await?;
+    patient.expect_type("waiting").await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
+    patient.expect_type("admitted").await?;
+    // The patient's link drops and it resumes: its first resume token is now stale. The server
+    // is killed the moment the patient holds the new one.
+    let first = patient.resume_token.clone().unwrap();
+    patient.conn.abort();
+    let (back, answer) = resume_with(&api, &first).await?;
+    assert!(
+        matches!(answer, ServerMessage::Joined { resumed: true, .. }),
+        "{answer:?}"
+    );
+    let newest = back.resume_token.clone().unwrap();
+    // The doctor leaves just before: its join token is spent.
+    doctor.send(ClientMessage::Leave).await?;
+    doctor.expect_close().await?;
+    child.start_kill()?;
+    child.wait().await?;
+
+    let (mut child, api) = killable_server(dir.path()).await?;
+    // A stale copy is refused after the restart as before it...
+    let (_, answer) = resume_with(&api, &first).await?;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                code: ErrorCode::ResumeExpired,
+                ..
+            }
+        ),
+        "the stale resume token after the restart: {answer:?}"
+    );
+    // ...the newest one takes the seat back, still admitted.
+    let (mut back, answer) = resume_with(&api, &newest).await?;
+    assert!(
+        matches!(answer, ServerMessage::Joined { resumed: true, .. }),
+        "{answer:?}"
+    );
+    match back.next().await? {
+        ServerMessage::Admitted { .. } => {}
+        other => bail!("after the kill the patient got {other:?}"),
+    }
+    still_connected(&mut back).await?;
+    // And the doctor's spent token seats no one after the restart either.
+    let mut thief = Client::connect(&api.ws()).await?;
+    thief
+        .send_join(bedside_protocol::JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        })
+        .await?;
+    thief.expect_error(ErrorCode::InvalidToken).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
+
+/// A signaling client whose TCP connection comes from `local` (a 127.0.0.0/8 address): another
+/// source, as far as the server's per-source limits go.
+async fn client_from(local: &str, server: &TestServer) -> Result<Client> {
+    let stream = connect_from(local, server).await?;
+    Ok(Client {
+        conn: SignalingConnection::connect_over(&server.ws_url, stream, None).await?,
+        participant_id: None,
+        resume_token: None,
+    })
+}
+
+#[tokio::test]
+async fn an_invite_guesser_locks_out_only_its_own_source() -> Result<()> {
+    let mut config = test_config();
+    config.invite_attempts_per_minute = 3;
+    let server = TestServer::start_with(config).await?;
+    let a = server.create_consultation().await?;
+    let b = server.create_consultation().await?;
+    let mut guesser = client_from("127.0.0.2", &server).await?;
+    let mut guesses = 0;
+    let limited = loop {
+        guesser
+            .send_join(bedside_protocol::JoinAuth::InviteCode {
+                code: "ZZZZZ-ZZZZZ".into(),
+            })
+            .await?;
+        guesses += 1;
+        match guesser.expect_type("error").await? {
+            ServerMessage::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => break true,
+            ServerMessage::Error {
+                code: ErrorCode::InvalidInviteCode,
+                ..
+            } if guesses < 10 => continue,
+            other => bail!("guess {guesses}: {other:?}"),
+        }
+    };
+    assert!(limited && guesses == 4, "limited after {guesses} guesses");
+    // Patients of either consultation on other addresses are not locked out.
+    for (from, c) in [("127.0.0.3", &a), ("127.0.0.4", &b)] {
+        let mut p = client_from(from, &server).await?;
+        p.join_invite(&c.invite_code, Some("Honest")).await?;
+        assert_eq!(p.next().await?, ServerMessage::Waiting);
+    }
+    // Right codes cost nothing: a shared address (a clinic's kiosk) redeems more than the
+    // budget's worth of them.
+    for _ in 0..5 {
+        let mut p = client_from("127.0.0.5", &server).await?;
+        p.join_invite(&b.invite_code, None).await?;
+        p.send(ClientMessage::Leave).await?;
+        p.expect_close().await?;
+    }
+    // The guesser's address stays refused, right code or not.
+    guesser
+        .send_join(bedside_protocol::JoinAuth::InviteCode {
+            code: a.invite_code.clone(),
+        })
+        .await?;
+    guesser.expect_error(ErrorCode::RateLimited).await?;
     Ok(())
 }

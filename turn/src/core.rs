@@ -5,6 +5,21 @@
 //! about once a second; it carries out what they return. Opening and closing relay sockets
 //! goes through the [`RelaySockets`] seam so tests and fuzzers use a fake. Time is
 //! milliseconds since the Unix epoch, as told by the caller; nothing here reads a clock.
+//!
+//! **Reflection.** A UDP request's source address can be forged, so a reply to a request
+//! that proved nothing (no valid nonce and integrity: the 401 challenge, 438, 400, 420, 437
+//! before authentication) could be aimed at a victim. The first challenge cannot fit inside
+//! the request that asks for it (webrtc-rs's first Allocate is 36 bytes; a 401 needs REALM and
+//! NONCE, 92 bytes here; coturn's is 3.6-5.4 times its request), so the bytes such replies
+//! carry *beyond their request's size* are charged to a per-source allowance
+//! ([`UNAUTH_EXCESS_BURST`] bytes, refilled at [`UNAUTH_EXCESS_PER_SEC`]): past it the reply is
+//! not sent. Over any interval a forged source receives at most what was sent in its name plus
+//! that allowance, so a flood is reflected at 1:1 (measured in `turn/tests/hardening.rs`),
+//! while an honest client's handful of challenges fits the allowance. Replies signed with the
+//! client's key answered a nonce bound to the source address (`auth::NonceKey`), which only a
+//! client that receives there can have: they are free. Binding responses (32 or 44 bytes to a
+//! request of at least 20) are free too: ICE needs them from every STUN server, and their
+//! excess is at most 24 bytes. TCP and TLS sources cannot be forged and are not charged.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -304,7 +319,20 @@ pub struct Core {
     reservations: FxHashMap<[u8; 8], (RelayId, SocketAddr, u64, Box<str>)>,
     reserved: u32,
     metrics: Arc<Metrics>,
+    /// Per-source allowance for unauthenticated replies larger than their request: bytes left
+    /// and when last charged (ms). See the module doc.
+    unauth: FxHashMap<IpAddr, (u64, u64)>,
+    /// The allowance shared by the sources that find `unauth` full.
+    unauth_overflow: (u64, u64),
 }
+
+/// Bytes unauthenticated replies may carry beyond their requests' size, per source, in a burst.
+pub const UNAUTH_EXCESS_BURST: u64 = 16 * 1024;
+/// How fast that allowance refills (bytes per second).
+pub const UNAUTH_EXCESS_PER_SEC: u64 = 2 * 1024;
+/// Sources whose allowance is tracked; the rest share one (an attacker forging many sources
+/// then spends the shared allowance, not every honest client's own).
+const UNAUTH_SOURCES: usize = 65_536;
 
 impl Core {
     /// A core with no allocations. `nonce_key` should be random.
@@ -321,6 +349,56 @@ impl Core {
             reservations: FxHashMap::default(),
             reserved: 0,
             metrics,
+            unauth: FxHashMap::default(),
+            unauth_overflow: (UNAUTH_EXCESS_BURST, 0),
+        }
+    }
+
+    /// Whether an unauthenticated reply of `reply` bytes to a request of `request` bytes from
+    /// `ip` may go: its excess is charged to the source's allowance (see the module doc).
+    fn unauth_allows(&mut self, now: u64, ip: IpAddr, request: usize, reply: usize) -> bool {
+        let excess = reply.saturating_sub(request) as u64;
+        if excess == 0 {
+            return true;
+        }
+        let key = source_key(ip);
+        let full = self.unauth.len() >= UNAUTH_SOURCES;
+        let slot = match self.unauth.get_mut(&key) {
+            Some(slot) => slot,
+            None if full => &mut self.unauth_overflow,
+            None => self.unauth.entry(key).or_insert((UNAUTH_EXCESS_BURST, now)),
+        };
+        let refill = now.saturating_sub(slot.1) * UNAUTH_EXCESS_PER_SEC / 1000;
+        let left = (slot.0 + refill).min(UNAUTH_EXCESS_BURST);
+        if left < excess {
+            // Keep the fraction of a byte the refill did not make whole.
+            if refill > 0 {
+                *slot = (left, now);
+            }
+            return false;
+        }
+        *slot = (left - excess, now);
+        true
+    }
+
+    /// A reply to a request (`request` bytes) in `out`: sent unless it is an unauthenticated
+    /// reply over its source's allowance.
+    fn reply<'a>(
+        &mut self,
+        now: u64,
+        client: &Client,
+        m: &Message,
+        request: usize,
+        out: &'a mut Vec<u8>,
+    ) -> Output<'a> {
+        let free = client.is_stream()
+            || m.method == method::BINDING
+            || Message::parse(out).is_ok_and(|r| r.integrity_offset.is_some());
+        if free || self.unauth_allows(now, client.addr.ip(), request, out.len()) {
+            Output::Reply(out)
+        } else {
+            self.metrics.dropped_packets.fetch_add(1, Relaxed);
+            Output::Nothing
         }
     }
 
@@ -363,7 +441,7 @@ impl Core {
                         .flat_map(|t| t.to_be_bytes())
                         .collect();
                     self.error(out, &m, 420, None, false, Some(&unknown), now, &client);
-                    return Output::Reply(out);
+                    return self.reply(now, &client, &m, data.len(), out);
                 }
                 let sent = match m.method {
                     method::BINDING => {
@@ -383,7 +461,7 @@ impl Core {
                     }
                 };
                 if sent {
-                    Output::Reply(out)
+                    self.reply(now, &client, &m, data.len(), out)
                 } else {
                     Output::Nothing
                 }
@@ -511,6 +589,11 @@ impl Core {
 
     /// Expires allocations, permissions and channels. Call about once a second.
     pub fn tick(&mut self, now: u64, relays: &mut dyn RelaySockets) {
+        // A source whose allowance has refilled is as good as untracked.
+        self.unauth.retain(|_, (left, at)| {
+            left.saturating_add(now.saturating_sub(*at) * UNAUTH_EXCESS_PER_SEC / 1000)
+                < UNAUTH_EXCESS_BURST
+        });
         let expired: Vec<[u8; 8]> = self
             .reservations
             .iter()

@@ -162,8 +162,11 @@ impl Budget {
 /// outcome may spend. Time is an argument, so the unit test runs without a clock.
 pub struct FailureBudget {
     per_minute: f64,
-    buckets: std::sync::Mutex<std::collections::HashMap<IpAddr, (f64, std::time::Instant)>>,
+    buckets: std::sync::Mutex<Buckets>,
 }
+
+/// Each key's failures left and when that was reckoned.
+type Buckets = std::collections::HashMap<IpAddr, (f64, std::time::Instant)>;
 
 impl FailureBudget {
     pub fn new(per_minute: u32) -> Self {
@@ -178,10 +181,7 @@ impl FailureBudget {
         (bucket.0 + refill).min(self.per_minute)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, (f64, std::time::Instant)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets> {
         self.buckets.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -320,7 +320,10 @@ impl DesktopApp {
     /// forgets it here: the keyring entry and the draft go, and the app is back at the connect
     /// screen. The credential is forgotten even when the clinic cannot be reached.
     fn sign_out(&mut self) {
-        let Some(admin) = self.admin.take().filter(|a| a.doctor) else {
+        if !self.admin.as_ref().is_some_and(|a| a.doctor) {
+            return;
+        }
+        let Some(admin) = self.admin.take() else {
             return;
         };
         self.end_session();

@@ -583,6 +583,17 @@ fn a_doctor_credential_signs_in_and_the_clinic_list_shows() {
         h.state().commands,
         vec![UiCommand::OpenConsultation(ConsultationId("c-1".into()))]
     );
+    // Signed in with a credential, the list offers to sign out (a local clinic's does not).
+    let mut h = harness(AppModel {
+        signed_in: true,
+        consultations: Some(Vec::new()),
+        ..AppModel::default()
+    });
+    h.run();
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Sign out")
+        .click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::SignOut]);
 }
 
 #[test]

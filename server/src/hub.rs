@@ -122,7 +122,8 @@ struct Seat {
     /// seats no one else, and once its holder leaves it is spent (see [`Hub::join`]).
     token: Option<JoinTokenId>,
     /// SHA-256 of the last resume token handed out: only that one resumes the seat (every
-    /// resume hands out a new one). `None` after a restart, until the first resume.
+    /// resume hands out a new one). Persisted with the seat, so a restored seat has it too
+    /// (`None` only for a seat persisted by a release that did not keep it).
     resume_hash: Option<[u8; 32]>,
     /// When the link dropped, while the seat is held (for the dashboard and its alerts).
     down_since: Option<Instant>,

@@ -213,6 +213,7 @@ impl Default for AppModel {
             microphone: crate::settings::TEST_TONE.to_owned(),
             speaker: crate::settings::SPEAKER_OFF.to_owned(),
             consultations: None,
+            signed_in: false,
             consultation_id: None,
             keyring_note: None,
             utc_offset_secs: 0,

@@ -389,7 +389,7 @@ impl Core {
         client: &Client,
         m: &Message,
         request: usize,
-        out: &'a mut Vec<u8>,
+        out: &'a [u8],
     ) -> Output<'a> {
         let free = client.is_stream()
             || m.method == method::BINDING

@@ -55,6 +55,7 @@ use webrtc::peer_connection::{
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
 use crate::congestion::{CongestionConfig, Estimator};
+#[cfg(feature = "impair")]
 use crate::impair::{DelayRuntime, SendDelay};
 use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
 use crate::pacer::{MediaPacer, PacerStats};
@@ -74,6 +75,22 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
 }
 
+impl EngineError {
+    /// Whether the peer connection's event loop has ended: webrtc 0.21 then answers every
+    /// command with `Error::Other` naming the failed send to its driver (`SendError(..)`, seen
+    /// in a lab as `SendError(IceGathering)` on every ICE-restart offer) or saying the driver
+    /// stopped. Such a connection never recovers; the call rebuilds it
+    /// ([`crate::call::EngineEvent::PeerStopped`]).
+    pub fn is_peer_stopped(&self) -> bool {
+        match self {
+            EngineError::WebRtc(webrtc::error::Error::Other(what)) => {
+                what.starts_with("SendError") || what.contains("driver stopped")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Where the engine's sockets live and which candidates it may use.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -86,7 +103,9 @@ pub struct EngineSettings {
     pub turn_over_tcp: bool,
     /// Which certificates a `turns:` server may present (`None`: the web's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Testing only (the impairment lab): hold every media datagram sent this long.
+    /// Testing only (the impairment lab, the `impair` feature): hold every media datagram
+    /// sent this long.
+    #[cfg(feature = "impair")]
     pub send_delay: Option<SendDelay>,
 }
 
@@ -97,6 +116,7 @@ impl Default for EngineSettings {
             relay_only: false,
             turn_over_tcp: true,
             tls: None,
+            #[cfg(feature = "impair")]
             send_delay: None,
         }
     }
@@ -1052,9 +1072,6 @@ impl Engine {
             EngineCommand::RequestKeyframeFrom { peer } => {
                 self.request_keyframe_from(&peer).await?;
             }
-            EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
-                // The encoder belongs to the media pipeline: the driver routes these there.
-            }
         }
         Ok(())
     }
@@ -1235,7 +1252,9 @@ impl Engine {
                 Some(Duration::from_millis(500)),
             )
             .build();
+        #[allow(unused_mut)]
         let mut builder = PeerConnectionBuilder::new();
+        #[cfg(feature = "impair")]
         if let Some(delay) = self.settings.send_delay
             && let Some(runtime) = DelayRuntime::new(delay)
         {

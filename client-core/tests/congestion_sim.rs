@@ -596,10 +596,9 @@ fn bursty_loss_keeps_video() {
 
 /// Both-ways loss (the miss an independent lab found: loss on the patient's link in both
 /// directions, so feedback is lost too, and the send side reads each lost report's packets as
-/// lost). Reproduced here: the estimate falls towards the floor within about 10 s and the call
-/// goes audio-only, as in that lab. Not fixed yet: run with `--ignored` for the figures.
+/// lost). Before the lost-report rule (`congestion::unreported_run`) the estimate fell towards
+/// the floor within about 10 s and the call went audio-only, as in that lab.
 #[test]
-#[ignore = "the both-ways loss miss of issue #12, reproduced, not fixed"]
 fn both_ways_loss_keeps_video() {
     let scenario = steady(
         "12% loss both ways",

@@ -15,6 +15,11 @@
 //!   on the way back) are not judged as lost ([`unreported_run`]);
 //! - the floor and ceiling.
 //!
+//! And the policies next to it: the pacer's rules ([`CongestionConfig::max_video_wait`],
+//! [`CongestionConfig::max_audio_wait`]; `pacer.rs` carries them out), the bounded NACK
+//! ([`CongestionConfig::nack_log_packets`]; the engine configures webrtc's generator with it)
+//! and the audio redundancy ([`AudioRedundancy`]; the call state machine asks for it).
+//!
 //! Every coupled number is in [`CongestionConfig`], documented once.
 
 use std::collections::VecDeque;
@@ -49,6 +54,13 @@ pub struct CongestionConfig {
     pub delivered_share_min: f64,
     /// Growth of the guard's cap per second once deliveries keep up again (GCC's own pace).
     pub cap_growth_per_sec: f64,
+    /// Feedback after a silence longer than this starts the guard's window afresh: the reports
+    /// were read late, in a burst (the process descheduled on a loaded machine), and judging
+    /// the burst's first report against a second of sending read as a collapse (seen in the
+    /// lab: the doctor's estimate at the 80 kbps floor twice in 30 s, the call audio-only; the
+    /// simulator's `feedback_read_late_in_a_burst_is_not_a_collapse` reproduces it). Shorter
+    /// silences cannot bring the share under half: the reports then cover most of the window.
+    pub feedback_silence_max: Duration,
     /// A batch that begins with lost packets sent over at least this long, followed by packets
     /// that mostly arrived, begins with what a lost feedback report was about (see
     /// [`unreported_run`]). The receiver reports every 100 ms (webrtc 0.21's TWCC interval), so
@@ -56,6 +68,21 @@ pub struct CongestionConfig {
     /// 20% takes seven packets in a row (60 ms of 640x360 video and audio) about once in
     /// 80,000 batches.
     pub unreported_span_min: Duration,
+    /// The pacer's rules (`pacer.rs`): audio leaves before video, and a packet that has waited
+    /// longer than it can still be useful is dropped rather than sent late. Video older than
+    /// this is late for display (the receiver asks for a keyframe)...
+    pub max_video_wait: Duration,
+    /// ...and audio older than this has been concealed by the receiver's playout buffer.
+    pub max_audio_wait: Duration,
+    /// Bounded NACK: webrtc 0.21's generator asks for a missing packet every 100 ms for as long
+    /// as it is in a 512-packet log. A retransmission that late is refused by the SRTP replay
+    /// window (64 packets), so it was asked for again and again, and every refused copy read as
+    /// loss to the congestion controller (measured after a bandwidth collapse: a steady 10%
+    /// "loss" on a clean link, and video never came back). So the log keeps only the packets
+    /// the replay window still takes...
+    pub nack_log_packets: u16,
+    /// ...and each is asked for at most this many times.
+    pub nacks_per_packet_max: u16,
 }
 
 impl Default for CongestionConfig {
@@ -69,7 +96,12 @@ impl Default for CongestionConfig {
             delivery_window: Duration::from_secs(1),
             delivered_share_min: 0.5,
             cap_growth_per_sec: 1.08,
+            feedback_silence_max: Duration::from_millis(500),
             unreported_span_min: Duration::from_millis(60),
+            max_video_wait: Duration::from_millis(300),
+            max_audio_wait: Duration::from_millis(200),
+            nack_log_packets: 64,
+            nacks_per_packet_max: 3,
         }
     }
 }
@@ -224,6 +256,7 @@ pub struct DeliveryGuard {
     window: Duration,
     share_min: f64,
     growth_per_sec: f64,
+    silence_max: Duration,
     /// (when, total bytes sent so far).
     sent: VecDeque<(Instant, u64)>,
     /// (when, bytes reported arrived).
@@ -244,6 +277,7 @@ impl DeliveryGuard {
             window: config.delivery_window,
             share_min: config.delivered_share_min,
             growth_per_sec: config.cap_growth_per_sec,
+            silence_max: config.feedback_silence_max,
             sent: VecDeque::new(),
             arrived: VecDeque::new(),
             cap: None,
@@ -254,6 +288,15 @@ impl DeliveryGuard {
     /// One batch of feedback at `now`: `arrived_bytes` reported arrived, `sent_total` bytes
     /// sent by the pacer so far.
     pub fn on_feedback(&mut self, now: Instant, arrived_bytes: u64, sent_total: u64, floor: f64) {
+        if self
+            .last
+            .is_some_and(|l| now.saturating_duration_since(l) > self.silence_max)
+        {
+            // Read late: what the window holds no longer says what was sent against what
+            // arrived. Start it again (the cap, if any, stays).
+            self.sent.clear();
+            self.arrived.clear();
+        }
         self.sent.push_back((now, sent_total));
         self.arrived.push_back((now, arrived_bytes));
         let start = now.checked_sub(self.window).unwrap_or(now);
@@ -297,9 +340,81 @@ impl DeliveryGuard {
     }
 }
 
+// The audio-redundancy policy.
+
+/// Outbound loss (percent, from a peer's reception reports) at which audio gets redundancy.
+const RED_ON_LOSS_PCT: f64 = 2.0;
+/// Redundancy stays on until no report has shown that much loss for this long.
+const RED_HOLD: Duration = Duration::from_secs(10);
+/// Redundancy doubles the audio payload (about 30 kbps more): only with this much estimate.
+const RED_MIN_ESTIMATE_KBPS: u32 = 200;
+
+/// Whether audio packets also carry the previous frame (RED, `media::red`): on while the peers
+/// report loss on what we send and the estimate has room for the second copy; off on a clean
+/// link and when bandwidth is short (after a collapse the extra copy would crowd out the audio
+/// it protects). Pure, like the ladder.
+#[derive(Debug, Default)]
+pub struct AudioRedundancy {
+    on: bool,
+    lossy_at: Option<Instant>,
+    estimate_kbps: Option<u32>,
+}
+
+impl AudioRedundancy {
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// A peer reported `loss_pct` on what we send. Returns the new setting when it changed.
+    pub fn handle_loss(&mut self, now: Instant, loss_pct: f64) -> Option<bool> {
+        if loss_pct >= RED_ON_LOSS_PCT {
+            self.lossy_at = Some(now);
+        }
+        self.decide(now)
+    }
+
+    /// A new bandwidth estimate. Returns the new setting when it changed.
+    pub fn handle_estimate(&mut self, now: Instant, estimate_kbps: u32) -> Option<bool> {
+        self.estimate_kbps = Some(estimate_kbps);
+        self.decide(now)
+    }
+
+    fn decide(&mut self, now: Instant) -> Option<bool> {
+        let want = self.lossy_at.is_some_and(|t| now < t + RED_HOLD)
+            && self
+                .estimate_kbps
+                .is_some_and(|e| e >= RED_MIN_ESTIMATE_KBPS);
+        (want != self.on).then(|| {
+            self.on = want;
+            want
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audio_redundancy_follows_loss_and_room() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = AudioRedundancy::default();
+        assert_eq!(r.handle_estimate(at(0), 1500), None);
+        // A clean link: off.
+        assert_eq!(r.handle_loss(at(1), 0.5), None);
+        // Loss: on at once.
+        assert_eq!(r.handle_loss(at(2), 8.0), Some(true));
+        assert_eq!(r.handle_loss(at(3), 1.0), None);
+        // The estimate collapses: off, whatever the loss; back when there is room again.
+        assert_eq!(r.handle_estimate(at(4), 90), Some(false));
+        assert_eq!(r.handle_loss(at(5), 30.0), None);
+        assert_eq!(r.handle_estimate(at(6), 400), Some(true));
+        // Ten seconds without loss: off.
+        assert_eq!(r.handle_loss(at(14), 0.0), None);
+        assert_eq!(r.handle_loss(at(15), 0.0), Some(false));
+        assert!(!r.is_on());
+    }
 
     /// Feedback every 100 ms for `secs`: sending `sent_bps`, `arrived_bps` getting through.
     fn run(

@@ -1176,27 +1176,19 @@ impl Engine {
             CongestionFeedback::Twcc,
             &mut media_engine,
         )?;
+        let congestion = CongestionConfig::default();
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(
-                CongestionConfig::default().initial_bps,
-                tracks.audio_ssrc,
-                pacer_stats.clone(),
-            ),
+            MediaPacer::new(&congestion, tracks.audio_ssrc, pacer_stats.clone()),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
-        // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
-        // as it is in a 512-packet log. A retransmission that late is refused by the SRTP replay
-        // window (64 packets), so it was asked for again and again, and every refused copy read
-        // as loss to the congestion controller (measured after a bandwidth collapse: a steady
-        // 10% "loss" on a clean link, and video never came back). Ask at most three times, only
-        // for packets the replay window still takes.
+        // Bounded NACK (`CongestionConfig::nack_log_packets` says why).
         let registry = registry.with(
             Slot::NackGenerator,
             NackGeneratorBuilder::new()
-                .with_size(64)
-                .with_max_nacks_per_packet(3)
+                .with_size(congestion.nack_log_packets)
+                .with_max_nacks_per_packet(congestion.nacks_per_packet_max)
                 .build(),
         );
         let mut servers = Vec::with_capacity(ice_servers.len());

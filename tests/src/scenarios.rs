@@ -284,14 +284,11 @@ fn lose_both_ways(call: &Call, rule: &str) -> Result<()> {
     )
 }
 
-/// 12% random loss on both directions of the patient's link (between the one-way 10% and 20%
-/// cases, which impair less of the path: here the feedback is lost too).
-pub fn both_ways_loss() -> Result<Trial> {
-    let call = Call::start(Setup::new(30))?;
-    lose_both_ways(&call, "numgen random mod 100 < 12")?;
+/// A trial whose impairment held from the start to the end of `call`.
+fn steady_trial(name: &'static str, call: Call) -> Result<Trial> {
     let (doctor, patient) = call.finish()?;
     Ok(Trial {
-        name: "loss 12% both ways",
+        name,
         doctor,
         patient,
         events_ms: vec![0],
@@ -299,19 +296,20 @@ pub fn both_ways_loss() -> Result<Trial> {
     })
 }
 
+/// 12% random loss on both directions of the patient's link (between the one-way 10% and 20%
+/// cases, which impair less of the path: here the feedback is lost too).
+pub fn both_ways_loss() -> Result<Trial> {
+    let call = Call::start(Setup::new(30))?;
+    lose_both_ways(&call, "numgen random mod 100 < 12")?;
+    steady_trial("loss 12% both ways", call)
+}
+
 /// Bursty loss both ways: five packets in a row of every hundred (5%, in bursts; nftables has
 /// no random burst model, so the bursts are regular).
 pub fn bursty_loss() -> Result<Trial> {
     let call = Call::start(Setup::new(30))?;
     lose_both_ways(&call, "numgen inc mod 100 < 5")?;
-    let (doctor, patient) = call.finish()?;
-    Ok(Trial {
-        name: "bursty loss 5% both ways",
-        doctor,
-        patient,
-        events_ms: vec![0],
-        lifted_ms: None,
-    })
+    steady_trial("bursty loss 5% both ways", call)
 }
 
 /// A long lossy path: what the patient sends is held 160 ms plus up to 80 ms of jitter, and 5%
@@ -324,14 +322,7 @@ pub fn delay_and_loss() -> Result<Trial> {
         ..Setup::new(30)
     })?;
     lose_both_ways(&call, "numgen random mod 100 < 5")?;
-    let (doctor, patient) = call.finish()?;
-    Ok(Trial {
-        name: "delay 160 ms + jitter 80 ms, loss 5% both ways",
-        doctor,
-        patient,
-        events_ms: vec![0],
-        lifted_ms: None,
-    })
+    steady_trial("delay 160 ms + jitter 80 ms, loss 5% both ways", call)
 }
 
 /// Wi-Fi to cellular, `count` times, `every` apart: the patient's address changes and the app
@@ -432,14 +423,7 @@ pub fn delay_and_jitter() -> Result<Trial> {
             .to_vec(),
         ..Setup::new(20)
     })?;
-    let (doctor, patient) = call.finish()?;
-    Ok(Trial {
-        name: "delay 150 ms + jitter 60 ms",
-        doctor,
-        patient,
-        events_ms: vec![0],
-        lifted_ms: None,
-    })
+    steady_trial("delay 150 ms + jitter 60 ms", call)
 }
 
 /// The patient's uplink collapses to 100 kbit/s for 12 s, then recovers.

@@ -10,7 +10,15 @@
 //! Inputs: user commands ([`UserCommand`]), signaling events ([`SignalingEvent`]), media engine
 //! events ([`EngineEvent`]), call statistics, timeouts. Outputs ([`Output`]): signaling commands
 //! (open, send, close), engine commands (create a peer connection, apply a description, restart
-//! ICE...), and events for the UI ([`CallEvent`]).
+//! ICE...: the WebRTC engine's), media commands (a keyframe, an encoding: the encoder's, which
+//! the media pipeline owns) and events for the UI ([`CallEvent`]).
+//!
+//! A peer connection that stops is rebuilt: when its event loop has ended (the engine reports
+//! [`EngineEvent::PeerStopped`]: every command to it fails), or when the peer's video has
+//! arrived undecodable for [`CallConfig::frozen_video_rebuild_after`] with keyframe requests
+//! going unanswered. The side that notices rebuilds as the offerer (the far side sees an offer
+//! from a new session and rebuilds to answer it); if both rebuild at once, the offer of the
+//! participant with the lower id wins and the other side answers it.
 //!
 //! Reconnection follows LiveKit's policy: a lost signaling link is first resumed cheaply (same
 //! seat, resume token, media untouched); if the server says the seat is gone the call escalates
@@ -46,6 +54,12 @@ pub struct CallConfig {
     pub give_up_after: Duration,
     /// The size video is captured at: the quality ladder never climbs above it.
     pub video_size: (u32, u32),
+    /// A peer's video that keeps arriving and cannot be decoded for this long, with keyframe
+    /// requests going out all that time, means its connection is stuck (seen in a lab on a
+    /// long lossy path: a picture frozen for good despite 22 requests): it is rebuilt. Well
+    /// above what loss alone costs: the sender also forces a keyframe every 2 s, so this is
+    /// four keyframes lost or refused in a row.
+    pub frozen_video_rebuild_after: Duration,
 }
 
 impl Default for CallConfig {
@@ -58,6 +72,7 @@ impl Default for CallConfig {
             ice_restart_timeout: Duration::from_secs(8),
             give_up_after: Duration::from_secs(120),
             video_size: (1280, 720),
+            frozen_video_rebuild_after: Duration::from_secs(8),
         }
     }
 }
@@ -140,6 +155,9 @@ pub enum EngineEvent {
     },
     /// Our chat line `id` could not be handed to the peer's data channel.
     ChatUndelivered { peer: ParticipantId, id: u64 },
+    /// The peer connection's event loop has ended: commands to it fail (webrtc 0.21 answers
+    /// them with `SendError`) and it reports nothing more, so it must be rebuilt.
+    PeerStopped { peer: ParticipantId },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,8 +205,6 @@ pub enum EngineCommand {
     SetMicrophoneMuted(bool),
     /// Send video or not (off while the camera is off or the call is audio-only).
     SetVideoSending(bool),
-    /// Send a keyframe now (a peer's media just connected and needs one to start decoding).
-    RequestKeyframe,
     /// Ask the peer for a keyframe (RTCP PLI): its video cannot be decoded.
     RequestKeyframeFrom {
         peer: ParticipantId,
@@ -201,6 +217,31 @@ pub enum EngineCommand {
         id: u64,
         text: String,
     },
+}
+
+impl EngineCommand {
+    /// The peer connection the command is for, if it is for one.
+    pub fn peer(&self) -> Option<&ParticipantId> {
+        match self {
+            EngineCommand::CreatePeer { peer, .. }
+            | EngineCommand::SetRemoteDescription { peer, .. }
+            | EngineCommand::AddRemoteCandidate { peer, .. }
+            | EngineCommand::RestartIce { peer }
+            | EngineCommand::ClosePeer { peer }
+            | EngineCommand::RequestKeyframeFrom { peer }
+            | EngineCommand::SendChat { peer, .. } => Some(peer),
+            EngineCommand::SetMicrophoneMuted(_)
+            | EngineCommand::SetVideoSending(_)
+            | EngineCommand::SetAudioRedundancy(_) => None,
+        }
+    }
+}
+
+/// What the encoder must do (the media pipeline owns it, not the WebRTC engine).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MediaCommand {
+    /// Send a keyframe now (a peer's media just connected, or a peer asked for one).
+    Keyframe,
     /// Encode video at this size, frame rate and bitrate (the quality ladder moved).
     SetVideoEncoding {
         width: u32,
@@ -304,6 +345,7 @@ pub enum CallEvent {
 pub enum Output {
     Signaling(SignalingCommand),
     Engine(EngineCommand),
+    Media(MediaCommand),
     Event(CallEvent),
 }
 
@@ -322,6 +364,12 @@ struct PeerConn {
     remote_session: Option<String>,
     /// When we last asked this peer for a keyframe.
     last_keyframe_request: Option<Instant>,
+    /// Since when the peer's video has arrived undecodable with no frame shown (cleared by a
+    /// statistics sample with frames decoded).
+    undecodable_since: Option<Instant>,
+    /// We rebuilt the connection as the offerer and wait for the answer: an offer from a new
+    /// session of the peer meanwhile is glare (see the module docs).
+    rebuilt_offer: bool,
 }
 
 /// The session id of a session description's `o=` line.
@@ -666,7 +714,8 @@ impl Call {
                         let p = self.peers.get_mut(&peer).expect("present");
                         p.restart_deadline = None;
                         p.restart_pending = false;
-                        self.engine(EngineCommand::RequestKeyframe);
+                        p.undecodable_since = None;
+                        self.media(MediaCommand::Keyframe);
                     }
                     PeerConnectionState::Disconnected | PeerConnectionState::Failed
                         if self.peers[&peer].restart_deadline.is_none() =>
@@ -682,11 +731,24 @@ impl Call {
                     .is_some_and(|at| now.duration_since(at) < KEYFRAME_REQUEST_INTERVAL);
                 if self.peers.contains_key(&peer) && self.video_sending() && !recent {
                     self.last_keyframe = Some(now);
-                    self.engine(EngineCommand::RequestKeyframe);
+                    self.media(MediaCommand::Keyframe);
                 }
             }
             EngineEvent::KeyframeNeeded { peer } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
+                    let since = *p.undecodable_since.get_or_insert(now);
+                    if p.media == PeerConnectionState::Connected
+                        && now.duration_since(since) >= self.config.frozen_video_rebuild_after
+                    {
+                        tracing::warn!(
+                            frozen_ms = now.duration_since(since).as_millis() as u64,
+                            "a peer's video stayed undecodable despite keyframe requests: \
+                             rebuilding its connection"
+                        );
+                        self.rebuild_as_offerer(now, &peer);
+                        self.update_state();
+                        return;
+                    }
                     let due = p
                         .last_keyframe_request
                         .is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL);
@@ -694,6 +756,12 @@ impl Call {
                         p.last_keyframe_request = Some(now);
                         self.engine(EngineCommand::RequestKeyframeFrom { peer });
                     }
+                }
+            }
+            EngineEvent::PeerStopped { peer } => {
+                if self.peers.contains_key(&peer) {
+                    tracing::warn!("a peer connection's event loop ended: rebuilding it");
+                    self.rebuild_as_offerer(now, &peer);
                 }
             }
             EngineEvent::ChatReceived { peer, id, text } => {
@@ -763,8 +831,11 @@ impl Call {
     /// A call-quality sample for one peer from the driver: shown to the UI and sent on to the
     /// server as telemetry.
     pub fn handle_stats(&mut self, now: Instant, peer: ParticipantId, mut report: StatsReport) {
-        if !self.peers.contains_key(&peer) {
+        let Some(p) = self.peers.get_mut(&peer) else {
             return;
+        };
+        if report.video_received.as_ref().is_some_and(|v| v.fps > 0.0) {
+            p.undecodable_since = None;
         }
         if let Some(on) = report
             .loss_out_pct
@@ -794,7 +865,7 @@ impl Call {
         };
         if let VideoTarget::Video { rung, bitrate_kbps } = target {
             let r = LADDER[rung];
-            self.engine(EngineCommand::SetVideoEncoding {
+            self.media(MediaCommand::SetVideoEncoding {
                 width: r.width,
                 height: r.height,
                 fps: r.fps,
@@ -968,11 +1039,18 @@ impl Call {
                     self.add_peer(peer, false);
                 }
                 let session = sdp_session_id(&sdp);
+                let we_win_glare = self.participant_id().is_some_and(|me| *me < from);
                 if let Some(p) = self.peers.get_mut(&from) {
                     let new_connection = p.remote_session.is_some() && session != p.remote_session;
+                    if new_connection && p.rebuilt_offer && we_win_glare {
+                        // Both rebuilt at once: our offer stands, theirs is dropped (they
+                        // answer ours, seeing it come from a new session too).
+                        return;
+                    }
                     p.remote_session = session;
                     if new_connection {
                         p.offerer = false;
+                        p.rebuilt_offer = false;
                         p.media = PeerConnectionState::New;
                         p.restart_deadline = None;
                         self.engine(EngineCommand::ClosePeer { peer: from.clone() });
@@ -992,6 +1070,7 @@ impl Call {
             ServerMessage::Answer { from, sdp } => {
                 if let Some(p) = self.peers.get_mut(&from) {
                     p.remote_session = sdp_session_id(&sdp);
+                    p.rebuilt_offer = false;
                     self.engine(EngineCommand::SetRemoteDescription {
                         peer: from,
                         kind: SdpKind::Answer,
@@ -1127,6 +1206,8 @@ impl Call {
                 restart_pending: false,
                 remote_session: None,
                 last_keyframe_request: None,
+                undecodable_since: None,
+                rebuilt_offer: false,
             },
         );
         self.engine(EngineCommand::CreatePeer {
@@ -1192,6 +1273,17 @@ impl Call {
         });
     }
 
+    /// The connection with `peer` stopped (see the module docs): rebuild it, offering.
+    fn rebuild_as_offerer(&mut self, now: Instant, peer: &ParticipantId) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        p.offerer = true;
+        p.rebuilt_offer = true;
+        p.undecodable_since = None;
+        self.rebuild_peer(now, peer);
+    }
+
     fn end(&mut self, reason: EndReason) {
         let ids: Vec<_> = self.peers.keys().cloned().collect();
         for id in ids {
@@ -1216,6 +1308,10 @@ impl Call {
 
     fn engine(&mut self, cmd: EngineCommand) {
         self.out.push_back(Output::Engine(cmd));
+    }
+
+    fn media(&mut self, cmd: MediaCommand) {
+        self.out.push_back(Output::Media(cmd));
     }
 
     fn event(&mut self, event: CallEvent) {

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use webrtc::peer_connection::StatsSelector;
 
-use crate::call::EngineCommand;
 use crate::call::{
-    Call, CallConfig, CallEvent, Output, SignalingCommand, SignalingEvent, UserCommand,
+    Call, CallConfig, CallEvent, EngineEvent, MediaCommand, Output, SignalingCommand,
+    SignalingEvent, UserCommand,
 };
 use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks};
 use crate::media::H264Config;
@@ -218,7 +218,7 @@ impl Driver {
                     }
                 }
                 Some(ev) = self.engine_rx.recv() => {
-                    if matches!(ev, crate::call::EngineEvent::KeyframeRequested { .. }) {
+                    if matches!(ev, EngineEvent::KeyframeRequested { .. }) {
                         self.sent
                             .keyframe_requests_received
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -226,7 +226,7 @@ impl Driver {
                     self.call.handle_engine(Instant::now(), ev);
                 }
                 Some(peer) = self.keyframe_needed.recv() => {
-                    let needed = crate::call::EngineEvent::KeyframeNeeded { peer };
+                    let needed = EngineEvent::KeyframeNeeded { peer };
                     self.call.handle_engine(Instant::now(), needed);
                 }
                 _ = sleep => self.call.handle_timeout(Instant::now()),
@@ -257,10 +257,10 @@ impl Driver {
                     self.link = None;
                     self.generation += 1;
                 }
-                Output::Engine(EngineCommand::RequestKeyframe) => {
+                Output::Media(MediaCommand::Keyframe) => {
                     let _ = self.media.send(SendCommand::Keyframe);
                 }
-                Output::Engine(EngineCommand::SetVideoEncoding {
+                Output::Media(MediaCommand::SetVideoEncoding {
                     width,
                     height,
                     fps,
@@ -273,15 +273,18 @@ impl Driver {
                         bitrate_kbps,
                     });
                 }
-                Output::Engine(EngineCommand::RequestKeyframeFrom { peer }) => {
-                    self.received.keyframe_requested(&peer);
-                    if let Err(e) = self.engine.request_keyframe_from(&peer).await {
-                        tracing::debug!(error = %e, "keyframe request failed");
-                    }
-                }
                 Output::Engine(cmd) => {
+                    let peer = cmd.peer().cloned();
+                    if let crate::call::EngineCommand::RequestKeyframeFrom { peer } = &cmd {
+                        self.received.keyframe_requested(peer);
+                    }
                     if let Err(e) = self.engine.execute(cmd).await {
                         tracing::warn!(error = %e, "media engine command failed");
+                        // A connection whose event loop ended is the call's to rebuild.
+                        if let Some(peer) = peer.filter(|_| e.is_peer_stopped()) {
+                            self.call
+                                .handle_engine(Instant::now(), EngineEvent::PeerStopped { peer });
+                        }
                     }
                 }
                 Output::Event(event) => {

@@ -55,6 +55,7 @@ use webrtc::peer_connection::{
 
 use crate::call::{EngineCommand, EngineEvent, PeerConnectionState, SdpKind};
 use crate::congestion::{CongestionConfig, Estimator};
+#[cfg(feature = "impair")]
 use crate::impair::{DelayRuntime, SendDelay};
 use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
 use crate::pacer::{MediaPacer, PacerStats};
@@ -74,6 +75,22 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
 }
 
+impl EngineError {
+    /// Whether the peer connection's event loop has ended: webrtc 0.21 then answers every
+    /// command with `Error::Other` naming the failed send to its driver (`SendError(..)`, seen
+    /// in a lab as `SendError(IceGathering)` on every ICE-restart offer) or saying the driver
+    /// stopped. Such a connection never recovers; the call rebuilds it
+    /// ([`crate::call::EngineEvent::PeerStopped`]).
+    pub fn is_peer_stopped(&self) -> bool {
+        match self {
+            EngineError::WebRtc(webrtc::error::Error::Other(what)) => {
+                what.starts_with("SendError") || what.contains("driver stopped")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Where the engine's sockets live and which candidates it may use.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -86,7 +103,9 @@ pub struct EngineSettings {
     pub turn_over_tcp: bool,
     /// Which certificates a `turns:` server may present (`None`: the web's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Testing only (the impairment lab): hold every media datagram sent this long.
+    /// Testing only (the impairment lab, the `impair` feature): hold every media datagram
+    /// sent this long.
+    #[cfg(feature = "impair")]
     pub send_delay: Option<SendDelay>,
 }
 
@@ -97,6 +116,7 @@ impl Default for EngineSettings {
             relay_only: false,
             turn_over_tcp: true,
             tls: None,
+            #[cfg(feature = "impair")]
             send_delay: None,
         }
     }
@@ -1052,9 +1072,6 @@ impl Engine {
             EngineCommand::RequestKeyframeFrom { peer } => {
                 self.request_keyframe_from(&peer).await?;
             }
-            EngineCommand::SetVideoEncoding { .. } | EngineCommand::RequestKeyframe => {
-                // The encoder belongs to the media pipeline: the driver routes these there.
-            }
         }
         Ok(())
     }
@@ -1159,27 +1176,19 @@ impl Engine {
             CongestionFeedback::Twcc,
             &mut media_engine,
         )?;
+        let congestion = CongestionConfig::default();
         // Our pacer instead of the crate's (see `pacer.rs`).
         let registry = registry.with(
             Slot::Pacer,
-            MediaPacer::new(
-                CongestionConfig::default().initial_bps,
-                tracks.audio_ssrc,
-                pacer_stats.clone(),
-            ),
+            MediaPacer::new(&congestion, tracks.audio_ssrc, pacer_stats.clone()),
         );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
-        // Bounded NACK: the crate's generator asks for a missing packet every 100 ms for as long
-        // as it is in a 512-packet log. A retransmission that late is refused by the SRTP replay
-        // window (64 packets), so it was asked for again and again, and every refused copy read
-        // as loss to the congestion controller (measured after a bandwidth collapse: a steady
-        // 10% "loss" on a clean link, and video never came back). Ask at most three times, only
-        // for packets the replay window still takes.
+        // Bounded NACK (`CongestionConfig::nack_log_packets` says why).
         let registry = registry.with(
             Slot::NackGenerator,
             NackGeneratorBuilder::new()
-                .with_size(64)
-                .with_max_nacks_per_packet(3)
+                .with_size(congestion.nack_log_packets)
+                .with_max_nacks_per_packet(congestion.nacks_per_packet_max)
                 .build(),
         );
         let mut servers = Vec::with_capacity(ice_servers.len());
@@ -1235,7 +1244,9 @@ impl Engine {
                 Some(Duration::from_millis(500)),
             )
             .build();
+        #[allow(unused_mut)]
         let mut builder = PeerConnectionBuilder::new();
+        #[cfg(feature = "impair")]
         if let Some(delay) = self.settings.send_delay
             && let Some(runtime) = DelayRuntime::new(delay)
         {
@@ -1308,8 +1319,9 @@ mod tests {
         }
     }
 
-    /// One feedback batch 100 ms on: `lost` packets of 1000 bytes, then `arrived` more. Packet
-    /// `id` left at `start` + id x 6.667 ms (150 a second) and took 20 ms.
+    /// One feedback batch 100 ms on: `arrived + lost` packets of 1000 bytes, the arrived ones
+    /// spread evenly among the lost (as an overflowing queue drops them). Packet `id` left at
+    /// `start` + id x 6.667 ms (150 a second) and took 20 ms.
     fn feedback(
         e: &mut PublishingEstimator,
         start: Instant,
@@ -1320,8 +1332,10 @@ mod tests {
     ) {
         use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
         *t += Duration::from_millis(100);
-        let reports: Vec<PacketReport> = (0..arrived + lost)
+        let total = arrived + lost;
+        let reports: Vec<PacketReport> = (0..total)
             .map(|i| {
+                let came = (i + 1) * arrived / total > i * arrived / total;
                 *id += 1;
                 let sent = Duration::from_micros(6_667 * *id);
                 PacketReport {
@@ -1331,9 +1345,9 @@ mod tests {
                     is_twcc: true,
                     twcc_sequence_number: *id as u16,
                     size: 1000,
-                    arrived: i >= lost,
+                    arrived: came,
                     departure: start + sent,
-                    arrival: (i >= lost).then(|| sent + Duration::from_millis(20)),
+                    arrival: came.then(|| sent + Duration::from_millis(20)),
                     ecn: Ecn::NotEct,
                 }
             })
@@ -1401,12 +1415,21 @@ mod tests {
         assert_eq!(types.for_sample(MediaKind::Audio, true), Some(63));
     }
 
+    /// A second in which 2 of every 15 packets arrive, then a second in which all do.
+    fn collapse(e: &mut PublishingEstimator, start: Instant, t: &mut Instant, id: &mut u64) {
+        for _ in 0..10 {
+            feedback(e, start, t, id, 2, 13);
+        }
+        steady(e, start, t, id, 1.0);
+    }
+
     fn estimator() -> PublishingEstimator {
         PublishingEstimator::new(Arc::default(), SharedEstimate::new())
     }
 
-    /// A handover: the old path swallowed a second of packets, and the first feedback over the
-    /// new path says so. With the path change signalled that is not read as congestion.
+    /// A second of feedback saying most packets were lost, as the first feedback over a new
+    /// path does after a handover (the old path swallowed them): with the path change
+    /// signalled that is not read as congestion; without one it is a collapse.
     #[test]
     fn the_old_path_s_lost_packets_do_not_cut_the_estimate_after_a_path_change() {
         let run = |signal: bool| {
@@ -1418,10 +1441,7 @@ mod tests {
             if signal {
                 e.shared.path_changed();
             }
-            // A second of silence, then feedback for it: 150 packets lost, 15 arrived.
-            t += Duration::from_secs(1);
-            feedback(&mut e, start, &mut t, &mut id, 15, 150);
-            steady(&mut e, start, &mut t, &mut id, 1.0);
+            collapse(&mut e, start, &mut t, &mut id);
             (before, e.shared.kbps())
         };
         let (before, after) = run(true);
@@ -1434,9 +1454,7 @@ mod tests {
         e.shared.path_changed();
         steady(&mut e, start, &mut t, &mut id, 3.0);
         let settled = e.shared.kbps();
-        t += Duration::from_secs(1);
-        feedback(&mut e, start, &mut t, &mut id, 15, 150);
-        steady(&mut e, start, &mut t, &mut id, 1.0);
+        collapse(&mut e, start, &mut t, &mut id);
         assert!(
             e.shared.kbps() < settled * 0.5,
             "{settled} -> {}",

@@ -4,7 +4,8 @@
 //! sockets whose sends are held for `delay` plus up to `jitter` (in order, as a path with a
 //! deep buffer would), and delegates everything else to the default runtime.
 //!
-//! Only the probe uses it (`--delay-ms`, `--jitter-ms`); a real client never does.
+//! Only the probe uses it (`--delay-ms`, `--jitter-ms`); a real client never does: it is built
+//! only with the `impair` feature, which the probe turns on and the apps do not.
 
 use std::fmt;
 use std::future::Future;

@@ -13,6 +13,7 @@ pub mod call;
 pub mod congestion;
 pub mod driver;
 pub mod engine;
+#[cfg(feature = "impair")]
 pub mod impair;
 pub mod loss_control;
 pub mod media;

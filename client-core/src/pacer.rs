@@ -7,7 +7,7 @@
 //! can still be useful is dropped rather than sent late (a receiver missing video asks for a
 //! keyframe; late audio is played as concealment anyway); RTCP is never held.
 //!
-//! What the estimate is comes from `congestion.rs`.
+//! What the estimate is, and the rules' numbers, come from `congestion.rs`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,10 +17,7 @@ use std::time::{Duration, Instant};
 use rtc::interceptor::{Attribute, Interceptor, Pacer, Packet, StreamInfo, TaggedPacket};
 use rtc::shared::marshal::MarshalSize;
 
-/// Video older than this in the queue is dropped: by then the frame is late for display.
-pub const MAX_VIDEO_WAIT: Duration = Duration::from_millis(300);
-/// Audio older than this is dropped: the receiver's playout buffer has concealed it already.
-pub const MAX_AUDIO_WAIT: Duration = Duration::from_millis(200);
+use crate::congestion::CongestionConfig;
 
 /// What the pacer sent and dropped.
 #[derive(Debug, Default)]
@@ -43,12 +40,17 @@ pub struct MediaPacer {
     out: VecDeque<TaggedPacket>,
     read: VecDeque<TaggedPacket>,
     stats: Arc<PacerStats>,
+    /// How long audio and video may wait (`CongestionConfig::max_audio_wait`, `max_video_wait`).
+    max_audio_wait: Duration,
+    max_video_wait: Duration,
 }
 
 impl MediaPacer {
-    pub fn new(initial_bps: f64, audio_ssrc: u32, stats: Arc<PacerStats>) -> Self {
+    pub fn new(config: &CongestionConfig, audio_ssrc: u32, stats: Arc<PacerStats>) -> Self {
         MediaPacer {
-            bucket: Pacer::new(initial_bps),
+            max_audio_wait: config.max_audio_wait,
+            max_video_wait: config.max_video_wait,
+            bucket: Pacer::new(config.initial_bps),
             audio_ssrc,
             audio: VecDeque::new(),
             video: VecDeque::new(),
@@ -68,8 +70,16 @@ impl MediaPacer {
     /// Drops what waited longer than it may.
     fn drop_stale(&mut self, now: Instant) {
         for (queue, wait, counter) in [
-            (&mut self.audio, MAX_AUDIO_WAIT, &self.stats.audio_dropped),
-            (&mut self.video, MAX_VIDEO_WAIT, &self.stats.video_dropped),
+            (
+                &mut self.audio,
+                self.max_audio_wait,
+                &self.stats.audio_dropped,
+            ),
+            (
+                &mut self.video,
+                self.max_video_wait,
+                &self.stats.video_dropped,
+            ),
         ] {
             while queue
                 .front()
@@ -166,8 +176,8 @@ impl rtc::sansio::Protocol<TaggedPacket, TaggedPacket, ()> for MediaPacer {
         let release = self.bucket.releasable_at(Self::bits(head));
         // Wake up by the time the oldest packet goes stale too, so it is dropped on time.
         let stale = [
-            self.audio.front().map(|p| p.now + MAX_AUDIO_WAIT),
-            self.video.front().map(|p| p.now + MAX_VIDEO_WAIT),
+            self.audio.front().map(|p| p.now + self.max_audio_wait),
+            self.video.front().map(|p| p.now + self.max_video_wait),
         ]
         .into_iter()
         .flatten()

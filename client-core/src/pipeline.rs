@@ -5,8 +5,8 @@
 //!
 //! Encoding and decoding are CPU work, so they run on two threads of their own ("send" and
 //! "receive"); the async side only moves encoded samples onto the tracks. The pipeline decides
-//! nothing about the call: the state machine's `SetVideoSending`/`SetVideoEncoding`/
-//! `RequestKeyframe` reach it as [`SendCommand`]s.
+//! nothing about the call: the state machine's media commands (`call::MediaCommand`: a keyframe,
+//! an encoding) reach it as [`SendCommand`]s.
 //!
 //! Time base: synthetic markers carry wall-clock microseconds modulo 2^48 ([`wall_us`]), so two
 //! processes on the same host (a test, a probe, a bench) measure latency across processes.

@@ -361,79 +361,11 @@ fn held(since: &mut Option<Instant>, now: Instant, wait: Duration) -> bool {
     now.duration_since(start) >= wait
 }
 
-/// Outbound loss (percent, from a peer's reception reports) at which audio gets redundancy.
-const RED_ON_LOSS_PCT: f64 = 2.0;
-/// Redundancy stays on until no report has shown that much loss for this long.
-const RED_HOLD: Duration = Duration::from_secs(10);
-/// Redundancy doubles the audio payload (about 30 kbps more): only with this much estimate.
-const RED_MIN_ESTIMATE_KBPS: u32 = 200;
-
-/// Whether audio packets also carry the previous frame (RED, `media::red`): on while the peers
-/// report loss on what we send and the estimate has room for the second copy; off on a clean
-/// link and when bandwidth is short (after a collapse the extra copy would crowd out the audio
-/// it protects). Pure, like the ladder.
-#[derive(Debug, Default)]
-pub struct AudioRedundancy {
-    on: bool,
-    lossy_at: Option<Instant>,
-    estimate_kbps: Option<u32>,
-}
-
-impl AudioRedundancy {
-    pub fn is_on(&self) -> bool {
-        self.on
-    }
-
-    /// A peer reported `loss_pct` on what we send. Returns the new setting when it changed.
-    pub fn handle_loss(&mut self, now: Instant, loss_pct: f64) -> Option<bool> {
-        if loss_pct >= RED_ON_LOSS_PCT {
-            self.lossy_at = Some(now);
-        }
-        self.decide(now)
-    }
-
-    /// A new bandwidth estimate. Returns the new setting when it changed.
-    pub fn handle_estimate(&mut self, now: Instant, estimate_kbps: u32) -> Option<bool> {
-        self.estimate_kbps = Some(estimate_kbps);
-        self.decide(now)
-    }
-
-    fn decide(&mut self, now: Instant) -> Option<bool> {
-        let want = self.lossy_at.is_some_and(|t| now < t + RED_HOLD)
-            && self
-                .estimate_kbps
-                .is_some_and(|e| e >= RED_MIN_ESTIMATE_KBPS);
-        (want != self.on).then(|| {
-            self.on = want;
-            want
-        })
-    }
-}
+pub use crate::congestion::AudioRedundancy;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn audio_redundancy_follows_loss_and_room() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut r = AudioRedundancy::default();
-        assert_eq!(r.handle_estimate(at(0), 1500), None);
-        // A clean link: off.
-        assert_eq!(r.handle_loss(at(1), 0.5), None);
-        // Loss: on at once.
-        assert_eq!(r.handle_loss(at(2), 8.0), Some(true));
-        assert_eq!(r.handle_loss(at(3), 1.0), None);
-        // The estimate collapses: off, whatever the loss; back when there is room again.
-        assert_eq!(r.handle_estimate(at(4), 90), Some(false));
-        assert_eq!(r.handle_loss(at(5), 30.0), None);
-        assert_eq!(r.handle_estimate(at(6), 400), Some(true));
-        // Ten seconds without loss: off.
-        assert_eq!(r.handle_loss(at(14), 0.0), None);
-        assert_eq!(r.handle_loss(at(15), 0.0), Some(false));
-        assert!(!r.is_on());
-    }
 
     /// Feeds one estimate every 100 ms for `d`, as `estimate` gives it for the current target;
     /// returns the targets it changed to, and when.

@@ -666,9 +666,8 @@ fn a_peer_s_keyframe_requests_force_keyframes_at_a_bounded_rate() {
     let mut h = Harness::connected_patient();
     let request = || EngineEvent::KeyframeRequested { peer: pid("doc") };
     let keyframes = |out: &[Output]| {
-        engine(out)
-            .iter()
-            .filter(|c| matches!(c, EngineCommand::RequestKeyframe))
+        out.iter()
+            .filter(|o| matches!(o, Output::Media(MediaCommand::Keyframe)))
             .count()
     };
     h.advance(Duration::from_secs(1));
@@ -810,7 +809,7 @@ fn a_bandwidth_collapse_goes_audio_only_and_recovery_brings_video_back() {
     assert!(out.contains(&Output::Engine(EngineCommand::SetVideoSending(true))));
     assert!(out.iter().any(|o| matches!(
         o,
-        Output::Engine(EngineCommand::SetVideoEncoding { width: 320, .. })
+        Output::Media(MediaCommand::SetVideoEncoding { width: 320, .. })
     )));
 }
 
@@ -908,6 +907,21 @@ fn chat_goes_to_connected_peers_and_says_when_it_cannot() {
     );
 }
 
+/// The connection was rebuilt as the answerer and the offer applied to it.
+fn rebuilt_to_answer(out: &[Output]) -> bool {
+    matches!(
+        engine(out)[..],
+        [
+            EngineCommand::ClosePeer { .. },
+            EngineCommand::CreatePeer { offerer: false, .. },
+            EngineCommand::SetRemoteDescription {
+                kind: SdpKind::Offer,
+                ..
+            }
+        ]
+    )
+}
+
 #[test]
 fn an_offer_from_a_new_session_of_a_known_peer_rebuilds_the_connection() {
     // A browser patient reloads its page mid-call: it resumes its seat and offers from a new
@@ -933,18 +947,170 @@ fn an_offer_from_a_new_session_of_a_known_peer_rebuilds_the_connection() {
     // An ICE restart renegotiates the same session: applied to the same connection.
     assert!(applied(&h.msg(offer(7, 3))));
     let out = h.msg(offer(9, 2));
+    assert!(rebuilt_to_answer(&out), "{out:?}");
+}
+
+fn sdp(session: u32, version: u32) -> String {
+    format!("v=0\r\no=- {session} {version} IN IP4 127.0.0.1\r\ns=-\r\n")
+}
+
+/// A doctor whose patient joined after it, offered (session 7) and connected: the doctor is
+/// the answerer.
+fn doctor_answering_a_connected_patient() -> Harness {
+    let mut h = admitted_doctor();
+    h.msg(ServerMessage::PeerJoined {
+        peer: peer("pat", Role::Patient),
+    });
+    h.msg(ServerMessage::Offer {
+        from: pid("pat"),
+        sdp: sdp(7, 2),
+    });
+    h.engine(EngineEvent::ConnectionState {
+        peer: pid("pat"),
+        state: PeerConnectionState::Connected,
+    });
+    assert_eq!(h.call.state(), CallState::Connected);
+    h
+}
+
+fn rebuilt_as_offerer(out: &[Output]) -> bool {
+    matches!(
+        engine(out)[..],
+        [
+            EngineCommand::ClosePeer { .. },
+            EngineCommand::CreatePeer { offerer: true, .. }
+        ]
+    )
+}
+
+/// The lab's miss: the doctor's peer connection's event loop had stopped, every ICE-restart
+/// offer was answered with a failed command, and nothing rebuilt it. Now the engine says the
+/// connection stopped and the call rebuilds it, offering (it was the answerer), and the new
+/// connection's offer goes to the patient.
+#[test]
+fn a_peer_connection_whose_event_loop_stopped_is_rebuilt_offering() {
+    let mut h = doctor_answering_a_connected_patient();
+    let out = h.engine(EngineEvent::PeerStopped { peer: pid("pat") });
+    assert!(rebuilt_as_offerer(&out), "{out:?}");
+    assert_eq!(h.call.state(), CallState::Reconnecting);
+    let out = h.engine(EngineEvent::LocalDescription {
+        peer: pid("pat"),
+        kind: SdpKind::Offer,
+        sdp: sdp(11, 2),
+    });
     assert!(
-        matches!(
-            engine(&out)[..],
-            [
-                EngineCommand::ClosePeer { .. },
-                EngineCommand::CreatePeer { offerer: false, .. },
-                EngineCommand::SetRemoteDescription {
-                    kind: SdpKind::Offer,
-                    ..
-                }
-            ]
-        ),
+        matches!(sent(&out)[..], [ClientMessage::Offer { to, .. }] if *to == pid("pat")),
         "{out:?}"
     );
+    // The patient answers from its rebuilt connection; media comes back.
+    let out = h.msg(ServerMessage::Answer {
+        from: pid("pat"),
+        sdp: sdp(12, 2),
+    });
+    assert!(matches!(
+        engine(&out)[..],
+        [EngineCommand::SetRemoteDescription {
+            kind: SdpKind::Answer,
+            ..
+        }]
+    ));
+    h.engine(EngineEvent::ConnectionState {
+        peer: pid("pat"),
+        state: PeerConnectionState::Connected,
+    });
+    assert_eq!(h.call.state(), CallState::Connected);
+    // A stopped connection of someone who is not a peer is nobody's business.
+    assert!(
+        engine(&h.engine(EngineEvent::PeerStopped {
+            peer: pid("stranger")
+        }))
+        .is_empty()
+    );
+}
+
+/// Both sides rebuilt at once and offered: the lower participant id's offer wins ("doc" <
+/// "pat"), so the doctor keeps its offer and drops the patient's, and the patient, seeing the
+/// doctor's offer from a new session, gives its own up and answers.
+#[test]
+fn when_both_sides_rebuild_at_once_one_offer_wins() {
+    let mut h = doctor_answering_a_connected_patient();
+    h.engine(EngineEvent::PeerStopped { peer: pid("pat") });
+    let out = h.msg(ServerMessage::Offer {
+        from: pid("pat"),
+        sdp: sdp(13, 2),
+    });
+    assert!(engine(&out).is_empty(), "{out:?}");
+    // The patient's side: it offered first (admitted after the doctor) and rebuilt too.
+    let mut p = Harness::connected_patient();
+    p.msg(ServerMessage::Answer {
+        from: pid("doc"),
+        sdp: sdp(5, 2),
+    });
+    let out = p.engine(EngineEvent::PeerStopped { peer: pid("doc") });
+    assert!(rebuilt_as_offerer(&out), "{out:?}");
+    let out = p.msg(ServerMessage::Offer {
+        from: pid("doc"),
+        sdp: sdp(6, 2),
+    });
+    assert!(rebuilt_to_answer(&out), "{out:?}");
+}
+
+/// The lab's other miss: the doctor's picture of the patient froze for good while the
+/// patient's video kept arriving, despite 22 keyframe requests. Undecodable video with
+/// requests going unanswered for `frozen_video_rebuild_after` rebuilds the connection; a
+/// picture that moves in between (frames decoded) starts the count again.
+#[test]
+fn video_that_stays_undecodable_despite_keyframe_requests_rebuilds_the_connection() {
+    let mut h = doctor_answering_a_connected_patient();
+    let after = CallConfig::default().frozen_video_rebuild_after;
+    let needed = || EngineEvent::KeyframeNeeded { peer: pid("pat") };
+    // The signaling link stays up meanwhile (the server answers pings).
+    let tick = |h: &mut Harness| {
+        h.advance(Duration::from_millis(100));
+        h.msg(ServerMessage::Pong { nonce: 0 });
+    };
+    let moving = StatsReport {
+        video_received: Some(VideoStats {
+            width: 320,
+            height: 180,
+            fps: 12.0,
+            bitrate_kbps: 200.0,
+        }),
+        ..Default::default()
+    };
+    // Frozen for most of the interval, then a frame decodes: no rebuild, the count restarts.
+    let mut requests = 0;
+    let mut frozen_for = Duration::ZERO;
+    while frozen_for + Duration::from_millis(100) < after {
+        let out = h.engine(needed());
+        assert!(!rebuilt_as_offerer(&out), "{out:?}");
+        requests += engine(&out)
+            .iter()
+            .filter(|c| matches!(c, EngineCommand::RequestKeyframeFrom { .. }))
+            .count();
+        tick(&mut h);
+        frozen_for += Duration::from_millis(100);
+    }
+    assert!(requests >= 20, "{requests} keyframe requests");
+    h.call.handle_stats(h.now, pid("pat"), moving.clone());
+    h.drain();
+    let mut rebuilt_at = None;
+    for i in 0..200u32 {
+        let out = h.engine(needed());
+        if rebuilt_as_offerer(&out) {
+            rebuilt_at = Some(Duration::from_millis(100) * i);
+            break;
+        }
+        tick(&mut h);
+    }
+    let rebuilt_at = rebuilt_at.expect("rebuilt");
+    assert!(
+        rebuilt_at >= after && rebuilt_at <= after + Duration::from_millis(100),
+        "rebuilt after {rebuilt_at:?}"
+    );
+    // The rebuilt connection is not judged before it connects.
+    for _ in 0..100 {
+        assert!(!rebuilt_as_offerer(&h.engine(needed())));
+        tick(&mut h);
+    }
 }

@@ -39,9 +39,6 @@ const LAB_CAMERA: (u32, u32) = (320, 180);
 const WIDER_CAMERA: (u32, u32) = (640, 360);
 const AUDIO_SSRC: u32 = 1;
 const VIDEO_SSRC: u32 = 2;
-/// The pacer's limits (`pacer::MAX_VIDEO_WAIT`, `MAX_AUDIO_WAIT`).
-const MAX_VIDEO_WAIT: Duration = Duration::from_millis(300);
-const MAX_AUDIO_WAIT: Duration = Duration::from_millis(200);
 
 /// Loss on one direction of the link.
 #[derive(Clone, Copy, Debug)]
@@ -72,6 +69,9 @@ struct Conditions {
     return_loss: f64,
     /// Nothing gets through (the old path of a handover).
     blackout: bool,
+    /// The sender reads no feedback: it is held and then read all at once (a process that is
+    /// descheduled for a while on a loaded machine, or a stalled receive loop).
+    feedback_held: bool,
 }
 
 impl Default for Conditions {
@@ -84,6 +84,7 @@ impl Default for Conditions {
             loss: Loss::None,
             return_loss: 0.0,
             blackout: false,
+            feedback_held: false,
         }
     }
 }
@@ -263,8 +264,12 @@ fn simulate(scenario: &Scenario, seed: u64) -> Figures {
             }
         }
         // The pacer: at the pacing rate, audio first, stale packets dropped.
-        audio_q.retain(|p| now.duration_since(p.departure) <= MAX_AUDIO_WAIT);
-        video_q.retain(|p| now.duration_since(p.departure) <= MAX_VIDEO_WAIT);
+        let (max_audio_wait, max_video_wait) = {
+            let c = estimator.config();
+            (c.max_audio_wait, c.max_video_wait)
+        };
+        audio_q.retain(|p| now.duration_since(p.departure) <= max_audio_wait);
+        video_q.retain(|p| now.duration_since(p.departure) <= max_video_wait);
         let rate = estimator.pacing_bps();
         bucket_bytes =
             (bucket_bytes + rate * TICK.as_secs_f64() / 8.0).min(rate * 0.02 / 8.0 + MTU as f64);
@@ -342,7 +347,7 @@ fn simulate(scenario: &Scenario, seed: u64) -> Figures {
         }
         // The send side: a report marks what arrived; then everything up to the highest
         // arrived packet is reported, the rest of it as lost.
-        while returning.front().is_some_and(|(at, _)| *at <= t) {
+        while !cond.feedback_held && returning.front().is_some_and(|(at, _)| *at <= t) {
             let (_, arrivals) = returning.pop_front().expect("a head");
             let highest = arrivals.last().map(|(id, _)| *id).unwrap_or(0);
             let mut arrivals = arrivals.into_iter().peekable();
@@ -596,10 +601,9 @@ fn bursty_loss_keeps_video() {
 
 /// Both-ways loss (the miss an independent lab found: loss on the patient's link in both
 /// directions, so feedback is lost too, and the send side reads each lost report's packets as
-/// lost). Reproduced here: the estimate falls towards the floor within about 10 s and the call
-/// goes audio-only, as in that lab. Not fixed yet: run with `--ignored` for the figures.
+/// lost). Before the lost-report rule (`congestion::unreported_run`) the estimate fell towards
+/// the floor within about 10 s and the call went audio-only, as in that lab.
 #[test]
-#[ignore = "the both-ways loss miss of issue #12, reproduced, not fixed"]
 fn both_ways_loss_keeps_video() {
     let scenario = steady(
         "12% loss both ways",
@@ -615,4 +619,73 @@ fn both_ways_loss_keeps_video() {
     assert_eq!(f.audio_only_spells(), 0, "video kept");
     let held = f.mean_kbps(secs(10), secs(30));
     assert!(held >= 300.0, "rate held at {held:.0} kbps");
+}
+
+/// The sender reads its feedback late, in one burst, twice (its process descheduled for a
+/// second on a loaded machine): the first report of the burst alone is not a collapse.
+#[test]
+fn feedback_read_late_in_a_burst_is_not_a_collapse() {
+    let held = Conditions {
+        feedback_held: true,
+        ..Default::default()
+    };
+    let scenario = Scenario {
+        name: "feedback read late",
+        seconds: 30,
+        phases: vec![
+            at(0, Conditions::default()),
+            at(10, held),
+            (Duration::from_millis(11_000), Conditions::default()),
+            at(20, held),
+            (Duration::from_millis(21_000), Conditions::default()),
+        ],
+        path_changes: vec![],
+        camera: LAB_CAMERA,
+    };
+    let f = simulate(&scenario, 17);
+    print(scenario.name, &f);
+    assert_eq!(f.audio_only_spells(), 0);
+    let before = f.mean_kbps(secs(8), secs(10));
+    let after = f.min_kbps(secs(11), secs(30));
+    assert!(after >= 0.5 * before, "{before:.0} -> {after:.0} kbps");
+}
+
+/// Both-ways loss with jitter, over several seeds (the lab's probes jitter: shared cores). A
+/// few lost reports within one second took the delivery guard's share under half at a low
+/// packet rate until unreported bytes were left out of what was sent (`congestion::Delivery`):
+/// before, 3 of the first 5 of these runs went to the floor and audio-only.
+#[test]
+fn both_ways_loss_with_jitter_keeps_video_whatever_the_seed() {
+    for (jitter, seed) in [
+        (5u64, 1u64),
+        (10, 2),
+        (20, 3),
+        (10, 4),
+        (10, 5),
+        (20, 6),
+        (5, 7),
+        (20, 8),
+    ] {
+        let scenario = steady(
+            "12% loss both ways, jitter",
+            Conditions {
+                loss: Loss::Random(0.12),
+                return_loss: 0.12,
+                jitter: Duration::from_millis(jitter),
+                ..Default::default()
+            },
+            LAB_CAMERA,
+        );
+        let f = simulate(&scenario, seed);
+        print(
+            &format!("12% both ways, jitter {jitter} ms, seed {seed}"),
+            &f,
+        );
+        assert_eq!(f.audio_only_spells(), 0, "seed {seed}: video kept");
+        let low = f.min_kbps(secs(10), secs(30));
+        assert!(
+            low >= 300.0,
+            "seed {seed}: the estimate fell to {low:.0} kbps"
+        );
+    }
 }

@@ -263,6 +263,68 @@ pub fn random_loss(pct: u32) -> Result<Trial> {
     })
 }
 
+/// Drops `rule` (an nftables match, e.g. `numgen random mod 100 < 12`) of what reaches the
+/// patient's host and of what the patient sends the doctor: loss on both directions of the
+/// patient's link, so the feedback about what the patient sends is lost too.
+fn lose_both_ways(call: &Call, rule: &str) -> Result<()> {
+    let pat = call.lab.addr("pat");
+    call.lab.nft(
+        "pat",
+        &format!(
+            "table inet lab {{\n chain input {{\n  type filter hook input priority 0;\n  \
+             {rule} drop\n }}\n}}\n"
+        ),
+    )?;
+    call.lab.nft(
+        "doc",
+        &format!(
+            "table inet lab {{\n chain input {{\n  type filter hook input priority 0;\n  \
+             ip saddr {pat} {rule} drop\n }}\n}}\n"
+        ),
+    )
+}
+
+/// A trial whose impairment held from the start to the end of `call`.
+fn steady_trial(name: &'static str, call: Call) -> Result<Trial> {
+    let (doctor, patient) = call.finish()?;
+    Ok(Trial {
+        name,
+        doctor,
+        patient,
+        events_ms: vec![0],
+        lifted_ms: None,
+    })
+}
+
+/// 12% random loss on both directions of the patient's link (between the one-way 10% and 20%
+/// cases, which impair less of the path: here the feedback is lost too).
+pub fn both_ways_loss() -> Result<Trial> {
+    let call = Call::start(Setup::new(30))?;
+    lose_both_ways(&call, "numgen random mod 100 < 12")?;
+    steady_trial("loss 12% both ways", call)
+}
+
+/// Bursty loss both ways: five packets in a row of every hundred (5%, in bursts; nftables has
+/// no random burst model, so the bursts are regular).
+pub fn bursty_loss() -> Result<Trial> {
+    let call = Call::start(Setup::new(30))?;
+    lose_both_ways(&call, "numgen inc mod 100 < 5")?;
+    steady_trial("bursty loss 5% both ways", call)
+}
+
+/// A long lossy path: what the patient sends is held 160 ms plus up to 80 ms of jitter, and 5%
+/// is lost both ways (the case where an independent lab saw the call break twice in four).
+pub fn delay_and_loss() -> Result<Trial> {
+    let call = Call::start(Setup {
+        patient_args: ["--delay-ms", "160", "--jitter-ms", "80"]
+            .map(str::to_owned)
+            .to_vec(),
+        ..Setup::new(30)
+    })?;
+    lose_both_ways(&call, "numgen random mod 100 < 5")?;
+    steady_trial("delay 160 ms + jitter 80 ms, loss 5% both ways", call)
+}
+
 /// Wi-Fi to cellular, `count` times, `every` apart: the patient's address changes and the app
 /// says so (SIGUSR1: the probe's network-change signal).
 pub fn handovers(count: u8, every: Duration) -> Result<Trial> {
@@ -361,14 +423,7 @@ pub fn delay_and_jitter() -> Result<Trial> {
             .to_vec(),
         ..Setup::new(20)
     })?;
-    let (doctor, patient) = call.finish()?;
-    Ok(Trial {
-        name: "delay 150 ms + jitter 60 ms",
-        doctor,
-        patient,
-        events_ms: vec![0],
-        lifted_ms: None,
-    })
+    steady_trial("delay 150 ms + jitter 60 ms", call)
 }
 
 /// The patient's uplink collapses to 100 kbit/s for 12 s, then recovers.
@@ -438,6 +493,23 @@ impl Trial {
                 .map(|(t, _)| t - lifted)
         });
         (went, back)
+    }
+
+    /// How many times the patient's call went audio-only for lack of bandwidth.
+    pub fn audio_only_spells(&self) -> usize {
+        let changes: Vec<(u64, bool)> =
+            serde_json::from_value(self.patient["audio_only"].clone()).unwrap_or_default();
+        changes.iter().filter(|(_, on)| *on).count()
+    }
+
+    /// The longest freeze of either side's picture that ended during the call, ms.
+    pub fn longest_freeze_ms(&self) -> u64 {
+        [&self.doctor, &self.patient]
+            .iter()
+            .flat_map(|r| gaps(r))
+            .map(|(_, gap)| gap)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Share of the audio frames the doctor and the patient played that came from real packets

@@ -243,6 +243,66 @@ fn a_long_jittery_path_keeps_the_call() -> Result<()> {
     Ok(())
 }
 
+/// What a lossy path in both directions must keep: both stay, both pictures move at the end
+/// and never froze for long, both hear each other, and (`video_kept`) neither side's call went
+/// audio-only.
+fn lossy_both_ways(scenario: impl FnOnce() -> Result<Trial>, video_kept: bool) -> Result<()> {
+    let Some(t) = run(scenario)? else {
+        return Ok(());
+    };
+    let t = &t;
+    both_stayed(t);
+    for r in [&t.doctor, &t.patient] {
+        assert!(decoded_fps(r) > 5.0, "{r}");
+    }
+    eprintln!(
+        "{}: {} audio-only spells, longest freeze {} ms, audio from packets {:?} %, with RED \
+         and FEC {:?} %, video frames decoded {} / {}, doctor's glass-to-glass p50 {} p95 {} ms",
+        t.name,
+        t.audio_only_spells(),
+        t.longest_freeze_ms(),
+        t.audio_played_pct(),
+        t.audio_recovered_pct(),
+        t.doctor["video_frames_decoded"],
+        t.patient["video_frames_decoded"],
+        t.doctor["glass_to_glass_ms_p50"],
+        t.doctor["glass_to_glass_ms_p95"],
+    );
+    assert!(
+        t.longest_freeze_ms() < 5000,
+        "a picture froze: {}",
+        t.longest_freeze_ms()
+    );
+    assert_eq!(t.doctor["heard"], "patient", "{}", t.doctor);
+    assert_eq!(t.patient["heard"], "doctor", "{}", t.patient);
+    if video_kept {
+        for r in [&t.doctor, &t.patient] {
+            assert_eq!(r["audio_only"], serde_json::json!([]), "{r}");
+        }
+    }
+    Ok(())
+}
+
+/// 12% loss on both directions of the patient's link (the feedback about what the patient
+/// sends is lost too): read as the path's loss, not congestion, so video stays on.
+#[test]
+fn loss_on_both_ways_keeps_video() -> Result<()> {
+    lossy_both_ways(scenarios::both_ways_loss, true)
+}
+
+/// Bursts of five lost packets in every hundred, both ways.
+#[test]
+fn bursty_loss_on_both_ways_keeps_video() -> Result<()> {
+    lossy_both_ways(scenarios::bursty_loss, true)
+}
+
+/// A long lossy path (160 ms + up to 80 ms of jitter one way, 5% loss both ways): the call
+/// connects and holds, and no picture stays frozen.
+#[test]
+fn a_long_lossy_path_keeps_the_call() -> Result<()> {
+    lossy_both_ways(scenarios::delay_and_loss, false)
+}
+
 /// The patient's uplink collapses to 100 kbit/s for 12 s, then recovers: the call goes
 /// audio-only (on purpose, both sides told), the doctor keeps hearing the patient, and video
 /// comes back by itself after the recovery (probed: with audio alone on the wire the estimate

@@ -9,8 +9,8 @@
 //! no denied-peer policy or quotas; `rtc-turn` 0.21 is client-only.
 //!
 //! Every function here takes untrusted input and must never panic: lengths are checked before
-//! every slice, and the fuzz targets in `fuzz/` call [`crate::fuzz_parse_stun`] and
-//! [`crate::fuzz_channel_data`].
+//! every slice, and the fuzz targets in `fuzz/` call `fuzz_parse_stun` and
+//! `fuzz_channel_data`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

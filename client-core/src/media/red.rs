@@ -6,7 +6,7 @@
 //! in-band FEC still covers the one before: audio is lost only when three packets in a row are
 //! (0.1% at 10% loss). This is what Chrome and LiveKit send on lossy links; it costs a second
 //! copy of the audio payload, so the call turns it on only while the peer reports loss and the
-//! estimate has room for it (`quality::AudioRedundancy`).
+//! estimate has room for it (`congestion::AudioRedundancy`).
 //!
 //! Wire format: one 4-byte header per redundant block (F=1, payload type, timestamp offset,
 //! block length), a 1-byte header for the primary (F=0, payload type), then the redundant

@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     let flag = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     let only = flag("--only").unwrap_or_default();
     let reports = flag("--reports").map(std::path::PathBuf::from);
-    let all: [Scenario; 10] = [
+    let all: [Scenario; 13] = [
         ("handover", || scenarios::handovers(1, Duration::ZERO)),
         ("signaling outage", scenarios::signaling_outage),
         ("server restart", scenarios::server_restart),
@@ -31,6 +31,9 @@ fn main() -> Result<()> {
         ("loss 10%", || scenarios::random_loss(10)),
         ("loss 20%", || scenarios::random_loss(20)),
         ("delay and jitter", scenarios::delay_and_jitter),
+        ("loss both ways", scenarios::both_ways_loss),
+        ("bursty loss", scenarios::bursty_loss),
+        ("delay and loss", scenarios::delay_and_loss),
         ("long call", || {
             scenarios::handovers(4, Duration::from_secs(30))
         }),

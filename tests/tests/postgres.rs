@@ -247,7 +247,7 @@ async fn two_server_processes_on_one_database_see_each_others_consultations_and_
     let dir = tempfile::tempdir()?;
     // Started together: both migrate and both initialise the token secret at once.
     let (a, b) = tokio::join!(node(dir.path(), "a", &url), node(dir.path(), "b", &url));
-    let ((_a, base_a), (_b, base_b)) = (a?, b?);
+    let ((_a, base_a), (mut node_b, base_b)) = (a?, b?);
     let http = reqwest::Client::new();
     let post = |base: &str, path: &str| {
         http.post(format!("{base}/api/v1{path}"))
@@ -341,7 +341,32 @@ async fn two_server_processes_on_one_database_see_each_others_consultations_and_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Ended on A: B refuses its invite from then on.
+    // B is killed (SIGKILL) mid-call: the patient admitted there resumes its seat on A from the
+    // seats B committed, with no new admission.
+    let token = patient.resume_token.clone().context("resume token")?;
+    node_b.start_kill()?;
+    node_b.wait().await?;
+    let mut moved = bedside_tests::Client::connect(&ws(&base_a)).await?;
+    moved
+        .send(ClientMessage::Resume {
+            protocol_version: PROTOCOL_VERSION,
+            resume_token: token,
+        })
+        .await?;
+    match moved.next().await? {
+        ServerMessage::Joined {
+            participant_id,
+            resumed,
+            ..
+        } => {
+            assert!(resumed);
+            assert_eq!(participant_id, patient.id());
+        }
+        other => bail!("expected joined, got {other:?}"),
+    }
+    moved.expect_type("admitted").await?;
+
+    // Created on B, ended on A: its invite is void from then on.
     http.delete(format!(
         "{base_a}/api/v1/consultations/{}",
         created[1].consultation_id
@@ -350,7 +375,7 @@ async fn two_server_processes_on_one_database_see_each_others_consultations_and_
     .send()
     .await?
     .error_for_status()?;
-    let mut refused = bedside_tests::Client::connect(&ws(&base_b)).await?;
+    let mut refused = bedside_tests::Client::connect(&ws(&base_a)).await?;
     refused
         .send_join(bedside_protocol::JoinAuth::InviteCode {
             code: created[1].invite_code.clone(),

@@ -829,7 +829,7 @@ impl Writer {
             write_all(&self.pool, self.id, self.queue.range(..n)),
         )
         .await
-        .unwrap_or(Err(StoreError::Unavailable));
+        .unwrap_or(Err(Failure::Transient("timed out".into())));
         match result {
             Ok(()) => {
                 let was_down = !self.up;
@@ -839,7 +839,15 @@ impl Writer {
                 self.set_up(true, if was_down { n } else { 0 });
                 true
             }
-            Err(e) => {
+            Err(Failure::Rejected(e)) => {
+                // Never expected (ids are ours, statements idempotent); logged and counted.
+                tracing::error!(error = %e, lost = n, "store write refused by the database");
+                self.queue.drain(..n);
+                self.health.dropped.inc_by(n as u64);
+                self.set_up(true, 0);
+                true
+            }
+            Err(Failure::Transient(e)) => {
                 if self.up {
                     tracing::debug!(error = %e, "store write failed");
                 }
@@ -850,13 +858,36 @@ impl Writer {
     }
 }
 
+/// Why a batch was not written.
+enum Failure {
+    /// The database could not be reached or gave up on the transaction: try again.
+    Transient(String),
+    /// The database refused the data (a data, integrity or schema error): trying again would
+    /// block every later write behind it.
+    Rejected(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let class = e.code().map(|c| &c.code()[..2]);
+        if matches!(class, Some("22" | "23" | "42")) {
+            Failure::Rejected(e.to_string())
+        } else {
+            Failure::Transient(e.to_string())
+        }
+    }
+}
+
 async fn write_all<'a>(
     pool: &Pool,
     writer: i64,
     batch: impl Iterator<Item = &'a Queued>,
-) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pg)?;
-    let tx = client.transaction().await.map_err(pg)?;
+) -> Result<(), Failure> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| Failure::Transient(e.to_string()))?;
+    let tx = client.transaction().await?;
     let mut at_ms = Vec::new();
     let mut cid = Vec::new();
     let mut pid: Vec<Option<&str>> = Vec::new();
@@ -889,32 +920,27 @@ async fn write_all<'a>(
                            consultation_id = EXCLUDED.consultation_id,
                            role = EXCLUDED.role, admitted = EXCLUDED.admitted",
                     )
-                    .await
-                    .map_err(pg)?;
+                    .await?;
                 tx.execute(&stmt, &[&pid.0, &cid.0, &role.as_str(), admitted])
-                    .await
-                    .map_err(pg)?;
+                    .await?;
             }
             Write::Seat(SeatWrite::Admitted(pid)) => {
                 let stmt = tx
                     .prepare_cached("UPDATE seats SET admitted = true WHERE participant_id = $1")
-                    .await
-                    .map_err(pg)?;
-                tx.execute(&stmt, &[&pid.0]).await.map_err(pg)?;
+                    .await?;
+                tx.execute(&stmt, &[&pid.0]).await?;
             }
             Write::Seat(SeatWrite::Released(pid)) => {
                 let stmt = tx
                     .prepare_cached("DELETE FROM seats WHERE participant_id = $1")
-                    .await
-                    .map_err(pg)?;
-                tx.execute(&stmt, &[&pid.0]).await.map_err(pg)?;
+                    .await?;
+                tx.execute(&stmt, &[&pid.0]).await?;
             }
             Write::Seat(SeatWrite::AllReleased(cid)) => {
                 let stmt = tx
                     .prepare_cached("DELETE FROM seats WHERE consultation_id = $1")
-                    .await
-                    .map_err(pg)?;
-                tx.execute(&stmt, &[&cid.0]).await.map_err(pg)?;
+                    .await?;
+                tx.execute(&stmt, &[&cid.0]).await?;
             }
         }
     }
@@ -929,14 +955,12 @@ async fn write_all<'a>(
                  ORDER BY o
                  ON CONFLICT (writer, seq) DO NOTHING",
             )
-            .await
-            .map_err(pg)?;
+            .await?;
         tx.execute(
             &stmt,
             &[&at_ms, &cid, &pid, &role, &event, &actor, &writer, &seq],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
     }
-    tx.commit().await.map_err(pg)
+    Ok(tx.commit().await?)
 }

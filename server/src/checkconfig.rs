@@ -34,6 +34,7 @@ fn problem(key: &str, message: impl Into<String>) -> Problem {
 pub const ADMIN_API_KEY_ENV: &str = "BEDSIDE_ADMIN_API_KEY";
 pub const TOKEN_SECRET_ENV: &str = "BEDSIDE_TOKEN_SECRET";
 pub const TURN_SECRET_ENV: &str = "BEDSIDE_TURN_SECRET";
+pub const POSTGRES_URL_ENV: &str = "BEDSIDE_POSTGRES_URL";
 
 const REDACTED: &str = "<redacted>";
 
@@ -57,6 +58,11 @@ impl Config {
                 TURN_SECRET_ENV,
                 self.turn_secret_file.clone(),
                 &mut self.ice.turn_secret,
+            ),
+            (
+                POSTGRES_URL_ENV,
+                self.store.postgres_url_file.clone(),
+                &mut self.store.postgres_url,
             ),
         ];
         for (var, file, value) in sources {
@@ -91,6 +97,7 @@ impl Config {
             &mut c.token_secret,
             &mut c.ice.turn_secret,
             &mut c.turn.relay.auth_secret,
+            &mut c.store.postgres_url,
         ] {
             if !secret.is_empty() {
                 *secret = REDACTED.to_owned();
@@ -129,16 +136,19 @@ pub fn check_file(path: &Path) -> Vec<Problem> {
     let mut problems = check_text(&text);
     // Secrets written in the file itself make the file a secret.
     if let Ok(table) = text.parse::<toml::Table>() {
-        let inline = ["admin-api-key", "token-secret"]
-            .iter()
-            .filter(|k| {
-                table
-                    .get(**k)
-                    .and_then(|v| v.as_str())
-                    .is_some_and(|v| !v.is_empty())
-            })
-            .copied()
-            .collect::<Vec<_>>();
+        let store = table.get("store").and_then(|s| s.as_table());
+        let inline = [
+            ("admin-api-key", table.get("admin-api-key")),
+            ("token-secret", table.get("token-secret")),
+            (
+                "store.postgres-url",
+                store.and_then(|s| s.get("postgres-url")),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.and_then(|v| v.as_str()).is_some_and(|v| !v.is_empty()))
+        .map(|(k, _)| k)
+        .collect::<Vec<_>>();
         if let (Some(key), Some(mode)) = (inline.first(), loose_mode(path)) {
             problems.push(problem(
                 key,
@@ -307,6 +317,7 @@ pub fn check_config(config: &Config) -> Vec<Problem> {
         ("admin-api-key-file", &config.admin_api_key_file),
         ("token-secret-file", &config.token_secret_file),
         ("turn-secret-file", &config.turn_secret_file),
+        ("store.postgres-url-file", &config.store.postgres_url_file),
     ] {
         if path.as_os_str().is_empty() {
             continue;
@@ -328,6 +339,19 @@ pub fn check_config(config: &Config) -> Vec<Problem> {
                 }
             }
         }
+    }
+    if config.store.backend == crate::store::StoreBackend::Postgres
+        && config.store.postgres_url.is_empty()
+        && config.store.postgres_url_file.as_os_str().is_empty()
+        && std::env::var_os(POSTGRES_URL_ENV).is_none()
+    {
+        problems.push(problem(
+            "store.postgres-url",
+            format!(
+                "backend = \"postgres\" needs the database: store.postgres-url, \
+                 store.postgres-url-file or {POSTGRES_URL_ENV}"
+            ),
+        ));
     }
     if !config.data_dir.as_os_str().is_empty()
         && let Err(message) = crate::filemodes::check_data_dir(&config.data_dir)
@@ -365,6 +389,30 @@ mod tests {
             ..Config::default()
         };
         assert!(c.load_secrets().is_err());
+    }
+
+    #[test]
+    fn the_postgres_url_is_a_secret() {
+        let text =
+            "[store]\nbackend = \"postgres\"\npostgres-url = \"postgresql://u:pw@db/bedside\"\n";
+        let c = Config::from_toml(text).unwrap();
+        let redacted = c.to_redacted_toml();
+        assert!(!redacted.contains("pw@db"), "{redacted}");
+        assert!(check_text(text).is_empty(), "{:?}", check_text(text));
+        let missing = check_text("[store]\nbackend = \"postgres\"\n");
+        if std::env::var_os(POSTGRES_URL_ENV).is_none() {
+            assert_eq!(missing[0].key, "store.postgres-url", "{missing:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bedside.toml");
+        std::fs::write(&file, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let problems = check_file(&file);
+        assert!(
+            problems.iter().any(|p| p.key == "store.postgres-url"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -29,7 +29,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -78,26 +77,13 @@ pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
 #[derive(Clone, Debug)]
 pub struct DoctorCredential(pub String);
 
-/// One line of a credential's audit log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CredentialEvent {
-    pub at_ms: u64,
-    pub event: String,
-    pub consultation_id: Option<String>,
-}
+pub use crate::store::CredentialEvent;
 
 /// Appends one line to a credential's audit log.
 async fn record(state: &AppState, credential: &str, event: &'static str, cid: Option<String>) {
-    let (id, at) = (credential.to_owned(), crate::store::now_ms());
     let written = state
         .store
-        .call(move |c| {
-            c.prepare_cached(
-                "INSERT INTO credential_audit(at_ms, credential_id, event, consultation_id) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![at, id, event, cid])
-        })
+        .credential_event(credential.to_owned(), event, cid)
         .await;
     if let Err(e) = written {
         tracing::error!(error = %e, "credential audit write failed");
@@ -110,24 +96,7 @@ async fn audit_log(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<CredentialEvent>>, Error> {
     require_admin(&state, &headers)?;
-    let rows = state
-        .store
-        .call(move |c| {
-            let mut q = c.prepare_cached(
-                "SELECT at_ms, event, consultation_id FROM credential_audit \
-                 WHERE credential_id = ?1 ORDER BY id",
-            )?;
-            q.query_map([id], |r| {
-                Ok(CredentialEvent {
-                    at_ms: r.get(0)?,
-                    event: r.get(1)?,
-                    consultation_id: r.get(2)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .await?;
-    Ok(Json(rows))
+    Ok(Json(state.store.credential_audit(id).await?))
 }
 
 /// Revokes the credential the request came with: the doctor signs out.
@@ -145,17 +114,7 @@ async fn sign_out(
 /// there is no such credential.
 async fn set_revoked(state: &AppState, id: &str) -> Result<bool, Error> {
     let now = auth::unix_now();
-    let row_id = id.to_owned();
-    let changed = state
-        .store
-        .call(move |c| {
-            c.prepare_cached(
-                "UPDATE doctor_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            )?
-            .execute(params![row_id, now])
-        })
-        .await?;
-    Ok(changed > 0)
+    Ok(state.store.revoke_credential(id.to_owned(), now).await?)
 }
 
 struct Error(StatusCode, &'static str, String);
@@ -247,16 +206,15 @@ async fn issue(
     let credential = format!("{PREFIX}{}", auth::random_secret(24));
     let now = auth::unix_now();
     let expires_at = now + days * 24 * 3600;
-    let (row_id, digest) = (id.clone(), hash(&credential));
+    let row = crate::store::CredentialRow {
+        id: id.clone(),
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+    };
     state
         .store
-        .call(move |c| {
-            c.prepare_cached(
-                "INSERT INTO doctor_credentials(id, secret_hash, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![row_id, &digest[..], now, expires_at])
-        })
+        .insert_credential(row, hash(&credential))
         .await?;
     record(&state, &id, "issued", None).await;
     tracing::info!(credential = %id, "doctor credential issued");
@@ -277,22 +235,16 @@ async fn list(
     require_admin(&state, &headers)?;
     let rows = state
         .store
-        .call(|c| {
-            let mut q = c.prepare_cached(
-                "SELECT id, created_at, expires_at, revoked_at FROM doctor_credentials \
-                 ORDER BY created_at DESC, id",
-            )?;
-            q.query_map([], |r| {
-                Ok(CredentialSummary {
-                    credential_id: r.get(0)?,
-                    created_at: r.get(1)?,
-                    expires_at: r.get(2)?,
-                    revoked_at: r.get(3)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+        .credentials()
+        .await?
+        .into_iter()
+        .map(|r| CredentialSummary {
+            credential_id: r.id,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
         })
-        .await?;
+        .collect();
     Ok(Json(rows))
 }
 
@@ -333,18 +285,7 @@ async fn doctor_auth(State(state): State<Arc<AppState>>, mut req: Request, next:
     }
     let digest = hash(given);
     let now = auth::unix_now();
-    let found = state
-        .store
-        .call(move |c| {
-            c.prepare_cached(
-                "SELECT id FROM doctor_credentials \
-                 WHERE secret_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
-            )?
-            .query_row(params![&digest[..], now], |r| r.get::<_, String>(0))
-            .optional()
-        })
-        .await;
-    let id = match found {
+    let id = match state.store.valid_credential(digest, now).await {
         Ok(Some(id)) => id,
         Ok(None) => return refused(),
         Err(e) => return Error::from(e).into_response(),

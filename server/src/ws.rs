@@ -477,7 +477,7 @@ impl Conn {
                     }
                 }
                 // Spent before a restart (its holder left): the hub's own map covers the rest.
-                match state.store.is_join_token_spent(&claims.sub) {
+                match state.store.is_join_token_spent(&claims.sub).await {
                     Ok(false) => {}
                     Ok(true) => {
                         state.metrics.limit("join_token_spent");

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 pub mod netns;
 pub mod ops;
+pub mod postgres;
 pub mod scenarios;
 
 /// How long a test waits for any one expected message.

@@ -68,6 +68,9 @@ const TEST_PACKAGES: &[&str] = &[
     // package's postinst creates its user with adduser.
     "systemd",
     "adduser",
+    // The store's PostgreSQL backend suite (tests/tests/postgres.rs): initdb and postgres 15,
+    // started by the test on a loopback port as the postgres user.
+    "postgresql",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

@@ -345,6 +345,10 @@ pub(crate) async fn end_consultation(
         return Err(not_found());
     }
     state.hub.end(&cid);
+    if let Some(cluster) = &state.cluster {
+        // Its home may be another node of the fleet.
+        cluster.end_everywhere(&cid).await;
+    }
     state.store.audit(AuditEvent::new(&cid, AuditKind::Ended));
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,0 +1,311 @@
+//! The fleet (issue #13): `bedside-server` nodes in processes of their own sharing a real
+//! `redis-server`, behind a real `haproxy`, with real probes (client-core's WebRTC) as the
+//! doctor and the patient. Each test starts what it needs on loopback ports in a temporary
+//! directory (`bedside_tests::fleet`). Without redis-server or haproxy the suite skips, and
+//! fails under `CI=true`.
+//!
+//! Until the region's durable store is shared (PostgreSQL), each node keeps its own SQLite:
+//! consultations are created on the node the doctor uses, and the patient joins with a
+//! patient token, which any node can check (the token secret is the region's).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use bedside_probe::{ProbeOptions, Report, run};
+use bedside_protocol::{ClientMessage, JoinAuth, ServerMessage};
+use bedside_tests::Client;
+use bedside_tests::fleet::{Haproxy, Node, NodeOptions, Redis, eventually, tools};
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_server-under-test"))
+}
+
+fn available() -> bool {
+    match tools() {
+        Ok(()) => true,
+        Err(reason) => {
+            bedside_tests::skip(&reason);
+            false
+        }
+    }
+}
+
+fn probe(url: String, token: String, secs: u64) -> ProbeOptions {
+    ProbeOptions {
+        duration: Duration::from_secs(secs),
+        udp_addrs: vec!["127.0.0.1:0".into()],
+        width: 320,
+        height: 180,
+        bitrate_kbps: 300,
+        ..ProbeOptions::new(url, JoinAuth::Token { token })
+    }
+}
+
+/// Media flowed both ways the whole call: connected, video decoded, audio heard, and no video
+/// gap longer than `max_gap_ms`.
+fn assert_call(who: &str, r: &Report, max_gap_ms: u64) {
+    assert!(r.connected, "{who}: {r:?}");
+    assert_eq!(r.ended.as_deref(), Some("Left"), "{who}: {r:?}");
+    assert!(r.video_frames_decoded > 30, "{who}: {r:?}");
+    assert!(r.audio_frames_received > 100, "{who}: {r:?}");
+    assert!(r.heard.is_some(), "{who}: {r:?}");
+    let longest = r.video_gaps_ms.iter().map(|(_, g)| *g).max().unwrap_or(0);
+    assert!(
+        longest <= max_gap_ms,
+        "{who}: video stopped for {longest} ms: {:?}",
+        r.video_gaps_ms
+    );
+}
+
+/// The patient waited once and was never sent back to the waiting room.
+fn admitted_once(r: &Report) -> bool {
+    r.states.iter().filter(|(_, s)| s == "Waiting").count() == 1
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    redis: Redis,
+    a: Node,
+    b: Node,
+}
+
+impl Lab {
+    async fn start(options: NodeOptions) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let redis = Redis::start(dir.path()).await?;
+        let a = Node::start(binary(), dir.path(), "node-a", &redis, &options).await?;
+        let b = Node::start(binary(), dir.path(), "node-b", &redis, &options).await?;
+        Ok(Lab { dir, redis, a, b })
+    }
+
+    /// A consultation created on node A, its doctor's token and a patient token.
+    async fn consultation(&self) -> Result<(String, String, String)> {
+        let c = self.a.create_consultation().await?;
+        let patient = self.a.token(&c.consultation_id.0, "patient").await?;
+        Ok((c.consultation_id.0, c.doctor_token, patient))
+    }
+}
+
+/// Starts the doctor's probe on `doctor_url`, waits until node A seated it, then the patient's
+/// on `patient_url`; both stay `secs` after connecting.
+async fn call(
+    lab: &Lab,
+    doctor_url: String,
+    patient_url: String,
+    secs: u64,
+) -> Result<(
+    tokio::task::JoinHandle<Result<Report>>,
+    tokio::task::JoinHandle<Result<Report>>,
+)> {
+    let (_, doctor_token, patient_token) = lab.consultation().await?;
+    let doctor = tokio::spawn(run(probe(doctor_url, doctor_token, secs)));
+    eventually(
+        Duration::from_secs(10),
+        "the doctor seated on node A",
+        || async { Ok(lab.a.metric("bedside_participants_connected").await? >= 1.0) },
+    )
+    .await?;
+    let patient = tokio::spawn(run(probe(patient_url, patient_token, secs)));
+    eventually(
+        Duration::from_secs(15),
+        "the admission on node A",
+        || async { Ok(lab.a.metric("bedside_admissions_total").await? >= 1.0) },
+    )
+    .await?;
+    Ok((doctor, patient))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doctor_on_one_node_admits_a_patient_on_another_and_they_talk() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    let lab = Lab::start(NodeOptions::default()).await?;
+    let (doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 4).await?;
+    let (doctor, patient) = (doctor.await??, patient.await??);
+    assert_call("doctor", &doctor, 1000);
+    assert_call("patient", &patient, 1000);
+    assert_eq!(doctor.heard.as_deref(), Some("patient"));
+    assert_eq!(patient.heard.as_deref(), Some("doctor"));
+    assert!(admitted_once(&patient), "{:?}", patient.states);
+    // The patient's link was relayed by B to the consultation's home, A.
+    assert!(lab.b.metric("bedside_cluster_relayed_links_total").await? >= 1.0);
+    assert_eq!(
+        lab.b
+            .metric("bedside_joins_total{role=\"patient\"}")
+            .await?,
+        0.0
+    );
+    assert_eq!(
+        lab.a
+            .metric("bedside_joins_total{role=\"patient\"}")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+/// Kill -9 of the consultation's home mid-call: the doctor (on A) and the patient (relayed by
+/// B) both resume on B through the load balancer, in the same seats, with no re-admission,
+/// while the peer-to-peer media goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_call_loses_no_consultation() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    let mut lab = Lab::start(NodeOptions::default()).await?;
+    let lb = Haproxy::start(lab.dir.path(), &[&lab.a, &lab.b]).await?;
+    let (doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 14).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lab.a.kill().await?;
+    eventually(
+        Duration::from_secs(10),
+        "both seats resumed on B",
+        || async { Ok(lab.b.metric("bedside_resumes_total{result=\"ok\"}").await? >= 2.0) },
+    )
+    .await?;
+    let (doctor, patient) = (doctor.await??, patient.await??);
+    assert_call("doctor", &doctor, 1000);
+    assert_call("patient", &patient, 1000);
+    assert!(admitted_once(&patient), "{:?}", patient.states);
+    // No one was admitted again, no seat was lost or taken anew on the survivor.
+    assert_eq!(lab.b.metric("bedside_admissions_total").await?, 0.0);
+    assert_eq!(
+        lab.b
+            .metric("bedside_joins_total{role=\"patient\"}")
+            .await?,
+        0.0
+    );
+    assert_eq!(
+        lab.b.metric("bedside_joins_total{role=\"doctor\"}").await?,
+        0.0
+    );
+    assert_eq!(
+        lab.b
+            .metric("bedside_resumes_total{result=\"expired\"}")
+            .await?,
+        0.0
+    );
+    drop(lb);
+    Ok(())
+}
+
+/// A graceful stop (SIGTERM) of the home hands the consultation over: both participants resume
+/// on the other node and the call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_hands_its_consultations_over() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    let mut lab = Lab::start(NodeOptions::default()).await?;
+    let lb = Haproxy::start(lab.dir.path(), &[&lab.a, &lab.b]).await?;
+    let (doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 12).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = lab.a.terminate(Duration::from_secs(15)).await?;
+    ensure!(status.success(), "node A exited with {status}");
+    eventually(
+        Duration::from_secs(10),
+        "both seats resumed on B",
+        || async { Ok(lab.b.metric("bedside_resumes_total{result=\"ok\"}").await? >= 2.0) },
+    )
+    .await?;
+    let (doctor, patient) = (doctor.await??, patient.await??);
+    assert_call("doctor", &doctor, 1000);
+    assert_call("patient", &patient, 1000);
+    assert!(admitted_once(&patient), "{:?}", patient.states);
+    assert_eq!(lab.b.metric("bedside_admissions_total").await?, 0.0);
+    drop(lb);
+    Ok(())
+}
+
+/// Nobody comes back after their node died: a survivor takes the consultation over and
+/// releases the seats when the rejoin window passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_whose_node_died_is_released_after_the_window_by_a_survivor() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    let mut lab = Lab::start(NodeOptions {
+        rejoin_window_secs: 3,
+        ..NodeOptions::default()
+    })
+    .await?;
+    let (_, doctor_token, patient_token) = lab.consultation().await?;
+    let mut doctor = Client::connect(&lab.a.ws_url()).await?;
+    doctor.join_token(&doctor_token).await?;
+    // A waiting patient, relayed by B: the waiting room is lost with no one either.
+    let mut patient = Client::connect(&lab.b.ws_url()).await?;
+    patient.join_token(&patient_token).await?;
+    patient.expect_type("waiting").await?;
+    lab.a.kill().await?;
+    // B's watchdog closes the relayed link (the client would resume); this one does not.
+    drop(patient);
+    drop(doctor);
+    eventually(
+        Duration::from_secs(15),
+        "both seats released by B",
+        || async { Ok(lab.b.metric("bedside_seats_timed_out_total").await? >= 2.0) },
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(5),
+        "no consultation left on B",
+        || async { Ok(lab.b.metric("bedside_consultations_active").await? == 0.0) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Redis killed and started again (empty) mid-call: the call goes on, `/readyz` says so while
+/// it is away, and a new consultation across the two nodes works after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_call_the_call_goes_on() -> Result<()> {
+    if !available() {
+        return Ok(());
+    }
+    let mut lab = Lab::start(NodeOptions::default()).await?;
+    let (doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 10).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.redis.kill().await?;
+    eventually(Duration::from_secs(5), "/readyz naming redis", || async {
+        let (ok, body) = lab.a.ready().await?;
+        Ok(!ok && body.contains("redis"))
+    })
+    .await?;
+    assert_eq!(lab.a.metric("bedside_cluster_redis_up").await?, 0.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lab.redis.start_again().await?;
+    for node in [&lab.a, &lab.b] {
+        eventually(Duration::from_secs(10), "ready again", || async {
+            Ok(node.ready().await?.0)
+        })
+        .await?;
+    }
+    let (doctor, patient) = (doctor.await??, patient.await??);
+    assert_call("doctor", &doctor, 1000);
+    assert_call("patient", &patient, 1000);
+
+    // After: a new consultation, doctor on A, patient on B, admitted across the nodes.
+    let (_, doctor_token, patient_token) = lab.consultation().await?;
+    let mut doctor = Client::connect(&lab.a.ws_url()).await?;
+    doctor.join_token(&doctor_token).await?;
+    let mut patient = Client::connect(&lab.b.ws_url()).await?;
+    patient.join_token(&patient_token).await?;
+    patient.expect_type("waiting").await?;
+    let waiting = loop {
+        if let ServerMessage::WaitingRoom { waiting } = doctor.expect_type("waiting_room").await?
+            && let Some(w) = waiting.first()
+        {
+            break w.participant_id.clone();
+        }
+    };
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: waiting,
+        })
+        .await?;
+    patient.expect_type("admitted").await?;
+    doctor.expect_type("peer_joined").await?;
+    Ok(())
+}

@@ -68,6 +68,11 @@ const TEST_PACKAGES: &[&str] = &[
     // package's postinst creates its user with adduser.
     "systemd",
     "adduser",
+    // The fleet suite (tests/tests/fleet.rs): Redis for the live state, HAProxy as the load
+    // balancer, PostgreSQL for the region's durable store; the suite starts each itself.
+    "redis-server",
+    "haproxy",
+    "postgresql",
 ];
 /// Debian packages the demo needs (the desktop app's device support builds against ALSA and
 /// generates V4L2 bindings with libclang).

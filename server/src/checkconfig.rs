@@ -34,6 +34,7 @@ fn problem(key: &str, message: impl Into<String>) -> Problem {
 pub const ADMIN_API_KEY_ENV: &str = "BEDSIDE_ADMIN_API_KEY";
 pub const TOKEN_SECRET_ENV: &str = "BEDSIDE_TOKEN_SECRET";
 pub const TURN_SECRET_ENV: &str = "BEDSIDE_TURN_SECRET";
+pub const POSTGRES_URL_ENV: &str = "BEDSIDE_POSTGRES_URL";
 
 const REDACTED: &str = "<redacted>";
 
@@ -57,6 +58,11 @@ impl Config {
                 TURN_SECRET_ENV,
                 self.turn_secret_file.clone(),
                 &mut self.ice.turn_secret,
+            ),
+            (
+                POSTGRES_URL_ENV,
+                self.store.postgres_url_file.clone(),
+                &mut self.store.postgres_url,
             ),
         ];
         for (var, file, value) in sources {
@@ -91,6 +97,7 @@ impl Config {
             &mut c.token_secret,
             &mut c.ice.turn_secret,
             &mut c.turn.relay.auth_secret,
+            &mut c.store.postgres_url,
         ] {
             if !secret.is_empty() {
                 *secret = REDACTED.to_owned();
@@ -307,6 +314,7 @@ pub fn check_config(config: &Config) -> Vec<Problem> {
         ("admin-api-key-file", &config.admin_api_key_file),
         ("token-secret-file", &config.token_secret_file),
         ("turn-secret-file", &config.turn_secret_file),
+        ("store.postgres-url-file", &config.store.postgres_url_file),
     ] {
         if path.as_os_str().is_empty() {
             continue;

@@ -37,6 +37,8 @@ pub struct Config {
     pub alerts: crate::alerts::AlertsConfig,
     /// The join page's app links (`/.well-known/…`).
     pub web: crate::web::WebSection,
+    /// Where the durable data lives: SQLite (default) or PostgreSQL (`[store]`).
+    pub store: crate::store::StoreConfig,
     /// `text` (colour only on a terminal, `NO_COLOR` honoured) or `json` (one object a line).
     pub log_format: LogFormat,
     /// Days the audit log is kept; older rows and the consultations that ended before are
@@ -136,6 +138,7 @@ impl Default for Config {
             telemetry: Default::default(),
             alerts: Default::default(),
             web: crate::web::WebSection::default(),
+            store: crate::store::StoreConfig::default(),
             log_format: LogFormat::Text,
             audit_retention_days: 0,
             admin_api_key_file: PathBuf::new(),

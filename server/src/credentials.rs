@@ -20,7 +20,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -151,16 +150,15 @@ async fn issue(
     let credential = format!("{PREFIX}{}", auth::random_secret(24));
     let now = auth::unix_now();
     let expires_at = now + days * 24 * 3600;
-    let (row_id, digest) = (id.clone(), hash(&credential));
+    let row = crate::store::CredentialRow {
+        id: id.clone(),
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+    };
     state
         .store
-        .call(move |c| {
-            c.prepare_cached(
-                "INSERT INTO doctor_credentials(id, secret_hash, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![row_id, &digest[..], now, expires_at])
-        })
+        .insert_credential(row, hash(&credential))
         .await?;
     tracing::info!(credential = %id, "doctor credential issued");
     Ok((
@@ -180,22 +178,16 @@ async fn list(
     require_admin(&state, &headers)?;
     let rows = state
         .store
-        .call(|c| {
-            let mut q = c.prepare_cached(
-                "SELECT id, created_at, expires_at, revoked_at FROM doctor_credentials \
-                 ORDER BY created_at DESC, id",
-            )?;
-            q.query_map([], |r| {
-                Ok(CredentialSummary {
-                    credential_id: r.get(0)?,
-                    created_at: r.get(1)?,
-                    expires_at: r.get(2)?,
-                    revoked_at: r.get(3)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
+        .credentials()
+        .await?
+        .into_iter()
+        .map(|r| CredentialSummary {
+            credential_id: r.id,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
         })
-        .await?;
+        .collect();
     Ok(Json(rows))
 }
 
@@ -206,17 +198,7 @@ async fn revoke(
 ) -> Result<StatusCode, Error> {
     require_admin(&state, &headers)?;
     let now = auth::unix_now();
-    let row_id = id.clone();
-    let changed = state
-        .store
-        .call(move |c| {
-            c.prepare_cached(
-                "UPDATE doctor_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            )?
-            .execute(params![row_id, now])
-        })
-        .await?;
-    if changed == 0 {
+    if !state.store.revoke_credential(id.clone(), now).await? {
         return Err(Error(
             StatusCode::NOT_FOUND,
             "credential_not_found",
@@ -246,20 +228,9 @@ async fn doctor_auth(State(state): State<Arc<AppState>>, mut req: Request, next:
     }
     let digest = hash(given);
     let now = auth::unix_now();
-    let found = state
-        .store
-        .call(move |c| {
-            c.prepare_cached(
-                "SELECT id FROM doctor_credentials \
-                 WHERE secret_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
-            )?
-            .query_row(params![&digest[..], now], |r| r.get::<_, String>(0))
-            .optional()
-        })
-        .await;
-    match found {
-        Ok(Some(_)) => {}
-        Ok(None) => return refused(),
+    match state.store.credential_valid(digest, now).await {
+        Ok(true) => {}
+        Ok(false) => return refused(),
         Err(e) => return Error::from(e).into_response(),
     }
     let Ok(admin) = HeaderValue::from_str(&format!("Bearer {}", state.admin_key)) else {

@@ -1,11 +1,12 @@
 //! `bedside-server`: the clinic server. Signaling over WebSocket (`/ws`), the waiting room, the
-//! rejoin window, the administration API, the embedded store, metrics.
+//! rejoin window, the administration API, the store (embedded SQLite, or PostgreSQL for a
+//! fleet), metrics.
 //!
 //! A library with a thin `main`: [`run`] (or [`Server::bind`] then [`Server::serve`], which tells
 //! the bound address first) is what the binary and the tests call.
 //!
 //! Code map: [`config`] (the TOML file), [`auth`] (tokens, invite codes, TURN credentials),
-//! [`store`] (SQLite and the audit log), [`hub`] (live consultations: seats, waiting room,
+//! [`store`] (SQLite or PostgreSQL, and the audit log), [`hub`] (live consultations: seats, waiting room,
 //! relay, rejoin window), [`ws`] (reader and writer tasks per WebSocket), [`api`] (HTTP
 //! routes), [`metrics`], [`tls`], [`limits`] (budgets, caps, trusted proxies, Host/Origin),
 //! [`net`] (the accept path: connection caps, idle timeout, backlog), [`telemetry`] (the calls'
@@ -191,7 +192,7 @@ impl Server {
         config.validate()?;
         let data_dir = config.data_dir();
         filemodes::prepare_data_dir(&data_dir).map_err(ServerError::DataDir)?;
-        let store = Store::open(&data_dir)?;
+        let store = Store::from_config(&config).await?;
 
         let token_secret = if config.token_secret.is_empty() {
             store
@@ -241,6 +242,7 @@ impl Server {
         if let Some(relay) = &relay_metrics {
             metrics.register_relay(relay.clone());
         }
+        metrics.register_store(store.health());
         if config.cluster.is_some() {
             metrics.register_cluster();
         }

@@ -117,6 +117,14 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     }
     let config = load_config(&args)?;
     match &args.command {
+        Some(Command::Backup { .. } | Command::Restore { .. })
+            if config.store.backend == bedside_server::store::StoreBackend::Postgres =>
+        {
+            bail!(
+                "backup and restore copy the SQLite store; with [store] backend = \"postgres\" \
+                 use the database's own tools (pg_dump, pg_restore)"
+            );
+        }
         Some(Command::Backup { dest }) => {
             bedside_server::store::backup_file(&config.data_dir(), dest)?;
             say!(
@@ -189,7 +197,7 @@ async fn run_only_turn(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let store = bedside_server::store::Store::open(&config.data_dir())?;
+    let store = bedside_server::store::Store::from_config(&config).await?;
     let (relay, _) = bedside_server::start_turn(&config, &store).await?;
     let readiness = std::sync::Arc::new(bedside_server::health::Readiness::new(
         store,

@@ -276,6 +276,27 @@ impl Metrics {
             .register_collector(Box::new(relay));
     }
 
+    /// The store's health: `bedside_store_up`, `bedside_store_buffered_writes`,
+    /// `bedside_store_dropped_writes_total` (see `store/postgres.rs`).
+    pub fn register_store(&mut self, health: &crate::store::StoreHealth) {
+        let store = self.registry.sub_registry_with_prefix("store");
+        store.register(
+            "up",
+            "1 while the store (SQLite file or PostgreSQL database) answers",
+            health.up.clone(),
+        );
+        store.register(
+            "buffered_writes",
+            "Audit events and seat changes waiting in memory for the database",
+            health.buffered.clone(),
+        );
+        store.register(
+            "dropped_writes",
+            "Audit events and seat changes dropped because the outage buffer was full",
+            health.dropped.clone(),
+        );
+    }
+
     pub fn error(&self, code: bedside_protocol::ErrorCode) {
         self.errors
             .get_or_create(&CodeLabel {

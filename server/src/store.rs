@@ -1,9 +1,14 @@
-//! The embedded store: SQLite (bundled) for consultations, invite codes, generated secrets and
+//! The store: consultations, invite codes, seats, generated secrets, doctor credentials and
 //! the audit log. Nothing of the media, the chat, names, addresses or tokens is ever written:
 //! invite codes and doctor credentials are kept as SHA-256 hashes and the audit log holds ids
 //! and roles only.
 //!
-//! One worker thread owns the SQLite connection. [`Store::call`] sends it a closure over a
+//! [`Store`] is one interface over two backends, chosen by `[store] backend`: [`Sqlite`] (the
+//! default, one file in the data directory, for a single clinic) and [`postgres::Postgres`]
+//! (a database shared by a fleet's nodes; its own module doc says how it behaves under
+//! concurrency and through an outage). Both apply versioned migrations at start.
+//!
+//! SQLite: one worker thread owns the connection. [`Sqlite::call`] sends it a closure over a
 //! channel and awaits the answer, so no async task blocks on the disk, no lock is contended and
 //! no thread is created per query. Audit events are queued on the same channel without waiting
 //! and written in batches, one transaction per burst (a storm of joins costs one commit per
@@ -11,14 +16,18 @@
 //! `AUDIT_BATCH_MAX` events, or before any query. Seats (ids, role, admission: never a name) are
 //! persisted the same way, so a consultation survives a server restart.
 
-use std::path::Path;
+pub mod postgres;
+
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bedside_protocol::{ConsultationId, ParticipantId, Role};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +51,14 @@ pub enum StoreError {
     },
     #[error("store: {0} is not a bedside-server store")]
     NotAStore(String),
+    #[error("store (PostgreSQL): {0}")]
+    Postgres(String),
+    #[error("store: the database did not answer in time")]
+    Unavailable,
+    #[error("store: {0}")]
+    Config(String),
+    #[error("store: {0} works on the SQLite store only")]
+    SqliteOnly(&'static str),
 }
 
 /// What happened, for the audit log.
@@ -155,17 +172,303 @@ pub struct SeatRow {
     pub admitted: bool,
 }
 
+/// `[store]`: where the durable data lives (see `config.reference.toml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The PostgreSQL database (a secret: it may hold a password).
+    pub postgres_url: String,
+    pub postgres_url_file: PathBuf,
+    pub postgres_pool_size: usize,
+    /// Audit events and seat changes kept in memory while the database is unreachable.
+    pub outage_buffer: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreBackend {
+    /// One file in the data directory, for a single clinic.
+    #[default]
+    Sqlite,
+    /// A database shared by a fleet's nodes.
+    Postgres,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Sqlite,
+            postgres_url: String::new(),
+            postgres_url_file: PathBuf::new(),
+            postgres_pool_size: 16,
+            outage_buffer: 100_000,
+        }
+    }
+}
+
+/// The store's health for `/metrics` and `/readyz`: prometheus-client handles, whose clones
+/// (in the metrics registry) share the values.
+#[derive(Clone, Debug, Default)]
+pub struct StoreHealth {
+    /// 1 while the database answers.
+    pub up: Gauge,
+    /// Audit events and seat changes waiting in memory.
+    pub buffered: Gauge,
+    /// Writes dropped because the outage buffer was full.
+    pub dropped: Counter,
+}
+
+/// A doctor credential as stored: never the secret (see `credentials.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRow {
+    pub id: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub revoked_at: Option<u64>,
+}
+
+/// The store: SQLite in the data directory (the default, one clinic) or PostgreSQL shared by
+/// a fleet's nodes (`[store] backend = "postgres"`). One interface; the rest of the server
+/// does not know which. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+/// Calls the same method on whichever backend this store has.
+macro_rules! on_backend {
+    ($self:ident, $b:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($b) => $e,
+            Backend::Postgres($b) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (or creates) the SQLite store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Store {
+            backend: Backend::Sqlite(Sqlite::open(dir)?),
+        })
+    }
+
+    /// The store `config` asks for: SQLite in the data directory, or the PostgreSQL database
+    /// of `store.postgres-url` (migrated before this returns).
+    pub async fn from_config(config: &crate::Config) -> Result<Self, StoreError> {
+        match config.store.backend {
+            StoreBackend::Sqlite => Self::open(&config.data_dir()),
+            StoreBackend::Postgres => {
+                let url = &config.store.postgres_url;
+                if url.is_empty() {
+                    return Err(StoreError::Config(
+                        "backend = \"postgres\" needs store.postgres-url (or \
+                         store.postgres-url-file, or BEDSIDE_POSTGRES_URL)"
+                            .into(),
+                    ));
+                }
+                Ok(Store {
+                    backend: Backend::Postgres(
+                        postgres::Postgres::connect(url, &config.store).await?,
+                    ),
+                })
+            }
+        }
+    }
+
+    /// "sqlite" or "postgres".
+    pub fn backend(&self) -> StoreBackend {
+        match self.backend {
+            Backend::Sqlite(_) => StoreBackend::Sqlite,
+            Backend::Postgres(_) => StoreBackend::Postgres,
+        }
+    }
+
+    /// Runs `f` on the SQLite connection, on the store's own thread (tests and tools; the
+    /// server itself only uses the methods below).
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.call(f).await,
+            Backend::Postgres(_) => Err(StoreError::SqliteOnly("Store::call")),
+        }
+    }
+
+    /// Up, buffered and dropped writes, for `/metrics`.
+    pub fn health(&self) -> &StoreHealth {
+        on_backend!(self, b => b.health())
+    }
+
+    /// Records an audit event without waiting for the disk or the database.
+    pub fn audit(&self, event: AuditEvent) {
+        on_backend!(self, b => b.audit(event))
+    }
+
+    /// Persists a new seat, so that it survives a server restart (ids and role only).
+    pub fn seat_taken(
+        &self,
+        cid: &ConsultationId,
+        pid: &ParticipantId,
+        role: Role,
+        admitted: bool,
+    ) {
+        self.seat(SeatWrite::Taken {
+            pid: pid.clone(),
+            cid: cid.clone(),
+            role,
+            admitted,
+        });
+    }
+
+    pub fn seat_admitted(&self, pid: &ParticipantId) {
+        self.seat(SeatWrite::Admitted(pid.clone()));
+    }
+
+    pub fn seat_released(&self, pid: &ParticipantId) {
+        self.seat(SeatWrite::Released(pid.clone()));
+    }
+
+    pub fn seats_released(&self, cid: &ConsultationId) {
+        self.seat(SeatWrite::AllReleased(cid.clone()));
+    }
+
+    fn seat(&self, write: SeatWrite) {
+        on_backend!(self, b => b.seat(write))
+    }
+
+    /// The persisted seats of a consultation (after every pending write).
+    pub async fn seats(&self, cid: ConsultationId) -> Result<Vec<SeatRow>, StoreError> {
+        on_backend!(self, b => b.seats(cid).await)
+    }
+
+    /// Waits until every audit event sent so far is written. On PostgreSQL, for a bounded time
+    /// (see [`postgres::Postgres::flush_audit`]).
+    pub async fn flush_audit(&self) -> Result<(), StoreError> {
+        on_backend!(self, b => b.flush_audit().await)
+    }
+
+    /// A setting, created with `make` the first time it is asked for (by any node).
+    pub async fn setting_or_init(
+        &self,
+        key: &'static str,
+        make: impl FnOnce() -> String + Send + 'static,
+    ) -> Result<String, StoreError> {
+        on_backend!(self, b => b.setting_or_init(key, make).await)
+    }
+
+    pub async fn create_consultation(
+        &self,
+        id: ConsultationId,
+        invite_hash: [u8; 32],
+        invite_expires_at: u64,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.create_consultation(id, invite_hash, invite_expires_at).await)
+    }
+
+    pub async fn add_invite(
+        &self,
+        id: ConsultationId,
+        invite_hash: [u8; 32],
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.add_invite(id, invite_hash, expires_at).await)
+    }
+
+    pub async fn consultation(
+        &self,
+        id: ConsultationId,
+    ) -> Result<Option<ConsultationRow>, StoreError> {
+        on_backend!(self, b => b.consultation(id).await)
+    }
+
+    /// Consultations created since `since_unix`, newest first.
+    pub async fn consultations_since(
+        &self,
+        since_unix: u64,
+    ) -> Result<Vec<ConsultationRow>, StoreError> {
+        on_backend!(self, b => b.consultations_since(since_unix).await)
+    }
+
+    /// The open consultation an unexpired invite code leads to.
+    pub async fn redeem_invite(
+        &self,
+        hash: [u8; 32],
+        now_unix: u64,
+    ) -> Result<Option<ConsultationId>, StoreError> {
+        on_backend!(self, b => b.redeem_invite(hash, now_unix).await)
+    }
+
+    /// Voids every invite code of a consultation; returns how many there were.
+    pub async fn revoke_invites(&self, id: ConsultationId) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.revoke_invites(id).await)
+    }
+
+    /// Marks a consultation ended and voids its invites. False if it was unknown or ended.
+    pub async fn end_consultation(&self, id: ConsultationId) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.end_consultation(id).await)
+    }
+
+    /// Answers when the store can be queried (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_backend!(self, b => b.ping().await)
+    }
+
+    /// The daily prune (see [`Sqlite::prune`]).
+    pub async fn prune(&self, audit_retention_days: u32, now: u64) -> Result<Pruned, StoreError> {
+        on_backend!(self, b => b.prune(audit_retention_days, now).await)
+    }
+
+    /// The audit log of one consultation, oldest first (after writing what is pending).
+    pub async fn audit_log(&self, id: ConsultationId) -> Result<Vec<AuditEvent>, StoreError> {
+        on_backend!(self, b => b.audit_log(id).await)
+    }
+
+    /// Keeps a new doctor credential (its SHA-256 only).
+    pub async fn insert_credential(
+        &self,
+        row: CredentialRow,
+        hash: [u8; 32],
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.insert_credential(row, hash).await)
+    }
+
+    /// Every doctor credential, newest first.
+    pub async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
+        on_backend!(self, b => b.credentials().await)
+    }
+
+    /// Revokes a credential (kept revoked at its first revocation). False if unknown.
+    pub async fn revoke_credential(&self, id: String, now: u64) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.revoke_credential(id, now).await)
+    }
+
+    /// Whether a credential with this hash is known, unexpired and unrevoked.
+    pub async fn credential_valid(&self, hash: [u8; 32], now: u64) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.credential_valid(hash, now).await)
+    }
+}
+
 /// How long an audit event may wait for company before it is written.
 const AUDIT_BATCH_DELAY: Duration = Duration::from_millis(20);
 /// The most audit events written in one transaction.
 const AUDIT_BATCH_MAX: usize = 1024;
 
-/// A handle to the store; cheap to clone.
+/// The SQLite backend (the default): a handle cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct Sqlite {
     tx: mpsc::Sender<Cmd>,
-    /// A second connection for the point reads on the join path (see [`Store::read`]).
+    /// A second connection for the point reads on the join path (see [`Sqlite::read`]).
     reader: std::sync::Arc<std::sync::Mutex<Connection>>,
+    health: StoreHealth,
 }
 
 pub fn now_ms() -> u64 {
@@ -271,7 +574,7 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let dir_err = |source| StoreError::Dir {
@@ -295,9 +598,12 @@ impl Store {
             .name("bedside-store".into())
             .spawn(move || worker(conn, rx))
             .expect("spawn the store worker");
-        Ok(Store {
+        let health = StoreHealth::default();
+        health.up.set(1);
+        Ok(Sqlite {
             tx,
             reader: std::sync::Arc::new(std::sync::Mutex::new(reader)),
+            health,
         })
     }
 
@@ -333,32 +639,9 @@ impl Store {
         let _ = self.tx.send(Cmd::Audit(event));
     }
 
-    /// Persists a new seat, so that it survives a server restart (ids and role only).
-    pub fn seat_taken(
-        &self,
-        cid: &ConsultationId,
-        pid: &ParticipantId,
-        role: Role,
-        admitted: bool,
-    ) {
-        let _ = self.tx.send(Cmd::Seat(SeatWrite::Taken {
-            pid: pid.clone(),
-            cid: cid.clone(),
-            role,
-            admitted,
-        }));
-    }
-
-    pub fn seat_admitted(&self, pid: &ParticipantId) {
-        let _ = self.tx.send(Cmd::Seat(SeatWrite::Admitted(pid.clone())));
-    }
-
-    pub fn seat_released(&self, pid: &ParticipantId) {
-        let _ = self.tx.send(Cmd::Seat(SeatWrite::Released(pid.clone())));
-    }
-
-    pub fn seats_released(&self, cid: &ConsultationId) {
-        let _ = self.tx.send(Cmd::Seat(SeatWrite::AllReleased(cid.clone())));
+    /// Persists a seat change (ids and role only) without waiting for the disk.
+    fn seat(&self, write: SeatWrite) {
+        let _ = self.tx.send(Cmd::Seat(write));
     }
 
     /// The persisted seats of a consultation (after every pending write).
@@ -583,6 +866,70 @@ impl Store {
             .collect()
         })
         .await
+    }
+
+    pub async fn insert_credential(
+        &self,
+        row: CredentialRow,
+        hash: [u8; 32],
+    ) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.prepare_cached(
+                "INSERT INTO doctor_credentials(id, secret_hash, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![row.id, &hash[..], row.created_at, row.expires_at])
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
+        self.call(|c| {
+            let mut q = c.prepare_cached(
+                "SELECT id, created_at, expires_at, revoked_at FROM doctor_credentials \
+                 ORDER BY created_at DESC, id",
+            )?;
+            q.query_map([], |r| {
+                Ok(CredentialRow {
+                    id: r.get(0)?,
+                    created_at: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    revoked_at: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    pub async fn revoke_credential(&self, id: String, now: u64) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            c.prepare_cached(
+                "UPDATE doctor_credentials SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            )?
+            .execute(params![id, now])
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    pub async fn credential_valid(&self, hash: [u8; 32], now: u64) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            c.prepare_cached(
+                "SELECT id FROM doctor_credentials \
+                 WHERE secret_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+            )?
+            .query_row(params![&hash[..], now], |r| r.get::<_, String>(0))
+            .optional()
+            .map(|found| found.is_some())
+        })
+        .await
+    }
+
+    /// Always up: the file is local, and a failed write is logged, not retried.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 pub mod fleet;
 pub mod netns;
 pub mod ops;
+pub mod postgres;
 pub mod scenarios;
 
 /// How long a test waits for any one expected message.

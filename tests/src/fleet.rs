@@ -1,7 +1,8 @@
 //! The fleet lab (`tests/tests/fleet.rs`, `cargo xtask bench-fleet`): a real `redis-server`, a
 //! real `haproxy` and `bedside-server` nodes in processes of their own (so one can be killed
 //! with SIGKILL or stopped with SIGTERM), all on loopback ports in a temporary directory that
-//! the lab made. Nothing here assumes a running service.
+//! the lab made, and the region's durable store on a real PostgreSQL (`crate::postgres`).
+//! Nothing here assumes a running service.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +28,9 @@ pub fn tools() -> std::result::Result<(), String> {
                 "{tool} is not installed (Debian's redis-server and haproxy; `cargo xtask test` installs them)"
             ));
         }
+    }
+    if let Some(reason) = crate::postgres::unavailable() {
+        return Err(reason);
     }
     Ok(())
 }
@@ -118,6 +122,8 @@ pub struct Node {
 pub struct NodeOptions {
     pub rejoin_window_secs: u64,
     pub region: String,
+    /// The region's PostgreSQL store (empty: the node's own SQLite).
+    pub postgres_url: String,
 }
 
 impl Default for NodeOptions {
@@ -125,6 +131,7 @@ impl Default for NodeOptions {
         NodeOptions {
             rejoin_window_secs: 60,
             region: "default".into(),
+            postgres_url: String::new(),
         }
     }
 }
@@ -140,13 +147,21 @@ impl Node {
         let data_dir = dir.join(name);
         std::fs::create_dir_all(&data_dir)?;
         let config = data_dir.join("node.toml");
+        let store = if options.postgres_url.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "[store]\nbackend = \"postgres\"\npostgres-url = \"{}\"\npostgres-pool-size = 4\n",
+                options.postgres_url
+            )
+        };
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
                  token-secret = \"{TOKEN_SECRET}\"\nrejoin-window-secs = {}\n\
                  [turn]\nenabled = false\n[limits]\nmax-connections-per-source = 100000\n\
-                 [cluster]\nredis-url = \"{}\"\nnode-id = \"{name}\"\nregion = \"{}\"\n",
+                 [cluster]\nredis-url = \"{}\"\nnode-id = \"{name}\"\nregion = \"{}\"\n{store}",
                 data_dir.display(),
                 options.rejoin_window_secs,
                 redis.url(),
@@ -221,6 +236,22 @@ impl Node {
             .as_str()
             .map(str::to_owned)
             .context("no token in the answer")
+    }
+
+    /// The event names of a consultation's audit log, in its order.
+    pub async fn audit(&self, id: &str) -> Result<Vec<String>> {
+        let log: Vec<serde_json::Value> = reqwest::Client::new()
+            .get(format!("{}/api/v1/consultations/{id}/audit", self.base_url))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(log
+            .iter()
+            .filter_map(|e| e["event"].as_str().map(str::to_owned))
+            .collect())
     }
 
     pub async fn metrics(&self) -> Result<String> {

@@ -4,9 +4,9 @@
 //! directory (`bedside_tests::fleet`). Without redis-server or haproxy the suite skips, and
 //! fails under `CI=true`.
 //!
-//! Until the region's durable store is shared (PostgreSQL), each node keeps its own SQLite:
-//! consultations are created on the node the doctor uses, and the patient joins with a
-//! patient token, which any node can check (the token secret is the region's).
+//! The nodes share the region's durable store, a real PostgreSQL started by the lab: a
+//! consultation is created on node B, its doctor joins on node A and its patient with the invite
+//! code on node B, and the audit log read on the survivor is the whole consultation's.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use bedside_probe::{ProbeOptions, Report, run};
 use bedside_protocol::{ClientMessage, JoinAuth, ServerMessage};
 use bedside_tests::Client;
 use bedside_tests::fleet::{Haproxy, Node, NodeOptions, Redis, eventually, tools};
+use bedside_tests::postgres::Postgres;
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_server-under-test"))
@@ -31,14 +32,14 @@ fn available() -> bool {
     }
 }
 
-fn probe(url: String, token: String, secs: u64) -> ProbeOptions {
+fn probe(url: String, auth: JoinAuth, secs: u64) -> ProbeOptions {
     ProbeOptions {
         duration: Duration::from_secs(secs),
         udp_addrs: vec!["127.0.0.1:0".into()],
         width: 320,
         height: 180,
         bitrate_kbps: 300,
-        ..ProbeOptions::new(url, JoinAuth::Token { token })
+        ..ProbeOptions::new(url, auth)
     }
 }
 
@@ -62,32 +63,65 @@ fn assert_call(who: &str, r: &Report, max_gap_ms: u64) {
     );
 }
 
+/// The audit log (one, in PostgreSQL) holds the whole consultation in order, read on `node`:
+/// what the first home wrote before it went, then the two resumes and the two leaves the
+/// survivor saw, and no second join or admission.
+async fn audit_complete(node: &Node, cid: &str) -> Result<()> {
+    // The survivor writes in batches (at most 20 ms apart): the last leave may take a moment.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = node.audit(cid).await?;
+        if log.iter().filter(|e| *e == "left").count() >= 2 || std::time::Instant::now() > until {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        log.get(..4),
+        Some(&["created", "joined", "joined", "admitted"].map(String::from)[..]),
+        "{log:?}"
+    );
+    let count = |k: &str| log[4..].iter().filter(|e| *e == k).count();
+    assert_eq!((count("resumed"), count("left")), (2, 2), "{log:?}");
+    assert_eq!(count("joined") + count("admitted"), 0, "{log:?}");
+    Ok(())
+}
+
 /// The patient waited once and was never sent back to the waiting room.
 fn admitted_once(r: &Report) -> bool {
     r.states.iter().filter(|(_, s)| s == "Waiting").count() == 1
 }
 
 struct Lab {
-    dir: tempfile::TempDir,
-    redis: Redis,
+    // Dropped in this order: the nodes stop before their database does.
     a: Node,
     b: Node,
+    redis: Redis,
+    dir: tempfile::TempDir,
+    _postgres: Postgres,
 }
 
 impl Lab {
-    async fn start(options: NodeOptions) -> Result<Self> {
+    async fn start(mut options: NodeOptions) -> Result<Self> {
+        let postgres = Postgres::start()?;
+        options.postgres_url = postgres.create_database("fleet").await?;
         let dir = tempfile::tempdir()?;
         let redis = Redis::start(dir.path()).await?;
         let a = Node::start(binary(), dir.path(), "node-a", &redis, &options).await?;
         let b = Node::start(binary(), dir.path(), "node-b", &redis, &options).await?;
-        Ok(Lab { dir, redis, a, b })
+        Ok(Lab {
+            a,
+            b,
+            redis,
+            dir,
+            _postgres: postgres,
+        })
     }
 
-    /// A consultation created on node A, its doctor's token and a patient token.
+    /// A consultation created on node B: its id, the doctor's token and the invite code.
     async fn consultation(&self) -> Result<(String, String, String)> {
-        let c = self.a.create_consultation().await?;
-        let patient = self.a.token(&c.consultation_id.0, "patient").await?;
-        Ok((c.consultation_id.0, c.doctor_token, patient))
+        let c = self.b.create_consultation().await?;
+        Ok((c.consultation_id.0, c.doctor_token, c.invite_code))
     }
 }
 
@@ -99,25 +133,36 @@ async fn call(
     patient_url: String,
     secs: u64,
 ) -> Result<(
+    String,
     tokio::task::JoinHandle<Result<Report>>,
     tokio::task::JoinHandle<Result<Report>>,
 )> {
-    let (_, doctor_token, patient_token) = lab.consultation().await?;
-    let doctor = tokio::spawn(run(probe(doctor_url, doctor_token, secs)));
+    let (cid, doctor_token, invite_code) = lab.consultation().await?;
+    let doctor = tokio::spawn(run(probe(
+        doctor_url,
+        JoinAuth::Token {
+            token: doctor_token,
+        },
+        secs,
+    )));
     eventually(
         Duration::from_secs(10),
         "the doctor seated on node A",
         || async { Ok(lab.a.metric("bedside_participants_connected").await? >= 1.0) },
     )
     .await?;
-    let patient = tokio::spawn(run(probe(patient_url, patient_token, secs)));
+    let patient = tokio::spawn(run(probe(
+        patient_url,
+        JoinAuth::InviteCode { code: invite_code },
+        secs,
+    )));
     eventually(
         Duration::from_secs(15),
         "the admission on node A",
         || async { Ok(lab.a.metric("bedside_admissions_total").await? >= 1.0) },
     )
     .await?;
-    Ok((doctor, patient))
+    Ok((cid, doctor, patient))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,12 +171,12 @@ async fn a_doctor_on_one_node_admits_a_patient_on_another_and_they_talk() -> Res
         return Ok(());
     }
     let lab = Lab::start(NodeOptions::default()).await?;
-    let (doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 4).await?;
+    let (_, doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 4).await?;
     let (doctor, patient) = (doctor.await??, patient.await??);
     assert_call("doctor", &doctor, 1000);
     assert_call("patient", &patient, 1000);
-    // (A probe with a token plays the doctor's tone whatever its role: `heard` is checked to be
-    // there, not named.)
+    assert_eq!(doctor.heard.as_deref(), Some("patient"));
+    assert_eq!(patient.heard.as_deref(), Some("doctor"));
     assert!(admitted_once(&patient), "{:?}", patient.states);
     // The patient's link was relayed by B to the consultation's home, A.
     assert!(lab.b.metric("bedside_cluster_relayed_links_total").await? >= 1.0);
@@ -160,7 +205,7 @@ async fn a_node_killed_mid_call_loses_no_consultation() -> Result<()> {
     }
     let mut lab = Lab::start(NodeOptions::default()).await?;
     let lb = Haproxy::start(lab.dir.path(), &[&lab.a, &lab.b]).await?;
-    let (doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 14).await?;
+    let (cid, doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 14).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     lab.a.kill().await?;
     eventually(
@@ -191,6 +236,7 @@ async fn a_node_killed_mid_call_loses_no_consultation() -> Result<()> {
             .await?,
         0.0
     );
+    audit_complete(&lab.b, &cid).await?;
     drop(lb);
     Ok(())
 }
@@ -204,7 +250,7 @@ async fn a_node_stopped_with_sigterm_hands_its_consultations_over() -> Result<()
     }
     let mut lab = Lab::start(NodeOptions::default()).await?;
     let lb = Haproxy::start(lab.dir.path(), &[&lab.a, &lab.b]).await?;
-    let (doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 12).await?;
+    let (cid, doctor, patient) = call(&lab, lb.ws_url(0), lb.ws_url(1), 12).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status = lab.a.terminate(Duration::from_secs(15)).await?;
     ensure!(status.success(), "node A exited with {status}");
@@ -219,6 +265,7 @@ async fn a_node_stopped_with_sigterm_hands_its_consultations_over() -> Result<()
     assert_call("patient", &patient, 1000);
     assert!(admitted_once(&patient), "{:?}", patient.states);
     assert_eq!(lab.b.metric("bedside_admissions_total").await?, 0.0);
+    audit_complete(&lab.b, &cid).await?;
     drop(lb);
     Ok(())
 }
@@ -235,12 +282,12 @@ async fn a_seat_whose_node_died_is_released_after_the_window_by_a_survivor() -> 
         ..NodeOptions::default()
     })
     .await?;
-    let (_, doctor_token, patient_token) = lab.consultation().await?;
+    let (_, doctor_token, invite_code) = lab.consultation().await?;
     let mut doctor = Client::connect(&lab.a.ws_url()).await?;
     doctor.join_token(&doctor_token).await?;
     // A waiting patient, relayed by B: the waiting room is lost with no one either.
     let mut patient = Client::connect(&lab.b.ws_url()).await?;
-    patient.join_token(&patient_token).await?;
+    patient.join_invite(&invite_code, None).await?;
     patient.expect_type("waiting").await?;
     lab.a.kill().await?;
     // B's watchdog closes the relayed link (the client would resume); this one does not.
@@ -269,7 +316,7 @@ async fn redis_restarted_mid_call_the_call_goes_on() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::start(NodeOptions::default()).await?;
-    let (doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 10).await?;
+    let (_, doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 10).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     lab.redis.kill().await?;
     eventually(Duration::from_secs(5), "/readyz naming redis", || async {
@@ -291,11 +338,11 @@ async fn redis_restarted_mid_call_the_call_goes_on() -> Result<()> {
     assert_call("patient", &patient, 1000);
 
     // After: a new consultation, doctor on A, patient on B, admitted across the nodes.
-    let (_, doctor_token, patient_token) = lab.consultation().await?;
+    let (_, doctor_token, invite_code) = lab.consultation().await?;
     let mut doctor = Client::connect(&lab.a.ws_url()).await?;
     doctor.join_token(&doctor_token).await?;
     let mut patient = Client::connect(&lab.b.ws_url()).await?;
-    patient.join_token(&patient_token).await?;
+    patient.join_invite(&invite_code, None).await?;
     patient.expect_type("waiting").await?;
     let waiting = loop {
         if let ServerMessage::WaitingRoom { waiting } = doctor.expect_type("waiting_room").await?

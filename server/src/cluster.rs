@@ -194,9 +194,40 @@ enum MirrorOp {
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
+/// What each node publishes about itself (every [`LOAD_EVERY`], kept [`LOAD_TTL_SECS`]), for
+/// `/api/v1/fleet` and an autoscaler.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeLoad {
+    pub node: String,
+    /// Consultations homed on the node.
+    pub consultations: i64,
+    /// Signaling WebSockets open on it.
+    pub connections: i64,
+    /// Its bundled relay's live allocations and bytes relayed since start (0 without one).
+    pub relay_allocations: i64,
+    pub relayed_bytes: u64,
+    /// When it said so (Unix seconds).
+    pub at: u64,
+}
+
+/// The region as `/api/v1/fleet` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Fleet {
+    pub region: String,
+    /// The node that answered.
+    pub node: String,
+    /// Every node that published its load in the last [`LOAD_TTL_SECS`], by name.
+    pub nodes: Vec<NodeLoad>,
+}
+
+/// How often a node publishes its [`NodeLoad`], and how long Redis keeps it.
+pub const LOAD_EVERY: Duration = Duration::from_secs(2);
+pub const LOAD_TTL_SECS: u64 = 6;
+
 /// One node's part in the fleet.
 pub struct Cluster {
     node: String,
+    region: String,
     prefix: String,
     client: redis::Client,
     conn: ConnectionManager,
@@ -245,6 +276,7 @@ impl Cluster {
         let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
             node,
+            region: config.region.clone(),
             prefix: format!("bedside:{}:", config.region),
             client,
             conn,
@@ -288,11 +320,56 @@ impl Cluster {
 
     /// Starts the subscriber, the mirror writer and the watchdog.
     pub fn spawn(self: &Arc<Self>, state: Weak<AppState>) {
-        tokio::spawn(self.clone().subscribe_loop(state));
+        tokio::spawn(self.clone().subscribe_loop(state.clone()));
         if let Some(rx) = lock(&self.mirror_rx).take() {
             tokio::spawn(self.clone().mirror_loop(rx));
         }
         tokio::spawn(self.clone().watchdog());
+        tokio::spawn(self.clone().publish_load(state));
+    }
+
+    /// Publishes this node's load every [`LOAD_EVERY`].
+    async fn publish_load(self: Arc<Self>, state: Weak<AppState>) {
+        let mut tick = tokio::time::interval(LOAD_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let relay = state.relay_metrics.as_ref().map(|m| m.snapshot());
+            let load = NodeLoad {
+                node: self.node.clone(),
+                consultations: state.metrics.consultations_active.get(),
+                connections: state.metrics.connections.get(),
+                relay_allocations: relay.as_ref().map_or(0, |r| r.active_allocations),
+                relayed_bytes: relay.as_ref().map_or(0, |r| r.relayed_bytes),
+                at: crate::auth::unix_now(),
+            };
+            drop(state);
+            let json = serde_json::to_string(&load).expect("loads serialize");
+            let _: Result<(), _> = self
+                .conn
+                .clone()
+                .set_ex(self.key("load", &self.node), json, LOAD_TTL_SECS)
+                .await;
+        }
+    }
+
+    /// The region's nodes and their load, as published.
+    pub async fn fleet(&self) -> Result<Fleet, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn.smembers(format!("{}nodes", self.prefix)).await?;
+        names.sort();
+        let mut nodes = Vec::new();
+        for name in names {
+            let load: Option<String> = conn.get(self.key("load", &name)).await?;
+            if let Some(load) = load.and_then(|l| serde_json::from_str(&l).ok()) {
+                nodes.push(load);
+            }
+        }
+        Ok(Fleet {
+            region: self.region.clone(),
+            node: self.node.clone(),
+            nodes,
+        })
     }
 
     /// Who homes `cid` now (taking it over if its node is gone or nobody has it).
@@ -728,5 +805,53 @@ impl SeatMirror for Cluster {
 
     fn ended(&self, cid: &ConsultationId) {
         let _ = self.mirror_tx.send(MirrorOp::Ended(cid.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_section_needs_redis_and_plain_names() {
+        let config = crate::Config::from_toml(
+            "[cluster]\nredis-url = \"redis://127.0.0.1:6379/\"\nnode-id = \"node-a\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        let cluster = config.cluster.clone().unwrap();
+        assert_eq!(
+            (cluster.node_id.as_str(), cluster.region.as_str()),
+            ("node-a", "eu")
+        );
+        config.validate().unwrap();
+        let bad = |c: ClusterConfig| c.validate().unwrap_err();
+        bad(ClusterConfig::default());
+        bad(ClusterConfig {
+            node_id: "a b".into(),
+            ..cluster.clone()
+        });
+        bad(ClusterConfig {
+            region: String::new(),
+            ..cluster
+        });
+        // Without the section, nothing of the fleet is configured.
+        assert_eq!(crate::Config::default().cluster, None);
+    }
+
+    #[test]
+    fn envelopes_round_trip_as_tagged_json() {
+        let env = Envelope::Close {
+            conn: 7,
+            code: 1001,
+        };
+        let text = serde_json::to_string(&env).unwrap();
+        assert_eq!(text, r#"{"k":"close","conn":7,"code":1001}"#);
+        assert!(matches!(
+            serde_json::from_str::<Envelope>(&text).unwrap(),
+            Envelope::Close {
+                conn: 7,
+                code: 1001
+            }
+        ));
     }
 }

@@ -701,20 +701,6 @@ pub fn clean_display_name(name: &str) -> String {
     out.chars().take(MAX_DISPLAY_NAME).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::clean_display_name;
-
-    #[test]
-    fn display_names_lose_bidi_zero_width_and_control_characters() {
-        assert_eq!(clean_display_name("  Ana \t Souza "), "Ana Souza");
-        assert_eq!(clean_display_name("Dr\u{202E}gnuoY"), "DrgnuoY");
-        assert_eq!(clean_display_name("A\u{200B}n\u{FEFF}a\u{0007}"), "Ana");
-        assert_eq!(clean_display_name("\u{2066}\u{2069}"), "");
-        assert_eq!(clean_display_name(&"x".repeat(200)).chars().count(), 80);
-    }
-}
-
 /// A fleet node: the home's side of a link that another node (`edge`) relays (see `cluster`).
 /// Frames arrive on `frames`; whatever the hub queues for the link is published back to the
 /// edge, which keeps the transport (budget, keepalive, frame size). The sender being dropped
@@ -818,5 +804,19 @@ pub async fn serve_remote(
             .is_err()
     {
         publisher.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_display_name;
+
+    #[test]
+    fn display_names_lose_bidi_zero_width_and_control_characters() {
+        assert_eq!(clean_display_name("  Ana \t Souza "), "Ana Souza");
+        assert_eq!(clean_display_name("Dr\u{202E}gnuoY"), "DrgnuoY");
+        assert_eq!(clean_display_name("A\u{200B}n\u{FEFF}a\u{0007}"), "Ana");
+        assert_eq!(clean_display_name("\u{2066}\u{2069}"), "");
+        assert_eq!(clean_display_name(&"x".repeat(200)).chars().count(), 80);
     }
 }

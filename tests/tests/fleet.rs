@@ -172,6 +172,27 @@ async fn a_doctor_on_one_node_admits_a_patient_on_another_and_they_talk() -> Res
     }
     let lab = Lab::start(NodeOptions::default()).await?;
     let (_, doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 4).await?;
+    // Mid-call, either node lists the region: A homes the consultation, B holds the patient's
+    // link (and A the doctor's and the relayed one).
+    eventually(Duration::from_secs(8), "/api/v1/fleet", || async {
+        let fleet: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/fleet", lab.b.base_url))
+            .bearer_auth(bedside_tests::fleet::ADMIN_KEY)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let nodes = fleet["nodes"].as_array().cloned().unwrap_or_default();
+        let field = |i: usize, f: &str| nodes.get(i).and_then(|n| n[f].as_i64());
+        Ok(fleet["node"] == "node-b"
+            && nodes.len() == 2
+            && nodes[0]["node"] == "node-a"
+            && field(0, "consultations") == Some(1)
+            && field(1, "consultations") == Some(0)
+            && field(1, "connections") == Some(1))
+    })
+    .await?;
     let (doctor, patient) = (doctor.await??, patient.await??);
     assert_call("doctor", &doctor, 1000);
     assert_call("patient", &patient, 1000);

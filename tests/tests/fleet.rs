@@ -171,7 +171,7 @@ async fn a_doctor_on_one_node_admits_a_patient_on_another_and_they_talk() -> Res
         return Ok(());
     }
     let lab = Lab::start(NodeOptions::default()).await?;
-    let (_, doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 4).await?;
+    let (_, doctor, patient) = call(&lab, lab.a.ws_url(), lab.b.ws_url(), 6).await?;
     // Mid-call, either node lists the region: A homes the consultation, B holds the patient's
     // link (and A the doctor's and the relayed one).
     eventually(Duration::from_secs(8), "/api/v1/fleet", || async {

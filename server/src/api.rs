@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(issue_invite).delete(revoke_invites),
         )
         .route("/api/v1/consultations/{id}/audit", get(audit_log))
+        .route("/api/v1/fleet", get(fleet))
         .route("/readyz", get(crate::health::readyz))
         .merge(crate::dashboard::routes())
         .merge(crate::web::router())
@@ -97,6 +98,29 @@ impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
     }
+}
+
+/// A fleet node: the region's nodes with their consultations, connections and relay load.
+async fn fleet(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<crate::cluster::Fleet>, ApiError> {
+    require_admin(&state, &headers)?;
+    let Some(cluster) = &state.cluster else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_a_fleet",
+            "this server runs alone (no [cluster] section)".into(),
+        ));
+    };
+    cluster.fleet().await.map(Json).map_err(|e| {
+        tracing::warn!(error = %e, "redis: the fleet could not be read");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis_unavailable",
+            "the region's Redis does not answer; try again".into(),
+        )
+    })
 }
 
 fn not_found() -> ApiError {
@@ -345,6 +369,10 @@ pub(crate) async fn end_consultation(
         return Err(not_found());
     }
     state.hub.end(&cid);
+    if let Some(cluster) = &state.cluster {
+        // Its home may be another node of the fleet.
+        cluster.end_everywhere(&cid).await;
+    }
     state.store.audit(AuditEvent::new(&cid, AuditKind::Ended));
     Ok(StatusCode::NO_CONTENT)
 }

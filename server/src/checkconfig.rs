@@ -103,6 +103,12 @@ impl Config {
                 *secret = REDACTED.to_owned();
             }
         }
+        // A Redis URL may carry a password.
+        if let Some(cluster) = c.cluster.as_mut()
+            && !cluster.redis_url.is_empty()
+        {
+            cluster.redis_url = REDACTED.to_owned();
+        }
         c
     }
 

@@ -50,6 +50,10 @@ pub struct Config {
     pub admin_api_key_file: PathBuf,
     pub token_secret_file: PathBuf,
     pub turn_secret_file: PathBuf,
+    /// A fleet node (`[cluster]`): live state in Redis, any node serves any participant. Absent
+    /// (the default), the server is one process with nothing else to run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// How log lines are written.
@@ -140,6 +144,7 @@ impl Default for Config {
             admin_api_key_file: PathBuf::new(),
             token_secret_file: PathBuf::new(),
             turn_secret_file: PathBuf::new(),
+            cluster: None,
         }
     }
 }
@@ -244,6 +249,9 @@ impl Config {
         self.alerts.validate().map_err(ConfigError::Invalid)?;
         if self.telemetry.window_secs == 0 {
             return bad("telemetry.window-secs must be at least 1");
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(ConfigError::Invalid)?;
         }
         if !self.admin_api_key.is_empty() && self.admin_api_key.len() < 16 {
             return bad("admin-api-key must be at least 16 characters");

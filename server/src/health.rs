@@ -27,6 +27,8 @@ pub struct Readiness {
     pub relay_udp: Option<SocketAddr>,
     /// Set when shutdown begins: a load balancer stops sending new clients.
     pub draining: AtomicBool,
+    /// A fleet node: whether its subscription to the region's Redis is live.
+    pub redis_up: Option<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -35,6 +37,7 @@ impl Readiness {
             store,
             relay_udp,
             draining: AtomicBool::new(false),
+            redis_up: None,
         }
     }
 
@@ -43,6 +46,13 @@ impl Readiness {
         let mut failing = Vec::new();
         if self.draining.load(Ordering::Relaxed) {
             failing.push("draining");
+        }
+        if self
+            .redis_up
+            .as_ref()
+            .is_some_and(|up| !up.load(Ordering::Relaxed))
+        {
+            failing.push("redis");
         }
         if !matches!(
             tokio::time::timeout(PROBE_TIMEOUT, self.store.ping()).await,

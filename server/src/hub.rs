@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bedside_protocol::{
@@ -29,6 +29,24 @@ use crate::metrics::{
     Metrics, OUTCOME_ADMITTED, OUTCOME_DENIED, OUTCOME_LEFT, ResultLabel, RoleLabel,
 };
 use crate::store::{AuditEvent, AuditKind, JoinTokenId, SeatRow, Store};
+
+/// Where a fleet node keeps a copy of its seats, so another node can take its consultations
+/// over (`cluster::Cluster`, in Redis). Calls must not block: they queue.
+pub trait SeatMirror: Send + Sync {
+    fn put(&self, cid: &ConsultationId, pid: &ParticipantId, seat: MirroredSeat);
+    fn remove(&self, cid: &ConsultationId, pid: &ParticipantId);
+    /// The room left this hub (its last seat was released).
+    fn room_gone(&self, cid: &ConsultationId);
+    /// The consultation ended: its seats are gone with it.
+    fn ended(&self, cid: &ConsultationId);
+}
+
+/// A seat as mirrored: what a restore needs, nothing about the person.
+pub struct MirroredSeat {
+    pub role: Role,
+    pub admitted: bool,
+    pub resume_hash: Option<[u8; 32]>,
+}
 
 /// What the hub asks a connection task to do.
 #[derive(Debug)]
@@ -98,7 +116,7 @@ impl ConnHandle {
         true
     }
 
-    fn close(&self, code: u16, reason: &'static str) {
+    pub fn close(&self, code: u16, reason: &'static str) {
         // A full queue means the task is about to find the overflow flag and close anyway.
         if self.tx.try_send(Outbound::Close(code, reason)).is_err() {
             self.overflowed.store(true, Ordering::Relaxed);
@@ -182,6 +200,8 @@ pub struct Hub {
     /// Join tokens whose holder left (id to expiry, Unix seconds). The store keeps them too, for
     /// after a restart; this map closes the moment before the store's batch is written.
     spent: Mutex<HashMap<String, u64>>,
+    /// A fleet node's seat mirror (set once at start; absent for a single server).
+    mirror: OnceLock<Arc<dyn SeatMirror>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,7 +230,48 @@ impl Hub {
             rejoin_window,
             max_participants,
             spent: Mutex::new(HashMap::new()),
+            mirror: OnceLock::new(),
         })
+    }
+
+    /// Mirrors every seat change from now on (a fleet node).
+    pub fn set_mirror(&self, mirror: Arc<dyn SeatMirror>) {
+        let _ = self.mirror.set(mirror);
+    }
+
+    fn mirror_put(&self, r: &Room, pid: &ParticipantId) {
+        if let (Some(m), Some(seat)) = (self.mirror.get(), r.seats.get(pid)) {
+            m.put(
+                &r.id,
+                pid,
+                MirroredSeat {
+                    role: seat.role,
+                    admitted: seat.admitted,
+                    resume_hash: seat.resume_hash,
+                },
+            );
+        }
+    }
+
+    fn mirror_remove(&self, cid: &ConsultationId, pid: &ParticipantId) {
+        if let Some(m) = self.mirror.get() {
+            m.remove(cid, pid);
+        }
+    }
+
+    /// Writes every seat of a live room to the mirror again (after Redis came back).
+    pub fn mirror_room(&self, cid: &ConsultationId) {
+        if let Some(room) = self.room(cid) {
+            let r = lock(&room);
+            for pid in r.seats.keys() {
+                self.mirror_put(&r, pid);
+            }
+        }
+    }
+
+    /// Whether this hub holds a live room for `cid`.
+    pub fn has_room(&self, cid: &ConsultationId) -> bool {
+        self.room(cid).is_some()
     }
 
     pub fn new_conn(&self) -> (ConnHandle, mpsc::Receiver<Outbound>, Arc<AtomicBool>) {
@@ -248,6 +309,9 @@ impl Hub {
                 r.closed = true;
                 drop(r);
                 rooms.remove(cid);
+                if let Some(m) = self.mirror.get() {
+                    m.room_gone(cid);
+                }
             }
         }
         self.metrics.consultations_active.set(rooms.len() as i64);
@@ -425,6 +489,7 @@ impl Hub {
         // Persisted with the seat, so that after a restart only this token resumes it; the
         // connection's writer makes it durable before `joined` goes out (ws.rs).
         self.store.seat_resume_token(pid, hash);
+        self.mirror_put(r, pid);
         let seat = &r.seats[pid];
         let Some(conn) = &seat.conn else { return };
         conn.send(
@@ -562,6 +627,7 @@ impl Hub {
             for pid in &gone {
                 let seat = r.seats.remove(pid).expect("listed");
                 self.store.seat_released(pid);
+                self.mirror_remove(cid, pid);
                 self.store
                     .audit(AuditEvent::new(cid, AuditKind::TimedOut).participant(pid, seat.role));
                 self.metrics.seats_timed_out.inc();
@@ -639,6 +705,8 @@ impl Hub {
         if admit {
             let seat = r.seats.get_mut(target).expect("checked above");
             seat.admitted = true;
+            self.mirror_put(&r, target);
+            let seat = r.seats.get_mut(target).expect("checked above");
             self.metrics.admissions.inc();
             // The store already has the admission: the caller wrote it first (see
             // `ws::Conn::admit`), so what follows is only telling people.
@@ -661,6 +729,7 @@ impl Hub {
         } else {
             let seat = r.seats.remove(target).expect("checked above");
             self.metrics.denials.inc();
+            self.mirror_remove(&cid, target);
             self.metrics
                 .waited(OUTCOME_DENIED, seat.joined_at.elapsed().as_secs_f64());
             self.store.seat_released(target);
@@ -736,6 +805,7 @@ impl Hub {
             if let (LeaveReason::Left, Some(token)) = (reason, &seat.token) {
                 self.spend(token);
             }
+            self.mirror_remove(&seated.consultation_id, &seated.participant_id);
             if !seat.admitted {
                 self.metrics
                     .waited(OUTCOME_LEFT, seat.joined_at.elapsed().as_secs_f64());
@@ -814,12 +884,22 @@ impl Hub {
     /// down, with a fresh rejoin window, so each participant can resume it. Seats already live
     /// are left alone.
     pub fn restore(self: &Arc<Self>, cid: &ConsultationId, seats: Vec<SeatRow>) {
+        self.restore_seats(cid, seats.into_iter().map(|row| (row, None)).collect());
+    }
+
+    /// [`Hub::restore`] with each seat's latest resume token hash, when it is known (a fleet
+    /// node taking over another's consultation): then only that token resumes the seat.
+    pub fn restore_seats(
+        self: &Arc<Self>,
+        cid: &ConsultationId,
+        seats: Vec<(SeatRow, Option<[u8; 32]>)>,
+    ) {
         let room = self.room_or_create(cid);
         let mut r = lock(&room);
         if r.closed {
             return;
         }
-        for row in seats {
+        for (row, resume_hash) in seats {
             if r.seats.contains_key(&row.participant_id) {
                 continue;
             }
@@ -837,7 +917,7 @@ impl Hub {
                     generation: 1,
                     invite: None,
                     token: row.token.clone(),
-                    resume_hash: row.resume_hash,
+                    resume_hash: resume_hash.or(row.resume_hash),
                     down_since: Some(Instant::now()),
                 },
             );
@@ -936,6 +1016,9 @@ impl Hub {
         };
         let mut r = lock(&room);
         r.closed = true;
+        if let Some(m) = self.mirror.get() {
+            m.ended(cid);
+        }
         for (_, seat) in r.seats.drain() {
             if let Some(conn) = seat.conn {
                 self.metrics.participants_connected.dec();

@@ -12,12 +12,14 @@
 //! [`net`] (the accept path: connection caps, idle timeout, backlog), [`telemetry`] (the calls'
 //! stats window), [`alerts`] (rules and webhook), [`dashboard`] (`/dashboard` and its live
 //! feed), [`web`] (the patient join page and app links) and [`credentials`] (doctor
-//! credentials for a remote clinic).
+//! credentials for a remote clinic), [`cluster`] (a fleet node: live state in Redis, links
+//! relayed to each consultation's home node).
 
 pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod checkconfig;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod dashboard;
@@ -70,6 +72,8 @@ pub enum ServerError {
     Turn(#[from] bedside_turn::TurnError),
     #[error("data directory: {0}")]
     DataDir(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Extra Prometheus text appended to `/metrics` (the in-process relay's families are registered
@@ -101,6 +105,8 @@ pub struct AppState {
     pub relay_metrics: Option<Arc<bedside_turn::Metrics>>,
     /// What `/readyz` checks.
     pub readiness: Arc<health::Readiness>,
+    /// This node's part in a fleet (`[cluster]`); `None` for a single server.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A server bound to its port and ready to serve.
@@ -238,6 +244,9 @@ impl Server {
             metrics.register_relay(relay.clone());
         }
         metrics.register_store(store.health());
+        if config.cluster.is_some() {
+            metrics.register_cluster();
+        }
         let metrics = Arc::new(metrics);
         let tokens = Arc::new(Tokens::new(token_secret.as_bytes()));
         let hub = Hub::new(
@@ -257,10 +266,23 @@ impl Server {
         )
         .allow_burst(NonZeroU32::new(config.limits.resume_burst.saturating_mul(4)).expect("> 0"));
         let telemetry = Arc::new(telemetry::MemoryTelemetry::new(config.telemetry.clone()));
-        let readiness = Arc::new(health::Readiness::new(
-            store.clone(),
-            turn.as_ref().and_then(|t| t.udp_addrs().first().copied()),
-        ));
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let cluster = cluster::Cluster::connect(c, metrics.clone())
+                    .await
+                    .map_err(ServerError::Cluster)?;
+                cluster.attach(&hub);
+                Some(cluster)
+            }
+            None => None,
+        };
+        let readiness = Arc::new(health::Readiness {
+            redis_up: cluster.as_ref().map(|c| c.redis_up()),
+            ..health::Readiness::new(
+                store.clone(),
+                turn.as_ref().and_then(|t| t.udp_addrs().first().copied()),
+            )
+        });
         let state = Arc::new(AppState {
             resume_limiter: RateLimiter::keyed(resume_quota),
             resume_source_limiter: RateLimiter::keyed(source_quota),
@@ -278,6 +300,7 @@ impl Server {
             ws_url,
             extra_metrics,
             readiness,
+            cluster,
         });
         Ok(Server {
             listener,
@@ -342,6 +365,9 @@ impl Server {
                 .readiness
                 .draining
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(cluster) = &state.cluster {
+                cluster.hand_over().await;
+            }
             state.hub.shutdown();
             h.graceful_shutdown(Some(Duration::from_secs(5)));
         });
@@ -364,6 +390,9 @@ impl Server {
             }
         });
         let feed = dashboard::spawn(self.state.clone());
+        if let Some(cluster) = &self.state.cluster {
+            cluster.spawn(Arc::downgrade(&self.state));
+        }
         let app =
             api::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let local = self.local_addr();

@@ -120,6 +120,12 @@ pub struct Metrics {
     pub relay_allocation_quota: Gauge,
     /// The longest a held seat's link has been down now, seconds.
     pub seat_held_longest_seconds: Gauge,
+    /// A fleet node: 1 while its subscription to the region's Redis is live.
+    pub cluster_redis_up: Gauge,
+    /// A fleet node: links relayed to another node's consultation, and messages published to
+    /// other nodes.
+    pub cluster_relayed_links: Counter,
+    pub cluster_published: Counter,
 }
 
 impl Default for Metrics {
@@ -144,6 +150,9 @@ impl Default for Metrics {
             calls: Family::default(),
             relay_allocation_quota: Gauge::default(),
             seat_held_longest_seconds: Gauge::default(),
+            cluster_redis_up: Gauge::default(),
+            cluster_relayed_links: Counter::default(),
+            cluster_published: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -233,6 +242,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The fleet's families, registered only on a fleet node.
+    pub fn register_cluster(&mut self) {
+        self.registry.register(
+            "cluster_redis_up",
+            "1 while this fleet node's subscription to the region's Redis is live",
+            self.cluster_redis_up.clone(),
+        );
+        self.registry.register(
+            "cluster_relayed_links",
+            "Signaling links this node relayed to the consultation's home node",
+            self.cluster_relayed_links.clone(),
+        );
+        self.registry.register(
+            "cluster_published",
+            "Messages this node published to other fleet nodes",
+            self.cluster_published.clone(),
+        );
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();

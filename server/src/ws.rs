@@ -34,7 +34,7 @@ use crate::hub::{ConnHandle, Outbound, Seated};
 use crate::limits::Budget;
 use crate::metrics::ResultLabel;
 use crate::store::{AuditEvent, AuditKind, JoinTokenId, Store};
-use bedside_protocol::ParticipantId;
+use bedside_protocol::{ConsultationId, ParticipantId};
 
 /// Why the read loop ended.
 enum End {
@@ -57,6 +57,11 @@ struct Conn {
     handle: ConnHandle,
     peer_ip: IpAddr,
     seated: Option<Seated>,
+    /// A fleet node: the home node this link's frames are relayed to (see `cluster`).
+    relay: Option<String>,
+    /// A fleet node: this is the home's side of a link another node relays, so it never
+    /// relays again.
+    remote: bool,
 }
 
 /// Why a join token whose holder left is refused.
@@ -74,6 +79,8 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
         handle,
         peer_ip,
         seated: None,
+        relay: None,
+        remote: false,
     };
     let keepalive = Duration::from_secs(state.config.keepalive_interval_secs);
     let dead_after = Duration::from_secs(state.config.keepalive_timeout_secs);
@@ -170,7 +177,7 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
                 }
                 continue;
             }
-            _ = &mut join_deadline, if conn.seated.is_none() => {
+            _ = &mut join_deadline, if conn.seated.is_none() && conn.relay.is_none() => {
                 let _ = ctl.try_send((close_code::JOIN_TIMEOUT, "no join in time"));
                 break End::Done;
             }
@@ -183,6 +190,11 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, peer_ip: IpAddr) {
     if let (End::Dropped, Some(seated)) = (&end, &conn.seated) {
         state.hub.disconnected(seated, conn.handle.id);
         note(&state, seated, crate::telemetry::Change::LinkDropped);
+    }
+    if let (Some(home), Some(cluster)) = (&conn.relay, &state.cluster) {
+        cluster
+            .relay_end(conn.handle.id, home, matches!(end, End::Dropped))
+            .await;
     }
     if !writer_done {
         // Let the writer send what it was asked to (a close frame), within its deadline.
@@ -303,6 +315,13 @@ impl Conn {
 
     /// Handles one text frame; `Some` ends the connection.
     async fn on_text(&mut self, text: &str) -> Option<End> {
+        if let (Some(home), Some(cluster)) = (&self.relay, &self.state.cluster) {
+            if !cluster.relay_frame(self.handle.id, home, text).await {
+                self.handle
+                    .close(close_code::GOING_AWAY, "the consultation's node is gone");
+            }
+            return None;
+        }
         let msg = match ClientMessage::decode(text) {
             Ok(msg) => msg,
             Err(err) => {
@@ -320,6 +339,16 @@ impl Conn {
         };
         let ty = msg.type_name();
         self.state.metrics.message("in", ty);
+        if self.seated.is_none()
+            && self.state.cluster.is_some()
+            && matches!(
+                msg,
+                ClientMessage::Join { .. } | ClientMessage::Resume { .. }
+            )
+            && self.routed_elsewhere(&msg, text).await
+        {
+            return None;
+        }
         let result = match (&self.seated, msg) {
             (_, ClientMessage::Ping { nonce }) => {
                 self.reply(ServerMessage::Pong { nonce }).await;
@@ -431,6 +460,12 @@ impl Conn {
     async fn admit(&self, by: &Seated, target: &ParticipantId) -> Result<(), ErrorCode> {
         let state = &self.state;
         let role = state.hub.admission_check(by, target)?;
+        if let Some(cluster) = &state.cluster
+            && let Err(e) = cluster.persist_admission(&by.consultation_id, target).await
+        {
+            tracing::error!(error = %e, "redis write failed");
+            return Err(ErrorCode::Internal);
+        }
         state.store.seat_admitted(target);
         state.store.audit(
             AuditEvent::new(&by.consultation_id, AuditKind::Admitted)
@@ -442,6 +477,73 @@ impl Conn {
             return Err(ErrorCode::Internal);
         }
         state.hub.admit_or_deny(by, target, true)
+    }
+
+    /// A fleet node, before a join or resume: the consultation's id, from the token's claims
+    /// or the invite code's record (`None` when neither says: the normal path then answers).
+    async fn consultation_of(&self, msg: &ClientMessage) -> Option<ConsultationId> {
+        let tokens = &self.state.tokens;
+        match msg {
+            ClientMessage::Resume { resume_token, .. } => tokens
+                .verify(resume_token, TokenKind::Resume)
+                .ok()
+                .map(|c| c.cid),
+            ClientMessage::Join {
+                auth: JoinAuth::Token { token },
+                ..
+            } => tokens.verify(token, TokenKind::Join).ok().map(|c| c.cid),
+            ClientMessage::Join {
+                auth: JoinAuth::InviteCode { code },
+                ..
+            } => {
+                let hash = invite::hash(&invite::normalize(code)?);
+                self.state
+                    .store
+                    .redeem_invite(hash, auth::unix_now())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        }
+    }
+
+    /// A fleet node, before a join or resume: true if another node homes the consultation and
+    /// this link now relays there (or was closed so its client tries again: a home's own
+    /// relayed link is never relayed on, and a home that is gone is not waited for).
+    async fn routed_elsewhere(&mut self, msg: &ClientMessage, text: &str) -> bool {
+        let Some(cluster) = self.state.cluster.clone() else {
+            return false;
+        };
+        let Some(cid) = self.consultation_of(msg).await else {
+            return false;
+        };
+        let home = match cluster.home_of(&cid).await {
+            Ok(crate::cluster::Home::Here) => return false,
+            Ok(crate::cluster::Home::There(node)) => node,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: cannot tell the consultation's node");
+                self.reply_error(
+                    ErrorCode::Internal,
+                    "the fleet cannot reach its shared state; try again",
+                    Some(msg.type_name()),
+                )
+                .await;
+                return true;
+            }
+        };
+        if self.remote
+            || !cluster
+                .open_relay(&self.handle, &home, self.peer_ip, text)
+                .await
+        {
+            self.handle
+                .close(close_code::GOING_AWAY, "the consultation moved; try again");
+        } else {
+            self.state.metrics.cluster_relayed_links.inc();
+            self.relay = Some(home);
+        }
+        true
     }
 
     async fn join(
@@ -572,7 +674,18 @@ impl Conn {
             ));
         }
         let pid = bedside_protocol::ParticipantId(claims.sub);
-        if !state.hub.has_seat(&claims.cid, &pid) {
+        if !state.hub.has_seat(&claims.cid, &pid)
+            && let Some(cluster) = &state.cluster
+        {
+            // A fleet node taking over a consultation (its home is gone): the mirror has it.
+            match cluster.seats(&claims.cid).await {
+                Ok(seats) if seats.iter().any(|(s, _)| s.participant_id == pid) => {
+                    state.hub.restore_seats(&claims.cid, seats);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "redis lookup failed"),
+            }
+        } else if !state.hub.has_seat(&claims.cid, &pid) {
             // Not live here: after a restart, the seat may be in the store.
             match state.store.seats(claims.cid.clone()).await {
                 Ok(seats) if seats.iter().any(|s| s.participant_id == pid) => {
@@ -631,6 +744,112 @@ pub fn clean_display_name(name: &str) -> String {
         out.push(c);
     }
     out.chars().take(MAX_DISPLAY_NAME).collect()
+}
+
+/// A fleet node: the home's side of a link that another node (`edge`) relays (see `cluster`).
+/// Frames arrive on `frames`; whatever the hub queues for the link is published back to the
+/// edge, which keeps the transport (budget, keepalive, frame size). The sender being dropped
+/// (the edge said the link ended, or the edge node is gone) is a dropped link: the seat is held.
+pub async fn serve_remote(
+    state: Arc<AppState>,
+    cluster: Arc<crate::cluster::Cluster>,
+    edge: String,
+    edge_conn: u64,
+    peer_ip: IpAddr,
+    mut frames: mpsc::Receiver<crate::cluster::Inbound>,
+) {
+    use crate::cluster::{Envelope, Inbound};
+    let (handle, mut outbound, overflowed) = state.hub.new_conn();
+    let mut conn = Conn {
+        state: state.clone(),
+        handle,
+        peer_ip,
+        seated: None,
+        relay: None,
+        remote: true,
+    };
+    let publisher = {
+        let (cluster, edge) = (cluster.clone(), edge.clone());
+        tokio::spawn(async move {
+            while let Some(out) = outbound.recv().await {
+                let (env, code) = match out {
+                    Outbound::Message(msg) => (
+                        Envelope::Out {
+                            conn: edge_conn,
+                            text: msg.encode(),
+                        },
+                        None,
+                    ),
+                    Outbound::Close(code, _) => (
+                        Envelope::Close {
+                            conn: edge_conn,
+                            code,
+                        },
+                        Some(code),
+                    ),
+                };
+                cluster.to_edge(&edge, env).await;
+                let code = code.or_else(|| {
+                    overflowed
+                        .load(Ordering::Relaxed)
+                        .then_some(close_code::SLOW_CONSUMER)
+                });
+                if let Some(code) = code {
+                    if code == close_code::SLOW_CONSUMER {
+                        let env = Envelope::Close {
+                            conn: edge_conn,
+                            code,
+                        };
+                        cluster.to_edge(&edge, env).await;
+                    }
+                    return code;
+                }
+            }
+            close_code::GOING_AWAY
+        })
+    };
+    tokio::pin!(publisher);
+    let join_deadline = sleep(Duration::from_secs(state.config.join_timeout_secs));
+    tokio::pin!(join_deadline);
+    let mut published_all = false;
+    let end = loop {
+        tokio::select! {
+            code = &mut publisher, if !published_all => {
+                published_all = true;
+                break match code {
+                    Ok(code) if code != close_code::GOING_AWAY && code != close_code::SLOW_CONSUMER => End::Done,
+                    _ => End::Dropped,
+                };
+            }
+            frame = frames.recv() => match frame {
+                Some(Inbound::Frame(text)) => {
+                    if let Some(end) = conn.on_text(&text).await {
+                        conn.handle.close(close_code::NORMAL, "left");
+                        break end;
+                    }
+                }
+                None => break End::Dropped,
+            },
+            _ = &mut join_deadline, if conn.seated.is_none() => {
+                conn.handle.close(close_code::JOIN_TIMEOUT, "no join in time");
+                break End::Done;
+            }
+        }
+    };
+    if let (End::Dropped, Some(seated)) = (&end, &conn.seated) {
+        state.hub.disconnected(seated, conn.handle.id);
+        note(&state, seated, crate::telemetry::Change::LinkDropped);
+    }
+    cluster.remote_done(&edge, edge_conn);
+    drop(conn);
+    // Let the publisher deliver what it was given (a close), then stop it.
+    if !published_all
+        && timeout(Duration::from_secs(2), &mut publisher)
+            .await
+            .is_err()
+    {
+        publisher.abort();
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,10 @@ const TEST_PACKAGES: &[&str] = &[
     // package's postinst creates its user with adduser.
     "systemd",
     "adduser",
+    // The fleet suite (tests/tests/fleet.rs): Redis for the live state and HAProxy as the load
+    // balancer, each started by the suite.
+    "redis-server",
+    "haproxy",
     // The store's PostgreSQL backend suite (tests/tests/postgres.rs): initdb and postgres 15,
     // started by the test on a loopback port as the postgres user.
     "postgresql",

@@ -1,7 +1,8 @@
 //! The real server library in a process of its own, for suites that must kill it (SIGKILL)
 //! mid-consultation: `server-under-test --config <config.toml>` (the arguments
 //! `bedside_tests::spawn_server_process` passes). It prints `listening on <base URL>`
-//! once bound, as `bedside-server` does, then serves until killed.
+//! once bound, as `bedside-server` does, then serves until killed (SIGTERM stops it gracefully,
+//! as it does `bedside-server`).
 
 use anyhow::{Context, Result};
 
@@ -13,6 +14,6 @@ async fn main() -> Result<()> {
     let config = bedside_server::Config::from_file(std::path::Path::new(&path))?;
     let server = bedside_server::Server::bind(config).await?;
     println!("listening on {}", server.base_url());
-    server.serve(std::future::pending()).await?;
+    server.serve(bedside_server::shutdown_signal()).await?;
     Ok(())
 }

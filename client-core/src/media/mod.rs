@@ -44,7 +44,7 @@ pub mod devices;
 pub use assembler::{AccessUnit, FrameAssembler};
 pub use error::{MediaError, Result};
 pub use frame::{AudioFrame, FRAME_MS, FRAME_SAMPLES, FRAME_US, Rotation, SAMPLE_RATE, VideoFrame};
-pub use h264::{EncodedVideo, H264Config, H264Decoder, H264Encoder, contains_idr};
+pub use h264::{EncodedVideo, EncoderEffort, H264Config, H264Decoder, H264Encoder, contains_idr};
 pub use opus_codec::{AudioDecoder, OpusConfig, OpusDecoder, OpusEncoder, is_dtx_packet};
 pub use pattern::{
     FrameMarker, PatternConfig, TestPatternSource, read_marker, render_pattern, write_marker,

@@ -96,6 +96,7 @@ async fn main() -> Result<()> {
     for (i, pid) in pids.iter().enumerate() {
         cpu[i] = bedside_tests::process_cpu_time(*pid).map_or(0.0, |d| d.as_secs_f64());
     }
+    let wall = started.elapsed().as_secs_f64();
     let steady = steady_from.map(|(at, before)| {
         let after = threads_at(pids);
         let secs = at.elapsed().as_secs_f64();

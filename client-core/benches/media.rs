@@ -1,13 +1,32 @@
 //! Media layer figures (run in release): `cargo bench -p bedside-client-core --bench media`.
 //!
-//! Prints 720p H.264 encode and decode frame rates and Opus encode/decode time per 20 ms frame.
+//! Prints the pattern's render time, 720p H.264 encode and decode frame rates, bitrate and luma
+//! PSNR for each encoder effort (the real-time setting beside openh264's defaults, in one run),
+//! and Opus encode/decode time per 20 ms frame.
 
 use std::time::Instant;
 
 use bedside_client_core::media::{
-    AudioFrame, FRAME_US, H264Config, H264Decoder, H264Encoder, OpusConfig, OpusDecoder,
-    OpusEncoder, PatternConfig, TestPatternSource, ToneConfig, ToneSource, read_marker,
+    AudioFrame, EncoderEffort, FRAME_US, H264Config, H264Decoder, H264Encoder, OpusConfig,
+    OpusDecoder, OpusEncoder, PatternConfig, TestPatternSource, ToneConfig, ToneSource, VideoFrame,
+    read_marker,
 };
+
+/// Luma PSNR of `decoded` against `source`, dB.
+fn psnr_y(source: &VideoFrame, decoded: &VideoFrame) -> f64 {
+    let sse: u64 = source
+        .y()
+        .iter()
+        .zip(decoded.y())
+        .map(|(a, b)| u64::from(a.abs_diff(*b)).pow(2))
+        .sum();
+    let mse = sse as f64 / source.y().len() as f64;
+    if mse == 0.0 {
+        99.0
+    } else {
+        10.0 * (255.0 * 255.0 / mse).log10()
+    }
+}
 
 fn main() {
     // Pre-render the pattern so its cost is not counted as encoding.
@@ -21,9 +40,13 @@ fn main() {
         render.as_secs_f64() * 1000.0 / n as f64
     );
 
-    for bitrate in [1_500_000u32, 800_000] {
+    for (bitrate, effort) in [1_500_000u32, 800_000]
+        .into_iter()
+        .flat_map(|b| [(b, EncoderEffort::Realtime), (b, EncoderEffort::Balanced)])
+    {
         let mut enc = H264Encoder::new(H264Config {
             bitrate_bps: bitrate,
+            effort,
             ..Default::default()
         })
         .expect("encoder");
@@ -46,15 +69,24 @@ fn main() {
         }
         let dec_s = t.elapsed().as_secs_f64();
         let markers = decoded.iter().filter(|f| read_marker(f).is_some()).count();
+        // Each decoded picture against the source frame of its capture time.
+        let psnr: Vec<f64> = decoded
+            .iter()
+            .filter_map(|d| {
+                let source = frames.get((d.capture_us / 33_333) as usize)?;
+                (source.capture_us == d.capture_us).then(|| psnr_y(source, d))
+            })
+            .collect();
         println!(
-            "H.264 1280x720 @ {} kbps: encode {:.0} fps, decode {:.0} fps, {} of {} frames encoded, \
-             {:.0} kbps actual, {} of {} markers read",
+            "H.264 1280x720 @ {} kbps, {effort:?}: encode {:.0} fps, decode {:.0} fps, {} of {} \
+             frames encoded, {:.0} kbps actual, PSNR-Y {:.2} dB, {} of {} markers read",
             bitrate / 1000,
             n as f64 / enc_s,
             aus.len() as f64 / dec_s,
             aus.len(),
             n,
             bytes as f64 * 8.0 / (n as f64 / 30.0) / 1000.0,
+            psnr.iter().sum::<f64>() / psnr.len().max(1) as f64,
             markers,
             decoded.len()
         );

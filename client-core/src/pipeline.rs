@@ -18,18 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bedside_protocol::ParticipantId;
-use rtc::media::io::sample_builder::SampleBuilder;
-use rtc::rtp::codec::h264::H264Packet;
 use tokio::sync::mpsc;
 
 use crate::engine::{LocalTracks, MediaKind, PayloadTypes, RemoteMedia};
 use crate::media::red;
 use crate::media::{
-    AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, DOCTOR_TONE_HZ,
-    FRAME_SAMPLES, FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame, NoDevice,
-    OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig,
-    PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone,
-    read_marker,
+    AccessUnit, AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture,
+    DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config, H264Decoder, H264Encoder,
+    LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio,
+    PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoSource,
+    contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -371,7 +369,7 @@ impl Received {
 }
 
 struct PeerRx {
-    video: SampleBuilder<H264Packet>,
+    video: FrameAssembler,
     decoder: Option<H264Decoder>,
     /// Packets of the video were lost for good: nothing decodes until the next keyframe.
     lost_reference: bool,
@@ -389,8 +387,7 @@ impl PeerRx {
             .lock()
             .insert(peer.clone(), (sink.clone(), ReceiveStats::default()));
         PeerRx {
-            video: SampleBuilder::new(256, H264Packet::default(), 90_000)
-                .with_max_time_delay(Duration::from_millis(500)),
+            video: FrameAssembler::new(),
             decoder: H264Decoder::new().ok(),
             lost_reference: false,
             audio: AudioPlayoutBuffer::new(PlayoutConfig::default()).ok(),
@@ -476,71 +473,83 @@ fn receive_video(
     shared: &Received,
     keyframe_needed: &mpsc::UnboundedSender<ParticipantId>,
 ) {
-    rx.video.push(item.arrived, item.packet.clone());
-    while let Some(sample) = rx.video.pop(item.arrived) {
-        let Some(decoder) = rx.decoder.as_mut() else {
-            return;
-        };
-        let idr = contains_idr(&sample.data);
-        // Padding-only packets (Chromium's bandwidth probes on the video SSRC when it has no
-        // RTX) take sequence numbers and carry no media: the sample builder counts them as
-        // dropped, but nothing was lost. Only other drops lose a reference.
-        if idr {
-            rx.lost_reference = false;
-        } else if sample.prev_dropped_packets > sample.prev_padding_packets {
-            rx.lost_reference = true;
-        }
-        // Decoding a frame whose reference is missing shows garbage: freeze on the last
-        // picture instead, and ask for a keyframe.
-        let undecodable = !idr && (rx.lost_reference || decoder.needs_keyframe());
-        let decoded = if undecodable {
-            None
-        } else {
-            Some(decoder.decode(&sample.data, 0))
-        };
-        let needs_keyframe = undecodable || matches!(decoded, Some(Err(_)));
-        let now = wall_us();
-        let mut map = shared.lock();
-        let Some((_, stats)) = map.get_mut(&item.peer) else {
-            return;
-        };
-        if needs_keyframe {
-            let _ = keyframe_needed.send(item.peer.clone());
-        }
-        let Some(decoded) = decoded else {
-            stats.video_frames_skipped += 1;
-            continue;
-        };
-        match decoded {
-            Ok(Some(frame)) => {
-                stats.video_frames_decoded += 1;
-                stats.width = frame.width();
-                stats.height = frame.height();
-                let at = Instant::now();
-                stats.first_frame.get_or_insert(at);
-                if let Some(last) = stats.last_frame
-                    && at.duration_since(last) > VIDEO_GAP
-                {
-                    stats.video_gaps.push((at, at.duration_since(last)));
-                }
-                stats.last_frame = Some(at);
-                if let Some(marker) = read_marker(&frame) {
-                    stats.frames_with_marker += 1;
-                    stats
-                        .glass_to_glass_ms
-                        .push(elapsed_ms(now, marker.capture_us));
-                    if let Some(last) = stats.last_counter {
-                        stats.frames_missing +=
-                            u64::from(marker.counter.wrapping_sub(last).saturating_sub(1));
-                    }
-                    stats.last_counter = Some(marker.counter);
-                }
-                drop(map);
-                rx.sink.publish(frame);
+    rx.video.push(item.packet.clone());
+    while let Some(unit) = rx.video.pop() {
+        decode_access_unit(&item.peer, unit, rx, shared, keyframe_needed);
+    }
+}
+
+/// Decodes one reassembled access unit of `peer`'s video (the step right after depacketizing)
+/// and shows it, or freezes and asks for a keyframe when its reference was lost.
+fn decode_access_unit(
+    peer: &ParticipantId,
+    sample: AccessUnit,
+    rx: &mut PeerRx,
+    shared: &Received,
+    keyframe_needed: &mpsc::UnboundedSender<ParticipantId>,
+) {
+    let Some(decoder) = rx.decoder.as_mut() else {
+        return;
+    };
+    let idr = contains_idr(&sample.data);
+    // Padding-only packets (Chromium's bandwidth probes on the video SSRC when it has no
+    // RTX) take sequence numbers and carry no media: the assembler counts them apart, as
+    // they are not loss. Only dropped media packets lose a reference.
+    if idr {
+        rx.lost_reference = false;
+    } else if sample.dropped_before > 0 {
+        rx.lost_reference = true;
+    }
+    // Decoding a frame whose reference is missing shows garbage: freeze on the last
+    // picture instead, and ask for a keyframe.
+    let undecodable = !idr && (rx.lost_reference || decoder.needs_keyframe());
+    let decoded = if undecodable {
+        None
+    } else {
+        Some(decoder.decode(&sample.data, 0))
+    };
+    let needs_keyframe = undecodable || matches!(decoded, Some(Err(_)));
+    let now = wall_us();
+    let mut map = shared.lock();
+    let Some((_, stats)) = map.get_mut(peer) else {
+        return;
+    };
+    if needs_keyframe {
+        let _ = keyframe_needed.send(peer.clone());
+    }
+    let Some(decoded) = decoded else {
+        stats.video_frames_skipped += 1;
+        return;
+    };
+    match decoded {
+        Ok(Some(frame)) => {
+            stats.video_frames_decoded += 1;
+            stats.width = frame.width();
+            stats.height = frame.height();
+            let at = Instant::now();
+            stats.first_frame.get_or_insert(at);
+            if let Some(last) = stats.last_frame
+                && at.duration_since(last) > VIDEO_GAP
+            {
+                stats.video_gaps.push((at, at.duration_since(last)));
             }
-            Ok(None) => {}
-            Err(_) => stats.video_decode_errors += 1,
+            stats.last_frame = Some(at);
+            if let Some(marker) = read_marker(&frame) {
+                stats.frames_with_marker += 1;
+                stats
+                    .glass_to_glass_ms
+                    .push(elapsed_ms(now, marker.capture_us));
+                if let Some(last) = stats.last_counter {
+                    stats.frames_missing +=
+                        u64::from(marker.counter.wrapping_sub(last).saturating_sub(1));
+                }
+                stats.last_counter = Some(marker.counter);
+            }
+            drop(map);
+            rx.sink.publish(frame);
         }
+        Ok(None) => {}
+        Err(_) => stats.video_decode_errors += 1,
     }
 }
 

@@ -348,17 +348,34 @@ pub fn raise_fd_limit() -> u64 {
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn process_cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    Ok(stat_cpu_time(&format!("/proc/{pid}/stat"))?.1)
+}
+
+/// CPU time (user + system) each thread of a process has used so far, by thread name (threads
+/// of one name, such as a runtime's workers, summed), from `/proc/<pid>/task/*/stat`. A thread
+/// that has ended is not counted.
+pub fn thread_cpu_times(pid: u32) -> Result<std::collections::BTreeMap<String, Duration>> {
+    let mut threads = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("stat");
+        // A thread may end between the listing and the read.
+        if let Ok((name, cpu)) = stat_cpu_time(&path.to_string_lossy()) {
+            *threads.entry(name).or_default() += cpu;
+        }
+    }
+    Ok(threads)
+}
+
+/// The command (thread) name and user + system CPU time in a `/proc` stat file.
+fn stat_cpu_time(path: &str) -> Result<(String, Duration)> {
+    let stat = std::fs::read_to_string(path)?;
     // The fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("malformed /proc stat")?
-        .1
-        .split_whitespace()
-        .collect();
+    let (head, tail) = stat.rsplit_once(')').context("malformed /proc stat")?;
+    let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+    Ok((name, Duration::from_micros(ticks * 1_000_000 / hz.max(1))))
 }
 
 /// A `bedside-server` process (a bench's), started from `binary` with `config`; it is killed

@@ -29,6 +29,14 @@ const TAIL: usize = 4;
 const TAG_CTRL: u64 = 0;
 /// Wake-ups that found fewer datagrams than this are followed by the coalescing pause.
 const COALESCE_BELOW: usize = 16;
+/// The coalescing pause is taken only while the relay handles at least this many datagrams a
+/// second (measured over [`RATE_WINDOW_MS`]). Below it a pause batches almost nothing (at 10,000
+/// a second a 200 µs pause collects about two datagrams) but delays every reply that arrives
+/// during it: a relayed round trip measured 502 µs p50 with the pause against coturn's 140 µs.
+/// Above it (25,000 messages a second, 50,000 datagrams) the pause is what brings CPU per
+/// packet from 9.6 to 5.7 µs (turn/README.md).
+const COALESCE_MIN_RATE: u64 = 20_000;
+const RATE_WINDOW_MS: u64 = 100;
 const TAG_LISTENER: u64 = 1 << 32;
 const TAG_RELAY: u64 = 2 << 32;
 
@@ -606,6 +614,7 @@ impl Engine {
             // SAFETY: prctl on the calling thread.
             unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
         }
+        let mut rate = RateGate::new(now_ms(self.base_unix_ms, self.start));
         'outer: loop {
             let now = now_ms(self.base_unix_ms, self.start);
             let timeout = next_tick.saturating_sub(now).min(1000) as libc::c_int;
@@ -650,8 +659,10 @@ impl Engine {
             // Interrupt moderation: after a wake-up that found only a few datagrams, let the
             // next ones queue up for a moment so they are handled in one batch (one wake-up,
             // one epoll_wait and fewer sendmmsg calls for many packets). Under load batches
-            // are full and this never sleeps; when idle, epoll_wait blocks as usual.
-            if packets > 0 && packets < COALESCE_BELOW && !self.coalesce.is_zero() {
+            // are full and this never sleeps; when idle, epoll_wait blocks as usual; at a light
+            // load it would only add latency (`COALESCE_MIN_RATE`).
+            let busy = rate.count(now, packets);
+            if busy && packets > 0 && packets < COALESCE_BELOW && !self.coalesce.is_zero() {
                 std::thread::sleep(self.coalesce);
             }
         }
@@ -821,6 +832,35 @@ impl Engine {
     }
 }
 
+/// Whether the datagram rate of the last complete window reached [`COALESCE_MIN_RATE`].
+struct RateGate {
+    window_start: u64,
+    packets: u64,
+    busy: bool,
+}
+
+impl RateGate {
+    fn new(now_ms: u64) -> Self {
+        RateGate {
+            window_start: now_ms,
+            packets: 0,
+            busy: false,
+        }
+    }
+
+    /// Counts `packets` handled at `now_ms`; true while the load is high.
+    fn count(&mut self, now_ms: u64, packets: usize) -> bool {
+        self.packets += packets as u64;
+        let elapsed = now_ms.saturating_sub(self.window_start);
+        if elapsed >= RATE_WINDOW_MS {
+            self.busy = self.packets * 1000 / elapsed >= COALESCE_MIN_RATE;
+            self.window_start = now_ms;
+            self.packets = 0;
+        }
+        self.busy
+    }
+}
+
 #[inline]
 fn is_allocate(data: &[u8]) -> bool {
     data.len() >= 2 && data[0] == 0 && data[1] == 3
@@ -832,5 +872,24 @@ fn send_relay(relays: &Relays, relay: RelayId, peer: SocketAddr, data: &[u8], me
         && s.send_to(data, peer).is_err()
     {
         metrics.dropped_packets.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pause is allowed only after a window at or above the rate, and stops after a
+    /// window below it.
+    #[test]
+    fn coalescing_follows_the_datagram_rate() {
+        let mut gate = RateGate::new(0);
+        // 10 datagrams a millisecond (10,000/s) for 300 ms: light.
+        assert!((1..=300).all(|ms| !gate.count(ms, 10)));
+        // 50 a millisecond (50,000/s): busy from the end of the first full window.
+        let busy: Vec<bool> = (301..=600).map(|ms| gate.count(ms, 50)).collect();
+        assert!(!busy[0] && busy[150..].iter().all(|b| *b));
+        // A second idle (one wake-up at the end): light again.
+        assert!(!gate.count(1600, 1));
     }
 }

@@ -5,7 +5,7 @@
 use std::ptr::addr_of_mut;
 
 use openh264::encoder::{
-    BitRate, Encoder, EncoderConfig, FrameRate, FrameType, RateControlMode, UsageType,
+    BitRate, Complexity, Encoder, EncoderConfig, FrameRate, FrameType, RateControlMode, UsageType,
 };
 use openh264::formats::{YUVSlices, YUVSource};
 use openh264::{OpenH264API, Timestamp};
@@ -33,6 +33,25 @@ pub struct H264Config {
     pub frame_skip: bool,
     /// Encoder threads (1 keeps CPU use predictable on small machines).
     pub threads: u16,
+    /// How much CPU the encoder spends per frame for quality.
+    pub effort: EncoderEffort,
+}
+
+/// openh264's search and analysis settings.
+///
+/// Measured with `cargo xtask bench-media` (1280x720 moving pattern, one core, shared machine):
+/// see the figures in ARCHITECTURE.md. The picture a call sends is a face in front of a still
+/// background: low complexity costs little PSNR at conversational bitrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EncoderEffort {
+    /// For a live call: low-complexity mode decision and motion search, no adaptive
+    /// quantization (a per-macroblock variance analysis of every frame) and no background
+    /// detection.
+    #[default]
+    Realtime,
+    /// openh264's defaults (medium complexity, adaptive quantization and background detection
+    /// on): the comparison for `bench-media`.
+    Balanced,
 }
 
 impl Default for H264Config {
@@ -44,6 +63,7 @@ impl Default for H264Config {
             max_fps: 30.0,
             frame_skip: true,
             threads: 1,
+            effort: EncoderEffort::Realtime,
         }
     }
 }
@@ -125,7 +145,14 @@ fn enc_err(e: impl std::fmt::Display) -> MediaError {
 }
 
 fn build_encoder(c: &H264Config) -> Result<Encoder> {
+    let (complexity, analysis) = match c.effort {
+        EncoderEffort::Realtime => (Complexity::Low, false),
+        EncoderEffort::Balanced => (Complexity::Medium, true),
+    };
     let cfg = EncoderConfig::new()
+        .complexity(complexity)
+        .adaptive_quantization(analysis)
+        .background_detection(analysis)
         .bitrate(BitRate::from_bps(c.bitrate_bps))
         .max_frame_rate(FrameRate::from_hz(c.max_fps))
         .skip_frames(c.frame_skip)

@@ -16,13 +16,15 @@
 //!   deliver frames by callback, [`NoDevice`].
 //! - [`pattern`] and [`tone`]: deterministic synthetic sources whose markers survive the codecs
 //!   (for tests, demos, probes).
-//! - [`h264`] and [`opus_codec`]: the codecs.
+//! - [`h264`] and [`opus_codec`]: the codecs; [`assembler`]: H.264 access units from RTP
+//!   packets, each handed out as soon as its last packet is in.
 //! - [`playout`]: the adaptive audio jitter buffer with FEC and PLC.
 //! - [`sink`]: the UI's [`LatestFrame`].
 //! - `devices` (feature `devices`): real cameras, microphones and speakers.
 //! - `apm` (feature `devices`): echo cancellation, noise suppression and automatic gain on the
 //!   microphone path, the speaker's output as the echo reference.
 
+pub mod assembler;
 pub mod error;
 pub mod frame;
 pub mod h264;
@@ -39,9 +41,10 @@ pub mod apm;
 #[cfg(feature = "devices")]
 pub mod devices;
 
+pub use assembler::{AccessUnit, FrameAssembler};
 pub use error::{MediaError, Result};
 pub use frame::{AudioFrame, FRAME_MS, FRAME_SAMPLES, FRAME_US, Rotation, SAMPLE_RATE, VideoFrame};
-pub use h264::{EncodedVideo, H264Config, H264Decoder, H264Encoder, contains_idr};
+pub use h264::{EncodedVideo, EncoderEffort, H264Config, H264Decoder, H264Encoder, contains_idr};
 pub use opus_codec::{AudioDecoder, OpusConfig, OpusDecoder, OpusEncoder, is_dtx_packet};
 pub use pattern::{
     FrameMarker, PatternConfig, TestPatternSource, read_marker, render_pattern, write_marker,

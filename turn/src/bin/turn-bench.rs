@@ -4,7 +4,9 @@
 //! all threads). Prints three ratios ours/coturn:
 //!
 //! 1. server CPU µs per relayed packet, 500 allocations x 50 msg/s, 160 B and 1200 B payloads
-//!    (each message goes client -> relay -> peer -> relay -> client: two relayed packets);
+//!    (each message goes client -> relay -> peer -> relay -> client: two relayed packets), and
+//!    at a light load, 100 allocations x 50 msg/s; and the latency of one relayed round trip
+//!    on an idle server (p50, p99);
 //! 2. highest echoed message rate with < 1 % loss (ramp of offered rates, few allocations);
 //! 3. highest STUN Binding response rate with < 1 % loss.
 //!
@@ -549,22 +551,24 @@ fn rig(server: &Server) -> anyhow::Result<Rig> {
     })
 }
 
-/// Server CPU µs per relayed packet and loss, at 500 x 50 msg/s.
-fn cpu_per_packet(server: &Server, rig: &Rig, len: usize, secs: f64) -> (f64, f64) {
+/// Server CPU µs per relayed packet and loss, at 50 msg/s on each of `flows`.
+fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f64) -> (f64, f64) {
     let msg = channel_msg(len);
+    let flows = &rig.flows[..flows.min(rig.flows.len())];
+    let rate = 50.0 * flows.len() as f64;
     run_load(
-        &rig.flows,
+        flows,
         &msg,
         Some(&rig.peer),
-        25_000.0,
+        rate,
         Duration::from_millis(300),
     ); // warm-up
     let c0 = cpu_ns(server.child.id());
     let r = run_load(
-        &rig.flows,
+        flows,
         &msg,
         Some(&rig.peer),
-        25_000.0,
+        rate,
         Duration::from_secs_f64(secs),
     );
     let c1 = cpu_ns(server.child.id());
@@ -572,7 +576,7 @@ fn cpu_per_packet(server: &Server, rig: &Rig, len: usize, secs: f64) -> (f64, f6
     let loss = 1.0 - r.client_rx as f64 / r.sent.max(1) as f64;
     let us = (c1 - c0) as f64 / 1000.0 / relayed.max(1) as f64;
     println!(
-        "  {:8} {len:>4} B: sent {} msgs, relayed {relayed} packets, loss {:.3}%, server CPU {:.3} s -> {us:.3} us/packet",
+        "  {:8} {len:>4} B x {rate:.0}/s: sent {} msgs, relayed {relayed} packets, loss {:.3}%, server CPU {:.3} s -> {us:.3} us/packet",
         server.name,
         r.sent,
         loss * 100.0,
@@ -604,6 +608,42 @@ fn udp_drops(ports: &[u16]) -> (u64, u64) {
         }
     }
     (mine, other)
+}
+
+/// Round trips client -> relay -> peer (echo) -> relay -> client, one message at a time every
+/// 2 ms on an otherwise idle server: (p50, p99) in µs.
+fn round_trips(rig: &Rig, count: usize) -> (f64, f64) {
+    let client = &rig.fast[0];
+    let msg = channel_msg(160);
+    let mut buf = [0u8; 2048];
+    let mut rtts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        if client.send(&msg).is_err() {
+            continue;
+        }
+        let deadline = t + Duration::from_millis(100);
+        let mut echoed = false;
+        while Instant::now() < deadline {
+            if !echoed && let Ok((n, from)) = rig.peer.recv_from(&mut buf) {
+                let _ = rig.peer.send_to(&buf[..n], from);
+                echoed = true;
+            }
+            if echoed && client.recv(&mut buf).is_ok() {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        rtts.get(((rtts.len() as f64 * q) as usize).min(rtts.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -653,12 +693,16 @@ fn main() -> anyhow::Result<()> {
         servers.push(start_ours(srv_cpu)?);
         let rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
         // 1. Interleaved repetitions, so background noise hits both servers alike.
-        let mut cpu: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); 2]; 2]; // [server][payload]
+        // [server][load]: 500 x 50 msg/s of 160 B and 1200 B, then 100 x 50 msg/s of 160 B.
+        let loads = [(500usize, 160usize), (500, 1200), (100, 160)];
+        let mut cpu: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); loads.len()]; 2];
+        let mut rtt: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
         for _ in 0..reps {
             for (si, s) in servers.iter().enumerate() {
-                for (pi, len) in [160usize, 1200].into_iter().enumerate() {
-                    cpu[si][pi].push(cpu_per_packet(s, &rigs[si], len, secs));
+                for (li, (flows, len)) in loads.into_iter().enumerate() {
+                    cpu[si][li].push(cpu_per_packet(s, &rigs[si], flows, len, secs));
                 }
+                rtt[si].push(round_trips(&rigs[si], if quick { 200 } else { 500 }));
             }
         }
         // 2. and 3. Ramps.
@@ -698,16 +742,26 @@ fn main() -> anyhow::Result<()> {
         println!(
             "  metric                                   coturn      bedside   ours/coturn  target"
         );
-        for (pi, len) in [160usize, 1200].into_iter().enumerate() {
-            let cu = median(cpu[0][pi].iter().map(|x| x.0).collect());
-            let ou = median(cpu[1][pi].iter().map(|x| x.0).collect());
-            let cl = cpu[0][pi].iter().map(|x| x.1).fold(0.0, f64::max);
-            let ol = cpu[1][pi].iter().map(|x| x.1).fold(0.0, f64::max);
+        for (li, (flows, len)) in loads.into_iter().enumerate() {
+            let cu = median(cpu[0][li].iter().map(|x| x.0).collect());
+            let ou = median(cpu[1][li].iter().map(|x| x.0).collect());
+            let cl = cpu[0][li].iter().map(|x| x.1).fold(0.0, f64::max);
+            let ol = cpu[1][li].iter().map(|x| x.1).fold(0.0, f64::max);
             println!(
-                "  CPU us/relayed packet, {len:>4} B (median) {cu:>8.3}     {ou:>8.3}      {:>6.2}    <= 0.50   (max loss {:.3}% / {:.3}%)",
+                "  CPU us/relayed pkt, {len:>4} B x{flows:>4} flows {cu:>8.3}     {ou:>8.3}      {:>6.2}    <= 0.50   (max loss {:.3}% / {:.3}%)",
                 ou / cu,
                 cl * 100.0,
                 ol * 100.0
+            );
+        }
+        for (q, name) in [(0usize, "p50"), (1, "p99")] {
+            let pick = |v: &Vec<(f64, f64)>| {
+                median(v.iter().map(|x| if q == 0 { x.0 } else { x.1 }).collect())
+            };
+            let (c, o) = (pick(&rtt[0]), pick(&rtt[1]));
+            println!(
+                "  relayed round trip {name}, us (median)   {c:>10.0}   {o:>10.0}      {:>6.2}    <= 1.00",
+                o / c
             );
         }
         let note = |l: bool| {

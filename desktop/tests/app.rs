@@ -58,6 +58,7 @@ fn app(
         },
         status_file: None,
         auto_admit: false,
+        share_screen: false,
         settings_dir: dir.join("config"),
         secrets,
         sign_in: None,

@@ -3,7 +3,10 @@
 //! a doctor credential the administrator issued, opening the consultation and joining as its
 //! doctor. The app admits the patient (`--auto-admit`, which goes through the same command path
 //! as the Admit button) and reports through its status file that remote frames are being shown;
-//! a screenshot is saved to `target/desktop-e2e.png`.
+//! a screenshot is saved to `target/desktop-e2e.png`. Once connected the app shares the whole
+//! virtual screen (`--share-screen`, the share menu's command path), on which the test has drawn
+//! a black and white checkerboard; the patient's probe reports the resolution it decoded (the
+//! screen's 1280x800, which no camera rung has) and the mean luma of the checkerboard's cells.
 //!
 //! Skips, with a message, when `Xvfb` is not installed or no display can be started (fails
 //! under `CI=true` when the server binary is missing).
@@ -151,14 +154,21 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     patient.width = 640;
     patient.height = 360;
     patient.bitrate_kbps = 800;
-    patient.duration = Duration::from_secs(60);
+    // Long enough for the checks below; the probe's report is read when it leaves.
+    patient.duration = Duration::from_secs(25);
     patient.udp_addrs = vec!["127.0.0.1:0".into()];
     let patient = tokio::spawn(bedside_probe::run(patient));
 
     let status = dir.path().join("status.json");
     let log = std::fs::File::create(dir.path().join("app.log")).unwrap();
     let app = Command::new(env!("CARGO_BIN_EXE_bedside-desktop"))
-        .args(["--udp", "127.0.0.1:0", "--auto-admit", "--status-file"])
+        .args([
+            "--udp",
+            "127.0.0.1:0",
+            "--auto-admit",
+            "--share-screen",
+            "--status-file",
+        ])
         .arg(&status)
         .arg("--data-dir")
         .arg(dir.path())
@@ -201,6 +211,8 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     eprintln!("app status: {shown}");
+    // Drawn over the app's window, which covers the screen: it is what the patient must see.
+    let _checkerboard = draw_checkerboard(&display);
     assert_eq!(shown["screen"], "InCall");
     assert_eq!(shown["remote_size"], serde_json::json!([640, 360]));
     // The self view shows what the doctor sends.
@@ -228,7 +240,66 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         "frames stopped: {after}"
     );
 
+    assert_eq!(after["sharing"], true, "the app says it shares: {after}");
+
+    let report = patient.await.unwrap().expect("the patient's report");
     drop(app);
-    patient.abort();
-    let _ = patient.await;
+    eprintln!(
+        "patient received {:?}, {} frames, luma grid {:?}",
+        report.received_resolution, report.video_frames_decoded, report.received_luma_grid
+    );
+    // The screen's own size: the camera ladder's largest rung is 1280x720.
+    assert_eq!(report.received_resolution, Some((1280, 800)));
+    let grid = &report.received_luma_grid;
+    assert_eq!(grid.len(), 64, "{report:?}");
+    for (row, col, white) in [(6, 6, true), (6, 7, false), (7, 6, false), (7, 7, true)] {
+        let luma = grid[row * 8 + col];
+        if white {
+            assert!(luma > 200, "cell {row},{col} should be white: {luma}");
+        } else {
+            assert!(luma < 50, "cell {row},{col} should be black: {luma}");
+        }
+    }
+}
+
+/// Four 160x100 windows in the screen's bottom-right corner, white, black / black, white
+/// (cells (6..8, 6..8) of an 8x8 grid over 1280x800), over every other window. They last as
+/// long as the returned connection.
+fn draw_checkerboard(display: &str) -> impl Sized {
+    use x11rb::connection::Connection;
+    use x11rb::protocol::xproto::{ConnectionExt, CreateWindowAux, WindowClass};
+    let (conn, screen) = x11rb::connect(Some(display)).expect("connect to Xvfb");
+    let root = conn.setup().roots[screen].clone();
+    for (x, y, white) in [
+        (960, 600, true),
+        (1120, 600, false),
+        (960, 700, false),
+        (1120, 700, true),
+    ] {
+        let window = conn.generate_id().unwrap();
+        let pixel = if white {
+            root.white_pixel
+        } else {
+            root.black_pixel
+        };
+        conn.create_window(
+            root.root_depth,
+            window,
+            root.root,
+            x,
+            y,
+            160,
+            100,
+            0,
+            WindowClass::INPUT_OUTPUT,
+            0,
+            &CreateWindowAux::new()
+                .background_pixel(pixel)
+                .override_redirect(1),
+        )
+        .unwrap();
+        conn.map_window(window).unwrap();
+    }
+    conn.get_input_focus().unwrap().reply().unwrap();
+    conn
 }

@@ -29,8 +29,8 @@ use crate::media::{
     AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture, ContentHint,
     DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, H264Config, H264Decoder, H264Encoder, LatestFrame,
     NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio, PlayoutConfig,
-    PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoSource, contains_idr, detect_tone,
-    read_marker,
+    PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoFrame, VideoSource, contains_idr,
+    detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -136,6 +136,15 @@ pub struct SendStats {
 /// How often the self view is refreshed.
 pub const PREVIEW_FPS: u32 = 15;
 
+/// The largest self-view picture: the self view is small, and a shared screen converted to RGBA
+/// at full size 15 times a second kept the desktop's UI thread busy.
+const PREVIEW_MAX: (u32, u32) = (640, 360);
+
+fn preview_of(frame: &VideoFrame) -> VideoFrame {
+    let (w, h) = screen::fit_within((frame.width(), frame.height()), PREVIEW_MAX);
+    frame.scaled(w, h).unwrap_or_else(|_| frame.clone())
+}
+
 enum Encoded {
     Video(bytes::Bytes, Duration),
     Audio(bytes::Bytes),
@@ -234,7 +243,7 @@ pub fn start_sender(
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(1) / PREVIEW_FPS)
                     {
                         last_preview = Some(Instant::now());
-                        thread_stats.preview.publish(frame.clone());
+                        thread_stats.preview.publish(preview_of(&frame));
                     }
                     let Some(encoder) = encoder.as_mut() else {
                         continue;

@@ -4,7 +4,7 @@
 //!
 //! The shared screen replaces the camera on the one video track (the patient sees the screen
 //! instead of the doctor); stopping reopens the chosen camera. Client-core encodes it as
-//! screen content: the screen's resolution up to 1920x1080 at 2-15 fps, openh264's
+//! screen content: the screen's resolution up to 1920x1080 at 2-10 fps, openh264's
 //! screen-content mode.
 
 use bedside_client_core::media::VideoSource;
@@ -33,7 +33,7 @@ pub fn list() -> Result<Vec<ShareChoice>, String> {
     #[cfg(all(feature = "devices", target_os = "linux"))]
     {
         use bedside_client_core::media::screen::{ShareTarget, shareable};
-        let found = shareable().map_err(|e| format!("Nothing can be shared: {e}"))?;
+        let found = shareable(None).map_err(|e| format!("Nothing can be shared: {e}"))?;
         Ok(found
             .into_iter()
             .map(|s| ShareChoice {
@@ -67,6 +67,7 @@ pub fn open(id: &str) -> Result<Box<dyn VideoSource>, String> {
             ShareTarget::Window(window)
         };
         open_screen(
+            None,
             target,
             std::sync::Arc::new(bedside_client_core::pipeline::wall_us),
         )

@@ -29,8 +29,8 @@ use super::source::ContentHint;
 /// The largest picture screen content is sent at.
 pub const SCREEN_MAX: (u32, u32) = (1920, 1080);
 
-/// How often the capture thread grabs the screen (the sender may encode fewer).
-pub const SCREEN_CAPTURE_FPS: u32 = 15;
+/// How often the capture thread grabs the screen: [`screen_encoding`]'s highest rate.
+pub const SCREEN_CAPTURE_FPS: u32 = 10;
 
 /// What the quality ladder asks of the video encoder (its current rung and bitrate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub struct LadderTarget {
 
 /// How screen content of `source` size is sent within `bitrate_kbps`: the source's own
 /// resolution fitted into [`SCREEN_MAX`] (into 1280x720 below 300 kbps, where a full-size
-/// picture would be a blur of quantisation), and a frame rate from 15 fps (1.5 Mbps and up) down
+/// picture would be a blur of quantisation), and a frame rate from 10 fps (600 kbps and up) down
 /// to 2 fps (under 250 kbps). Text stays sharp; scrolling and pointer motion get choppy first.
 pub fn screen_encoding(source: (u32, u32), bitrate_kbps: u32) -> (u32, u32, u32) {
     let bound = if bitrate_kbps < 300 {
@@ -51,9 +51,8 @@ pub fn screen_encoding(source: (u32, u32), bitrate_kbps: u32) -> (u32, u32, u32)
     } else {
         SCREEN_MAX
     };
-    let (w, h) = fit(source, bound);
+    let (w, h) = fit_within(source, bound);
     let fps = match bitrate_kbps {
-        1500.. => 15,
         600.. => 10,
         250.. => 5,
         _ => 2,
@@ -62,7 +61,7 @@ pub fn screen_encoding(source: (u32, u32), bitrate_kbps: u32) -> (u32, u32, u32)
 }
 
 /// `size` scaled down (never up) to fit in `bound`, keeping its aspect, even dimensions.
-fn fit((w, h): (u32, u32), (bw, bh): (u32, u32)) -> (u32, u32) {
+pub fn fit_within((w, h): (u32, u32), (bw, bh): (u32, u32)) -> (u32, u32) {
     let (w, h) = (w.max(2), h.max(2));
     let (w, h) = if w <= bw && h <= bh {
         (w, h)
@@ -164,8 +163,8 @@ mod x11 {
     }
 
     impl Display {
-        fn open() -> Result<Self> {
-            let (conn, screen) = x11rb::connect(None).map_err(|e| {
+        fn open(display: Option<&str>) -> Result<Self> {
+            let (conn, screen) = x11rb::connect(display).map_err(|e| {
                 MediaError::Device(format!(
                     "no X11 display to share ({e}); screen sharing needs X11 (or XWayland)"
                 ))
@@ -290,23 +289,17 @@ mod x11 {
                 .map_err(x_err)?;
             let (w, h) = (u32::from(w), u32::from(h));
             let bgrx = &image.data;
-            if bgrx.len() < (w * h * 4) as usize {
-                return Err(x_err("short image"));
-            }
-            let rgb: Vec<u8> = bgrx
-                .chunks_exact(4)
-                .flat_map(|p| [p[2], p[1], p[0]])
-                .collect();
-            VideoFrame::from_rgb(w, h, &rgb, capture_us)
+            VideoFrame::from_bgrx(w, h, bgrx, capture_us)
         }
     }
 
-    /// The screen and every shareable window, the screen first.
+    /// The screen and every shareable window of `display` (`None`: `$DISPLAY`), the screen
+    /// first.
     ///
     /// # Errors
     /// [`MediaError::Device`] when there is no X11 display (its reason in words).
-    pub fn shareable() -> Result<Vec<Shareable>> {
-        let display = Display::open()?;
+    pub fn shareable(display: Option<&str>) -> Result<Vec<Shareable>> {
+        let display = Display::open(display)?;
         let (_, _, w, h) = display
             .area(ShareTarget::Screen)
             .ok_or_else(|| x_err("the screen has no size"))?;
@@ -353,14 +346,18 @@ mod x11 {
         }
     }
 
-    /// Starts sharing `target`, frames stamped by `clock`. The first frame is grabbed before
+    /// Starts sharing `target` of `display` (`None`: `$DISPLAY`), frames stamped by `clock`. The first frame is grabbed before
     /// this returns, so a display that cannot be read is an error here, not a black picture.
     /// When a shared window closes, the source reports [`Capture::NoDevice`].
     ///
     /// # Errors
     /// [`MediaError::Device`]: no X11 display, an unsupported pixel format, no such window.
-    pub fn open_screen(target: ShareTarget, clock: SessionClock) -> Result<ScreenSource> {
-        let display = Display::open()?;
+    pub fn open_screen(
+        display: Option<&str>,
+        target: ShareTarget,
+        clock: SessionClock,
+    ) -> Result<ScreenSource> {
+        let display = Display::open(display)?;
         let first = display.grab(target, clock())?;
         let (pusher, frames): (FramePusher<VideoFrame>, _) = push_source(1);
         pusher.push(first);
@@ -397,8 +394,9 @@ mod tests {
 
     #[test]
     fn screen_content_keeps_its_resolution_and_lowers_the_frame_rate() {
-        assert_eq!(screen_encoding((1920, 1080), 1800), (1920, 1080, 15));
-        assert_eq!(screen_encoding((1920, 1080), 900), (1920, 1080, 10));
+        assert_eq!(screen_encoding((1920, 1080), 1800), (1920, 1080, 10));
+        assert_eq!(screen_encoding((1920, 1080), 600), (1920, 1080, 10));
+        assert_eq!(screen_encoding((1920, 1080), 599), (1920, 1080, 5));
         assert_eq!(screen_encoding((1280, 800), 400), (1280, 800, 5));
         // Larger screens are fitted, their aspect kept; a poor link gets 720p at 2 fps.
         assert_eq!(screen_encoding((3840, 2160), 1000), (1920, 1080, 10));

@@ -108,9 +108,9 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     patient.udp_addrs = vec!["127.0.0.1:0".into()];
     let patient = tokio::spawn(bedside_probe::run(patient));
 
-    // The synthetic microphone and no speaker: this machine's only audio device is ALSA's null
-    // device, and echo cancellation on it in a debug build, on shared cores, kept the send
-    // thread so busy that hardly any video went out (the patient decoded none in 60 s).
+    // The synthetic microphone and no speaker: with this machine's only audio device, ALSA's
+    // null device, as the microphone (through echo cancellation, in a debug build, on shared
+    // cores) the patient decoded no video at all in 60 s; the cause is not pinned down yet.
     std::fs::write(
         dir.path().join("desktop.toml"),
         "microphone = \"test-tone\"\nspeaker = \"off\"\n",

@@ -251,7 +251,7 @@ pub fn start_sender(
                     let content = sources.video.content_hint();
                     match screen::tune(encoder, content, ladder, (frame.width(), frame.height())) {
                         Ok(f) => fps = f as f32,
-                        Err(e) => tracing::warn!(error = %e, "video encoder settings refused"),
+                        Err(e) => tracing::debug!(error = %e, "video encoder settings refused"),
                     }
                     if content == ContentHint::Text
                         && last_encoded.is_some_and(|t| t.elapsed().as_secs_f32() < 1.0 / fps)

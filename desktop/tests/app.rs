@@ -114,7 +114,12 @@ fn a_local_clinic_lists_today_s_consultations_and_switches_between_them() {
     });
     let first = h.state().model().consultation_id.clone().unwrap();
     let first_invite = h.state().model().invite_code.clone().unwrap();
-    let link = h.state().model().invite_url.clone().expect("an invite link");
+    let link = h
+        .state()
+        .model()
+        .invite_url
+        .clone()
+        .expect("an invite link");
     assert!(link.ends_with(&format!("/j/{first_invite}")), "{link}");
     assert_eq!(h.state().model().screen(), Screen::Consultation);
     h.get_by_label("Today's consultations");
@@ -269,7 +274,12 @@ fn a_remote_clinic_signs_in_with_a_doctor_credential_and_a_waiting_patient_raise
     // A patient arrives with the invite code the app shows: the doctor is alerted once.
     let code = h.state().model().invite_code.clone().unwrap();
     // What the doctor copies for the patient is the clinic's link to its join page.
-    let link = h.state().model().invite_url.clone().expect("an invite link");
+    let link = h
+        .state()
+        .model()
+        .invite_url
+        .clone()
+        .expect("an invite link");
     assert!(
         link.starts_with("http") && link.ends_with(&format!("/j/{code}")),
         "{link}"

@@ -22,12 +22,13 @@ use tokio::sync::mpsc;
 
 use crate::engine::{LocalTracks, MediaKind, PayloadTypes, RemoteMedia};
 use crate::media::red;
+use crate::media::screen::{self, LadderTarget};
 use crate::media::{
     AccessUnit, AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture,
-    DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config, H264Decoder, H264Encoder,
-    LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig, PlayedAudio,
-    PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoSource,
-    contains_idr, detect_tone, read_marker,
+    ContentHint, DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config,
+    H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ,
+    PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig,
+    ToneSource, VideoFrame, VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -133,6 +134,15 @@ pub struct SendStats {
 /// How often the self view is refreshed.
 pub const PREVIEW_FPS: u32 = 15;
 
+/// The largest self-view picture: the self view is small, and a shared screen converted to RGBA
+/// at full size 15 times a second kept the desktop's UI thread busy.
+const PREVIEW_MAX: (u32, u32) = (640, 360);
+
+fn preview_of(frame: &VideoFrame) -> VideoFrame {
+    let (w, h) = screen::fit_within((frame.width(), frame.height()), PREVIEW_MAX);
+    frame.scaled(w, h).unwrap_or_else(|_| frame.clone())
+}
+
 enum Encoded {
     Video(bytes::Bytes, Duration),
     Audio(bytes::Bytes),
@@ -164,6 +174,15 @@ pub fn start_sender(
             };
             let mut opus = OpusEncoder::new(OpusConfig::default()).ok();
             let mut fps = video.max_fps.max(1.0);
+            // The ladder's last word; screen content replaces its resolution and frame rate
+            // (`media::screen`), and is encoded no faster than that rate.
+            let mut ladder = LadderTarget {
+                width: video.width,
+                height: video.height,
+                fps: video.max_fps.max(1.0) as u32,
+                bitrate_kbps: video.bitrate_bps / 1000,
+            };
+            let mut last_encoded: Option<Instant> = None;
             let mut last_keyframe = Instant::now();
             let mut last_preview: Option<Instant> = None;
             loop {
@@ -186,18 +205,15 @@ pub fn start_sender(
                     Ok(SendCommand::Encoding {
                         width,
                         height,
-                        fps: f,
+                        fps,
                         bitrate_kbps,
                     }) => {
-                        if let Some(e) = encoder.as_mut() {
-                            let c = *e.config();
-                            if (c.width, c.height) != (width, height) {
-                                let _ = e.set_resolution(width, height);
-                            }
-                            let _ = e.set_max_fps(f as f32);
-                            let _ = e.set_bitrate(bitrate_kbps * 1000);
-                            fps = f.max(1) as f32;
-                        }
+                        ladder = LadderTarget {
+                            width,
+                            height,
+                            fps,
+                            bitrate_kbps,
+                        };
                     }
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 }
@@ -225,11 +241,22 @@ pub fn start_sender(
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(1) / PREVIEW_FPS)
                     {
                         last_preview = Some(Instant::now());
-                        thread_stats.preview.publish(frame.clone());
+                        thread_stats.preview.publish(preview_of(&frame));
                     }
                     let Some(encoder) = encoder.as_mut() else {
                         continue;
                     };
+                    let content = sources.video.content_hint();
+                    match screen::tune(encoder, content, ladder, (frame.width(), frame.height())) {
+                        Ok(f) => fps = f as f32,
+                        Err(e) => tracing::debug!(error = %e, "video encoder settings refused"),
+                    }
+                    if content == ContentHint::Text
+                        && last_encoded.is_some_and(|t| t.elapsed().as_secs_f32() < 1.0 / fps)
+                    {
+                        continue;
+                    }
+                    last_encoded = Some(Instant::now());
                     if last_keyframe.elapsed() >= KEYFRAME_INTERVAL {
                         encoder.request_keyframe();
                     }

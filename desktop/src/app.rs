@@ -19,6 +19,7 @@ use crate::clinic::{self, AdminApi, AppMsg, DoctorJoin, NetOptions, UiSender};
 use crate::devices::{self, DeviceLists};
 use crate::model::{AppModel, UiCommand};
 use crate::settings::{self, SecretStore, Settings, SettingsFile};
+use crate::share;
 use crate::video::i420_to_image;
 use crate::view::{Drafts, VideoView, view};
 
@@ -35,6 +36,9 @@ pub struct AppOptions {
     pub status_file: Option<PathBuf>,
     /// Testing only: admit whoever waits, through the same command path as the Admit button.
     pub auto_admit: bool,
+    /// Testing only: share the entire screen once the call is connected, through the same
+    /// command path as the share menu.
+    pub share_screen: bool,
     /// Where the settings file lives.
     pub settings_dir: PathBuf,
     /// Where the doctor's token is remembered.
@@ -218,6 +222,7 @@ impl DesktopApp {
                     ws_url,
                     token,
                     invite_code: None,
+                    invite_url: None,
                     consultation_id: None,
                 });
             }
@@ -253,7 +258,45 @@ impl DesktopApp {
                 self.settings.camera = Some(id.clone());
                 self.save_settings();
                 self.model.camera = id;
-                self.open_camera();
+                if self.model.sharing.is_none() {
+                    // While sharing, the camera comes back when sharing stops.
+                    self.open_camera();
+                }
+            }
+            UiCommand::ListShareable => {
+                let ui = self.ui_tx.clone();
+                self.rt.spawn_blocking(move || match share::list() {
+                    Ok(list) => ui.send(AppMsg::Shareable(list)),
+                    Err(why) => ui.send(AppMsg::Failed(why)),
+                });
+            }
+            UiCommand::ShareScreen(id) => {
+                if self.session.is_none() {
+                    return;
+                }
+                let known = self.model.shareable.iter().find(|c| c.id == id);
+                let name = known.map(|c| c.name.clone());
+                let ui = self.ui_tx.clone();
+                self.rt.spawn_blocking(move || {
+                    let name = name.or_else(|| {
+                        let list = share::list().ok()?;
+                        list.into_iter().find(|c| c.id == id).map(|c| c.name)
+                    });
+                    match share::open(&id) {
+                        Ok(source) => ui.send(AppMsg::Sharing(
+                            source,
+                            name.unwrap_or_else(|| "your screen".into()),
+                        )),
+                        Err(why) => ui.send(AppMsg::Failed(why)),
+                    }
+                });
+            }
+            UiCommand::StopSharing => {
+                if self.model.sharing.take().is_some() {
+                    // The chosen camera (or the test pattern) replaces the capture, which
+                    // stops when the sender drops it.
+                    self.open_camera();
+                }
             }
             UiCommand::ChooseMicrophone(id) => {
                 self.settings.microphone = Some(id.clone());
@@ -461,6 +504,7 @@ impl DesktopApp {
                     sent,
                     clinic_label,
                     invite_code,
+                    invite_url,
                     consultation_id,
                 } => {
                     self.model.consultation_id = consultation_id;
@@ -476,6 +520,7 @@ impl DesktopApp {
                     self.model.has_session = true;
                     self.model.clinic_label = Some(clinic_label);
                     self.model.invite_code = invite_code;
+                    self.model.invite_url = invite_url;
                     self.model.busy = Some("Joining…".into());
                 }
                 AppMsg::RemoteClinic(admin) => {
@@ -507,6 +552,13 @@ impl DesktopApp {
                 AppMsg::VideoSource(source) => {
                     if let Some(session) = &self.session {
                         session.handle.set_video_source(source);
+                    }
+                }
+                AppMsg::Shareable(list) => self.model.shareable = list,
+                AppMsg::Sharing(source, name) => {
+                    if let Some(session) = &self.session {
+                        session.handle.set_video_source(source);
+                        self.model.sharing = Some(name);
                     }
                 }
                 AppMsg::AudioSource(source) => {
@@ -672,6 +724,10 @@ impl DesktopApp {
         self.update_video();
         self.update_preview();
         let mut commands = self.auto_admit();
+        if self.options.share_screen && matches!(self.model.call_state, CallState::Connected) {
+            self.options.share_screen = false;
+            commands.push(UiCommand::ShareScreen(share::ENTIRE_SCREEN.into()));
+        }
         commands.extend(view(ui, &self.model, &mut self.drafts, &self.video));
         for cmd in commands {
             self.execute(cmd);

@@ -32,6 +32,7 @@ pub enum AppMsg {
         sent: Arc<SendStats>,
         clinic_label: String,
         invite_code: Option<String>,
+        invite_url: Option<String>,
         consultation_id: Option<ConsultationId>,
     },
     /// Signed in to a remote clinic with a doctor credential (its first list is on the way).
@@ -46,6 +47,10 @@ pub enum AppMsg {
     /// A camera or microphone the doctor picked, opened.
     VideoSource(Box<dyn VideoSource>),
     AudioSource(Box<dyn AudioSource>),
+    /// What the share menu can offer.
+    Shareable(Vec<crate::share::ShareChoice>),
+    /// A screen or window being captured, to send instead of the camera, and its name.
+    Sharing(Box<dyn VideoSource>, String),
     /// Today's consultations on the local clinic.
     Consultations(Vec<ConsultationSummary>),
     /// Move the doctor into this consultation.
@@ -91,6 +96,9 @@ pub struct DoctorJoin {
     pub ws_url: String,
     pub token: String,
     pub invite_code: Option<String>,
+    /// The patient's link (`<public-url>/j/<code>`, the server's `invite_url`): what the doctor
+    /// copies and sends; the code alone is for the demo patient and old links.
+    pub invite_url: Option<String>,
     pub consultation_id: Option<ConsultationId>,
 }
 
@@ -196,6 +204,7 @@ impl AdminApi {
             ws_url: created.ws_url,
             token: created.doctor_token,
             invite_code: Some(created.invite_code),
+            invite_url: Some(created.invite_url),
             consultation_id: Some(created.consultation_id),
         })
     }
@@ -231,6 +240,7 @@ impl AdminApi {
             ws_url: self.ws_url.clone(),
             token: token.token,
             invite_code: Some(invite.invite_code),
+            invite_url: Some(invite.invite_url),
             consultation_id: Some(id),
         })
     }
@@ -299,6 +309,7 @@ pub fn start_doctor(number: u64, join: DoctorJoin, net: &NetOptions, ui: &UiSend
         sent: client.sent,
         clinic_label: host_of(&join.ws_url),
         invite_code: join.invite_code,
+        invite_url: join.invite_url,
         consultation_id: join.consultation_id,
     });
     Ok(())

@@ -8,6 +8,7 @@
 //! - [`clinic`]: background work (in-process clinic server, REST, the call client, demo patient).
 //! - [`attention`]: the chime when a patient arrives, and the doctor's time zone.
 //! - [`devices`]: the camera, microphone and speaker pickers and what a choice opens.
+//! - [`share`]: screen sharing: the share menu, the "you are sharing" bar, what a choice opens.
 //! - [`settings`]: what is remembered between runs (a TOML file; the token in the keyring).
 //!
 //! The app makes no call decisions: admitting, reconnecting, audio-only fallback and quality all
@@ -19,6 +20,7 @@ pub mod clinic;
 pub mod devices;
 pub mod model;
 pub mod settings;
+pub mod share;
 pub mod video;
 pub mod view;
 

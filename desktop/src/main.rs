@@ -46,6 +46,9 @@ struct Args {
     /// Testing only: admit whoever waits.
     #[arg(long, env = "BEDSIDE_AUTO_ADMIT")]
     auto_admit: bool,
+    /// Testing only: share the entire screen once the call is connected.
+    #[arg(long, env = "BEDSIDE_SHARE_SCREEN")]
+    share_screen: bool,
     /// Window size.
     #[arg(long, default_value_t = 1280.0)]
     width: f32,
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
             ws_url,
             token,
             invite_code: args.invite_code,
+            invite_url: None,
             consultation_id: None,
         }),
         (Some(_), None) => anyhow::bail!("--server-url needs BEDSIDE_TOKEN in the environment"),
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
         net: NetOptions { udp_addrs },
         status_file: args.status_file,
         auto_admit: args.auto_admit,
+        share_screen: args.share_screen,
         settings_dir: args.config_dir.unwrap_or_else(SettingsFile::default_dir),
         secrets: Arc::new(Keyring),
         sign_in,

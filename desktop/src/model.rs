@@ -30,7 +30,7 @@ pub enum UiCommand {
         address: String,
         credential: String,
     },
-    /// Put text on the clipboard (the invite code).
+    /// Put text on the clipboard (the patient's invite link, or its code).
     Copy(String),
     /// Send the chat draft to the patient.
     SendChat(String),
@@ -46,6 +46,12 @@ pub enum UiCommand {
     RefreshConsultations,
     /// Sign out of the remote clinic: the credential is revoked on the clinic and forgotten here.
     SignOut,
+    /// Look again for screens and windows to share (the share menu opened).
+    ListShareable,
+    /// Share this screen or window (a [`crate::share::ShareChoice`] id) instead of the camera.
+    ShareScreen(String),
+    /// Stop sharing: the camera again.
+    StopSharing,
     /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
     Call(UserCommand),
     /// Back to the connect screen after a call ended or failed.
@@ -136,6 +142,9 @@ pub struct AppModel {
     pub clinic_label: Option<String>,
     /// The patient's invite code, when we created the consultation.
     pub invite_code: Option<String>,
+    /// The patient's invite link (`<public-url>/j/<code>`), when the clinic gave one: shown and
+    /// copied instead of the code.
+    pub invite_url: Option<String>,
     pub call_state: CallState,
     pub me: Option<ParticipantId>,
     pub waiting: Vec<WaitingPatient>,
@@ -182,6 +191,10 @@ pub struct AppModel {
     /// How many patients arrived in the waiting room this session (the app raises the window's
     /// attention and chimes when it grows).
     pub arrivals: u64,
+    /// What is being shared instead of the camera ("Entire screen (1920x1080)"), if anything.
+    pub sharing: Option<String>,
+    /// What the share menu offers (listed when it opens).
+    pub shareable: Vec<crate::share::ShareChoice>,
 }
 
 impl Default for AppModel {
@@ -191,6 +204,7 @@ impl Default for AppModel {
             has_session: false,
             clinic_label: None,
             invite_code: None,
+            invite_url: None,
             call_state: CallState::Idle,
             me: None,
             waiting: Vec::new(),
@@ -219,6 +233,8 @@ impl Default for AppModel {
             utc_offset_secs: 0,
             seen_waiting: HashSet::new(),
             arrivals: 0,
+            sharing: None,
+            shareable: Vec::new(),
         }
     }
 }
@@ -231,6 +247,8 @@ impl AppModel {
                 if matches!(state, CallState::Ended(_)) {
                     self.waiting.clear();
                     self.peers.clear();
+                    // The capture went with the session.
+                    self.sharing = None;
                     self.peers_reconnecting.clear();
                 }
                 self.busy = None;
@@ -470,6 +488,8 @@ impl AppModel {
             "camera_is_synthetic": self.camera == crate::settings::TEST_PATTERN,
             "banners": self.banners(),
             "stats_samples": self.stats.samples,
+            // Whether, not what: a window's title may hold a patient's name.
+            "sharing": self.sharing.is_some(),
         })
     }
 }

@@ -241,15 +241,26 @@ fn connect_screen(ui: &mut Ui, model: &AppModel, drafts: &mut Drafts, out: &mut 
     });
 }
 
+/// The patient's invite: the link the clinic gave (opened in a browser, or in the patient app
+/// where it is installed), or the code alone where there is no link.
 fn invite_row(ui: &mut Ui, model: &AppModel, out: &mut Vec<UiCommand>) {
-    if let Some(code) = &model.invite_code {
-        ui.horizontal(|ui| {
-            ui.label("Invite code for the patient:");
-            ui.label(RichText::new(code).monospace().strong().size(18.0));
-            if ui.button("Copy").clicked() {
-                out.push(UiCommand::Copy(code.clone()));
-            }
-        });
+    let (label, text, size) = match (&model.invite_url, &model.invite_code) {
+        (Some(url), _) => ("Invite link for the patient:", url, 14.0),
+        (None, Some(code)) => ("Invite code for the patient:", code, 18.0),
+        (None, None) => return,
+    };
+    let row = |ui: &mut Ui| {
+        ui.label(label);
+        ui.label(RichText::new(text).monospace().strong().size(size));
+        if ui.button("Copy").clicked() {
+            out.push(UiCommand::Copy(text.clone()));
+        }
+    };
+    if model.invite_url.is_some() {
+        // A link is longer than the side panel is wide.
+        ui.horizontal_wrapped(row);
+    } else {
+        ui.horizontal(row);
     }
 }
 
@@ -377,6 +388,7 @@ fn in_call_screen(
                     !manual_audio_only,
                 )));
             }
+            crate::share::share_button(ui, model, out);
             leave_button(ui, drafts);
         });
     });
@@ -404,6 +416,7 @@ fn in_call_screen(
             });
         });
     egui::CentralPanel::default().show(ui, |ui| {
+        crate::share::sharing_bar(ui, model, out);
         for banner in model.banners() {
             egui::Frame::new()
                 .fill(Color32::from_rgb(120, 80, 0))

@@ -65,6 +65,7 @@ fn app(
         },
         status_file: None,
         auto_admit: false,
+        share_screen: false,
         settings_dir: dir.join("config"),
         secrets,
         sign_in: None,
@@ -120,6 +121,13 @@ fn a_local_clinic_lists_today_s_consultations_and_switches_between_them() {
     });
     let first = h.state().model().consultation_id.clone().unwrap();
     let first_invite = h.state().model().invite_code.clone().unwrap();
+    let link = h
+        .state()
+        .model()
+        .invite_url
+        .clone()
+        .expect("an invite link");
+    assert!(link.ends_with(&format!("/j/{first_invite}")), "{link}");
     assert_eq!(h.state().model().screen(), Screen::Consultation);
     h.get_by_label("Today's consultations");
     h.get_by_label("you are here");
@@ -272,6 +280,19 @@ fn a_remote_clinic_signs_in_with_a_doctor_credential_and_a_waiting_patient_raise
     assert_eq!(h.state().alerts(), 0);
     // A patient arrives with the invite code the app shows: the doctor is alerted once.
     let code = h.state().model().invite_code.clone().unwrap();
+    // What the doctor copies for the patient is the clinic's link to its join page.
+    let link = h
+        .state()
+        .model()
+        .invite_url
+        .clone()
+        .expect("an invite link");
+    assert!(
+        link.starts_with("http") && link.ends_with(&format!("/j/{code}")),
+        "{link}"
+    );
+    h.get_by_label("Invite link for the patient:");
+    h.get_by_label(link.as_str());
     let _patient = rt
         .block_on(async {
             let mut p = server.connect().await?;

@@ -693,3 +693,76 @@ fn all_text_has_at_least_4_5_to_1_contrast() {
         }
     }
 }
+
+#[test]
+fn the_patient_s_invite_link_is_shown_and_copied_instead_of_the_code() {
+    let mut m = consultation();
+    m.invite_url = Some("https://clinic.test/j/ABCD-1234".into());
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("Invite link for the patient:");
+    h.get_by_label("https://clinic.test/j/ABCD-1234");
+    h.get_by_label("Copy").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Copy("https://clinic.test/j/ABCD-1234".into())]
+    );
+    // Without a link (a join token typed by hand, an old clinic), the code.
+    let mut h = harness(consultation());
+    h.run();
+    h.get_by_label("Invite code for the patient:");
+    h.get_by_label("Copy").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::Copy("ABCD-1234".into())]
+    );
+}
+
+#[test]
+fn sharing_the_screen_is_one_menu_away_says_so_and_stops_in_one_click() {
+    let mut m = in_call();
+    m.shareable = vec![
+        bedside_desktop::share::ShareChoice {
+            id: "screen".into(),
+            name: "Entire screen (1920x1080)".into(),
+        },
+        bedside_desktop::share::ShareChoice {
+            id: "window:4194311".into(),
+            name: "X-ray viewer".into(),
+        },
+    ];
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("Share screen").click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::ListShareable]);
+    h.state_mut().commands.clear();
+    h.get_by_label("X-ray viewer").click();
+    h.run();
+    assert_eq!(
+        h.state().commands,
+        vec![UiCommand::ShareScreen("window:4194311".into())]
+    );
+
+    // While sharing, a bar says what the patient sees; one click stops it.
+    h.state_mut().commands.clear();
+    h.state_mut().model.sharing = Some("X-ray viewer".into());
+    h.run();
+    h.hover_at(egui::pos2(600.0, 890.0));
+    h.run();
+    h.get_by_label("You are sharing: X-ray viewer. The patient sees it.");
+    assert!(h.query_by_label("Share screen").is_none());
+    h.snapshot("in_call_sharing");
+    h.get_by_label("Stop sharing").click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::StopSharing]);
+    // The status says whether, never what (a window's title may hold a name).
+    assert_eq!(h.state().model.status_json()["sharing"], true);
+    // The capture ends with the call, and so does the bar.
+    h.state_mut().model.apply(CallEvent::State(CallState::Ended(
+        bedside_client_core::call::EndReason::Left,
+    )));
+    assert_eq!(h.state().model.sharing, None);
+}

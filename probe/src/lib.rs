@@ -15,7 +15,7 @@ use bedside_client_core::call::{CallEvent, CallState, UserCommand};
 use bedside_client_core::driver::{self, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
 pub use bedside_client_core::impair::SendDelay;
-use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ};
+use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ, VideoFrame};
 use bedside_client_core::pipeline::MediaSources;
 use bedside_protocol::{CandidatePairType, JoinAuth};
 use serde::Serialize;
@@ -104,6 +104,9 @@ pub struct Report {
     /// The send-side bandwidth estimate once a second: (ms since start, kbps).
     pub send_estimate_kbps: Vec<(u64, u32)>,
     pub received_resolution: Option<(u32, u32)>,
+    /// The last decoded picture in brief: the mean luma (16-235) of each cell of an 8x8 grid,
+    /// row by row (what a shared screen looked like at the far end; empty without video).
+    pub received_luma_grid: Vec<u8>,
     pub glass_to_glass_ms_p50: Option<f64>,
     pub glass_to_glass_ms_p95: Option<f64>,
     pub audio_frames_received: u64,
@@ -128,6 +131,25 @@ pub struct Report {
     /// start.
     pub audio_only: Vec<(u64, bool)>,
     pub ended: Option<String>,
+}
+
+/// The mean luma of each cell of an `n` x `n` grid over `frame`, row by row.
+fn luma_grid(frame: &VideoFrame, n: usize) -> Vec<u8> {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let mut out = Vec::with_capacity(n * n);
+    for row in 0..n {
+        for col in 0..n {
+            let (x0, x1) = (col * w / n, (col + 1) * w / n);
+            let (y0, y1) = (row * h / n, (row + 1) * h / n);
+            let sum: u64 = (y0..y1)
+                .flat_map(|y| &frame.y()[y * w + x0..y * w + x1])
+                .map(|&v| u64::from(v))
+                .sum();
+            let count = ((x1 - x0) * (y1 - y0)).max(1) as u64;
+            out.push((sum / count) as u8);
+        }
+    }
+    out
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -268,7 +290,10 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         .load(Ordering::Relaxed);
     report.samples_unsent = client.sent.samples_unsent.load(Ordering::Relaxed);
     // The media of the first remote participant (probes test two-party calls).
-    if let Some(rx) = client.received.stats().into_values().next() {
+    if let Some((peer, rx)) = client.received.stats().into_iter().next() {
+        if let Some(frame) = client.received.video(&peer).and_then(|v| v.latest().1) {
+            report.received_luma_grid = luma_grid(&frame, 8);
+        }
         report.video_frames_decoded = rx.video_frames_decoded;
         report.decoded_fps = rx.decoded_fps();
         report.video_frames_missing = rx.frames_missing;

@@ -16,6 +16,7 @@ use openh264_sys2::{
 
 use super::error::{MediaError, Result};
 use super::frame::VideoFrame;
+use super::source::ContentHint;
 
 /// Encoder settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -128,6 +129,7 @@ pub fn contains_idr(data: &[u8]) -> bool {
 pub struct H264Encoder {
     inner: Encoder,
     config: H264Config,
+    content: ContentHint,
     keyframe_requested: bool,
     frames: u64,
 }
@@ -144,7 +146,11 @@ fn enc_err(e: impl std::fmt::Display) -> MediaError {
     MediaError::H264Encode(e.to_string())
 }
 
-fn build_encoder(c: &H264Config) -> Result<Encoder> {
+fn build_encoder(c: &H264Config, content: ContentHint) -> Result<Encoder> {
+    let usage = match content {
+        ContentHint::Motion => UsageType::CameraVideoRealTime,
+        ContentHint::Text => UsageType::ScreenContentRealTime,
+    };
     let (complexity, analysis) = match c.effort {
         EncoderEffort::Realtime => (Complexity::Low, false),
         EncoderEffort::Balanced => (Complexity::Medium, true),
@@ -156,7 +162,7 @@ fn build_encoder(c: &H264Config) -> Result<Encoder> {
         .bitrate(BitRate::from_bps(c.bitrate_bps))
         .max_frame_rate(FrameRate::from_hz(c.max_fps))
         .skip_frames(c.frame_skip)
-        .usage_type(UsageType::CameraVideoRealTime)
+        .usage_type(usage)
         .rate_control_mode(RateControlMode::Bitrate)
         .num_threads(c.threads);
     Encoder::with_api_config(OpenH264API::from_source(), cfg).map_err(enc_err)
@@ -171,8 +177,9 @@ impl H264Encoder {
     pub fn new(config: H264Config) -> Result<Self> {
         config.validate()?;
         Ok(Self {
-            inner: build_encoder(&config)?,
+            inner: build_encoder(&config, ContentHint::Motion)?,
             config,
+            content: ContentHint::Motion,
             keyframe_requested: false,
             frames: 0,
         })
@@ -181,6 +188,27 @@ impl H264Encoder {
     /// The current settings.
     pub fn config(&self) -> &H264Config {
         &self.config
+    }
+
+    /// What the encoder is tuned for.
+    pub fn content(&self) -> ContentHint {
+        self.content
+    }
+
+    /// Tunes the encoder for camera video or for screen content (openh264's
+    /// `SCREEN_CONTENT_REAL_TIME`: sharper text, fewer bits for what did not change). A change
+    /// rebuilds the encoder; its next output is an IDR.
+    ///
+    /// # Errors
+    /// [`MediaError::H264Encode`] if openh264 cannot be created.
+    pub fn set_content(&mut self, content: ContentHint) -> Result<()> {
+        if content != self.content {
+            self.inner = build_encoder(&self.config, content)?;
+            self.content = content;
+            self.frames = 0;
+            self.keyframe_requested = false;
+        }
+        Ok(())
     }
 
     /// Forces the next encoded frame to be an IDR (answer to a PLI/FIR).
@@ -227,7 +255,7 @@ impl H264Encoder {
             }
         } else {
             // Not yet initialised (openh264 initialises on the first frame): rebuild.
-            self.inner = build_encoder(&new)?;
+            self.inner = build_encoder(&new, self.content)?;
         }
         self.config = new;
         Ok(())
@@ -257,7 +285,7 @@ impl H264Encoder {
                 )));
             }
         } else {
-            self.inner = build_encoder(&new)?;
+            self.inner = build_encoder(&new, self.content)?;
         }
         self.config = new;
         Ok(())
@@ -276,7 +304,7 @@ impl H264Encoder {
         };
         new.validate()?;
         if (width, height) != (self.config.width, self.config.height) {
-            self.inner = build_encoder(&new)?;
+            self.inner = build_encoder(&new, self.content)?;
             self.frames = 0;
             self.keyframe_requested = false;
         }

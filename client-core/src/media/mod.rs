@@ -21,6 +21,8 @@
 //! - [`playout`]: the adaptive audio jitter buffer with FEC and PLC.
 //! - [`sink`]: the UI's [`LatestFrame`].
 //! - `devices` (feature `devices`): real cameras, microphones and speakers.
+//! - [`screen`]: screen sharing: the encoding policy for screen content, and (feature `devices`,
+//!   X11) the screen or a window as a [`VideoSource`].
 //! - `apm` (feature `devices`): echo cancellation, noise suppression and automatic gain on the
 //!   microphone path, the speaker's output as the echo reference.
 
@@ -32,6 +34,7 @@ pub mod opus_codec;
 pub mod pattern;
 pub mod playout;
 pub mod red;
+pub mod screen;
 pub mod sink;
 pub mod source;
 pub mod tone;
@@ -53,7 +56,8 @@ pub use playout::{AudioPlayoutBuffer, Playout, PlayoutConfig, PlayoutKind, Playo
 pub use red::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder};
 pub use sink::{LatestFrame, PLAYED_AUDIO_CAPACITY, PlayedAudio};
 pub use source::{
-    AudioSource, Capture, FramePusher, NoDevice, PushedSource, VideoSource, push_source,
+    AudioSource, Capture, ContentHint, FramePusher, NoDevice, PushedSource, VideoSource,
+    push_source,
 };
 pub use tone::{
     AudioMarker, AudioMarkerReader, DOCTOR_TONE_HZ, PATIENT_TONE_HZ, ToneConfig, ToneSource,

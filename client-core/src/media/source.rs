@@ -28,12 +28,29 @@ impl<T> Capture<T> {
     }
 }
 
+/// What a video source shows, which decides how it is encoded (as WebRTC's
+/// `MediaStreamTrack.contentHint`: "motion" or "text"/"detail").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentHint {
+    /// A camera: smooth motion matters more than sharp detail.
+    #[default]
+    Motion,
+    /// A shared screen or window: text must stay legible, a low frame rate is fine (see
+    /// [`super::screen::screen_encoding`]).
+    Text,
+}
+
 /// A source of video frames, polled by the call driver.
 ///
 /// `now_us` is the session clock in microseconds: sources never read the clock themselves.
 pub trait VideoSource: Send {
     /// The next frame to send, if any.
     fn poll_video(&mut self, now_us: u64) -> Capture<VideoFrame>;
+
+    /// What this source shows (a camera unless it says otherwise).
+    fn content_hint(&self) -> ContentHint {
+        ContentHint::Motion
+    }
 }
 
 /// A source of 20 ms audio frames, polled by the call driver.

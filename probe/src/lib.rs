@@ -135,8 +135,8 @@ pub struct Report {
     /// start.
     pub audio_only: Vec<(u64, bool)>,
     pub ended: Option<String>,
-    /// With end-to-end encryption on: the last safety code shown (every participant's must
-    /// match), and what the frame transform did.
+    /// With end-to-end encryption on: the last safety code shown while someone else was there
+    /// (every participant's must match), and what the frame transform did.
     pub safety_code: Option<String>,
     pub e2ee_frames_encrypted: u64,
     pub e2ee_frames_decrypted: u64,
@@ -233,7 +233,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                             _ => {}
                         }
                     }
-                    CallEvent::SafetyCode(code) => report.safety_code = code,
+                    // The last code shown (it goes back to none when the other one leaves).
+                    CallEvent::SafetyCode(Some(code)) => report.safety_code = Some(code),
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
                     }

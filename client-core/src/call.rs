@@ -334,6 +334,9 @@ pub enum CallEvent {
         to: Option<ParticipantId>,
         reason: String,
     },
+    /// End-to-end encryption's safety code (`e2ee::safety_code`) changed: the participants
+    /// compare it aloud. `None` while some participant's key is still missing.
+    SafetyCode(Option<String>),
     /// A refusal that does not end the call (e.g. admitting someone who already left).
     Error {
         code: ErrorCode,
@@ -1092,6 +1095,8 @@ impl Call {
                 }
             }
             ServerMessage::IceServers { ice_servers } => self.ice_servers = ice_servers,
+            // The driver hands these to its `e2ee::Session`: keys are not the call's business.
+            ServerMessage::E2ee { .. } => {}
             ServerMessage::Ended { .. } => self.end(EndReason::ConsultationEnded),
             ServerMessage::Error { code, message, .. } => self.on_error(now, code, message),
             ServerMessage::Ping { nonce } => self.send(ClientMessage::Pong { nonce }),

@@ -18,9 +18,10 @@ use crate::call::{
     Call, CallConfig, CallEvent, EngineEvent, MediaCommand, Output, SignalingCommand,
     SignalingEvent, UserCommand,
 };
+use crate::e2ee::{self, FrameCrypto};
 use crate::engine::{Engine, EngineError, EngineSettings, LocalTracks};
 use crate::media::H264Config;
-use crate::pipeline::{self, MediaSources, Received, SendCommand, SendStats};
+use crate::pipeline::{self, FrameTransform, MediaSources, Received, SendCommand, SendStats};
 use crate::signaling::{Incoming, SignalingConnection};
 use crate::stats::{RawStats, StatsTracker};
 
@@ -37,6 +38,13 @@ pub struct ClientOptions {
     pub seed: u64,
     /// The video encoder's starting point (the quality ladder moves it).
     pub video: H264Config,
+    /// End-to-end encryption of media (SFrame, `e2ee`): every participant of the consultation
+    /// must have it on, or they cannot decode each other. Off by default: a 1:1 call is
+    /// already end to end (DTLS-SRTP, peer to peer); calls through a forwarding server need it.
+    pub e2ee: bool,
+    /// Testing only: record this many of the first encoded frames of each kind as they go to
+    /// the packetizer (`Client::transform`'s tap).
+    pub tap_frames: usize,
 }
 
 impl ClientOptions {
@@ -48,6 +56,8 @@ impl ClientOptions {
             call: CallConfig::default(),
             seed: rand::random(),
             video: H264Config::default(),
+            e2ee: false,
+            tap_frames: 0,
         }
     }
 }
@@ -96,6 +106,8 @@ pub struct Client {
     /// Remote video (latest frame per participant) and receive statistics.
     pub received: Received,
     pub sent: Arc<SendStats>,
+    /// The frame transform between codecs and packetizer (end-to-end encryption, the tap).
+    pub transform: FrameTransform,
 }
 
 /// Starts a client capturing from `sources`; it does nothing until it is sent
@@ -113,8 +125,20 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
     }
     let engine = Engine::new(engine_settings, tracks.clone(), engine_tx, media_tx);
     let (keyframe_tx, keyframe_rx) = mpsc::unbounded_channel();
-    let received = pipeline::start_receiver(media_rx, keyframe_tx);
-    let (media, sent) = pipeline::start_sender(sources, tracks.clone(), options.video);
+    let crypto = Arc::new(std::sync::Mutex::new(FrameCrypto::new()));
+    let (e2ee, mut transform) = match options.e2ee {
+        true => (
+            Some(e2ee::Session::new(rand::random())),
+            FrameTransform::encrypted(crypto.clone()),
+        ),
+        false => (None, FrameTransform::none()),
+    };
+    if options.tap_frames > 0 {
+        transform = transform.with_tap(options.tap_frames);
+    }
+    let received = pipeline::start_receiver(media_rx, keyframe_tx, transform.clone());
+    let (media, sent) =
+        pipeline::start_sender(sources, tracks.clone(), options.video, transform.clone());
     let media_commands = media.clone();
     let mut call_config = options.call.clone();
     call_config.video_size = (options.video.width, options.video.height);
@@ -134,6 +158,8 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
         media,
         received: received.clone(),
         sent: sent.clone(),
+        e2ee,
+        crypto,
     };
     let task = tokio::spawn(driver.run());
     Ok(Client {
@@ -146,6 +172,7 @@ pub fn start(options: ClientOptions, sources: MediaSources) -> Result<Client, En
         events,
         received,
         sent,
+        transform,
     })
 }
 
@@ -175,6 +202,9 @@ struct Driver {
     /// What the media pipeline decoded, for the statistics.
     received: Received,
     sent: Arc<SendStats>,
+    /// The end-to-end key schedule (when on) and the keys it gives the frame transform.
+    e2ee: Option<e2ee::Session>,
+    crypto: Arc<std::sync::Mutex<FrameCrypto>>,
 }
 
 /// How often call statistics are read.
@@ -192,6 +222,7 @@ impl Driver {
         let mut bandwidth_tick = tokio::time::interval(BANDWIDTH_INTERVAL);
         bandwidth_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.carry_out_e2ee();
             self.carry_out().await;
             if matches!(self.call.state(), crate::call::CallState::Ended(_)) {
                 break;
@@ -213,8 +244,10 @@ impl Driver {
                     }
                 },
                 Some(ev) = link_rx.recv() => {
-                    if ev.generation == self.generation {
-                        self.call.handle_signaling(Instant::now(), ev.event);
+                    if ev.generation == self.generation
+                        && let Some(event) = self.observe_e2ee(ev.event)
+                    {
+                        self.call.handle_signaling(Instant::now(), event);
                     }
                 }
                 Some(ev) = self.engine_rx.recv() => {
@@ -290,6 +323,73 @@ impl Driver {
                 Output::Event(event) => {
                     let _ = self.events.send(event);
                 }
+            }
+        }
+    }
+
+    /// Shows the key schedule what it needs of the consultation (who is there, who joined,
+    /// who left) and takes its own messages; everything else goes on to the call.
+    fn observe_e2ee(&mut self, event: SignalingEvent) -> Option<SignalingEvent> {
+        use bedside_protocol::ServerMessage;
+        let Some(session) = self.e2ee.as_mut() else {
+            return Some(event);
+        };
+        if let SignalingEvent::Message(msg) = &event {
+            match msg {
+                ServerMessage::E2ee { from, message } => {
+                    session.handle_message(from, message.clone());
+                    return None;
+                }
+                ServerMessage::Admitted { peers, .. } => {
+                    for peer in peers {
+                        session.peer_present(&peer.participant_id);
+                    }
+                }
+                ServerMessage::PeerJoined { peer } => session.peer_joined(&peer.participant_id),
+                ServerMessage::PeerBack { participant_id } => session.peer_present(participant_id),
+                ServerMessage::PeerLeft { participant_id, .. } => session.peer_left(participant_id),
+                _ => {}
+            }
+        }
+        Some(event)
+    }
+
+    /// Carries out what the key schedule asked for: messages to peers, keys to the frame
+    /// transform (a new send key also forces a keyframe, the first picture its readers can
+    /// decode), the safety code to the UI.
+    fn carry_out_e2ee(&mut self) {
+        let Some(session) = self.e2ee.as_mut() else {
+            return;
+        };
+        while let Some(output) = session.poll_output() {
+            let mut crypto = self.crypto.lock().unwrap_or_else(|p| p.into_inner());
+            let applied = match output {
+                e2ee::Output::Send { to, message } => {
+                    if let Some(link) = &self.link {
+                        let _ = link.send(bedside_protocol::ClientMessage::E2ee { to, message });
+                    }
+                    Ok(())
+                }
+                e2ee::Output::SendKey { key_id, material } => {
+                    let _ = self.media.send(SendCommand::Keyframe);
+                    crypto.set_send_key(key_id, &material)
+                }
+                e2ee::Output::ReceiveKey {
+                    from,
+                    key_id,
+                    material,
+                } => crypto.add_receive_key(&from, key_id, &material),
+                e2ee::Output::Forget(peer) => {
+                    crypto.forget(&peer);
+                    Ok(())
+                }
+                e2ee::Output::SafetyCode(code) => {
+                    let _ = self.events.send(CallEvent::SafetyCode(code));
+                    Ok(())
+                }
+            };
+            if let Err(e) = applied {
+                tracing::warn!(error = %e, "an end-to-end key was not usable");
             }
         }
     }

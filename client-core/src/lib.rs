@@ -6,12 +6,14 @@
 //!   WebRTC [`engine`], the media [`pipeline`] (over [`media`]) and call [`stats`].
 //! - [`signaling`]: the WebSocket connection to the clinic server that speaks
 //!   `bedside-protocol`.
+//! - [`e2ee`]: end-to-end media encryption (SFrame frames, HPKE-sealed per-sender keys).
 //! - [`turn_tcp`]: TURN over TCP and TLS, which webrtc 0.21 lacks, for TCP-only networks.
 
 pub mod backoff;
 pub mod call;
 pub mod congestion;
 pub mod driver;
+pub mod e2ee;
 pub mod engine;
 #[cfg(feature = "impair")]
 pub mod impair;

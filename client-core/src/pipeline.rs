@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bedside_protocol::ParticipantId;
 use tokio::sync::mpsc;
 
+use crate::e2ee::{Codec, FrameCrypto, FrameCryptoStats};
 use crate::engine::{LocalTracks, MediaKind, PayloadTypes, RemoteMedia};
 use crate::media::red;
 use crate::media::screen::{self, LadderTarget};
@@ -44,6 +45,104 @@ pub fn wall_us() -> u64 {
 /// `later - earlier` on the 48-bit wall clock, in milliseconds.
 fn elapsed_ms(later: u64, earlier: u64) -> f64 {
     ((later + WRAP_48 - earlier) % WRAP_48) as f64 / 1000.0
+}
+
+/// The frame transform hook: what happens to each encoded frame between the encoder and the
+/// packetizer ([`Self::outbound`]) and between the depacketizer and the decoder
+/// ([`Self::inbound`]). With end-to-end encryption on it is SFrame ([`crate::e2ee`]); off, frames
+/// pass as they are. Clones share one state.
+#[derive(Clone, Default)]
+pub struct FrameTransform {
+    crypto: Option<Arc<Mutex<FrameCrypto>>>,
+    tap: Option<Arc<FrameTap>>,
+}
+
+/// Testing only: a copy of the first frames handed to the packetizer (after the transform),
+/// to show what goes on the wire.
+#[derive(Debug, Default)]
+pub struct FrameTap {
+    limit: usize,
+    frames: Mutex<Vec<(Codec, Vec<u8>)>>,
+}
+
+impl FrameTap {
+    /// The frames recorded so far.
+    pub fn frames(&self) -> Vec<(Codec, Vec<u8>)> {
+        self.frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl FrameTransform {
+    /// Frames pass untouched.
+    pub fn none() -> Self {
+        FrameTransform::default()
+    }
+
+    /// SFrame with the keys `crypto` is given (by the driver's `e2ee::Session`).
+    pub fn encrypted(crypto: Arc<Mutex<FrameCrypto>>) -> Self {
+        FrameTransform {
+            crypto: Some(crypto),
+            tap: None,
+        }
+    }
+
+    /// Also records the first `limit` outbound frames of each kind ([`Self::tap`]).
+    pub fn with_tap(mut self, limit: usize) -> Self {
+        self.tap = Some(Arc::new(FrameTap {
+            limit,
+            frames: Mutex::new(Vec::new()),
+        }));
+        self
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    pub fn tap(&self) -> Option<&Arc<FrameTap>> {
+        self.tap.as_ref()
+    }
+
+    /// What encryption has done so far (`None`: off).
+    pub fn stats(&self) -> Option<FrameCryptoStats> {
+        Some(self.lock()?.stats().clone())
+    }
+
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, FrameCrypto>> {
+        Some(
+            self.crypto
+                .as_ref()?
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// The frame to packetize, or `None` to send nothing (no key yet).
+    pub fn outbound(&self, codec: Codec, frame: bytes::Bytes) -> Option<bytes::Bytes> {
+        let frame = match self.lock() {
+            None => frame,
+            Some(mut crypto) => crypto.encrypt(codec, &frame).ok()?.into(),
+        };
+        if let Some(tap) = &self.tap {
+            let mut frames = tap.frames.lock().unwrap_or_else(|p| p.into_inner());
+            if frames.iter().filter(|(c, _)| *c == codec).count() < tap.limit {
+                frames.push((codec, frame.to_vec()));
+            }
+        }
+        Some(frame)
+    }
+
+    /// The frame to decode, or `None` when it does not decrypt (no key for it yet, or not
+    /// ours to read): it is then treated as lost.
+    pub fn inbound(&self, from: &ParticipantId, codec: Codec, frame: &[u8]) -> Option<Vec<u8>> {
+        match self.lock() {
+            None => Some(frame.to_vec()),
+            Some(mut crypto) => crypto.decrypt(from, codec, frame).ok(),
+        }
+    }
 }
 
 /// What a participant captures.
@@ -156,6 +255,7 @@ pub fn start_sender(
     mut sources: MediaSources,
     tracks: Arc<LocalTracks>,
     video: H264Config,
+    transform: FrameTransform,
 ) -> (std_mpsc::Sender<SendCommand>, Arc<SendStats>) {
     let (commands, command_rx) = std_mpsc::channel();
     let stats = Arc::new(SendStats::default());
@@ -282,8 +382,14 @@ pub fn start_sender(
     tokio::spawn(async move {
         while let Some(encoded) = out_rx.recv().await {
             let unsent = match encoded {
-                Encoded::Video(data, duration) => tracks.write_video(data, duration).await,
-                Encoded::Audio(data) => tracks.write_audio(data, Duration::from_millis(20)).await,
+                Encoded::Video(data, duration) => match transform.outbound(Codec::H264, data) {
+                    Some(data) => tracks.write_video(data, duration).await,
+                    None => 0,
+                },
+                Encoded::Audio(data) => match transform.outbound(Codec::Opus, data) {
+                    Some(data) => tracks.write_audio(data, Duration::from_millis(20)).await,
+                    None => 0,
+                },
             };
             task_stats
                 .samples_unsent
@@ -432,12 +538,13 @@ impl PeerRx {
 pub fn start_receiver(
     media: std_mpsc::Receiver<RemoteMedia>,
     keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
+    transform: FrameTransform,
 ) -> Received {
     let received = Received::default();
     let shared = received.clone();
     std::thread::Builder::new()
         .name("bedside-media-recv".into())
-        .spawn(move || receive_loop(media, shared, keyframe_needed))
+        .spawn(move || receive_loop(media, shared, keyframe_needed, transform))
         .expect("spawn the media receive thread");
     received
 }
@@ -446,6 +553,7 @@ fn receive_loop(
     media: std_mpsc::Receiver<RemoteMedia>,
     shared: Received,
     keyframe_needed: mpsc::UnboundedSender<ParticipantId>,
+    transform: FrameTransform,
 ) {
     let epoch = Instant::now();
     let mut peers: HashMap<ParticipantId, PeerRx> = HashMap::new();
@@ -458,11 +566,15 @@ fn receive_loop(
                     .entry(item.peer.clone())
                     .or_insert_with(|| PeerRx::new(&item.peer, &shared));
                 match item.kind {
-                    MediaKind::Video => receive_video(&item, rx, &shared, &keyframe_needed),
+                    MediaKind::Video => {
+                        receive_video(&item, rx, &shared, &keyframe_needed, &transform)
+                    }
                     MediaKind::Audio => {
                         if let Some(buffer) = rx.audio.as_mut() {
                             let arrival = item.arrived.duration_since(epoch).as_micros() as u64;
-                            push_audio(buffer, &item.packet, item.payload_types, arrival);
+                            let open =
+                                |data: &[u8]| transform.inbound(&item.peer, Codec::Opus, data);
+                            push_audio(buffer, &item.packet, item.payload_types, arrival, open);
                         }
                     }
                 }
@@ -499,10 +611,11 @@ fn receive_video(
     rx: &mut PeerRx,
     shared: &Received,
     keyframe_needed: &mpsc::UnboundedSender<ParticipantId>,
+    transform: &FrameTransform,
 ) {
     rx.video.push(item.packet.clone());
     while let Some(unit) = rx.video.pop() {
-        decode_access_unit(&item.peer, unit, rx, shared, keyframe_needed);
+        decode_access_unit(&item.peer, unit, rx, shared, keyframe_needed, transform);
     }
 }
 
@@ -510,15 +623,27 @@ fn receive_video(
 /// and shows it, or freezes and asks for a keyframe when its reference was lost.
 fn decode_access_unit(
     peer: &ParticipantId,
-    sample: AccessUnit,
+    mut sample: AccessUnit,
     rx: &mut PeerRx,
     shared: &Received,
     keyframe_needed: &mpsc::UnboundedSender<ParticipantId>,
+    transform: &FrameTransform,
 ) {
     let Some(decoder) = rx.decoder.as_mut() else {
         return;
     };
-    let idr = contains_idr(&sample.data);
+    // NAL headers stay in the clear under SFrame, so this reads the same either way.
+    let mut idr = contains_idr(&sample.data);
+    if transform.is_encrypted() {
+        match transform.inbound(peer, Codec::H264, &sample.data) {
+            Some(plain) => sample.data = plain.into(),
+            // Not readable (yet): like a lost frame, nothing decodes until a keyframe that is.
+            None => {
+                rx.lost_reference = true;
+                idr = false;
+            }
+        }
+    }
     // Padding-only packets (Chromium's bandwidth probes on the video SSRC when it has no
     // RTX) take sequence numbers and carry no media: the assembler counts them apart, as
     // they are not loss. Only dropped media packets lose a reference.
@@ -589,15 +714,21 @@ fn push_audio(
     packet: &rtc::rtp::Packet,
     types: PayloadTypes,
     arrival_us: u64,
+    open: impl Fn(&[u8]) -> Option<Vec<u8>>,
 ) {
     let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
     if Some(packet.header.payload_type) != types.red {
-        buffer.push(seq, ts, packet.payload.to_vec(), arrival_us);
+        // A packet that does not open is left out: the buffer conceals it as lost.
+        if let Some(frame) = open(&packet.payload) {
+            buffer.push(seq, ts, frame, arrival_us);
+        }
         return;
     }
     match red::decode(&packet.payload) {
         Ok((redundant, primary)) => {
-            buffer.push(seq, ts, primary.data.to_vec(), arrival_us);
+            if let Some(frame) = open(&primary.data) {
+                buffer.push(seq, ts, frame, arrival_us);
+            }
             // Oldest first, one 20 ms frame per packet: the last block is the packet just
             // before. A block that is not Opus or not where that puts it (another sender's
             // distance, a gap) is not placed.
@@ -606,8 +737,9 @@ fn push_audio(
                 let back = count - i;
                 if Some(block.payload_type) == types.opus
                     && block.timestamp_offset as usize == back * FRAME_SAMPLES
+                    && let Some(frame) = open(&block.data)
                 {
-                    buffer.push_redundant(seq.wrapping_sub(back as u16), block.data.to_vec());
+                    buffer.push_redundant(seq.wrapping_sub(back as u16), frame);
                 }
             }
         }
@@ -672,6 +804,11 @@ mod tests {
 
     const OFFERED: PayloadTypes = PayloadTypes::OFFERED;
 
+    /// No end-to-end encryption: every frame opens as it is.
+    fn plain(data: &[u8]) -> Option<Vec<u8>> {
+        Some(data.to_vec())
+    }
+
     /// An RTP packet of RED payload, sequence number `seq`, one 20 ms frame per number.
     fn red_packet(seq: u16, payload: bytes::Bytes) -> rtc::rtp::Packet {
         rtc::rtp::Packet {
@@ -699,7 +836,13 @@ mod tests {
             let encoded = opus.encode(&tone.next_frame(now)).unwrap();
             let payload = red.encode(OPUS_PAYLOAD_TYPE, encoded.into(), 960);
             if seq != 10 && seq != 11 {
-                push_audio(&mut buffer, &red_packet(seq, payload), OFFERED, now + 5_000);
+                push_audio(
+                    &mut buffer,
+                    &red_packet(seq, payload),
+                    OFFERED,
+                    now + 5_000,
+                    plain,
+                );
             }
             buffer.pull(now + 10_000);
             now += FRAME_US;
@@ -732,7 +875,13 @@ mod tests {
                 };
                 let payload = red::encode_payload(&[block], OPUS_PAYLOAD_TYPE, &encoded);
                 if seq != 5 {
-                    push_audio(&mut buffer, &red_packet(seq, payload), OFFERED, now + 5_000);
+                    push_audio(
+                        &mut buffer,
+                        &red_packet(seq, payload),
+                        OFFERED,
+                        now + 5_000,
+                        plain,
+                    );
                 }
                 buffer.pull(now + 10_000);
                 now += FRAME_US;
@@ -764,7 +913,7 @@ mod tests {
                 let mut packet = red_packet(seq, red.encode(block_pt, encoded.into(), 960));
                 packet.header.payload_type = packet_pt;
                 if seq != 10 {
-                    push_audio(&mut buffer, &packet, theirs, now + 5_000);
+                    push_audio(&mut buffer, &packet, theirs, now + 5_000, plain);
                 }
                 buffer.pull(now + 10_000);
                 now += FRAME_US;
@@ -884,7 +1033,7 @@ mod tests {
             payload_types: OFFERED,
             arrived,
         };
-        receive_video(&item, rx, shared, tx);
+        receive_video(&item, rx, shared, tx, &FrameTransform::none());
     }
 
     #[test]

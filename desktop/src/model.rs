@@ -157,6 +157,9 @@ pub struct AppModel {
     pub camera_enabled: bool,
     /// `Some(manual)` while audio-only.
     pub audio_only: Option<bool>,
+    /// With end-to-end encryption on: `Some(code)` to compare aloud, `Some(None)` while keys are
+    /// still on their way. `None`: encryption is off (or no key has been exchanged yet).
+    pub safety_code: Option<Option<String>>,
     pub stats: StatsHistory,
     pub last_stats: Option<StatsReport>,
     /// The last non-fatal error, or why connecting failed.
@@ -214,6 +217,7 @@ impl Default for AppModel {
             mic_muted: false,
             camera_enabled: true,
             audio_only: None,
+            safety_code: None,
             stats: StatsHistory::default(),
             last_stats: None,
             error: None,
@@ -315,6 +319,7 @@ impl AppModel {
             CallEvent::ChatNotDelivered { reason, .. } => {
                 self.chat_notice = Some(format!("Message not delivered: {reason}"));
             }
+            CallEvent::SafetyCode(code) => self.safety_code = Some(code),
             CallEvent::Error { code, message } => {
                 self.error = Some(format!("{code:?}: {message}"));
             }
@@ -416,6 +421,16 @@ impl AppModel {
     pub fn local_time(&self, unix_secs: u64) -> String {
         let local = (unix_secs as i64 + i64::from(self.utc_offset_secs)).rem_euclid(86_400);
         format!("{:02}:{:02}", local / 3600, local % 3600 / 60)
+    }
+
+    /// The end-to-end encryption line of the side panel, when encryption is on.
+    pub fn encryption_line(&self) -> Option<String> {
+        match self.safety_code.as_ref()? {
+            Some(code) => Some(format!(
+                "End-to-end encrypted. Safety code {code}: read it aloud; everyone must see the same."
+            )),
+            None => Some("End-to-end encryption: exchanging keys…".to_owned()),
+        }
     }
 
     /// The banners over the call, most important first.

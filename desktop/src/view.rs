@@ -396,6 +396,10 @@ fn in_call_screen(
         .default_size(320.0)
         .show(ui, |ui| {
             egui::ScrollArea::vertical().show(ui, |ui| {
+                if let Some(line) = model.encryption_line() {
+                    ui.label(egui::RichText::new(line).strong());
+                    ui.separator();
+                }
                 invite_row(ui, model, out);
                 if !model.waiting.is_empty() {
                     waiting_room(ui, model, drafts, out);

@@ -766,3 +766,21 @@ fn sharing_the_screen_is_one_menu_away_says_so_and_stops_in_one_click() {
     )));
     assert_eq!(h.state().model.sharing, None);
 }
+
+/// With end-to-end encryption on, the side panel says so, first while keys are exchanged and
+/// then with the safety code to read aloud.
+#[test]
+fn in_call_shows_the_safety_code_when_encrypted() {
+    let mut m = in_call();
+    assert_eq!(m.encryption_line(), None, "no line while encryption is off");
+    m.apply(CallEvent::SafetyCode(None));
+    let mut h = harness(m.clone());
+    h.run();
+    h.get_by_label("End-to-end encryption: exchanging keys…");
+    m.apply(CallEvent::SafetyCode(Some("042 917 335 608".into())));
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label(
+        "End-to-end encrypted. Safety code 042 917 335 608: read it aloud; everyone must see the same.",
+    );
+}

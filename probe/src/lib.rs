@@ -44,6 +44,11 @@ pub struct ProbeOptions {
     /// A private CA (PEM) trusted beside the web's roots, for `wss://` signaling and `turns:`
     /// relays with certificates of a clinic's or a lab's own CA.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// End-to-end encryption of media (SFrame); both probes of a call must agree.
+    pub e2ee: bool,
+    /// Testing only: keep the first this many encoded frames of each kind as handed to the
+    /// packetizer (after encryption), in [`Report::tapped_frames`].
+    pub tap_frames: usize,
 }
 
 impl ProbeOptions {
@@ -61,6 +66,8 @@ impl ProbeOptions {
             bitrate_kbps: 1500,
             send_delay: None,
             ca_cert_pem: None,
+            e2ee: false,
+            tap_frames: 0,
         }
     }
 
@@ -131,6 +138,16 @@ pub struct Report {
     /// start.
     pub audio_only: Vec<(u64, bool)>,
     pub ended: Option<String>,
+    /// With end-to-end encryption on: the last safety code shown while someone else was there
+    /// (every participant's must match), and what the frame transform did.
+    pub safety_code: Option<String>,
+    pub e2ee_frames_encrypted: u64,
+    pub e2ee_frames_decrypted: u64,
+    /// Frames that did not decrypt (typically the few that arrive before their key).
+    pub e2ee_decrypt_failures: u64,
+    /// The tapped frames (`ProbeOptions::tap_frames`): "h264" or "opus", and the bytes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tapped_frames: Vec<(String, Vec<u8>)>,
 }
 
 /// The mean luma of each cell of an `n` x `n` grid over `frame`, row by row.
@@ -184,6 +201,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         bitrate_bps: options.bitrate_kbps * 1000,
         ..H264Config::default()
     };
+    client_options.e2ee = options.e2ee;
+    client_options.tap_frames = options.tap_frames;
     let (tag, tone) = if options.is_patient() {
         (2, PATIENT_TONE_HZ)
     } else {
@@ -236,6 +255,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                             _ => {}
                         }
                     }
+                    // The last code shown (it goes back to none when the other one leaves).
+                    CallEvent::SafetyCode(Some(code)) => report.safety_code = Some(code),
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
                     }
@@ -289,6 +310,24 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         .keyframe_requests_received
         .load(Ordering::Relaxed);
     report.samples_unsent = client.sent.samples_unsent.load(Ordering::Relaxed);
+    if let Some(e2ee) = client.transform.stats() {
+        report.e2ee_frames_encrypted = e2ee.frames_encrypted;
+        report.e2ee_frames_decrypted = e2ee.frames_decrypted;
+        report.e2ee_decrypt_failures = e2ee.decrypt_failures;
+    }
+    if let Some(tap) = client.transform.tap() {
+        report.tapped_frames = tap
+            .frames()
+            .into_iter()
+            .map(|(codec, data)| {
+                let name = match codec {
+                    bedside_client_core::e2ee::Codec::H264 => "h264",
+                    bedside_client_core::e2ee::Codec::Opus => "opus",
+                };
+                (name.to_owned(), data)
+            })
+            .collect();
+    }
     // The media of the first remote participant (probes test two-party calls).
     if let Some((peer, rx)) = client.received.stats().into_iter().next() {
         if let Some(frame) = client.received.video(&peer).and_then(|v| v.latest().1) {

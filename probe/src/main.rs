@@ -52,6 +52,9 @@ struct Args {
     /// private CA.
     #[arg(long)]
     ca_cert: Option<std::path::PathBuf>,
+    /// Encrypt media end to end (SFrame, keys over signaling); every participant must.
+    #[arg(long)]
+    e2ee: bool,
 }
 
 #[tokio::main]
@@ -89,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             delay: Duration::from_millis(args.delay_ms),
             jitter: Duration::from_millis(args.jitter_ms),
         }),
+        e2ee: args.e2ee,
         ..ProbeOptions::new(args.server, auth)
     })
     .await?;

@@ -16,6 +16,8 @@
 //! 3. Admitted participants exchange `offer`, `answer`, `ice_candidate` and `ice_restart`, each
 //!    addressed to one peer (`to`) and delivered with the sender's id (`from`). By convention the
 //!    participant who is admitted later sends the offer to each peer listed in its `admitted`.
+//!    With end-to-end encryption on, they also exchange `e2ee` messages ([`E2eeMessage`]) the
+//!    same way.
 //! 4. When a participant's link drops, its seat is kept for the rejoin window and the others see
 //!    `peer_reconnecting`; a `resume` inside the window brings `peer_back`, otherwise they see
 //!    `peer_left`.
@@ -135,6 +137,29 @@ pub struct IceCandidate {
     pub sdp_mline_index: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username_fragment: Option<String>,
+}
+
+/// What participants tell each other to encrypt media end to end (SFrame, RFC 9605; the key
+/// schedule is `client-core`'s `e2ee` module). The server relays these between admitted seats
+/// and can read none of the keys: the sender keys are sealed with HPKE to the recipient's
+/// X25519 public key. Binary fields are base64 (standard alphabet, padded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum E2eeMessage {
+    /// SHA-256 of the public key the sender will reveal: sent before the key, so that whoever
+    /// relays the keys must commit to a key of its own before it sees the recipient's (what
+    /// keeps the safety code short).
+    Commit { hash: String },
+    /// The sender's X25519 public key (32 bytes), sent to a peer once its commitment arrived.
+    PublicKey { key: String },
+    /// The sender's media key (its SFrame base key) for `key_id`, sealed to the recipient with
+    /// HPKE (X25519, HKDF-SHA256, AES-128-GCM, authenticated mode): `enc` is the encapsulated
+    /// key, `sealed` the ciphertext.
+    SenderKey {
+        key_id: u64,
+        enc: String,
+        sealed: String,
+    },
 }
 
 /// A STUN or TURN server a client should use, with short-lived TURN credentials.
@@ -357,6 +382,12 @@ pub enum ClientMessage {
     IceRestart {
         to: ParticipantId,
     },
+    /// An end-to-end encryption message for one peer ([`E2eeMessage`]), relayed as it is: the
+    /// server reads only `to`.
+    E2ee {
+        to: ParticipantId,
+        message: E2eeMessage,
+    },
     /// Ask for fresh ICE servers (TURN credentials are short-lived).
     RefreshIceServers,
     /// Call-quality telemetry.
@@ -433,6 +464,10 @@ pub enum ServerMessage {
     },
     IceRestart {
         from: ParticipantId,
+    },
+    E2ee {
+        from: ParticipantId,
+        message: E2eeMessage,
     },
     IceServers {
         ice_servers: Vec<IceServer>,
@@ -530,6 +565,7 @@ impl ClientMessage {
         "answer",
         "ice_candidate",
         "ice_restart",
+        "e2ee",
         "refresh_ice_servers",
         "stats",
         "ping",
@@ -558,6 +594,7 @@ impl ClientMessage {
             ClientMessage::Answer { .. } => "answer",
             ClientMessage::IceCandidate { .. } => "ice_candidate",
             ClientMessage::IceRestart { .. } => "ice_restart",
+            ClientMessage::E2ee { .. } => "e2ee",
             ClientMessage::RefreshIceServers => "refresh_ice_servers",
             ClientMessage::Stats { .. } => "stats",
             ClientMessage::Ping { .. } => "ping",
@@ -583,6 +620,7 @@ impl ServerMessage {
         "answer",
         "ice_candidate",
         "ice_restart",
+        "e2ee",
         "ice_servers",
         "ended",
         "error",
@@ -625,6 +663,7 @@ impl ServerMessage {
             ServerMessage::Answer { .. } => "answer",
             ServerMessage::IceCandidate { .. } => "ice_candidate",
             ServerMessage::IceRestart { .. } => "ice_restart",
+            ServerMessage::E2ee { .. } => "e2ee",
             ServerMessage::IceServers { .. } => "ice_servers",
             ServerMessage::Ended { .. } => "ended",
             ServerMessage::Error { .. } => "error",

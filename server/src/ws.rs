@@ -407,6 +407,10 @@ impl Conn {
             ClientMessage::IceRestart { to } => {
                 hub.relay(seated, &to, ServerMessage::IceRestart { from })
             }
+            // Opaque to the server: commitments, public keys and sealed media keys.
+            ClientMessage::E2ee { to, message } => {
+                hub.relay(seated, &to, ServerMessage::E2ee { from, message })
+            }
             ClientMessage::RefreshIceServers => match hub.admitted_ice_servers(seated) {
                 Ok(ice_servers) => {
                     self.reply(ServerMessage::IceServers { ice_servers }).await;

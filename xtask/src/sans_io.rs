@@ -19,6 +19,7 @@ const SANS_IO: &[&str] = &[
     "client-core/src/congestion",
     "client-core/src/congestion.rs",
     "client-core/src/media",
+    "client-core/src/e2ee",
     "turn/src/core.rs",
     "turn/src/stun.rs",
     "turn/src/auth.rs",

@@ -72,6 +72,8 @@ impl ProbeOptions {
 /// What the probe measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
+    /// Our participant id, once seated.
+    pub participant_id: Option<String>,
     pub joined: bool,
     pub connected: bool,
     /// From the join command to media connected with every peer.
@@ -128,6 +130,17 @@ pub struct Report {
     /// start.
     pub audio_only: Vec<(u64, bool)>,
     pub ended: Option<String>,
+    /// Every remote participant's media, by participant id (group calls: one per other).
+    pub remotes: std::collections::BTreeMap<String, RemoteReport>,
+}
+
+/// What the probe received from one remote participant.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RemoteReport {
+    pub video_frames_decoded: u64,
+    /// Audio frames played from packets, redundancy or FEC (not concealment).
+    pub audio_frames_received: u64,
+    pub received_resolution: Option<(u32, u32)>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -214,6 +227,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                             _ => {}
                         }
                     }
+                    CallEvent::Seated { participant_id, .. } => {
+                        report.participant_id = Some(participant_id.0);
+                    }
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
                     }
@@ -267,7 +283,20 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         .keyframe_requests_received
         .load(Ordering::Relaxed);
     report.samples_unsent = client.sent.samples_unsent.load(Ordering::Relaxed);
-    // The media of the first remote participant (probes test two-party calls).
+    let all = client.received.stats();
+    for (pid, rx) in &all {
+        report.remotes.insert(
+            pid.0.clone(),
+            RemoteReport {
+                video_frames_decoded: rx.video_frames_decoded,
+                audio_frames_received: rx.audio_frames_played
+                    + rx.audio_frames_red
+                    + rx.audio_frames_fec,
+                received_resolution: (rx.width > 0).then_some((rx.width, rx.height)),
+            },
+        );
+    }
+    // The top-level figures are those of the first remote participant (two-party calls).
     if let Some(rx) = client.received.stats().into_values().next() {
         report.video_frames_decoded = rx.video_frames_decoded;
         report.decoded_fps = rx.decoded_fps();

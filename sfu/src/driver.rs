@@ -47,6 +47,10 @@ enum Cmd {
         participant: String,
         reply: oneshot::Sender<Option<ParticipantStats>>,
     },
+    RoomStats {
+        room: String,
+        reply: oneshot::Sender<Vec<(String, ParticipantStats)>>,
+    },
     Shutdown,
 }
 
@@ -220,6 +224,20 @@ impl SfuHandle {
     }
 }
 
+impl SfuHandle {
+    /// Every participant of a consultation on the SFU, with what it measured of each.
+    pub async fn room_stats(&self, room: &str) -> Vec<(String, ParticipantStats)> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Cmd::RoomStats {
+            room: room.to_owned(),
+            reply,
+        }) {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
 fn run(
     socket: UdpSocket,
     mut core: Core,
@@ -259,6 +277,9 @@ fn run(
                     reply,
                 }) => {
                     let _ = reply.send(core.participant_stats(&room, &participant));
+                }
+                Ok(Cmd::RoomStats { room, reply }) => {
+                    let _ = reply.send(core.room_stats(&room));
                 }
                 Ok(Cmd::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return,
                 Err(mpsc::TryRecvError::Empty) => break,

@@ -32,6 +32,8 @@ struct Client {
     received: HashMap<(String, MediaKind), u64>,
     bytes_sent: u64,
     keyframe_requests: u64,
+    /// Forwarding delay of each audio frame received (virtual time).
+    audio_delay: Vec<Duration>,
     next_timeout: Instant,
 }
 
@@ -59,6 +61,7 @@ impl Client {
             received: HashMap::new(),
             bytes_sent: 0,
             keyframe_requests: 0,
+            audio_delay: Vec::new(),
             next_timeout: now,
         };
         PENDING.with(|p| p.borrow_mut().insert(name.to_owned(), pending));
@@ -106,6 +109,7 @@ impl Client {
 }
 
 thread_local! {
+    static START: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
     static PENDING: std::cell::RefCell<HashMap<String, str0m::change::SdpPendingOffer>> =
         std::cell::RefCell::new(HashMap::new());
 }
@@ -162,6 +166,7 @@ impl Net {
     fn run(&mut self, dur: Duration) {
         let end = self.now + dur;
         let start = self.now;
+        START.with(|s| s.set(Some(start)));
         let step = Duration::from_millis(1);
         while self.now < end {
             let t = self.now.duration_since(start).as_millis() as u64;
@@ -216,6 +221,13 @@ impl Net {
                             }
                             RtcEvent::MediaData(d) => {
                                 if let Some(who) = c.layout.get(&d.mid) {
+                                    if d.params.spec().codec == Codec::Opus {
+                                        // Audio frame n was written at start + 20n ms.
+                                        let sent = START.with(|s| s.get()).unwrap()
+                                            + Duration::from_millis(d.time.numer() / 48);
+                                        c.audio_delay
+                                            .push(self.now.saturating_duration_since(sent));
+                                    }
                                     let kind = if d.params.spec().codec == Codec::Opus {
                                         MediaKind::Audio
                                     } else {
@@ -283,6 +295,18 @@ fn four_participants_each_receive_every_other() {
             assert!(audio.unwrap_or(0) > 100, "{} hears {o}: {audio:?}", c.name);
             assert!(video.unwrap_or(0) > 60, "{} sees {o}: {video:?}", c.name);
         }
+    }
+}
+
+#[test]
+fn forwarding_adds_no_delay_on_a_lossless_network() {
+    let mut net = four();
+    net.run(Duration::from_secs(3));
+    for c in &net.clients {
+        let mut d = c.audio_delay.clone();
+        d.sort();
+        let p99 = d[d.len() * 99 / 100];
+        assert!(p99 <= Duration::from_millis(5), "{}: p99 {p99:?}", c.name);
     }
 }
 

@@ -292,6 +292,8 @@ impl AppModel {
             CallEvent::ChatNotDelivered { reason, .. } => {
                 self.chat_notice = Some(format!("Message not delivered: {reason}"));
             }
+            // The SFU's active speaker: the grid that shows it large is not built yet.
+            CallEvent::ActiveSpeaker(_) => {}
             CallEvent::Error { code, message } => {
                 self.error = Some(format!("{code:?}: {message}"));
             }

@@ -24,6 +24,14 @@
 //! seat, resume token, media untouched); if the server says the seat is gone the call escalates
 //! to a full rejoin and stays escalated; it never retries after an authentication failure or a
 //! server-ordered end (denied, ended, replaced), and gives up after `give_up_after`.
+//!
+//! Group consultations: when the server runs an SFU (`admitted` says so) and two or more others
+//! are admitted, the call closes its peer connections and opens one to the SFU instead (the
+//! engine's peer [`SFU_PEER`], always the offerer: `sfu_offer`, `sfu_answer`, `sfu_candidate`),
+//! publishing once and receiving everyone in the slots the SFU assigns (`sfu_layout`). Each
+//! peer's media state then follows the SFU connection's; ICE restarts and rebuilds apply to it
+//! as to a peer. The call stays on the SFU once there, even when it is two again (a freeze per
+//! move is what switching costs; staying costs nothing the SFU cannot carry).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -175,9 +183,32 @@ pub enum SignalingCommand {
     Close,
 }
 
+/// The engine's peer id for the connection to the SFU (never a participant's: those are
+/// server-made opaque ids, and this one is not one the server makes).
+pub const SFU_PEER: &str = "~sfu";
+
+/// The SFU connection's peer id.
+pub fn sfu_peer() -> ParticipantId {
+    ParticipantId(SFU_PEER.to_owned())
+}
+
+/// How many receive slots the SFU connection offers: every other participant of the largest
+/// consultation the server admits by default (8).
+pub const SFU_SLOTS: usize = 7;
+
 /// What the media engine must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EngineCommand {
+    /// Create the connection to the SFU ([`SFU_PEER`]): our tracks plus `slots` receive-only
+    /// audio and video pairs, and an offer (as a `LocalDescription`).
+    CreateSfu {
+        ice_servers: Vec<IceServer>,
+        slots: usize,
+    },
+    /// Which participant each SFU slot carries now.
+    SetSfuLayout {
+        slots: Vec<bedside_protocol::SfuSlot>,
+    },
     /// Create a peer connection for `peer` with our tracks. An offerer then produces an offer
     /// (as [`EngineEvent::LocalDescription`]); an answerer waits for one.
     CreatePeer {
@@ -232,7 +263,9 @@ impl EngineCommand {
             | EngineCommand::SendChat { peer, .. } => Some(peer),
             EngineCommand::SetMicrophoneMuted(_)
             | EngineCommand::SetVideoSending(_)
-            | EngineCommand::SetAudioRedundancy(_) => None,
+            | EngineCommand::SetAudioRedundancy(_)
+            | EngineCommand::CreateSfu { .. }
+            | EngineCommand::SetSfuLayout { .. } => None,
         }
     }
 }
@@ -337,6 +370,8 @@ pub enum CallEvent {
     /// End-to-end encryption's safety code (`e2ee::safety_code`) changed: the participants
     /// compare it aloud. `None` while some participant's key is still missing.
     SafetyCode(Option<String>),
+    /// The SFU's active speaker changed (`None`: nobody speaks).
+    ActiveSpeaker(Option<ParticipantId>),
     /// A refusal that does not end the call (e.g. admitting someone who already left).
     Error {
         code: ErrorCode,
@@ -373,6 +408,14 @@ struct PeerConn {
     /// We rebuilt the connection as the offerer and wait for the answer: an offer from a new
     /// session of the peer meanwhile is glare (see the module docs).
     rebuilt_offer: bool,
+}
+
+/// The connection to the SFU.
+#[derive(Clone, Debug)]
+struct SfuConn {
+    media: PeerConnectionState,
+    restart_deadline: Option<Instant>,
+    restart_pending: bool,
 }
 
 /// The session id of a session description's `o=` line.
@@ -437,6 +480,10 @@ pub struct Call {
     last_keyframe: Option<Instant>,
     /// Our last chat line's id.
     chat_seq: u64,
+    /// The server runs an SFU.
+    sfu_available: bool,
+    /// The connection to the SFU, once the call moved there.
+    sfu: Option<SfuConn>,
     shown: CallState,
     out: VecDeque<Output>,
 }
@@ -456,6 +503,8 @@ impl Call {
             rng: StdRng::seed_from_u64(seed),
             last_keyframe: None,
             chat_seq: 0,
+            sfu_available: false,
+            sfu: None,
             backgrounded: false,
             phase: Phase::Idle,
             auth: None,
@@ -684,6 +733,34 @@ impl Call {
 
     pub fn handle_engine(&mut self, now: Instant, event: EngineEvent) {
         match event {
+            EngineEvent::LocalDescription { peer, kind, sdp } if peer.0 == SFU_PEER => {
+                if self.sfu.is_some() && kind == SdpKind::Offer {
+                    self.send(ClientMessage::SfuOffer { sdp });
+                }
+            }
+            EngineEvent::LocalCandidate { peer, candidate } if peer.0 == SFU_PEER => {
+                if self.sfu.is_some() {
+                    self.send(ClientMessage::SfuCandidate { candidate });
+                }
+            }
+            EngineEvent::ConnectionState { peer, state } if peer.0 == SFU_PEER => {
+                self.sfu_state(now, state);
+            }
+            EngineEvent::KeyframeRequested { peer } if peer.0 == SFU_PEER => {
+                let recent = self
+                    .last_keyframe
+                    .is_some_and(|at| now.duration_since(at) < KEYFRAME_REQUEST_INTERVAL);
+                if self.sfu.is_some() && self.video_sending() && !recent {
+                    self.last_keyframe = Some(now);
+                    self.media(MediaCommand::Keyframe);
+                }
+            }
+            // The mesh's connections, closing after the move to the SFU.
+            EngineEvent::ConnectionState { .. }
+            | EngineEvent::KeyframeRequested { .. }
+            | EngineEvent::LocalDescription { .. }
+            | EngineEvent::LocalCandidate { .. }
+                if self.sfu.is_some() => {}
             EngineEvent::LocalDescription { peer, kind, sdp } => {
                 if self.peers.contains_key(&peer) {
                     self.send(match kind {
@@ -939,6 +1016,13 @@ impl Call {
         for peer in expired {
             self.rebuild_peer(now, &peer);
         }
+        if self
+            .sfu
+            .as_ref()
+            .is_some_and(|s| s.restart_deadline.is_some_and(|t| now >= t))
+        {
+            self.restart_sfu(now);
+        }
         self.update_state();
     }
 
@@ -974,7 +1058,12 @@ impl Call {
                 self.admitted = false;
                 self.phase = Phase::Seated { admitted: false };
             }
-            ServerMessage::Admitted { peers, ice_servers } => {
+            ServerMessage::Admitted {
+                peers,
+                ice_servers,
+                sfu,
+            } => {
+                self.sfu_available = sfu;
                 self.admitted = true;
                 self.phase = Phase::Seated { admitted: true };
                 self.ice_servers = ice_servers;
@@ -1005,6 +1094,12 @@ impl Call {
                         self.add_peer(peer, true);
                     }
                 }
+                if let Some(s) = &self.sfu
+                    && s.restart_pending
+                {
+                    self.restart_sfu(now);
+                }
+                self.update_mode(now);
             }
             ServerMessage::Denied => self.end(EndReason::Denied),
             ServerMessage::WaitingRoom { waiting } => self.event(CallEvent::WaitingRoom(waiting)),
@@ -1013,6 +1108,7 @@ impl Call {
                     self.event(CallEvent::PeerJoined(peer.clone()));
                     self.add_peer(peer, false);
                 }
+                self.update_mode(now);
             }
             ServerMessage::PeerLeft {
                 participant_id,
@@ -1030,6 +1126,8 @@ impl Call {
                     self.event(CallEvent::PeerBack(participant_id));
                 }
             }
+            // On the SFU, peers' own offers belong to the mesh we left (a race with the move).
+            ServerMessage::Offer { .. } if self.sfu.is_some() => {}
             ServerMessage::Offer { from, sdp } => {
                 if !self.peers.contains_key(&from) {
                     // An offer from someone we were not told about (a race with peer_joined).
@@ -1101,6 +1199,24 @@ impl Call {
             ServerMessage::Error { code, message, .. } => self.on_error(now, code, message),
             ServerMessage::Ping { nonce } => self.send(ClientMessage::Pong { nonce }),
             ServerMessage::Pong { .. } => {}
+            ServerMessage::SfuAnswer { sdp } => {
+                if self.sfu.is_some() {
+                    self.engine(EngineCommand::SetRemoteDescription {
+                        peer: sfu_peer(),
+                        kind: SdpKind::Answer,
+                        sdp,
+                    });
+                }
+            }
+            ServerMessage::SfuLayout { slots } => {
+                if self.sfu.is_some() {
+                    self.engine(EngineCommand::SetSfuLayout { slots });
+                }
+            }
+            // The UI's grid shows the speaker large; the call itself does nothing with it.
+            ServerMessage::ActiveSpeaker { participant_id } => {
+                self.event(CallEvent::ActiveSpeaker(participant_id))
+            }
         }
     }
 
@@ -1215,11 +1331,109 @@ impl Call {
                 rebuilt_offer: false,
             },
         );
+        if let Some(sfu) = &self.sfu {
+            // On the SFU: the newcomer's media arrives in a slot, with the SFU's state.
+            let state = sfu.media;
+            self.peers.get_mut(&id).expect("inserted").media = state;
+            return;
+        }
         self.engine(EngineCommand::CreatePeer {
             peer: id,
             offerer,
             ice_servers: self.ice_servers.clone(),
         });
+    }
+
+    /// Moves the call to the SFU when the server has one and two or more others are admitted.
+    fn update_mode(&mut self, now: Instant) {
+        let _ = now;
+        if self.sfu.is_some() || !self.sfu_available || self.peers.len() < 2 {
+            return;
+        }
+        if !matches!(self.phase, Phase::Seated { admitted: true }) {
+            return;
+        }
+        for (id, p) in self.peers.iter_mut() {
+            p.media = PeerConnectionState::New;
+            p.restart_deadline = None;
+            p.restart_pending = false;
+            p.remote_session = None;
+            self.out.push_back(Output::Engine(EngineCommand::ClosePeer {
+                peer: id.clone(),
+            }));
+        }
+        self.sfu = Some(SfuConn {
+            media: PeerConnectionState::New,
+            restart_deadline: None,
+            restart_pending: false,
+        });
+        self.engine(EngineCommand::CreateSfu {
+            ice_servers: self.ice_servers.clone(),
+            slots: SFU_SLOTS,
+        });
+    }
+
+    /// The SFU connection's state changed: every peer's media follows it.
+    fn sfu_state(&mut self, now: Instant, state: PeerConnectionState) {
+        let Some(sfu) = self.sfu.as_mut() else {
+            return;
+        };
+        if sfu.media == state {
+            return;
+        }
+        sfu.media = state;
+        let ids: Vec<ParticipantId> = self.peers.keys().cloned().collect();
+        for id in ids {
+            self.peers.get_mut(&id).expect("listed").media = state;
+            self.event(CallEvent::PeerMedia {
+                participant_id: id,
+                state,
+            });
+        }
+        match state {
+            PeerConnectionState::Connected => {
+                let sfu = self.sfu.as_mut().expect("checked");
+                sfu.restart_deadline = None;
+                sfu.restart_pending = false;
+                self.media(MediaCommand::Keyframe);
+            }
+            PeerConnectionState::Disconnected | PeerConnectionState::Failed
+                if self
+                    .sfu
+                    .as_ref()
+                    .is_some_and(|s| s.restart_deadline.is_none()) =>
+            {
+                self.restart_sfu(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Restarts ICE with the SFU (we are always its offerer), or, past the deadline of a
+    /// restart that did not recover, rebuilds the connection.
+    fn restart_sfu(&mut self, now: Instant) {
+        let seated = matches!(self.phase, Phase::Seated { admitted: true });
+        let timeout = self.config.ice_restart_timeout;
+        let Some(sfu) = self.sfu.as_mut() else {
+            return;
+        };
+        let rebuild = sfu.restart_deadline.is_some_and(|t| now >= t);
+        sfu.restart_deadline = Some(now + timeout);
+        if !seated {
+            sfu.restart_pending = true;
+            return;
+        }
+        sfu.restart_pending = false;
+        if rebuild {
+            sfu.media = PeerConnectionState::New;
+            self.engine(EngineCommand::ClosePeer { peer: sfu_peer() });
+            self.engine(EngineCommand::CreateSfu {
+                ice_servers: self.ice_servers.clone(),
+                slots: SFU_SLOTS,
+            });
+        } else {
+            self.engine(EngineCommand::RestartIce { peer: sfu_peer() });
+        }
     }
 
     fn remove_peer(&mut self, id: &ParticipantId, reason: LeaveReason) {
@@ -1233,6 +1447,9 @@ impl Call {
     }
 
     fn close_all_peers(&mut self) {
+        if self.sfu.take().is_some() {
+            self.engine(EngineCommand::ClosePeer { peer: sfu_peer() });
+        }
         let ids: Vec<_> = self.peers.keys().cloned().collect();
         for id in ids {
             self.remove_peer(&id, LeaveReason::Left);
@@ -1241,6 +1458,9 @@ impl Call {
 
     /// Restarts ICE with a peer: the offerer does it, the answerer asks the offerer to.
     fn restart_ice(&mut self, now: Instant, peer: &ParticipantId) {
+        if self.sfu.is_some() {
+            return;
+        }
         let seated = matches!(self.phase, Phase::Seated { admitted: true });
         let Some(p) = self.peers.get_mut(peer) else {
             return;
@@ -1260,6 +1480,9 @@ impl Call {
 
     /// An ICE restart did not bring the peer back in time: start over with a new connection.
     fn rebuild_peer(&mut self, now: Instant, peer: &ParticipantId) {
+        if self.sfu.is_some() {
+            return;
+        }
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
@@ -1290,6 +1513,9 @@ impl Call {
     }
 
     fn end(&mut self, reason: EndReason) {
+        if self.sfu.take().is_some() {
+            self.engine(EngineCommand::ClosePeer { peer: sfu_peer() });
+        }
         let ids: Vec<_> = self.peers.keys().cloned().collect();
         for id in ids {
             self.engine(EngineCommand::ClosePeer { peer: id });

@@ -14,6 +14,11 @@
 //! own sender statistics leave at 0. The other way, [`Engine::request_keyframe_from`] sends a PLI
 //! for a peer's video when the state machine asks (`EngineCommand::RequestKeyframeFrom`: the
 //! pipeline cannot decode it).
+//!
+//! The SFU (group consultations) is one more peer connection, [`crate::call::SFU_PEER`]: our
+//! two tracks upstream plus receive-only audio and video *slots*. [`SfuRoutes`] maps what
+//! arrives on a slot (by SSRC, from the SFU's answer) to the participant the SFU's layout puts
+//! there, so the pipeline decodes and mixes each participant apart as if they were peers.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -786,6 +791,68 @@ async fn read_chat(
 /// A peer's remote video track once it has arrived, for sending it keyframe requests.
 type RemoteVideo = Arc<Mutex<Option<Arc<dyn TrackRemote>>>>;
 
+/// Which participant each SFU slot carries: the SFU's answer gives each slot's `mid` its
+/// SSRCs, the SFU's layout gives each `mid` a participant.
+#[derive(Default)]
+pub struct SfuRoutes {
+    ssrc_mid: Mutex<HashMap<u32, String>>,
+    mid_participant: Mutex<HashMap<String, ParticipantId>>,
+    /// Slot video tracks by `mid`, for keyframe requests.
+    videos: Mutex<HashMap<String, Arc<dyn TrackRemote>>>,
+}
+
+impl SfuRoutes {
+    /// Reads `a=mid` and `a=ssrc` lines of the SFU's answer.
+    fn learn_answer(&self, sdp: &str) {
+        let mut map = lock(&self.ssrc_mid);
+        let mut mid: Option<String> = None;
+        for line in sdp.lines() {
+            let line = line.trim();
+            if line.starts_with("m=") {
+                mid = None;
+            } else if let Some(m) = line.strip_prefix("a=mid:") {
+                mid = Some(m.to_owned());
+            } else if let Some(rest) = line.strip_prefix("a=ssrc:")
+                && let (Some(m), Some(ssrc)) = (
+                    mid.as_ref(),
+                    rest.split_whitespace()
+                        .next()
+                        .and_then(|s| s.parse::<u32>().ok()),
+                )
+            {
+                map.insert(ssrc, m.clone());
+            }
+        }
+    }
+
+    fn set_layout(&self, slots: &[bedside_protocol::SfuSlot]) {
+        let mut map = lock(&self.mid_participant);
+        map.clear();
+        for slot in slots {
+            for mid in [&slot.audio_mid, &slot.video_mid].into_iter().flatten() {
+                map.insert(mid.clone(), slot.participant_id.clone());
+            }
+        }
+    }
+
+    fn participant(&self, ssrc: u32) -> Option<ParticipantId> {
+        let mid = lock(&self.ssrc_mid).get(&ssrc).cloned()?;
+        lock(&self.mid_participant).get(&mid).cloned()
+    }
+
+    fn video_of(&self, participant: &ParticipantId) -> Option<Arc<dyn TrackRemote>> {
+        let layout = lock(&self.mid_participant);
+        lock(&self.videos)
+            .iter()
+            .find(|(mid, _)| layout.get(*mid) == Some(participant))
+            .map(|(_, t)| t.clone())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Handler {
     peer: ParticipantId,
     events: mpsc::UnboundedSender<EngineEvent>,
@@ -793,6 +860,8 @@ struct Handler {
     remote_video: RemoteVideo,
     /// This peer connection's tracks, for the payload types its session negotiated.
     tracks: Arc<PeerTracks>,
+    /// Set on the SFU's connection: packets go out as the slot's participant's.
+    sfu: Option<Arc<SfuRoutes>>,
 }
 
 #[async_trait::async_trait]
@@ -834,13 +903,29 @@ impl PeerConnectionEventHandler for Handler {
         };
         if kind == MediaKind::Video {
             *self.remote_video.lock().unwrap_or_else(|p| p.into_inner()) = Some(track.clone());
+            if let Some(routes) = &self.sfu {
+                for ssrc in track.ssrcs().await {
+                    if let Some(mid) = lock(&routes.ssrc_mid).get(&ssrc).cloned() {
+                        lock(&routes.videos).insert(mid, track.clone());
+                    }
+                }
+            }
         }
         let (peer, media, tracks) = (self.peer.clone(), self.media.clone(), self.tracks.clone());
+        let sfu = self.sfu.clone();
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    let peer = match &sfu {
+                        // A slot nobody holds (yet): nothing to show.
+                        Some(routes) => match routes.participant(packet.header.ssrc) {
+                            Some(p) => p,
+                            None => continue,
+                        },
+                        None => peer.clone(),
+                    };
                     let item = RemoteMedia {
-                        peer: peer.clone(),
+                        peer,
                         kind,
                         packet,
                         payload_types: tracks.receiving(),
@@ -874,6 +959,8 @@ struct PeerSlot {
     chat: Arc<dyn DataChannel>,
     /// What its pacer sent and dropped.
     pacer_stats: Arc<PacerStats>,
+    /// On the SFU's connection: its slots' routes.
+    sfu: Option<Arc<SfuRoutes>>,
     _shims: Vec<TurnTcpShim>,
 }
 
@@ -884,6 +971,9 @@ pub struct Engine {
     peers: HashMap<ParticipantId, PeerSlot>,
     events: mpsc::UnboundedSender<EngineEvent>,
     media: std::sync::mpsc::SyncSender<RemoteMedia>,
+    /// The SFU connection's slot routes (kept across rebuilds of that connection: the layout
+    /// stays the SFU's).
+    sfu_routes: Arc<SfuRoutes>,
 }
 
 impl Engine {
@@ -899,6 +989,7 @@ impl Engine {
             peers: HashMap::new(),
             events,
             media,
+            sfu_routes: Arc::default(),
         }
     }
 
@@ -957,12 +1048,19 @@ impl Engine {
     /// Asks `peer` for a video keyframe (RTCP PLI), when its video cannot be decoded. Does
     /// nothing before its video track has arrived.
     pub async fn request_keyframe_from(&self, peer: &ParticipantId) -> Result<(), EngineError> {
-        let track = self.peers.get(peer).and_then(|slot| {
-            slot.remote_video
+        let track = match self.peers.get(peer) {
+            Some(slot) => slot
+                .remote_video
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        });
+                .clone(),
+            // A participant seen through the SFU: its slot's track on the SFU connection.
+            None => self
+                .peers
+                .values()
+                .find_map(|slot| slot.sfu.as_ref())
+                .and_then(|routes| routes.video_of(peer)),
+        };
         let Some(track) = track else {
             return Ok(());
         };
@@ -998,7 +1096,39 @@ impl Engine {
                     self.local_description(peer, SdpKind::Offer, offer.sdp);
                 }
             }
+            EngineCommand::CreateSfu { ice_servers, slots } => {
+                let peer = crate::call::sfu_peer();
+                if let Some(old) = self.remove(&peer) {
+                    let _ = old.pc.close().await;
+                }
+                let mut slot = self.build(&peer, ice_servers).await?;
+                let pc = slot.pc.clone();
+                use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+                for _ in 0..slots {
+                    for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+                        pc.add_transceiver_from_kind(
+                            kind,
+                            Some(RTCRtpTransceiverInit {
+                                direction: RTCRtpTransceiverDirection::Recvonly,
+                                streams: vec![],
+                                send_encodings: vec![],
+                            }),
+                        )
+                        .await?;
+                    }
+                }
+                slot.sfu = Some(self.sfu_routes.clone());
+                *lock(&self.sfu_routes.videos) = HashMap::new();
+                self.peers.insert(peer.clone(), slot);
+                let offer = pc.create_offer(None).await?;
+                pc.set_local_description(offer.clone()).await?;
+                self.local_description(peer, SdpKind::Offer, offer.sdp);
+            }
+            EngineCommand::SetSfuLayout { slots } => self.sfu_routes.set_layout(&slots),
             EngineCommand::SetRemoteDescription { peer, kind, sdp } => {
+                if peer.0 == crate::call::SFU_PEER {
+                    self.sfu_routes.learn_answer(&sdp);
+                }
                 let pc = self.pc(&peer)?;
                 // A description after the first renegotiates, on an ICE restart a new path.
                 if pc.remote_description().await.is_some() {
@@ -1231,6 +1361,7 @@ impl Engine {
             media: self.media.clone(),
             remote_video: remote_video.clone(),
             tracks: tracks.clone(),
+            sfu: (peer.0 == crate::call::SFU_PEER).then(|| self.sfu_routes.clone()),
         });
         // On an ICE restart (a network change), rebind the sockets and gather afresh: the old
         // address may be gone. Notice a dead path in 2 s rather than the default 5 s. mDNS
@@ -1296,6 +1427,7 @@ impl Engine {
             remote_video,
             chat,
             pacer_stats,
+            sfu: None,
             _shims: shims,
         })
     }

@@ -26,10 +26,10 @@ use crate::media::red;
 use crate::media::screen::{self, LadderTarget};
 use crate::media::{
     AccessUnit, AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture,
-    ContentHint, DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config,
-    H264Decoder, H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ,
-    PatternConfig, PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig,
-    ToneSource, VideoFrame, VideoSource, contains_idr, detect_tone, read_marker,
+    ContentHint, DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config, H264Decoder,
+    H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig,
+    PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoFrame,
+    VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;

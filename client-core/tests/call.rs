@@ -110,6 +110,7 @@ impl Harness {
         h.joined("pat", Role::Patient, false);
         h.msg(ServerMessage::Waiting);
         h.msg(ServerMessage::Admitted {
+            sfu: false,
             peers: vec![peer("doc", Role::Doctor)],
             ice_servers: vec![],
         });
@@ -172,6 +173,7 @@ fn a_patient_joins_waits_is_admitted_and_offers_to_the_doctor() {
     assert!(engine(&out).is_empty(), "no media before admission");
 
     let out = h.msg(ServerMessage::Admitted {
+        sfu: false,
         peers: vec![peer("doc", Role::Doctor)],
         ice_servers: vec![IceServer {
             urls: vec!["turn:x".into()],
@@ -259,6 +261,7 @@ fn admitted_doctor() -> Harness {
     h.open_and_join(JoinAuth::Token { token: "t".into() });
     h.joined("doc", Role::Doctor, false);
     h.msg(ServerMessage::Admitted {
+        sfu: false,
         peers: vec![],
         ice_servers: vec![],
     });
@@ -357,6 +360,7 @@ fn a_lost_link_resumes_the_seat_and_keeps_the_media() {
     // waiting room.
     assert_eq!(states(&out), [&CallState::Connected]);
     let out = h.msg(ServerMessage::Admitted {
+        sfu: false,
         peers: vec![peer("doc", Role::Doctor)],
         ice_servers: vec![],
     });
@@ -518,6 +522,7 @@ fn ice_disconnect_restarts_from_the_offerer_and_asks_from_the_answerer() {
     d.open_and_join(JoinAuth::Token { token: "t".into() });
     d.joined("doc", Role::Doctor, false);
     d.msg(ServerMessage::Admitted {
+        sfu: false,
         peers: vec![],
         ice_servers: vec![],
     });
@@ -574,6 +579,7 @@ fn a_network_change_resumes_signaling_and_restarts_ice_at_once() {
     h.sig(SignalingEvent::Opened);
     h.joined("pat", Role::Patient, true);
     let out = h.msg(ServerMessage::Admitted {
+        sfu: false,
         peers: vec![peer("doc", Role::Doctor)],
         ice_servers: vec![],
     });

@@ -320,6 +320,8 @@ impl AppModel {
                 self.chat_notice = Some(format!("Message not delivered: {reason}"));
             }
             CallEvent::SafetyCode(code) => self.safety_code = Some(code),
+            // The SFU's active speaker: the grid that shows it large is not built yet.
+            CallEvent::ActiveSpeaker(_) => {}
             CallEvent::Error { code, message } => {
                 self.error = Some(format!("{code:?}: {message}"));
             }

@@ -244,6 +244,8 @@ fn forward(listener: &dyn ClientListener, event: CallEvent) {
             ..
         } => listener.on_chat(from.0, text, outgoing),
         CallEvent::ChatNotDelivered { reason, .. } => listener.on_chat_not_delivered(reason),
+        // Not exposed to the hosts yet.
+        CallEvent::ActiveSpeaker(_) => {}
         CallEvent::Error { code, message } => listener.on_error(code.as_str().to_owned(), message),
         // End-to-end encryption is not offered to mobile hosts yet (ClientOptionsFfi has no
         // switch), so no safety code is ever produced here.

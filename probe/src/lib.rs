@@ -79,6 +79,8 @@ impl ProbeOptions {
 /// What the probe measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
+    /// Our participant id, once seated.
+    pub participant_id: Option<String>,
     pub joined: bool,
     pub connected: bool,
     /// From the join command to media connected with every peer.
@@ -148,6 +150,17 @@ pub struct Report {
     /// The tapped frames (`ProbeOptions::tap_frames`): "h264" or "opus", and the bytes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tapped_frames: Vec<(String, Vec<u8>)>,
+    /// Every remote participant's media, by participant id (group calls: one per other).
+    pub remotes: std::collections::BTreeMap<String, RemoteReport>,
+}
+
+/// What the probe received from one remote participant.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RemoteReport {
+    pub video_frames_decoded: u64,
+    /// Audio frames played from packets, redundancy or FEC (not concealment).
+    pub audio_frames_received: u64,
+    pub received_resolution: Option<(u32, u32)>,
 }
 
 /// The mean luma of each cell of an `n` x `n` grid over `frame`, row by row.
@@ -257,6 +270,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     }
                     // The last code shown (it goes back to none when the other one leaves).
                     CallEvent::SafetyCode(Some(code)) => report.safety_code = Some(code),
+                    CallEvent::Seated { participant_id, .. } => {
+                        report.participant_id = Some(participant_id.0);
+                    }
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
                     }
@@ -327,6 +343,19 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                 (name.to_owned(), data)
             })
             .collect();
+    }
+    let all = client.received.stats();
+    for (pid, rx) in &all {
+        report.remotes.insert(
+            pid.0.clone(),
+            RemoteReport {
+                video_frames_decoded: rx.video_frames_decoded,
+                audio_frames_received: rx.audio_frames_played
+                    + rx.audio_frames_red
+                    + rx.audio_frames_fec,
+                received_resolution: (rx.width > 0).then_some((rx.width, rx.height)),
+            },
+        );
     }
     // The media of the first remote participant (probes test two-party calls).
     if let Some((peer, rx)) = client.received.stats().into_iter().next() {

@@ -18,7 +18,13 @@
 //!    participant who is admitted later sends the offer to each peer listed in its `admitted`.
 //!    With end-to-end encryption on, they also exchange `e2ee` messages ([`E2eeMessage`]) the
 //!    same way.
-//! 4. When a participant's link drops, its seat is kept for the rejoin window and the others see
+//! 4. A group consultation (three or more admitted) goes through the server's SFU when
+//!    `admitted` said `sfu: true`: each client sends `sfu_offer` (its upstream audio and video,
+//!    then pairs of receive-only audio and video *slots*), gets `sfu_answer`, trickles
+//!    `sfu_candidate`, and learns from `sfu_layout` which participant each slot carries and from
+//!    `active_speaker` who speaks. `sfu_leave` goes back to peer to peer (two left). The SFU
+//!    forwards what it receives without reading the media payloads.
+//! 5. When a participant's link drops, its seat is kept for the rejoin window and the others see
 //!    `peer_reconnecting`; a `resume` inside the window brings `peer_back`, otherwise they see
 //!    `peer_left`.
 //!
@@ -187,6 +193,22 @@ pub struct Peer {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One receive slot of a participant's SFU connection and whose media it now carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SfuSlot {
+    pub participant_id: ParticipantId,
+    /// The `mid` of the slot's audio m-line in the client's offer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_mid: Option<String>,
+    /// The `mid` of the slot's video m-line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_mid: Option<String>,
 }
 
 /// A patient in the waiting room, as shown to doctors.
@@ -402,6 +424,16 @@ pub enum ClientMessage {
     },
     /// Leave the consultation for good (the seat is released at once).
     Leave,
+    /// An offer (a new connection, or an ICE restart of the current one) to the server's SFU.
+    SfuOffer {
+        sdp: String,
+    },
+    /// A trickled candidate for the connection to the SFU.
+    SfuCandidate {
+        candidate: IceCandidate,
+    },
+    /// Close the connection to the SFU (the consultation is back to peer to peer).
+    SfuLeave,
 }
 
 /// Messages the server sends to a client.
@@ -428,6 +460,9 @@ pub enum ServerMessage {
     Admitted {
         peers: Vec<Peer>,
         ice_servers: Vec<IceServer>,
+        /// The server runs an SFU: a consultation of three or more should use it.
+        #[serde(default, skip_serializing_if = "is_false")]
+        sfu: bool,
     },
     /// A doctor turned you away; the connection closes next.
     Denied,
@@ -488,6 +523,20 @@ pub enum ServerMessage {
     },
     Pong {
         nonce: u64,
+    },
+    /// The SFU's answer to `sfu_offer`.
+    SfuAnswer {
+        sdp: String,
+    },
+    /// Which participant each of your SFU slots carries now (slots not listed carry no one).
+    SfuLayout {
+        slots: Vec<SfuSlot>,
+    },
+    /// The loudest participant of the consultation (from the SFU's RFC 6464 audio levels),
+    /// or none.
+    ActiveSpeaker {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        participant_id: Option<ParticipantId>,
     },
 }
 
@@ -571,6 +620,9 @@ impl ClientMessage {
         "ping",
         "pong",
         "leave",
+        "sfu_offer",
+        "sfu_candidate",
+        "sfu_leave",
     ];
 
     /// Decodes one text frame, telling a malformed frame from an unknown type.
@@ -600,6 +652,9 @@ impl ClientMessage {
             ClientMessage::Ping { .. } => "ping",
             ClientMessage::Pong { .. } => "pong",
             ClientMessage::Leave => "leave",
+            ClientMessage::SfuOffer { .. } => "sfu_offer",
+            ClientMessage::SfuCandidate { .. } => "sfu_candidate",
+            ClientMessage::SfuLeave => "sfu_leave",
         }
     }
 }
@@ -626,6 +681,9 @@ impl ServerMessage {
         "error",
         "ping",
         "pong",
+        "sfu_answer",
+        "sfu_layout",
+        "active_speaker",
     ];
 
     /// Decodes one text frame, telling a malformed frame from an unknown type.
@@ -669,6 +727,9 @@ impl ServerMessage {
             ServerMessage::Error { .. } => "error",
             ServerMessage::Ping { .. } => "ping",
             ServerMessage::Pong { .. } => "pong",
+            ServerMessage::SfuAnswer { .. } => "sfu_answer",
+            ServerMessage::SfuLayout { .. } => "sfu_layout",
+            ServerMessage::ActiveSpeaker { .. } => "active_speaker",
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub ice: IceConfig,
     pub turn: TurnSection,
+    /// The selective forwarding unit for group consultations (`[sfu]`).
+    pub sfu: SfuSection,
     /// Budgets, caps, timeouts, trusted proxies, host and origin allow-lists (`[limits]`).
     pub limits: crate::limits::LimitsConfig,
     pub telemetry: crate::telemetry::TelemetryConfig,
@@ -84,6 +86,54 @@ impl Default for TurnSection {
     }
 }
 
+/// The in-process SFU (`bedside-sfu`): its UDP socket and the address clients reach it on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct SfuSection {
+    pub enabled: bool,
+    /// `ip:port` of the UDP socket. Empty: the signaling address's IP, a port the OS picks.
+    pub listen: String,
+    /// `ip:port` put in answers as the SFU's one ICE candidate. Empty: the bound address
+    /// (an unspecified IP becomes 127.0.0.1, so set this when listening on 0.0.0.0).
+    pub public_address: String,
+}
+
+impl Default for SfuSection {
+    fn default() -> Self {
+        SfuSection {
+            // Off until group calls through it pass end to end (see ARCHITECTURE.md, `sfu/`):
+            // group consultations stay a mesh of peer connections, which works today.
+            enabled: false,
+            listen: String::new(),
+            public_address: String::new(),
+        }
+    }
+}
+
+impl SfuSection {
+    /// The settings the SFU starts with, given the signaling listen address.
+    pub fn settings(&self, signaling: SocketAddr) -> Result<bedside_sfu::SfuSettings, String> {
+        let listen = if self.listen.is_empty() {
+            SocketAddr::new(signaling.ip(), 0)
+        } else {
+            self.listen
+                .parse()
+                .map_err(|_| format!("sfu.listen {:?} is not ip:port", self.listen))?
+        };
+        let public = if self.public_address.is_empty() {
+            None
+        } else {
+            Some(self.public_address.parse().map_err(|_| {
+                format!(
+                    "sfu.public-address {:?} is not ip:port",
+                    self.public_address
+                )
+            })?)
+        };
+        Ok(bedside_sfu::SfuSettings { listen, public })
+    }
+}
+
 /// The port the relay listens on unless configured otherwise.
 pub const TURN_PORT: u16 = 3478;
 
@@ -134,6 +184,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ice: IceConfig::default(),
             turn: TurnSection::default(),
+            sfu: SfuSection::default(),
             limits: crate::limits::LimitsConfig::default(),
             telemetry: Default::default(),
             alerts: Default::default(),

@@ -202,6 +202,8 @@ pub struct Hub {
     spent: Mutex<HashMap<String, u64>>,
     /// A fleet node's seat mirror (set once at start; absent for a single server).
     mirror: OnceLock<Arc<dyn SeatMirror>>,
+    /// The in-process SFU, when it runs (set once at start).
+    sfu: std::sync::OnceLock<bedside_sfu::SfuHandle>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,6 +231,7 @@ impl Hub {
             ice,
             rejoin_window,
             max_participants,
+            sfu: std::sync::OnceLock::new(),
             spent: Mutex::new(HashMap::new()),
             mirror: OnceLock::new(),
         })
@@ -272,6 +275,73 @@ impl Hub {
     /// Whether this hub holds a live room for `cid`.
     pub fn has_room(&self, cid: &ConsultationId) -> bool {
         self.room(cid).is_some()
+    }
+
+    /// Hands the hub the SFU: admitted participants are told it exists, and seats released
+    /// or consultations ended close their SFU connections.
+    pub fn set_sfu(&self, sfu: bedside_sfu::SfuHandle) {
+        let _ = self.sfu.set(sfu);
+    }
+
+    pub fn sfu(&self) -> Option<&bedside_sfu::SfuHandle> {
+        self.sfu.get()
+    }
+
+    /// Whether `seated` may use the SFU now (its seat is admitted and live).
+    pub fn sfu_allowed(&self, seated: &Seated) -> Result<(), ErrorCode> {
+        let room = self
+            .room(&seated.consultation_id)
+            .ok_or(ErrorCode::ConsultationNotFound)?;
+        let r = lock(&room);
+        match r.seats.get(&seated.participant_id) {
+            Some(seat) if seat.admitted => Ok(()),
+            Some(_) => Err(ErrorCode::NotAdmitted),
+            None => Err(ErrorCode::UnknownParticipant),
+        }
+    }
+
+    /// Delivers an SFU event to the seats it concerns (one participant, or everyone admitted).
+    pub fn sfu_event(&self, event: bedside_sfu::Event) {
+        use bedside_protocol::SfuSlot;
+        let (room_id, to, msg) = match event {
+            bedside_sfu::Event::Layout {
+                room,
+                participant,
+                slots,
+            } => {
+                let slots = slots
+                    .into_iter()
+                    .map(|s| SfuSlot {
+                        participant_id: ParticipantId(s.participant),
+                        audio_mid: s.audio_mid,
+                        video_mid: s.video_mid,
+                    })
+                    .collect();
+                (
+                    room,
+                    Some(ParticipantId(participant)),
+                    ServerMessage::SfuLayout { slots },
+                )
+            }
+            bedside_sfu::Event::ActiveSpeaker { room, participant } => (
+                room,
+                None,
+                ServerMessage::ActiveSpeaker {
+                    participant_id: participant.map(ParticipantId),
+                },
+            ),
+            // The client sees its connection fail and restarts ICE or offers anew.
+            bedside_sfu::Event::Disconnected { .. } => return,
+        };
+        let Some(room) = self.room(&ConsultationId(room_id)) else {
+            return;
+        };
+        let r = lock(&room);
+        self.send_to(
+            &r,
+            |pid, seat| seat.admitted && to.as_ref().is_none_or(|t| t == pid),
+            msg,
+        );
     }
 
     pub fn new_conn(&self) -> (ConnHandle, mpsc::Receiver<Outbound>, Arc<AtomicBool>) {
@@ -510,6 +580,7 @@ impl Hub {
                 ServerMessage::Admitted {
                     peers: peers_of(r, pid),
                     ice_servers: self.ice_servers(&r.id, pid),
+                    sfu: self.sfu.get().is_some(),
                 },
             );
             if seat.role.can_admit() {
@@ -720,6 +791,7 @@ impl Hub {
                     ServerMessage::Admitted {
                         peers: peers_of(&r, target),
                         ice_servers: self.ice_servers(&r.id, target),
+                        sfu: self.sfu.get().is_some(),
                     },
                 );
             }
@@ -828,6 +900,9 @@ impl Hub {
                 self.broadcast_left(&r, &seated.participant_id, reason);
             } else {
                 self.send_waiting_room(&mut r);
+            }
+            if let Some(sfu) = self.sfu.get() {
+                sfu.leave(&seated.consultation_id.0, &seated.participant_id.0);
             }
             tracing::info!(consultation = %seated.consultation_id, participant = %seated.participant_id, ?reason, "seat released");
             r.seats.is_empty()
@@ -1014,6 +1089,9 @@ impl Hub {
         let Some(room) = lock(&self.rooms).remove(cid) else {
             return;
         };
+        if let Some(sfu) = self.sfu.get() {
+            sfu.close_room(&cid.0);
+        }
         let mut r = lock(&room);
         r.closed = true;
         if let Some(m) = self.mirror.get() {

@@ -117,6 +117,36 @@ pub struct Server {
     generated_admin_key: bool,
     data_dir: PathBuf,
     turn: Option<bedside_turn::TurnHandle>,
+    sfu: Option<bedside_sfu::Sfu>,
+}
+
+/// Starts the SFU and the task that hands its events (slot layouts, active speakers) to the
+/// hub.
+fn start_sfu(
+    config: &Config,
+    signaling: SocketAddr,
+    hub: &Arc<Hub>,
+) -> Result<bedside_sfu::Sfu, ServerError> {
+    let settings = config
+        .sfu
+        .settings(signaling)
+        .map_err(|e| ServerError::Config(config::ConfigError::Invalid(e)))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sfu =
+        bedside_sfu::Sfu::start(settings.clone(), tx).map_err(|source| ServerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    hub.set_sfu(sfu.handle().clone());
+    let hub = Arc::downgrade(hub);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let Some(hub) = hub.upgrade() else { break };
+            hub.sfu_event(event);
+        }
+    });
+    tracing::info!(addr = %sfu.handle().local_addr(), "sfu listening");
+    Ok(sfu)
 }
 
 /// Starts the bundled relay with its secret (configured, or generated once and kept in the
@@ -258,6 +288,11 @@ impl Server {
             config.max_participants,
             &config.limits,
         );
+        let sfu = if config.sfu.enabled {
+            Some(start_sfu(&config, local, &hub)?)
+        } else {
+            None
+        };
         let per_minute =
             NonZeroU32::new(config.invite_attempts_per_minute).expect("validated to be > 0");
         let resume_quota = config.limits.resume_quota();
@@ -309,7 +344,13 @@ impl Server {
             generated_admin_key,
             data_dir,
             turn,
+            sfu,
         })
+    }
+
+    /// The SFU, when it runs.
+    pub fn sfu(&self) -> Option<&bedside_sfu::SfuHandle> {
+        self.sfu.as_ref().map(|s| s.handle())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -428,6 +469,9 @@ impl Server {
         if let Some(relay) = self.turn {
             relay.shutdown();
             relay.join().await;
+        }
+        if let Some(sfu) = self.sfu {
+            sfu.shutdown();
         }
         self.state.store.flush_audit().await?;
         result.map_err(ServerError::Io)

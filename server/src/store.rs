@@ -469,7 +469,6 @@ impl Store {
     pub async fn revoke_credential(&self, id: String, now: u64) -> Result<bool, StoreError> {
         on_backend!(self, b => b.revoke_credential(id, now).await)
     }
-
 }
 
 /// How long an audit event may wait for company before it is written.

@@ -440,6 +440,26 @@ impl Conn {
                 }
                 return Some(End::Done);
             }
+            ClientMessage::SfuOffer { sdp } => self.sfu_offer(seated, sdp).await,
+            ClientMessage::SfuCandidate { candidate } => {
+                hub.sfu_allowed(seated).and_then(|()| match hub.sfu() {
+                    Some(sfu) => {
+                        sfu.add_candidate(
+                            &seated.consultation_id.0,
+                            &seated.participant_id.0,
+                            candidate.candidate,
+                        );
+                        Ok(())
+                    }
+                    None => Err(ErrorCode::OutOfOrder),
+                })
+            }
+            ClientMessage::SfuLeave => {
+                if let Some(sfu) = hub.sfu() {
+                    sfu.leave(&seated.consultation_id.0, &seated.participant_id.0);
+                }
+                Ok(())
+            }
             ClientMessage::Join { .. }
             | ClientMessage::Resume { .. }
             | ClientMessage::Ping { .. }
@@ -452,11 +472,33 @@ impl Conn {
                 ErrorCode::UnknownParticipant => {
                     "that participant is not (or not yet, or no longer) reachable here"
                 }
+                ErrorCode::OutOfOrder => "not possible now (or this server runs no SFU)",
                 _ => "the request could not be carried out",
             };
             self.reply_error(code, message, Some(ty)).await;
         }
         None
+    }
+
+    /// Hands an offer to the SFU and replies with its answer.
+    async fn sfu_offer(&self, seated: &Seated, sdp: String) -> Result<(), ErrorCode> {
+        let hub = &self.state.hub;
+        hub.sfu_allowed(seated)?;
+        let sfu = hub.sfu().ok_or(ErrorCode::OutOfOrder)?;
+        match sfu
+            .connect(&seated.consultation_id.0, &seated.participant_id.0, sdp)
+            .await
+        {
+            Ok(sdp) => {
+                self.reply(ServerMessage::SfuAnswer { sdp }).await;
+                Ok(())
+            }
+            Err(e) => {
+                // The error names what was wrong, never the SDP itself.
+                tracing::warn!(consultation = %seated.consultation_id, participant = %seated.participant_id, error = e.kind(), "sfu offer refused");
+                Err(ErrorCode::MalformedMessage)
+            }
+        }
     }
 
     /// Admits a waiting patient, durably: the admission is in the store (committed) before the

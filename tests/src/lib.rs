@@ -40,6 +40,8 @@ pub struct TestServer {
     pub admin_key: String,
     pub config: Config,
     pub data_dir: tempfile::TempDir,
+    /// The in-process SFU, when the config enables it.
+    pub sfu: Option<bedside_sfu::SfuHandle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), bedside_server::ServerError>>>,
     http: reqwest::Client,
@@ -54,6 +56,8 @@ pub fn test_config() -> Config {
         ..Config::default()
     };
     config.turn.enabled = false;
+    // Group calls stay a mesh unless a test asks for the SFU (see [`with_sfu`]).
+    config.sfu.enabled = false;
     // Every test client comes from 127.0.0.1: the per-source connection cap would count them
     // as one source (tests/tests/hardening.rs checks the cap with a config of its own).
     config.limits.max_connections_per_source = 100_000;
@@ -67,6 +71,13 @@ pub fn with_turn(mut config: Config) -> Config {
     config.turn.relay.listen_udp = vec!["127.0.0.1:0".parse().unwrap()];
     config.turn.relay.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()];
     config.turn.relay.allow_loopback_peers = true;
+    config
+}
+
+/// `config` with the SFU on a free loopback port.
+pub fn with_sfu(mut config: Config) -> Config {
+    config.sfu.enabled = true;
+    config.sfu.listen = "127.0.0.1:0".into();
     config
 }
 
@@ -88,6 +99,7 @@ impl TestServer {
         let base_url = server.base_url();
         let ws_url = server.ws_url().to_owned();
         let admin_key = server.admin_api_key().to_owned();
+        let sfu = server.sfu().cloned();
         let task = tokio::spawn(server.serve(async move {
             let _ = stopped.await;
         }));
@@ -97,6 +109,7 @@ impl TestServer {
             admin_key,
             config,
             data_dir,
+            sfu,
             stop: Some(stop),
             task: Some(task),
             http: reqwest::Client::new(),

@@ -39,8 +39,8 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
 use super::{
-    AuditEvent, ConsultationRow, CredentialRow, JoinTokenId, Pruned, SeatRow, SeatWrite, StoreConfig,
-    StoreError, StoreHealth, now_ms, parse_kind, parse_role,
+    AuditEvent, ConsultationRow, CredentialRow, JoinTokenId, Pruned, SeatRow, SeatWrite,
+    StoreConfig, StoreError, StoreHealth, now_ms, parse_kind, parse_role,
 };
 
 /// How long a query on the request path may take before it is answered with an error.
@@ -62,7 +62,8 @@ const MIGRATION_LOCK: i64 = 0x0062_6564_7369_6465;
 
 /// The schema's history: `MIGRATIONS[n]` is version n + 1. Append only; never edit a released
 /// step.
-pub const MIGRATIONS: &[&str] = &["
+pub const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE consultations (
     id TEXT PRIMARY KEY,
     seq BIGINT GENERATED ALWAYS AS IDENTITY,
@@ -129,7 +130,8 @@ CREATE TABLE credential_audit (
     consultation_id TEXT
 );
 CREATE INDEX credential_audit_by_id ON credential_audit(credential_id, id);
-"];
+",
+];
 
 /// The schema version this server writes.
 pub fn schema_version() -> i64 {
@@ -1030,7 +1032,14 @@ async fn write_all<'a>(
                 };
                 tx.execute(
                     &stmt,
-                    &[&pid.0, &cid.0, &role.as_str(), admitted, &token_id, &token_exp],
+                    &[
+                        &pid.0,
+                        &cid.0,
+                        &role.as_str(),
+                        admitted,
+                        &token_id,
+                        &token_exp,
+                    ],
                 )
                 .await?;
             }

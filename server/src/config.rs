@@ -87,9 +87,11 @@ impl Default for TurnSection {
 }
 
 /// The in-process SFU (`bedside-sfu`): its UDP socket and the address clients reach it on.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct SfuSection {
+    /// Off by default until group calls through it pass end to end (see ARCHITECTURE.md,
+    /// `sfu/`): group consultations stay a mesh of peer connections, which works today.
     pub enabled: bool,
     /// `ip:port` of the UDP socket. Empty: the signaling address's IP, a port the OS picks.
     pub listen: String,
@@ -98,17 +100,6 @@ pub struct SfuSection {
     pub public_address: String,
 }
 
-impl Default for SfuSection {
-    fn default() -> Self {
-        SfuSection {
-            // Off until group calls through it pass end to end (see ARCHITECTURE.md, `sfu/`):
-            // group consultations stay a mesh of peer connections, which works today.
-            enabled: false,
-            listen: String::new(),
-            public_address: String::new(),
-        }
-    }
-}
 
 impl SfuSection {
     /// The settings the SFU starts with, given the signaling listen address.

@@ -100,7 +100,6 @@ pub struct SfuSection {
     pub public_address: String,
 }
 
-
 impl SfuSection {
     /// The settings the SFU starts with, given the signaling listen address.
     pub fn settings(&self, signaling: SocketAddr) -> Result<bedside_sfu::SfuSettings, String> {

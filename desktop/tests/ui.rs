@@ -784,3 +784,45 @@ fn in_call_shows_the_safety_code_when_encrypted() {
         "End-to-end encrypted. Safety code 042 917 335 608: read it aloud; everyone must see the same.",
     );
 }
+
+/// The UI follows the system's scale: eframe hands the window's scale factor to egui as its
+/// pixels per point and the app never overrides it, so at 150% and 200% (a HiDPI laptop) the
+/// in-call controls are all on screen at their logical size, and clicks still reach them.
+#[test]
+fn the_call_follows_the_system_scale() {
+    for scale in [1.5_f32, 2.0] {
+        let logical = egui::vec2(960.0, 640.0);
+        let mut h = Harness::builder()
+            .with_size(logical)
+            .with_pixels_per_point(scale)
+            .build_ui_state(
+                |ui, state: &mut State| {
+                    bedside_desktop::view::apply_style(ui.ctx());
+                    let out = view(ui, &state.model, &mut state.drafts, &VideoView::default());
+                    state.commands.extend(out);
+                },
+                State {
+                    model: in_call(),
+                    drafts: Drafts::default(),
+                    commands: Vec::new(),
+                },
+            );
+        h.run();
+        assert_eq!(h.ctx.pixels_per_point(), scale, "the app kept the system's scale");
+        let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, logical);
+        for label in ["Mute", "Camera off", "Share screen"] {
+            let rect = h.get_by_label(label).rect();
+            assert!(
+                screen.contains_rect(rect),
+                "{label} at {rect:?} is off the {logical:?} screen at scale {scale}"
+            );
+        }
+        h.get_by_label("Mute").click();
+        h.run();
+        assert_eq!(
+            h.state().commands,
+            vec![UiCommand::Call(UserCommand::SetMicrophoneMuted(true))],
+            "at scale {scale}"
+        );
+    }
+}

@@ -147,10 +147,13 @@ async fn an_encrypted_call_decodes_while_its_frames_on_the_wire_do_not() -> Resu
             })
             .count())
     };
-    assert_eq!(
-        toned(&mut audio.iter().map(|(_, p)| p.clone()))?,
-        0,
-        "encrypted Opus played the tone"
+    // Ciphertext fed to an Opus decoder is noise, in which the tone detector may now and then
+    // find one of its two frequencies by chance (seen: 1 frame in 60): the plaintext below
+    // plays the tone in most frames, the ciphertext in almost none.
+    let encrypted_toned = toned(&mut audio.iter().map(|(_, p)| p.clone()))?;
+    assert!(
+        encrypted_toned <= 3,
+        "encrypted Opus played the tone in {encrypted_toned} frames of 60"
     );
     // The same check on the patient's tone in the clear does hear it.
     let mut tone = ToneSource::new(ToneConfig {

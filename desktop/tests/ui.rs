@@ -808,7 +808,11 @@ fn the_call_follows_the_system_scale() {
                 },
             );
         h.run();
-        assert_eq!(h.ctx.pixels_per_point(), scale, "the app kept the system's scale");
+        assert_eq!(
+            h.ctx.pixels_per_point(),
+            scale,
+            "the app kept the system's scale"
+        );
         let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, logical);
         for label in ["Mute", "Camera off", "Share screen"] {
             let rect = h.get_by_label(label).rect();

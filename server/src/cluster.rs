@@ -391,10 +391,7 @@ impl Cluster {
     }
 
     /// The mirrored seats of `cid`, with each one's latest resume token hash.
-    pub async fn seats(
-        &self,
-        cid: &ConsultationId,
-    ) -> Result<Vec<(SeatRow, Option<[u8; 32]>)>, redis::RedisError> {
+    pub async fn seats(&self, cid: &ConsultationId) -> Result<Vec<SeatRow>, redis::RedisError> {
         let all: HashMap<String, String> =
             self.conn.clone().hgetall(self.key("seats", &cid.0)).await?;
         Ok(all
@@ -405,18 +402,15 @@ impl Cluster {
                     .resume_hash
                     .and_then(|h| hex::decode(h).ok())
                     .and_then(|h| <[u8; 32]>::try_from(h).ok());
-                Some((
-                    SeatRow {
-                        participant_id: ParticipantId(pid),
-                        role: rec.role,
-                        admitted: rec.admitted,
-                        resume_hash: hash,
-                        // The mirror keeps no join token: a seat taken over is bound by its
-                        // resume token only.
-                        token: None,
-                    },
-                    hash,
-                ))
+                Some(SeatRow {
+                    participant_id: ParticipantId(pid),
+                    role: rec.role,
+                    admitted: rec.admitted,
+                    resume_hash: hash,
+                    // The mirror keeps no join token: a seat taken over is bound by its resume
+                    // token only.
+                    token: None,
+                })
             })
             .collect())
     }
@@ -767,7 +761,7 @@ impl Cluster {
                     match self.seats(&cid).await {
                         Ok(seats) if !seats.is_empty() => {
                             tracing::info!(consultation = %cid, seats = seats.len(), "taken over from a node that is gone");
-                            hub.restore_seats(&cid, seats);
+                            hub.restore(&cid, seats);
                         }
                         Ok(_) => {
                             let _ = self.mirror_tx.send(MirrorOp::RoomGone(cid));

@@ -955,26 +955,17 @@ impl Hub {
             .is_some_and(|room| lock(&room).seats.contains_key(pid))
     }
 
-    /// Brings back a consultation's persisted seats after a restart: every seat starts its link
-    /// down, with a fresh rejoin window, so each participant can resume it. Seats already live
-    /// are left alone.
+    /// Brings back a consultation's seats, persisted (after a restart) or mirrored (a fleet
+    /// node taking over another's consultation): every seat starts its link down, with a fresh
+    /// rejoin window, so each participant can resume it; where the row knows the seat's latest
+    /// resume token hash, only that token resumes it. Seats already live are left alone.
     pub fn restore(self: &Arc<Self>, cid: &ConsultationId, seats: Vec<SeatRow>) {
-        self.restore_seats(cid, seats.into_iter().map(|row| (row, None)).collect());
-    }
-
-    /// [`Hub::restore`] with each seat's latest resume token hash, when it is known (a fleet
-    /// node taking over another's consultation): then only that token resumes the seat.
-    pub fn restore_seats(
-        self: &Arc<Self>,
-        cid: &ConsultationId,
-        seats: Vec<(SeatRow, Option<[u8; 32]>)>,
-    ) {
         let room = self.room_or_create(cid);
         let mut r = lock(&room);
         if r.closed {
             return;
         }
-        for (row, resume_hash) in seats {
+        for row in seats {
             if r.seats.contains_key(&row.participant_id) {
                 continue;
             }
@@ -992,7 +983,7 @@ impl Hub {
                     generation: 1,
                     invite: None,
                     token: row.token.clone(),
-                    resume_hash: resume_hash.or(row.resume_hash),
+                    resume_hash: row.resume_hash,
                     down_since: Some(Instant::now()),
                 },
             );

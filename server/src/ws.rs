@@ -725,8 +725,8 @@ impl Conn {
         {
             // A fleet node taking over a consultation (its home is gone): the mirror has it.
             match cluster.seats(&claims.cid).await {
-                Ok(seats) if seats.iter().any(|(s, _)| s.participant_id == pid) => {
-                    state.hub.restore_seats(&claims.cid, seats);
+                Ok(seats) if seats.iter().any(|s| s.participant_id == pid) => {
+                    state.hub.restore(&claims.cid, seats);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "redis lookup failed"),

@@ -49,6 +49,9 @@ pub struct ProbeOptions {
     /// Testing only: keep the first this many encoded frames of each kind as handed to the
     /// packetizer (after encryption), in [`Report::tapped_frames`].
     pub tap_frames: usize,
+    /// Testing only: the user's audio-only switch, turned on this long after the call first
+    /// connected and off again after the second (as a doctor on a weak link would do).
+    pub audio_only_between: Option<(Duration, Duration)>,
 }
 
 impl ProbeOptions {
@@ -68,6 +71,7 @@ impl ProbeOptions {
             ca_cert_pem: None,
             e2ee: false,
             tap_frames: 0,
+            audio_only_between: None,
         }
     }
 
@@ -189,6 +193,14 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
+/// Sleeps until `at`, or for ever without it.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Joins, stays, leaves, and reports.
 pub async fn run(options: ProbeOptions) -> Result<Report> {
     let mut client_options = ClientOptions::new(&options.server_url);
@@ -233,6 +245,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     // Until connected, the probe waits up to `duration` for someone to come.
     let mut deadline = tokio::time::Instant::now() + options.duration;
     let mut left = false;
+    // The audio-only switch's next move (at, on), once connected.
+    let mut switch: Option<(tokio::time::Instant, bool)> = None;
     // SIGUSR1 plays the host app's network-change signal (NWPathMonitor, ConnectivityManager).
     #[cfg(unix)]
     let mut network_changed =
@@ -258,6 +272,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                                     report.connected = true;
                                     report.time_to_connect_ms = Some(ms);
                                     deadline = tokio::time::Instant::now() + options.duration;
+                                    switch = options.audio_only_between.map(|(on, _)| {
+                                        (tokio::time::Instant::now() + on, true)
+                                    });
                                 }
                             }
                             CallState::Reconnecting => report.reconnections += 1,
@@ -307,6 +324,17 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     }
                     _ => {}
                 }
+            }
+            _ = sleep_until_some(switch.map(|(at, _)| at)) => {
+                let on = switch.map(|(_, on)| on).unwrap_or_default();
+                client.handle.send(UserCommand::SetAudioOnly(on));
+                switch = match (on, options.audio_only_between) {
+                    (true, Some((from, until))) => Some((
+                        tokio::time::Instant::now() + until.saturating_sub(from),
+                        false,
+                    )),
+                    _ => None,
+                };
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if left {

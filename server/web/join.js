@@ -817,6 +817,8 @@
           s.localCandidateType = local.candidateType;
           s.relayProtocol = local.relayProtocol;
         }
+        const remote = byId.get(pair.remoteCandidateId);
+        if (remote) s.remoteCandidateType = remote.candidateType;
       }
       s.connectionState = p.pc.connectionState;
       // Remote video stalled while the audio flows: the other side (or the network) went
@@ -832,21 +834,62 @@
   }
 
   // Audio-only when the network asks for it: after three seconds in a row below 80 kbps
-  // available we stop sending video (the camera stays open for the self view); above 250 kbps
-  // it comes back. Above that, the browser's own encoder scales the picture down.
+  // available we stop sending video (the camera stays open for the self view). With only the
+  // sound on the wire the browser's estimate cannot see the link recover, so, like the native
+  // client's quality ladder, the page probes: after 3 s (doubling per failed probe, up to 30 s)
+  // the video goes out again, at most 300 kbps, for 6 s; if the estimate passes 250 kbps the
+  // video stays on. Above that, the browser's own encoder scales the picture down.
+  const NETWORK_LOW_KBPS = 80;
+  const NETWORK_BACK_KBPS = 250;
+  const PROBE_KBPS = 300;
+  const PROBE_MS = 6000;
+  const PROBE_FIRST_MS = 3000;
+  const PROBE_MAX_WAIT_MS = 30000;
   async function adaptToNetwork(p, s) {
     if (s.availableOutgoingKbps === undefined) return;
-    p.lowFor = s.availableOutgoingKbps < 80 ? (p.lowFor || 0) + 1 : 0;
-    const off = p.lowFor >= 3;
-    const on = s.availableOutgoingKbps > 250;
-    if ((off && !state.audioOnlyByNetwork) || (on && state.audioOnlyByNetwork)) {
-      state.audioOnlyByNetwork = off;
-      for (const sender of p.pc.getSenders()) {
-        if (!sender.track || sender.track.kind !== 'video') continue;
-        const params = sender.getParameters();
-        for (const e of params.encodings || []) e.active = !off;
-        await sender.setParameters(params).catch(() => {});
+    const now = Date.now();
+    const n = p.net || (p.net = { lowFor: 0, off: false, wait: PROBE_FIRST_MS, probeAt: 0, probeUntil: 0 });
+    if (!n.off) {
+      n.lowFor = s.availableOutgoingKbps < NETWORK_LOW_KBPS ? n.lowFor + 1 : 0;
+      if (n.lowFor >= 3) {
+        n.off = true;
+        n.wait = PROBE_FIRST_MS;
+        n.probeAt = now + n.wait;
+        event('audio-only:network');
+        await sendVideo(p, false);
       }
+    } else if (n.probeUntil) {
+      if (s.availableOutgoingKbps > NETWORK_BACK_KBPS) {
+        n.off = false;
+        n.lowFor = 0;
+        n.probeUntil = 0;
+        event('video:network');
+        await sendVideo(p, true);
+      } else if (now >= n.probeUntil) {
+        n.probeUntil = 0;
+        n.wait = Math.min(PROBE_MAX_WAIT_MS, n.wait * 2);
+        n.probeAt = now + n.wait;
+        await sendVideo(p, false);
+      }
+    } else if (now >= n.probeAt) {
+      n.probeUntil = now + PROBE_MS;
+      await sendVideo(p, true, PROBE_KBPS);
+    }
+    state.audioOnlyByNetwork = [...state.peers.values()].some((q) => q.net && q.net.off);
+  }
+
+  // Turns the video sent to `p` on (capped at `maxKbps` when given) or off, without
+  // renegotiating.
+  async function sendVideo(p, on, maxKbps) {
+    for (const sender of p.pc.getSenders()) {
+      if (!sender.track || sender.track.kind !== 'video') continue;
+      const params = sender.getParameters();
+      for (const e of params.encodings || []) {
+        e.active = on;
+        if (maxKbps) e.maxBitrate = maxKbps * 1000;
+        else delete e.maxBitrate;
+      }
+      await sender.setParameters(params).catch(() => {});
     }
   }
 
@@ -862,12 +905,15 @@
       level = rtt > 400 ? 'poor' : rtt > 150 ? 'fair' : 'good';
       text = { good: 'Good connection', fair: 'Fair connection', poor: 'Poor connection' }[level];
       if (s.localCandidateType === 'relay') text += ' (relayed)';
-      const stalled = stats.some((x) => x.remoteVideoStalled);
+      const stalled = Object.keys(state.test.stats).find((id) => state.test.stats[id].remoteVideoStalled);
       if (state.audioOnlyByNetwork || stalled) {
+        const info = stalled && state.peerInfo && state.peerInfo.get(stalled);
+        const whose = info && info.role === 'doctor' ? 'the doctor’s' : 'the other side’s';
         setBanner(state.audioOnlyByNetwork
-          ? 'Audio only: the connection is too weak for video. You can still talk.'
-          : 'Audio only: the other side’s video is paused. You can still talk.');
+          ? 'Audio only: your connection is too weak for video. You can still talk.'
+          : 'Audio only: ' + whose + ' video is paused. You can still talk.');
         state.test.audioOnly = true;
+        state.test.audioOnlyBy = state.audioOnlyByNetwork ? 'network' : 'remote';
       } else if ($('banner').textContent.startsWith('Audio only')) {
         setBanner('');
         state.test.audioOnly = false;

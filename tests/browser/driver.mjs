@@ -8,7 +8,9 @@
 // url and is admitted at once), admit (click Admit when someone waits), chat (a line to send; the probe answers
 // "echo: <line>"), screenshot (a path), reload (reload mid-call and check the seat resumes),
 // networkChange (offline and back: ICE must restart), outage (the test restarts the server after "ready-for-outage": the seat must resume),
-// minFrames, holdMs, timeoutMs.
+// audioOnly (the other side or the network goes audio-only and back: the page must say so, then
+// show video again), home (Chromium's HOME: its NSS database trusts the test's private CA; no
+// certificate error is ever ignored), minFrames, holdMs, timeoutMs.
 import { createRequire } from 'node:module';
 
 const require = createRequire(process.env.BEDSIDE_NODE_MODULES + '/');
@@ -27,13 +29,14 @@ const browser = await chromium.launch({
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
     '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
-    '--ignore-certificate-errors',
   ],
   headless: true,
+  // Chromium on Linux trusts what $HOME/.pki/nssdb trusts: the tests put their CA there.
+  env: s.home ? { ...process.env, HOME: s.home } : process.env,
 });
 let failed = false;
 try {
-  const context = await browser.newContext({ viewport: { width: 960, height: 720 }, ignoreHTTPSErrors: true });
+  const context = await browser.newContext({ viewport: { width: 960, height: 720 } });
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
@@ -104,6 +107,28 @@ try {
     afterOutage = { framesBefore: frames, framesAfter: stat(t, 'framesDecoded'), events: t.events };
     out({ event: 'resumed', ms: ms() });
   }
+  let audioOnly = null;
+  if (s.audioOnly) {
+    // Audio-only and back: the notice in plain words while the video stalls (and, when the
+    // page itself stops its video, while it sends none) and the sound goes on; then video again.
+    const figures = (t) => ({ frames: stat(t, 'framesDecoded'), audio: stat(t, 'audioPackets'),
+      framesSent: stat(t, 'framesSent') });
+    t = await waitFor('the audio-only notice', (t) => t.audioOnly === true);
+    const banner = (await page.isVisible('#banner')) ? await page.textContent('#banner') : null;
+    const at = figures(t);
+    out({ event: 'audio-only', ms: ms(), banner, by: t.audioOnlyBy });
+    await new Promise((r) => setTimeout(r, s.audioOnlyHoldMs || 2000));
+    t = await test();
+    const during = { ...figures(t), still: t.audioOnly === true };
+    out({ event: 'audio-only-held', ms: ms() });
+    t = await waitFor('video back after audio-only', (t) => t.audioOnly === false &&
+      stat(t, 'framesDecoded') >= during.frames + minFrames &&
+      (!s.audioOnlyBySelf || stat(t, 'framesSent') >= during.framesSent + minFrames));
+    const after = figures(t);
+    const bannerAfter = (await page.isVisible('#banner')) ? await page.textContent('#banner') : null;
+    audioOnly = { banner, by: t.audioOnlyBy, at, during, after, bannerAfter };
+    out({ event: 'video-back', ms: ms() });
+  }
   if (s.screenshot) {
     await page.screenshot({ path: s.screenshot });
   }
@@ -119,7 +144,7 @@ try {
   if (s.holdMs) await new Promise((r) => setTimeout(r, s.holdMs));
   t = await test();
   out({ result: { state: t.state, stats: t.stats, remoteAudio: t.remoteAudio, chatReceived: chatEchoed, resumed: t.resumed,
-    afterReload, afterOutage, afterNetworkChange, sawReconnecting: Boolean(t.sawReconnecting), events: t.events, errors } });
+    afterReload, afterOutage, afterNetworkChange, audioOnly, sawReconnecting: Boolean(t.sawReconnecting), events: t.events, errors } });
   if (s.leave) {
     await page.click('#leave');
     await waitFor('the end screen', (t) => t.state === 'ended');

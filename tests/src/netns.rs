@@ -110,6 +110,13 @@ impl Lab {
         format!("{}-{host}", self.prefix)
     }
 
+    /// The network namespace of `host`, for programs a test starts there itself
+    /// (`ip netns exec <namespace> ...`).
+    pub fn namespace(&self, host: &str) -> String {
+        assert!(self.hosts.iter().any(|h| h == host), "a lab host");
+        self.ns(host)
+    }
+
     fn addr_of(i: usize) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, 0, i as u8 + 1)
     }

@@ -60,6 +60,10 @@ const TEST_PACKAGES: &[&str] = &[
     // npm to install playwright-core into target/.
     "chromium",
     "nodejs",
+    // The same suite's TLS: certutil puts the test CA in an NSS database in Chromium's HOME
+    // (no certificate error is ignored); its lab test asks the lab's HTTPS API with curl.
+    "libnss3-tools",
+    "curl",
     // The operations dashboard's browser test (the same Chromium and node: this image's nodejs
     // is NodeSource's, which bundles npm; with Debian's own nodejs add "npm") and promtool for
     // /metrics and the shipped Prometheus rules.

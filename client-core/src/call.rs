@@ -181,7 +181,14 @@ pub enum SignalingCommand {
     Open,
     Send(ClientMessage),
     Close,
+    /// The consultation lives in another region of the fleet: from now on (this join and
+    /// every later reconnection) the signaling URL is this one; open the WebSocket there
+    /// (closing the old one).
+    OpenAt(String),
 }
+
+/// How many `redirect`s in a row a join follows before it gives up on them.
+pub const MAX_REDIRECTS: u32 = 3;
 
 /// The engine's peer id for the connection to the SFU (never a participant's: those are
 /// server-made opaque ids, and this one is not one the server makes).
@@ -462,6 +469,9 @@ pub struct Call {
     /// Whether our seat was admitted when we last heard.
     admitted: bool,
     ever_seated: bool,
+    /// Redirects followed since we were last seated (bounded: two servers that each send
+    /// the client to the other must not keep it going round).
+    redirects: u32,
     ice_servers: Vec<IceServer>,
     peers: BTreeMap<ParticipantId, PeerConn>,
     last_heard: Option<Instant>,
@@ -514,6 +524,7 @@ impl Call {
             escalated: false,
             admitted: false,
             ever_seated: false,
+            redirects: 0,
             ice_servers: Vec::new(),
             peers: BTreeMap::new(),
             last_heard: None,
@@ -1042,6 +1053,7 @@ impl Call {
                 self.me = Some((participant_id.clone(), role));
                 self.resume_token = Some(resume_token);
                 self.ever_seated = true;
+                self.redirects = 0;
                 // A resumed seat keeps its admission (the server confirms it next): the call
                 // does not flash through the waiting room on every reconnect.
                 self.admitted &= resumed;
@@ -1217,7 +1229,38 @@ impl Call {
             ServerMessage::ActiveSpeaker { participant_id } => {
                 self.event(CallEvent::ActiveSpeaker(participant_id))
             }
+            ServerMessage::Redirect { url, .. } => self.redirect(now, url),
         }
+    }
+
+    /// The server we reached is not in the consultation's region: send the same `join` or
+    /// `resume` to the region it names, at once, as part of the same attempt. Only while
+    /// joining, only to a WebSocket URL, and at most [`MAX_REDIRECTS`] times in a row; otherwise
+    /// it is ignored and the `error` the server sends after it ends or retries the attempt.
+    fn redirect(&mut self, now: Instant, url: String) {
+        let Phase::Connecting {
+            attempt,
+            since,
+            resume,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
+        let websocket = url.starts_with("wss://") || url.starts_with("ws://");
+        if !websocket || self.redirects >= MAX_REDIRECTS {
+            return;
+        }
+        self.redirects += 1;
+        self.signaling(SignalingCommand::OpenAt(url));
+        self.phase = Phase::Connecting {
+            attempt,
+            open_at: None,
+            deadline: Some(now + self.config.join_timeout),
+            since,
+            resume,
+            open: false,
+        };
     }
 
     fn on_error(&mut self, now: Instant, code: ErrorCode, message: String) {

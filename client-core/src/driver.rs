@@ -281,6 +281,11 @@ impl Driver {
         while let Some(output) = self.call.poll_output() {
             match output {
                 Output::Signaling(SignalingCommand::Open) => self.open_link(),
+                Output::Signaling(SignalingCommand::OpenAt(url)) => {
+                    tracing::info!("the consultation is in another region: following the redirect");
+                    self.options.server_url = url;
+                    self.open_link();
+                }
                 Output::Signaling(SignalingCommand::Send(msg)) => {
                     if let Some(link) = &self.link {
                         let _ = link.send(msg);

@@ -1120,3 +1120,72 @@ fn video_that_stays_undecodable_despite_keyframe_requests_rebuilds_the_connectio
         tick(&mut h);
     }
 }
+
+fn redirect(url: &str) -> ServerMessage {
+    ServerMessage::Redirect {
+        region: "eu".into(),
+        url: url.into(),
+        web_url: None,
+    }
+}
+
+fn opens_at(out: &[Output]) -> Option<String> {
+    out.iter().find_map(|o| match o {
+        Output::Signaling(SignalingCommand::OpenAt(url)) => Some(url.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_redirect_while_joining_sends_the_same_join_to_the_region_it_names() {
+    let mut h = Harness::new();
+    let auth = JoinAuth::InviteCode {
+        code: "EU-7K3M9-Q2XR4".into(),
+    };
+    h.open_and_join(auth.clone());
+    let out = h.msg(redirect("wss://eu.clinic.example/ws"));
+    assert_eq!(
+        opens_at(&out).as_deref(),
+        Some("wss://eu.clinic.example/ws"),
+        "{out:?}"
+    );
+    let out = h.sig(SignalingEvent::Opened);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Signaling(SignalingCommand::Send(ClientMessage::Join { auth: a, .. })) if *a == auth
+        )),
+        "{out:?}"
+    );
+    // Two regions sending the client to each other: followed a few times, then ignored (the
+    // error after it then ends the attempt).
+    for _ in 1..MAX_REDIRECTS {
+        assert!(opens_at(&h.msg(redirect("wss://us.clinic.example/ws"))).is_some());
+        h.sig(SignalingEvent::Opened);
+    }
+    assert_eq!(
+        opens_at(&h.msg(redirect("wss://eu.clinic.example/ws"))),
+        None
+    );
+    let out = h.msg(ServerMessage::error(
+        ErrorCode::ConsultationNotFound,
+        "elsewhere",
+        Some("join"),
+    ));
+    assert!(
+        out.contains(&Output::Signaling(SignalingCommand::Close)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_redirect_to_something_else_than_a_websocket_or_once_seated_is_ignored() {
+    let mut h = Harness::new();
+    h.open_and_join(JoinAuth::InviteCode { code: "X".into() });
+    assert_eq!(opens_at(&h.msg(redirect("https://evil.example/"))), None);
+    h.joined("pat", Role::Patient, false);
+    assert_eq!(
+        opens_at(&h.msg(redirect("wss://eu.clinic.example/ws"))),
+        None
+    );
+}

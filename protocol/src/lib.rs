@@ -24,7 +24,10 @@
 //!    `sfu_candidate`, and learns from `sfu_layout` which participant each slot carries and from
 //!    `active_speaker` who speaks. `sfu_leave` goes back to peer to peer (two left). The SFU
 //!    forwards what it receives without reading the media payloads.
-//! 5. When a participant's link drops, its seat is kept for the rejoin window and the others see
+//! 5. A fleet of several regions (cells): a `join` or `resume` that reaches a server of another
+//!    region than the consultation's is answered with `redirect` (that region's signaling URL);
+//!    the client opens the WebSocket there and sends the same message again.
+//! 6. When a participant's link drops, its seat is kept for the rejoin window and the others see
 //!    `peer_reconnecting`; a `resume` inside the window brings `peer_back`, otherwise they see
 //!    `peer_left`.
 //!
@@ -538,6 +541,20 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         participant_id: Option<ParticipantId>,
     },
+    /// Answers a `join` or `resume` that reached a server of another region than the
+    /// consultation's: open the signaling WebSocket at `url` and send the same message there.
+    /// An `error` (`consultation_not_found`, naming the region) and a close follow, for clients
+    /// that do not know this message.
+    Redirect {
+        /// The consultation's region, as the fleet's region map names it.
+        region: String,
+        /// That region's signaling URL (`wss://eu.clinic.example/ws`).
+        url: String,
+        /// That region's public web address, for the browser join page
+        /// (`<web_url>/j/<invite code>`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        web_url: Option<String>,
+    },
 }
 
 /// Why an incoming frame could not be decoded.
@@ -684,6 +701,7 @@ impl ServerMessage {
         "sfu_answer",
         "sfu_layout",
         "active_speaker",
+        "redirect",
     ];
 
     /// Decodes one text frame, telling a malformed frame from an unknown type.
@@ -730,6 +748,7 @@ impl ServerMessage {
             ServerMessage::SfuAnswer { .. } => "sfu_answer",
             ServerMessage::SfuLayout { .. } => "sfu_layout",
             ServerMessage::ActiveSpeaker { .. } => "active_speaker",
+            ServerMessage::Redirect { .. } => "redirect",
         }
     }
 }

@@ -238,6 +238,15 @@ pub struct CreatedConsultation {
     /// The link to send the patient: `<public-url>/j/<invite_code>` (the join page).
     #[serde(default)]
     pub invite_url: String,
+    /// The fleet region the consultation belongs to (a fleet with a region map only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// A new invite code: in a fleet with a region map, with this region's tag in front.
+fn new_invite_code(state: &AppState) -> String {
+    let tag = state.cluster.as_ref().and_then(|c| c.regions().own_tag());
+    invite::generate_tagged(&mut rand::rng(), tag.as_deref().unwrap_or(""))
 }
 
 fn invite_ttl(state: &AppState, asked: Option<u64>) -> Result<u64, ApiError> {
@@ -273,7 +282,7 @@ pub(crate) async fn create_consultation(
     };
     let ttl = invite_ttl(&state, req.invite_ttl_secs)?;
     let cid = ConsultationId(auth::random_id("c"));
-    let code = invite::generate(&mut rand::rng());
+    let code = new_invite_code(&state);
     let now = auth::unix_now();
     let invite_expires_at = now + ttl;
     state
@@ -305,6 +314,11 @@ pub(crate) async fn create_consultation(
             ws_url: state.ws_url.clone(),
             invite_url: crate::web::invite_url(&state, &code),
             invite_code: code,
+            region: state
+                .cluster
+                .as_ref()
+                .filter(|c| c.regions().mapped())
+                .map(|c| c.region().to_owned()),
         }),
     ))
 }
@@ -452,7 +466,7 @@ pub(crate) async fn issue_invite(
     };
     let ttl = invite_ttl(&state, asked)?;
     let cid = open_consultation(&state, id).await?;
-    let code = invite::generate(&mut rand::rng());
+    let code = new_invite_code(&state);
     let expires_at = auth::unix_now() + ttl;
     state
         .store
@@ -489,7 +503,11 @@ async fn revoke_invites(
     require_admin(&state, &headers)?;
     let cid = open_consultation(&state, id).await?;
     let revoked = state.store.revoke_invites(cid.clone()).await?;
-    let waiting_removed = state.hub.revoke_invites(&cid);
+    let waiting_removed = match &state.cluster {
+        // Its waiting room is on its home node, wherever that is.
+        Some(cluster) => cluster.revoke_invites_everywhere(&cid).await.unwrap_or(0),
+        None => state.hub.revoke_invites(&cid),
+    };
     state
         .store
         .audit(AuditEvent::new(&cid, AuditKind::InviteRevoked));

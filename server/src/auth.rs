@@ -33,6 +33,11 @@ pub struct Claims {
     /// (a resume hands out a new token and only the newest resumes the seat).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub jti: String,
+    /// The fleet region the consultation belongs to (`[cluster] region`, set only when the
+    /// fleet has a region map): a node of another region redirects the bearer there. Absent:
+    /// the region (or single server) that reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rgn: Option<String>,
 }
 
 const ISSUER: &str = "bedside";
@@ -62,6 +67,8 @@ pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// Written into every token's `rgn` claim.
+    region: Option<String>,
 }
 
 pub fn unix_now() -> u64 {
@@ -81,7 +88,14 @@ impl Tokens {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            region: None,
         }
+    }
+
+    /// Tokens that name the fleet region their consultation belongs to.
+    pub fn in_region(mut self, region: &str) -> Self {
+        self.region = Some(region.to_owned());
+        self
     }
 
     /// Signs a token valid from `now` for `ttl`.
@@ -103,6 +117,7 @@ impl Tokens {
             iat: now,
             exp: now + ttl.as_secs(),
             jti: random_secret(8),
+            rgn: self.region.clone(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
@@ -159,6 +174,38 @@ pub mod invite {
             .map(|c| c.to_ascii_uppercase())
             .collect();
         (code.len() == LEN && code.bytes().all(|b| ALPHABET.contains(&b))).then_some(code)
+    }
+
+    /// The longest region tag in front of a fleet's invite code.
+    pub const MAX_TAG: usize = 4;
+
+    /// A code for a fleet region: the region's tag in front (`EU-7K3M9-Q2XR4`). The tag says
+    /// which region to ask, nothing about the consultation; the random part is as long as a
+    /// single clinic's. An empty tag gives an untagged code.
+    pub fn generate_tagged(rng: &mut impl Rng, tag: &str) -> String {
+        let code = generate(rng);
+        if tag.is_empty() {
+            code
+        } else {
+            format!("{tag}-{code}")
+        }
+    }
+
+    /// What a person typed, for a fleet with a region map: (the tag, empty if none; the
+    /// canonical form of the whole code, tag included, which is what is hashed).
+    pub fn normalize_tagged(typed: &str) -> Option<(String, String)> {
+        let code: String = typed
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '-')
+            .map(|c| c.to_ascii_uppercase())
+            .collect();
+        if code.len() < LEN || code.len() > LEN + MAX_TAG || !code.is_ascii() {
+            return None;
+        }
+        let (tag, random) = code.split_at(code.len() - LEN);
+        let ok = random.bytes().all(|b| ALPHABET.contains(&b))
+            && tag.bytes().all(|b| b.is_ascii_alphanumeric());
+        ok.then(|| (tag.to_owned(), code.clone()))
     }
 
     /// What the store keeps instead of the code.
@@ -264,6 +311,39 @@ mod tests {
         assert_eq!(invite::normalize("OOOOO-OOOOO"), None);
         assert_eq!(invite::normalize("ABC"), None);
         assert_ne!(invite::hash("AAAAAAAAAA"), invite::hash("AAAAAAAAAB"));
+    }
+
+    #[test]
+    fn tagged_invite_codes_keep_their_region_tag_and_hash_whole() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let code = invite::generate_tagged(&mut rng, "EU");
+        assert!(code.starts_with("EU-") && code.len() == 14, "{code}");
+        let (tag, whole) = invite::normalize_tagged(&code.to_lowercase()).unwrap();
+        assert_eq!((tag.as_str(), whole.clone()), ("EU", code.replace('-', "")));
+        // An untagged code reads as one with no tag; the tag is at most four characters.
+        let plain = invite::generate(&mut rng);
+        assert_eq!(invite::normalize_tagged(&plain).unwrap().0, "");
+        assert_eq!(invite::normalize_tagged(&format!("EUROPE{plain}")), None);
+        assert_ne!(invite::hash(&whole), invite::hash(&whole[2..]));
+        // Tokens carry the region only when told to.
+        let t = Tokens::new(b"secret-secret-secret");
+        let issue = |t: &Tokens| {
+            t.issue(
+                TokenKind::Join,
+                &cid(),
+                Role::Doctor,
+                "t1",
+                unix_now(),
+                Duration::from_secs(60),
+            )
+        };
+        assert_eq!(t.verify(&issue(&t), TokenKind::Join).unwrap().rgn, None);
+        let eu = Tokens::new(b"secret-secret-secret").in_region("eu");
+        let tok = issue(&eu);
+        assert_eq!(
+            t.verify(&tok, TokenKind::Join).unwrap().rgn.as_deref(),
+            Some("eu")
+        );
     }
 
     #[test]

@@ -28,14 +28,16 @@
 //! Messages between nodes are JSON [`Envelope`]s over Redis pub/sub carrying the protocol's own
 //! text frames, so no wire protocol of our own is involved.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use bedside_protocol::{ConsultationId, ParticipantId, Role, ServerMessage, close_code};
+use bedside_protocol::{
+    ClientMessage, ConsultationId, JoinAuth, ParticipantId, Role, ServerMessage, close_code,
+};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -56,6 +58,9 @@ pub struct ClusterConfig {
     /// Unique in the region; empty: a random one at each start.
     pub node_id: String,
     pub region: String,
+    /// The fleet's region map (`[cluster.regions.<name>]`), the same on every node of every
+    /// region; empty: one region, no redirects, each node hands out its own relay.
+    pub regions: BTreeMap<String, RegionConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -65,8 +70,169 @@ impl Default for ClusterConfig {
             redis_url_file: PathBuf::new(),
             node_id: String::new(),
             region: "default".into(),
+            regions: BTreeMap::new(),
         }
     }
+}
+
+/// One region (cell) of the fleet in the region map: where its clients connect, what its
+/// invite codes start with, and its relays.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct RegionConfig {
+    /// The region's public web address (`https://eu.clinic.example`): its join page.
+    pub public_url: String,
+    /// Its signaling URL; empty: `public-url` as `wss://…/ws`.
+    pub signaling_url: String,
+    /// What its invite codes start with, 1 to 4 letters or digits (`EU-7K3M9-Q2XR4`); empty:
+    /// the region's name in capitals.
+    pub invite_tag: String,
+    /// Its STUN/TURN relays. Each participant is handed all of them, the one with the fewest
+    /// live allocations first (by the load its node publishes).
+    pub relays: Vec<RelayConfig>,
+}
+
+/// One relay of a region.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The node whose bundled relay it is (its published load orders the list); empty: a relay
+    /// of its own whose load nobody publishes (listed after those whose load is known).
+    pub node: String,
+    /// Its `stun:`, `turn:` and `turns:` URLs; every `turn:` relay of a region shares the TURN
+    /// secret (`turn.relay.auth-secret` or `ice.turn-secret`).
+    pub urls: Vec<String>,
+}
+
+impl RegionConfig {
+    /// The region's signaling URL.
+    pub fn ws_url(&self) -> String {
+        if !self.signaling_url.is_empty() {
+            return self.signaling_url.clone();
+        }
+        format!(
+            "{}/ws",
+            self.public_url
+                .trim_end_matches('/')
+                .replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1)
+        )
+    }
+
+    fn tag(&self, name: &str) -> String {
+        if self.invite_tag.is_empty() {
+            name.to_ascii_uppercase()
+        } else {
+            self.invite_tag.to_ascii_uppercase()
+        }
+    }
+}
+
+/// How a consultation shows its region: the `rgn` claim of its tokens (join and resume), and
+/// the tag in front of its invite codes (`EU-7K3M9-Q2XR4`). The tag names the region only: the
+/// code after it is as random as a single clinic's, and only the whole code's SHA-256 is kept.
+/// Codes and tokens without one (made before the region map, or by a single clinic) belong to
+/// the region that reads them.
+pub struct Regions {
+    here: String,
+    map: BTreeMap<String, RegionConfig>,
+}
+
+impl Regions {
+    pub fn new(config: &ClusterConfig) -> Self {
+        Regions {
+            here: config.region.clone(),
+            map: config.regions.clone(),
+        }
+    }
+
+    /// Whether the fleet has a region map at all.
+    pub fn mapped(&self) -> bool {
+        !self.map.is_empty()
+    }
+
+    /// The tag this region's new invite codes start with (none without a region map).
+    pub fn own_tag(&self) -> Option<String> {
+        self.map.get(&self.here).map(|r| r.tag(&self.here))
+    }
+
+    /// The region whose invite codes carry `tag`.
+    fn region_of_tag(&self, tag: &str) -> Option<&str> {
+        self.map
+            .iter()
+            .find(|(name, r)| r.tag(name) == tag)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// The canonical form of a typed invite code (its tag, if any, kept in front).
+    pub fn normalize_invite(&self, typed: &str) -> Option<String> {
+        if !self.mapped() {
+            return crate::auth::invite::normalize(typed);
+        }
+        crate::auth::invite::normalize_tagged(typed).map(|(_, code)| code)
+    }
+
+    /// The other region a `join` or `resume` belongs to, if it names one this map knows.
+    pub fn elsewhere(&self, msg: &ClientMessage, tokens: &crate::auth::Tokens) -> Option<&str> {
+        if !self.mapped() {
+            return None;
+        }
+        use crate::auth::TokenKind;
+        let region = match msg {
+            ClientMessage::Join {
+                auth: JoinAuth::InviteCode { code },
+                ..
+            } => {
+                let (tag, _) = crate::auth::invite::normalize_tagged(code)?;
+                self.region_of_tag(&tag)?
+            }
+            ClientMessage::Join {
+                auth: JoinAuth::Token { token },
+                ..
+            } => self.known(tokens.verify(token, TokenKind::Join).ok()?.rgn?)?,
+            ClientMessage::Resume { resume_token, .. } => {
+                self.known(tokens.verify(resume_token, TokenKind::Resume).ok()?.rgn?)?
+            }
+            _ => return None,
+        };
+        (region != self.here).then_some(region)
+    }
+
+    fn known(&self, region: String) -> Option<&str> {
+        self.map.get_key_value(&region).map(|(k, _)| k.as_str())
+    }
+
+    /// What a client that reached the wrong region is told.
+    pub fn redirect(&self, region: &str) -> Option<ServerMessage> {
+        let r = self.map.get(region)?;
+        Some(ServerMessage::Redirect {
+            region: region.to_owned(),
+            url: r.ws_url(),
+            web_url: (!r.public_url.is_empty())
+                .then(|| r.public_url.trim_end_matches('/').to_owned()),
+        })
+    }
+
+    /// This region's relays.
+    fn relays(&self) -> &[RelayConfig] {
+        self.map.get(&self.here).map_or(&[], |r| &r.relays)
+    }
+}
+
+/// Orders a region's relays for the next participant: fewest live allocations first (as
+/// their nodes last published), relays whose load is unknown (no node, or a node that has
+/// not published within [`LOAD_TTL_SECS`]: perhaps gone) after them; ties keep the map's order.
+pub fn order_relays(relays: &[RelayConfig], loads: &HashMap<String, NodeLoad>) -> Vec<Vec<String>> {
+    let mut ranked: Vec<(usize, i64, &RelayConfig)> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let load = loads.get(&r.node).map_or(i64::MAX, |l| l.relay_allocations);
+            (i, load, r)
+        })
+        .collect();
+    ranked.sort_by_key(|(i, load, _)| (*load, *i));
+    ranked.into_iter().map(|(_, _, r)| r.urls.clone()).collect()
 }
 
 fn is_name(s: &str) -> bool {
@@ -86,6 +252,63 @@ impl ClusterConfig {
         }
         if !is_name(&self.region) {
             return Err("cluster.region: letters, digits, '-' and '_', at most 64".into());
+        }
+        self.validate_regions()
+    }
+
+    /// The region map: it names this node's region, every signaling URL is a WebSocket URL,
+    /// every relay URL a STUN/TURN one, and no two regions share an invite tag.
+    fn validate_regions(&self) -> Result<(), String> {
+        if self.regions.is_empty() {
+            return Ok(());
+        }
+        if !self.regions.contains_key(&self.region) {
+            return Err(format!(
+                "cluster.regions: the map must name this node's region {:?}",
+                self.region
+            ));
+        }
+        let mut tags = HashSet::new();
+        for (name, r) in &self.regions {
+            let key = format!("cluster.regions.{name}");
+            if !is_name(name) {
+                return Err(format!("{key}: letters, digits, '-' and '_', at most 64"));
+            }
+            if r.public_url.is_empty() && r.signaling_url.is_empty() {
+                return Err(format!("{key}: needs public-url or signaling-url"));
+            }
+            let ws = r.ws_url();
+            if !(ws.starts_with("wss://") || ws.starts_with("ws://")) {
+                return Err(format!("{key}.signaling-url: a ws:// or wss:// URL"));
+            }
+            let tag = r.tag(name);
+            if tag.is_empty()
+                || tag.len() > crate::auth::invite::MAX_TAG
+                || !tag.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return Err(format!(
+                    "{key}.invite-tag: 1 to {} letters or digits (the default is the region's name)",
+                    crate::auth::invite::MAX_TAG
+                ));
+            }
+            if !tags.insert(tag) {
+                return Err(format!("{key}.invite-tag: another region has the same tag"));
+            }
+            for relay in &r.relays {
+                if !relay.node.is_empty() && !is_name(&relay.node) {
+                    return Err(format!(
+                        "{key}.relays: node names are letters, digits, '-' and '_'"
+                    ));
+                }
+                let stun_or_turn = |u: &String| {
+                    u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")
+                };
+                if relay.urls.is_empty() || !relay.urls.iter().all(stun_or_turn) {
+                    return Err(format!(
+                        "{key}.relays: each has stun:, turn: or turns: URLs"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -162,6 +385,11 @@ pub enum Envelope {
     Close { conn: u64, code: u16 },
     /// To a consultation's home: end it (the administration API was asked elsewhere).
     End { cid: String },
+    /// To a consultation's home: take the patients waiting with an invite out of its waiting
+    /// room (the invites were revoked elsewhere); answered with [`Envelope::Revoked`].
+    RevokeInvites { from: String, req: u64, cid: String },
+    /// Home to the asking node: how many waiting patients left.
+    Revoked { req: u64, removed: usize },
 }
 
 /// What the home's side of a relayed link receives.
@@ -206,6 +434,9 @@ pub struct NodeLoad {
     /// Its bundled relay's live allocations and bytes relayed since start (0 without one).
     pub relay_allocations: i64,
     pub relayed_bytes: u64,
+    /// Its relay's relayed bandwidth over the last [`LOAD_EVERY`], bits per second.
+    #[serde(default)]
+    pub relayed_bps: u64,
     /// When it said so (Unix seconds).
     pub at: u64,
 }
@@ -243,6 +474,13 @@ pub struct Cluster {
     handed_over: AtomicBool,
     metrics: Arc<Metrics>,
     hub: OnceLock<Weak<Hub>>,
+    /// The fleet's region map.
+    regions: Regions,
+    /// This region's relays, least loaded first, as of the last load period.
+    relay_order: Mutex<Vec<Vec<String>>>,
+    /// Admin requests sent to other homes, waiting for their answer.
+    pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<usize>>>,
+    next_req: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -288,7 +526,31 @@ impl Cluster {
             handed_over: AtomicBool::new(false),
             metrics,
             hub: OnceLock::new(),
+            relay_order: Mutex::new(
+                Regions::new(config)
+                    .relays()
+                    .iter()
+                    .map(|r| r.urls.clone())
+                    .collect(),
+            ),
+            regions: Regions::new(config),
+            pending: Mutex::new(HashMap::new()),
+            next_req: std::sync::atomic::AtomicU64::new(1),
         }))
+    }
+
+    /// The fleet's region map.
+    pub fn regions(&self) -> &Regions {
+        &self.regions
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Counts one join or resume sent to its consultation's region.
+    pub fn redirected(&self) {
+        self.metrics.cluster_redirects.inc();
     }
 
     pub fn node_id(&self) -> &str {
@@ -316,6 +578,9 @@ impl Cluster {
     pub fn attach(self: &Arc<Self>, hub: &Arc<Hub>) {
         let _ = self.hub.set(Arc::downgrade(hub));
         hub.set_mirror(self.clone());
+        if self.regions.mapped() {
+            hub.set_relay_choice(self.clone());
+        }
     }
 
     /// Starts the subscriber, the mirror writer and the watchdog.
@@ -328,19 +593,30 @@ impl Cluster {
         tokio::spawn(self.clone().publish_load(state));
     }
 
-    /// Publishes this node's load every [`LOAD_EVERY`].
+    /// Publishes this node's load every [`LOAD_EVERY`], then reads the region's (for the
+    /// relay order and the fleet gauges of `/metrics`).
     async fn publish_load(self: Arc<Self>, state: Weak<AppState>) {
         let mut tick = tokio::time::interval(LOAD_EVERY);
+        let mut last: Option<(u64, std::time::Instant)> = None;
         loop {
             tick.tick().await;
             let Some(state) = state.upgrade() else { return };
             let relay = state.relay_metrics.as_ref().map(|m| m.snapshot());
+            let relayed_bytes = relay.as_ref().map_or(0, |r| r.relayed_bytes);
+            let now = std::time::Instant::now();
+            let relayed_bps = relayed_bandwidth(last, relayed_bytes, now);
+            last = Some((relayed_bytes, now));
+            state
+                .metrics
+                .cluster_relay_bandwidth
+                .set(relayed_bps as i64);
             let load = NodeLoad {
                 node: self.node.clone(),
                 consultations: state.metrics.consultations_active.get(),
                 connections: state.metrics.connections.get(),
                 relay_allocations: relay.as_ref().map_or(0, |r| r.active_allocations),
-                relayed_bytes: relay.as_ref().map_or(0, |r| r.relayed_bytes),
+                relayed_bytes,
+                relayed_bps,
                 at: crate::auth::unix_now(),
             };
             drop(state);
@@ -350,6 +626,30 @@ impl Cluster {
                 .clone()
                 .set_ex(self.key("load", &self.node), json, LOAD_TTL_SECS)
                 .await;
+            if let Ok(fleet) = self.fleet().await {
+                self.note_region_load(&fleet.nodes);
+            }
+        }
+    }
+
+    /// The region's loads as just read: the relay order for the next participants, and the
+    /// per-node gauges of `/metrics`.
+    fn note_region_load(&self, nodes: &[NodeLoad]) {
+        let loads: HashMap<String, NodeLoad> =
+            nodes.iter().map(|n| (n.node.clone(), n.clone())).collect();
+        *lock(&self.relay_order) = order_relays(self.regions.relays(), &loads);
+        let (allocations, bandwidth) = (
+            &self.metrics.fleet_relay_allocations,
+            &self.metrics.fleet_relay_bandwidth,
+        );
+        allocations.clear();
+        bandwidth.clear();
+        for n in nodes {
+            let label = crate::metrics::NodeLabel {
+                node: n.node.clone(),
+            };
+            allocations.get_or_create(&label).set(n.relay_allocations);
+            bandwidth.get_or_create(&label).set(n.relayed_bps as i64);
         }
     }
 
@@ -523,6 +823,40 @@ impl Cluster {
         let _ = self.mirror_tx.send(MirrorOp::Ended(cid.clone()));
     }
 
+    /// Asks the home of `cid`, wherever it is, to take the patients waiting with an invite
+    /// out of the waiting room; how many left. Here, the local hub does it; elsewhere the home
+    /// answers over Redis (`None` if it did not within [`REDIS_TIMEOUT`]).
+    pub async fn revoke_invites_everywhere(&self, cid: &ConsultationId) -> Option<usize> {
+        let home: Option<String> = self
+            .conn
+            .clone()
+            .get(self.key("home", &cid.0))
+            .await
+            .unwrap_or(None);
+        let Some(home) = home.filter(|h| *h != self.node) else {
+            return self.hub().map(|h| h.revoke_invites(cid));
+        };
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.pending).insert(req, tx);
+        let env = Envelope::RevokeInvites {
+            from: self.node.clone(),
+            req,
+            cid: cid.0.clone(),
+        };
+        let sent = matches!(self.publish(&home, &env).await, Ok(n) if n > 0);
+        let removed = if sent {
+            tokio::time::timeout(REDIS_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        lock(&self.pending).remove(&req);
+        removed
+    }
+
     /// A graceful stop: gives up every consultation homed here (the mirror stays, so the node
     /// each participant resumes on takes it over) and closes the links relayed from here, so
     /// their clients resume elsewhere at once.
@@ -630,6 +964,22 @@ impl Cluster {
             Envelope::End { cid } => {
                 if let Some(hub) = self.hub() {
                     hub.end(&ConsultationId(cid));
+                }
+            }
+            Envelope::RevokeInvites { from, req, cid } => {
+                let removed = self
+                    .hub()
+                    .map_or(0, |h| h.revoke_invites(&ConsultationId(cid)));
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let _ = this
+                        .publish(&from, &Envelope::Revoked { req, removed })
+                        .await;
+                });
+            }
+            Envelope::Revoked { req, removed } => {
+                if let Some(tx) = lock(&self.pending).remove(&req) {
+                    let _ = tx.send(removed);
                 }
             }
         }
@@ -778,6 +1128,27 @@ impl Cluster {
     }
 }
 
+/// A relay's bandwidth from its byte counter: bits per second since the last reading.
+fn relayed_bandwidth(
+    last: Option<(u64, std::time::Instant)>,
+    bytes: u64,
+    now: std::time::Instant,
+) -> u64 {
+    let Some((before, at)) = last else { return 0 };
+    let secs = now.duration_since(at).as_secs_f64();
+    if secs <= 0.0 {
+        return 0;
+    }
+    (bytes.saturating_sub(before) as f64 * 8.0 / secs) as u64
+}
+
+impl crate::hub::RelayChoice for Cluster {
+    fn relays(&self) -> Option<Vec<Vec<String>>> {
+        let order = lock(&self.relay_order).clone();
+        (!order.is_empty()).then_some(order)
+    }
+}
+
 impl SeatMirror for Cluster {
     fn put(&self, cid: &ConsultationId, pid: &ParticipantId, seat: MirroredSeat) {
         let rec = SeatRecord {
@@ -834,6 +1205,92 @@ mod tests {
         });
         // Without the section, nothing of the fleet is configured.
         assert_eq!(crate::Config::default().cluster, None);
+    }
+
+    const MAP: &str = "[cluster]\nredis-url = \"redis://127.0.0.1:6379/\"\nregion = \"us\"\n\
+        [cluster.regions.us]\npublic-url = \"https://us.example\"\n\
+        [cluster.regions.eu]\npublic-url = \"https://eu.example/\"\n\
+        [[cluster.regions.eu.relays]]\nnode = \"eu-a\"\nurls = [\"turn:a.eu.example:3478\"]\n\
+        [[cluster.regions.eu.relays]]\nnode = \"eu-b\"\nurls = [\"turn:b.eu.example:3478\"]\n\
+        [[cluster.regions.eu.relays]]\nurls = [\"stun:c.eu.example:3478\"]\n";
+
+    #[test]
+    fn a_region_map_sends_other_regions_codes_and_tokens_to_their_region() {
+        let config = crate::Config::from_toml(MAP).unwrap();
+        config.validate().unwrap();
+        let cluster = config.cluster.unwrap();
+        let regions = Regions::new(&cluster);
+        assert_eq!(regions.own_tag().as_deref(), Some("US"));
+        let join = |code: &str| ClientMessage::Join {
+            protocol_version: 1,
+            auth: JoinAuth::InviteCode { code: code.into() },
+            display_name: None,
+        };
+        let tokens = crate::auth::Tokens::new(b"a-shared-token-secret");
+        assert_eq!(regions.elsewhere(&join("eu-7k3m9-q2xr4"), &tokens), Some("eu"));
+        // This region's codes, untagged ones and unknown tags stay here.
+        for code in ["US-7K3M9-Q2XR4", "7K3M9-Q2XR4", "ZZ-7K3M9-Q2XR4"] {
+            assert_eq!(regions.elsewhere(&join(code), &tokens), None, "{code}");
+        }
+        let eu = crate::auth::Tokens::new(b"a-shared-token-secret").in_region("eu");
+        let cid = ConsultationId("c-1".into());
+        let resume = ClientMessage::Resume {
+            protocol_version: 1,
+            resume_token: eu.issue_resume(&cid, Role::Patient, &ParticipantId("p-1".into())),
+        };
+        assert_eq!(regions.elsewhere(&resume, &tokens), Some("eu"));
+        let Some(ServerMessage::Redirect { url, web_url, .. }) = regions.redirect("eu") else {
+            panic!()
+        };
+        assert_eq!(url, "wss://eu.example/ws");
+        assert_eq!(web_url.as_deref(), Some("https://eu.example"));
+        // Without a map nothing is ever elsewhere.
+        let alone = Regions::new(&ClusterConfig::default());
+        assert_eq!(alone.elsewhere(&join("eu-7k3m9-q2xr4"), &tokens), None);
+        // A map that leaves this node's region out, or gives two regions one tag, is refused.
+        let bad = |toml: &str| crate::Config::from_toml(toml).unwrap().validate().is_err();
+        assert!(bad(&MAP.replace("region = \"us\"", "region = \"asia\"")));
+        assert!(bad(&format!("{MAP}[cluster.regions.us2]\npublic-url = \"https://x\"\ninvite-tag = \"US\"\n")));
+        assert!(bad(&MAP.replace("turn:b.eu", "http://b.eu")));
+    }
+
+    #[test]
+    fn relays_are_handed_out_least_loaded_first_unknown_loads_last() {
+        let config = crate::Config::from_toml(&MAP.replace("region = \"us\"", "region = \"eu\""))
+            .unwrap();
+        let regions = Regions::new(config.cluster.as_ref().unwrap());
+        let load = |node: &str, relay_allocations: i64| NodeLoad {
+            node: node.into(),
+            consultations: 0,
+            connections: 0,
+            relay_allocations,
+            relayed_bytes: 0,
+            relayed_bps: 0,
+            at: 0,
+        };
+        let first = |loads: &[NodeLoad]| {
+            let loads = loads.iter().map(|l| (l.node.clone(), l.clone())).collect();
+            order_relays(regions.relays(), &loads)
+                .into_iter()
+                .map(|urls| urls[0].clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            first(&[load("eu-a", 4), load("eu-b", 1)]),
+            ["turn:b.eu.example:3478", "turn:a.eu.example:3478", "stun:c.eu.example:3478"]
+        );
+        // Ties keep the map's order; a node that stopped publishing goes after the others.
+        assert_eq!(first(&[load("eu-a", 2), load("eu-b", 2)])[0], "turn:a.eu.example:3478");
+        assert_eq!(
+            first(&[load("eu-b", 9)]),
+            ["turn:b.eu.example:3478", "turn:a.eu.example:3478", "stun:c.eu.example:3478"]
+        );
+        let t0 = std::time::Instant::now();
+        assert_eq!(relayed_bandwidth(None, 500, t0), 0);
+        assert_eq!(
+            relayed_bandwidth(Some((1000, t0)), 3500, t0 + Duration::from_secs(2)),
+            10_000
+        );
     }
 
     #[test]

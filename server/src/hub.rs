@@ -41,6 +41,13 @@ pub trait SeatMirror: Send + Sync {
     fn ended(&self, cid: &ConsultationId);
 }
 
+/// A fleet region's relays in the order the next participant gets them, least loaded first
+/// (`cluster::Cluster`, from the loads its nodes publish). Must not block: it reads a cache.
+pub trait RelayChoice: Send + Sync {
+    /// Each relay's STUN/TURN URLs; `None`: no region map, the node's own `[ice]` servers.
+    fn relays(&self) -> Option<Vec<Vec<String>>>;
+}
+
 /// A seat as mirrored: what a restore needs, nothing about the person.
 pub struct MirroredSeat {
     pub role: Role,
@@ -202,6 +209,7 @@ pub struct Hub {
     spent: Mutex<HashMap<String, u64>>,
     /// A fleet node's seat mirror (set once at start; absent for a single server).
     mirror: OnceLock<Arc<dyn SeatMirror>>,
+    relay_choice: OnceLock<Arc<dyn RelayChoice>>,
     /// The in-process SFU, when it runs (set once at start).
     sfu: std::sync::OnceLock<bedside_sfu::SfuHandle>,
 }
@@ -234,10 +242,16 @@ impl Hub {
             sfu: std::sync::OnceLock::new(),
             spent: Mutex::new(HashMap::new()),
             mirror: OnceLock::new(),
+            relay_choice: OnceLock::new(),
         })
     }
 
     /// Mirrors every seat change from now on (a fleet node).
+    /// Hands out a fleet region's relays (least loaded first) instead of `[ice]`'s servers.
+    pub fn set_relay_choice(&self, choice: Arc<dyn RelayChoice>) {
+        let _ = self.relay_choice.set(choice);
+    }
+
     pub fn set_mirror(&self, mirror: Arc<dyn SeatMirror>) {
         let _ = self.mirror.set(mirror);
     }
@@ -390,7 +404,32 @@ impl Hub {
     /// The ICE servers for one participant, with TURN credentials bound to its id and its
     /// consultation: the relay's user is `<consultation>/<participant>`, so its group quota
     /// (`turn.relay.group-quota`) bounds what one consultation holds, however many seats.
+    ///
+    /// In a fleet with a region map, the region's relays instead, one entry each (its STUN and
+    /// TURN URLs under the same credentials), the least loaded first.
     pub fn ice_servers(&self, cid: &ConsultationId, pid: &ParticipantId) -> Vec<IceServer> {
+        let credentials = || {
+            auth::turn_rest_credentials(
+                &self.ice.turn_secret,
+                &format!("{}/{}", cid.0, pid.0),
+                Duration::from_secs(self.ice.turn_credential_ttl_secs),
+                auth::unix_now(),
+            )
+        };
+        if let Some(relays) = self.relay_choice.get().and_then(|c| c.relays()) {
+            let (username, credential) = credentials();
+            return relays
+                .into_iter()
+                .map(|urls| {
+                    let turn = urls.iter().any(|u| u.starts_with("turn"));
+                    IceServer {
+                        urls,
+                        username: turn.then(|| username.clone()),
+                        credential: turn.then(|| credential.clone()),
+                    }
+                })
+                .collect();
+        }
         let mut servers = Vec::new();
         if !self.ice.stun_urls.is_empty() {
             servers.push(IceServer {
@@ -400,12 +439,7 @@ impl Hub {
             });
         }
         if !self.ice.turn_urls.is_empty() {
-            let (username, credential) = auth::turn_rest_credentials(
-                &self.ice.turn_secret,
-                &format!("{}/{}", cid.0, pid.0),
-                Duration::from_secs(self.ice.turn_credential_ttl_secs),
-                auth::unix_now(),
-            );
+            let (username, credential) = credentials();
             servers.push(IceServer {
                 urls: self.ice.turn_urls.clone(),
                 username: Some(username),

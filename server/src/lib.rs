@@ -278,7 +278,14 @@ impl Server {
             metrics.register_cluster();
         }
         let metrics = Arc::new(metrics);
-        let tokens = Arc::new(Tokens::new(token_secret.as_bytes()));
+        let tokens = match &config.cluster {
+            // With a region map, every token names the region its consultation belongs to.
+            Some(c) if !c.regions.is_empty() => {
+                Tokens::new(token_secret.as_bytes()).in_region(&c.region)
+            }
+            _ => Tokens::new(token_secret.as_bytes()),
+        };
+        let tokens = Arc::new(tokens);
         let hub = Hub::new(
             store.clone(),
             metrics.clone(),

@@ -126,6 +126,19 @@ pub struct Metrics {
     /// other nodes.
     pub cluster_relayed_links: Counter,
     pub cluster_published: Counter,
+    /// A fleet node: joins and resumes sent to the consultation's own region.
+    pub cluster_redirects: Counter,
+    /// A fleet node: its bundled relay's relayed bandwidth over the last load period, bits/s.
+    pub cluster_relay_bandwidth: Gauge,
+    /// A fleet node: every node of the region as it last published its load (relay live
+    /// allocations and relayed bandwidth), so one scrape shows the region to an autoscaler.
+    pub fleet_relay_allocations: Family<NodeLabel, Gauge>,
+    pub fleet_relay_bandwidth: Family<NodeLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
 }
 
 impl Default for Metrics {
@@ -153,6 +166,10 @@ impl Default for Metrics {
             cluster_redis_up: Gauge::default(),
             cluster_relayed_links: Counter::default(),
             cluster_published: Counter::default(),
+            cluster_redirects: Counter::default(),
+            cluster_relay_bandwidth: Gauge::default(),
+            fleet_relay_allocations: Family::default(),
+            fleet_relay_bandwidth: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +275,26 @@ impl Metrics {
             "cluster_published",
             "Messages this node published to other fleet nodes",
             self.cluster_published.clone(),
+        );
+        self.registry.register(
+            "cluster_redirects",
+            "Joins and resumes this node sent to their consultation's region",
+            self.cluster_redirects.clone(),
+        );
+        self.registry.register(
+            "cluster_relay_bandwidth_bits_per_second",
+            "This node's bundled relay: relayed bandwidth over the last 2 s (0 without a relay)",
+            self.cluster_relay_bandwidth.clone(),
+        );
+        self.registry.register(
+            "fleet_relay_allocations",
+            "Live relay allocations of each node of the region, as it last published them",
+            self.fleet_relay_allocations.clone(),
+        );
+        self.registry.register(
+            "fleet_relay_bandwidth_bits_per_second",
+            "Relayed bandwidth of each node of the region, as it last published it",
+            self.fleet_relay_bandwidth.clone(),
         );
     }
 

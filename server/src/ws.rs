@@ -345,7 +345,7 @@ impl Conn {
                 msg,
                 ClientMessage::Join { .. } | ClientMessage::Resume { .. }
             )
-            && self.routed_elsewhere(&msg, text).await
+            && (self.redirected(&msg).await || self.routed_elsewhere(&msg, text).await)
         {
             return None;
         }
@@ -542,7 +542,7 @@ impl Conn {
                 auth: JoinAuth::InviteCode { code },
                 ..
             } => {
-                let hash = invite::hash(&invite::normalize(code)?);
+                let hash = invite::hash(&self.normalize_invite(code)?);
                 self.state
                     .store
                     .redeem_invite(hash, auth::unix_now())
@@ -551,6 +551,53 @@ impl Conn {
                     .flatten()
             }
             _ => None,
+        }
+    }
+
+    /// A fleet with a region map, before a join or resume: true if its token or invite code
+    /// belongs to another region. The client is told `redirect` (that region's signaling URL),
+    /// then, for clients that do not know that message, an error naming the region; then the
+    /// link is closed. Nothing is looked up or spent here: the home region checks the rest.
+    async fn redirected(&mut self, msg: &ClientMessage) -> bool {
+        let Some(cluster) = self.state.cluster.clone() else {
+            return false;
+        };
+        let regions = cluster.regions();
+        let Some(region) = regions.elsewhere(msg, &self.state.tokens) else {
+            return false;
+        };
+        let Some(redirect) = regions.redirect(region) else {
+            return false;
+        };
+        cluster.redirected();
+        tracing::info!(region, "join sent to the consultation's region");
+        let message = format!(
+            "this consultation belongs to the fleet's region {region:?}: connect to {}",
+            match &redirect {
+                ServerMessage::Redirect { url, .. } => url.as_str(),
+                _ => "",
+            }
+        );
+        self.reply(redirect).await;
+        self.reply_error(
+            ErrorCode::ConsultationNotFound,
+            &message,
+            Some(msg.type_name()),
+        )
+        .await;
+        self.handle.close(
+            close_code::NORMAL,
+            "redirected to the consultation's region",
+        );
+        true
+    }
+
+    /// The canonical form of a typed invite code (in a fleet with a region map, its region
+    /// tag kept in front).
+    fn normalize_invite(&self, typed: &str) -> Option<String> {
+        match &self.state.cluster {
+            Some(cluster) => cluster.regions().normalize_invite(typed),
+            None => invite::normalize(typed),
         }
     }
 
@@ -655,7 +702,7 @@ impl Conn {
                         "too many invite code attempts; wait a minute",
                     ));
                 }
-                let Some(code) = invite::normalize(&code) else {
+                let Some(code) = self.normalize_invite(&code) else {
                     return Err((ErrorCode::InvalidInviteCode, "that is not an invite code"));
                 };
                 let hash = invite::hash(&code);

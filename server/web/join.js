@@ -473,11 +473,31 @@
       case 'error':
         onError(msg);
         break;
+      case 'redirect':
+        followRedirect(msg);
+        break;
       case 'ping':
         send({ type: 'pong', nonce: msg.nonce });
         break;
       default:
         break; // pong, and types a newer server may add
+    }
+  }
+
+  // The consultation belongs to another region of the fleet (its invite code or token says
+  // which): open that region's join page with the same code or token. The page's own origin is
+  // the only one it may connect to, so it moves rather than opening a socket elsewhere.
+  function followRedirect(msg) {
+    const base = typeof msg.web_url === 'string' ? msg.web_url.replace(/\/+$/, '') : '';
+    if (!/^https?:\/\/\S+$/.test(base) || !state.auth) return; // the error that follows says why
+    state.wsGeneration++; // nothing more from this link
+    state.leaving = true;
+    sessionStorage.removeItem(RESUME_KEY);
+    note($('lobby-note'), 'Taking you to your clinic\'s server…');
+    if (state.auth.kind === 'invite_code') {
+      location.replace(base + '/j/' + encodeURIComponent(state.auth.code));
+    } else {
+      location.replace(base + '/j#token=' + encodeURIComponent(state.auth.token));
     }
   }
 

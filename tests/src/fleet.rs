@@ -124,6 +124,13 @@ pub struct NodeOptions {
     pub region: String,
     /// The region's PostgreSQL store (empty: the node's own SQLite).
     pub postgres_url: String,
+    /// The signaling port (0: one the OS picks), for a region map that must name it first.
+    pub listen_port: u16,
+    /// Run the bundled relay on this loopback UDP port (0: no relay), with this secret.
+    pub turn_udp_port: u16,
+    pub turn_secret: String,
+    /// More TOML at the end of the node's file (`[cluster.regions.<name>]` tables).
+    pub extra_toml: String,
 }
 
 impl Default for NodeOptions {
@@ -132,8 +139,19 @@ impl Default for NodeOptions {
             rejoin_window_secs: 60,
             region: "default".into(),
             postgres_url: String::new(),
+            listen_port: 0,
+            turn_udp_port: 0,
+            turn_secret: String::new(),
+            extra_toml: String::new(),
         }
     }
+}
+
+/// A loopback UDP port nothing uses now (for a relay the lab starts right after).
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Node {
@@ -155,17 +173,28 @@ impl Node {
                 options.postgres_url
             )
         };
+        let turn = if options.turn_udp_port == 0 {
+            "[turn]\nenabled = false\n".to_owned()
+        } else {
+            format!(
+                "[turn]\nenabled = true\n[turn.relay]\nlisten-udp = [\"127.0.0.1:{}\"]\n\
+                 listen-tcp = []\nallow-loopback-peers = true\nauth-secret = \"{}\"\n",
+                options.turn_udp_port, options.turn_secret
+            )
+        };
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
+                "listen = \"127.0.0.1:{}\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
                  token-secret = \"{TOKEN_SECRET}\"\nrejoin-window-secs = {}\n\
-                 [turn]\nenabled = false\n[limits]\nmax-connections-per-source = 100000\n\
-                 [cluster]\nredis-url = \"{}\"\nnode-id = \"{name}\"\nregion = \"{}\"\n{store}",
+                 {turn}[limits]\nmax-connections-per-source = 100000\n\
+                 [cluster]\nredis-url = \"{}\"\nnode-id = \"{name}\"\nregion = \"{}\"\n{store}{}",
+                options.listen_port,
                 data_dir.display(),
                 options.rejoin_window_secs,
                 redis.url(),
                 options.region,
+                options.extra_toml,
             ),
         )?;
         let (child, base_url) = crate::spawn_server_process(binary, &config).await?;

@@ -119,6 +119,9 @@ pub struct Counters {
     pub frames_forwarded: AtomicU64,
     /// Keyframe requests sent to publishers (after rate limiting).
     pub keyframe_requests: AtomicU64,
+    /// Keyframe requests not sent: one went to the publisher less than
+    /// [`KEYFRAME_REQUEST_INTERVAL`] before.
+    pub keyframe_requests_suppressed: AtomicU64,
     /// Datagrams no connection claimed.
     pub unclaimed: AtomicU64,
     /// Participants connected now.
@@ -862,6 +865,7 @@ fn request_keyframe(peer: &mut Peer, now: Instant, counters: &Counters) {
         .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
     {
         // Asked recently: the keyframe on its way serves this request too.
+        counters.keyframe_requests_suppressed.fetch_add(1, Relaxed);
         return;
     }
     let Some(mid) = peer.pub_video else { return };

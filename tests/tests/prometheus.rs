@@ -21,6 +21,7 @@ async fn promtool_check_metrics_passes_on_metrics() -> Result<()> {
     if !promtool_available() {
         return Ok(());
     }
+    // The relay and the SFU run in-process, so their families are checked too.
     let server = TestServer::start_with(with_sfu(with_turn(test_config()))).await?;
     // A doctor, a patient admitted and one denied: every histogram family has samples.
     let c = server.create_consultation().await?;

@@ -240,8 +240,7 @@ impl LoadGen {
             }
             let us = now.duration_since(self.epoch).as_micros() as u64;
             let mut soonest = until;
-            for i in 0..self.clients.len() {
-                let c = &mut self.clients[i];
+            for c in self.clients.iter_mut() {
                 if c.dead {
                     continue;
                 }

@@ -409,9 +409,10 @@ fn main() -> Result<()> {
         1e6 / us
     );
     println!(
-        "  memory: {:.1} KiB SFU heap per participant ({:.1} KiB RSS per participant, SFU and generator)",
+        "  memory: {:.1} KiB SFU heap per participant ({:.1} KiB RSS per participant, SFU and \
+         generator, first run: later runs reuse the memory the first one freed)",
         m(|s| s.heap_per_participant) / 1024.0,
-        m(|s| s.rss_per_participant) / 1024.0
+        best[0].rss_per_participant / 1024.0
     );
     println!(
         "  delay through the SFU: p50 {:.2} ms, p99 {p99:.2} ms (publisher send -> subscriber receive); \

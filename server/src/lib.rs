@@ -126,17 +126,19 @@ fn start_sfu(
     config: &Config,
     signaling: SocketAddr,
     hub: &Arc<Hub>,
+    metrics: bedside_sfu::SfuMetrics,
 ) -> Result<bedside_sfu::Sfu, ServerError> {
     let settings = config
         .sfu
         .settings(signaling)
         .map_err(|e| ServerError::Config(config::ConfigError::Invalid(e)))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let sfu =
-        bedside_sfu::Sfu::start(settings.clone(), tx).map_err(|source| ServerError::Bind {
+    let sfu = bedside_sfu::Sfu::start_with(settings.clone(), tx, metrics).map_err(|source| {
+        ServerError::Bind {
             addr: settings.listen,
             source,
-        })?;
+        }
+    })?;
     hub.set_sfu(sfu.handle().clone());
     let hub = Arc::downgrade(hub);
     tokio::spawn(async move {
@@ -274,6 +276,10 @@ impl Server {
             metrics.register_relay(relay.clone());
         }
         metrics.register_store(store.health());
+        let sfu_metrics = config.sfu.enabled.then(bedside_sfu::SfuMetrics::default);
+        if let Some(sfu) = &sfu_metrics {
+            metrics.register_sfu(sfu.clone());
+        }
         if config.cluster.is_some() {
             metrics.register_cluster();
         }
@@ -295,10 +301,9 @@ impl Server {
             config.max_participants,
             &config.limits,
         );
-        let sfu = if config.sfu.enabled {
-            Some(start_sfu(&config, local, &hub)?)
-        } else {
-            None
+        let sfu = match sfu_metrics {
+            Some(m) => Some(start_sfu(&config, local, &hub, m)?),
+            None => None,
         };
         let per_minute =
             NonZeroU32::new(config.invite_attempts_per_minute).expect("validated to be > 0");

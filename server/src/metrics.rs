@@ -313,6 +313,15 @@ impl Metrics {
             .register_collector(Box::new(relay));
     }
 
+    /// Adds the in-process SFU's families (`bedside_sfu_*`: participants, datagrams and bytes,
+    /// forwarded packets and frames, keyframe requests relayed and suppressed, the
+    /// receive-to-send histogram; see `bedside_sfu::metrics`).
+    pub fn register_sfu(&mut self, sfu: bedside_sfu::SfuMetrics) {
+        self.registry
+            .sub_registry_with_prefix("sfu")
+            .register_collector(Box::new(sfu));
+    }
+
     /// The store's health: `bedside_store_up`, `bedside_store_buffered_writes`,
     /// `bedside_store_dropped_writes_total` (see `store/postgres.rs`).
     pub fn register_store(&mut self, health: &crate::store::StoreHealth) {

@@ -53,6 +53,12 @@ pub const SPEAKER_THRESHOLD_DBOV: f32 = -50.0;
 /// tells the SFU when a participant leaves; this only bounds what a vanished client holds.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Video packets each subscriber's stream keeps for retransmission (NACK). str0m's default,
+/// 1000, held about 2.6 MiB per participant of a four-person consultation at 720p-like rates
+/// (`cargo xtask bench-sfu`); 300 is still about 2 s of a 1.5 Mbit/s stream, far more than a
+/// NACK's round trip.
+pub const SEND_BUFFER_VIDEO: usize = 300;
+
 /// Errors the SFU gives to the signaling side.
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
@@ -119,6 +125,9 @@ pub struct Counters {
     pub frames_forwarded: AtomicU64,
     /// Keyframe requests sent to publishers (after rate limiting).
     pub keyframe_requests: AtomicU64,
+    /// Keyframe requests not sent: one went to the publisher less than
+    /// [`KEYFRAME_REQUEST_INTERVAL`] before.
+    pub keyframe_requests_suppressed: AtomicU64,
     /// Datagrams no connection claimed.
     pub unclaimed: AtomicU64,
     /// Participants connected now.
@@ -233,6 +242,7 @@ impl Core {
             .clear_codecs()
             .enable_opus(true, false)
             .enable_h264(true)
+            .set_send_buffer_video(SEND_BUFFER_VIDEO)
             .build(now);
         if let Ok(c) = Candidate::host(self.public, "udp") {
             rtc.add_local_candidate(c);
@@ -364,9 +374,9 @@ impl Core {
                     add_media(peer, m.mid, m.kind, m.direction)
                 }
                 Ok(Output::Event(_)) => {}
-                Ok(Output::Transmit(t)) => self
-                    .transmits
-                    .push_back((t.destination, t.contents.to_vec())),
+                Ok(Output::Transmit(t)) => {
+                    self.transmits.push_back((t.destination, t.contents.into()))
+                }
                 Ok(Output::Timeout(t)) => {
                     peer.next_timeout = t.max(now);
                     break;
@@ -680,8 +690,9 @@ impl Core {
                     peer.stats.bytes_out += n;
                     self.counters.datagrams_out.fetch_add(1, Relaxed);
                     self.counters.bytes_out.fetch_add(n, Relaxed);
-                    self.transmits
-                        .push_back((t.destination, t.contents.to_vec()));
+                    // str0m's buffer itself, not a copy (measured: one allocation and one
+                    // copy less per datagram, see `cargo xtask bench-sfu`).
+                    self.transmits.push_back((t.destination, t.contents.into()));
                 }
                 Output::Event(e) => match e {
                     RtcEvent::IceConnectionStateChange(s) => {
@@ -862,6 +873,7 @@ fn request_keyframe(peer: &mut Peer, now: Instant, counters: &Counters) {
         .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
     {
         // Asked recently: the keyframe on its way serves this request too.
+        counters.keyframe_requests_suppressed.fetch_add(1, Relaxed);
         return;
     }
     let Some(mid) = peer.pub_video else { return };

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result};
 use bedside_protocol::ClientMessage;
 use bedside_tests::ops;
-use bedside_tests::{TestServer, test_config, with_turn};
+use bedside_tests::{TestServer, test_config, with_sfu, with_turn};
 
 fn promtool_available() -> bool {
     ops::tool_available(
@@ -21,7 +21,8 @@ async fn promtool_check_metrics_passes_on_metrics() -> Result<()> {
     if !promtool_available() {
         return Ok(());
     }
-    let server = TestServer::start_with(with_turn(test_config())).await?;
+    // The relay and the SFU run in-process, so their families are checked too.
+    let server = TestServer::start_with(with_sfu(with_turn(test_config()))).await?;
     // A doctor, a patient admitted and one denied: every histogram family has samples.
     let c = server.create_consultation().await?;
     let mut doctor = server.doctor(&c).await?;
@@ -65,6 +66,11 @@ async fn promtool_check_metrics_passes_on_metrics() -> Result<()> {
     for family in [
         "# HELP bedside_turn_active_allocations ",
         "# HELP bedside_turn_relayed_packets_total ",
+        "# HELP bedside_sfu_participants ",
+        "# HELP bedside_sfu_forwarded_packets_total ",
+        "# HELP bedside_sfu_keyframe_requests_relayed_total ",
+        "# HELP bedside_sfu_keyframe_requests_suppressed_total ",
+        "bedside_sfu_forward_seconds_count ",
         "bedside_join_admitted_seconds_count 2",
         "bedside_waiting_room_seconds_count{outcome=\"admitted\"} 1",
         "bedside_waiting_room_seconds_count{outcome=\"denied\"} 1",

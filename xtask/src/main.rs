@@ -13,6 +13,7 @@
 //! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
 //! - `bench-call [ARGS]`: a 720p call between two probes, in release.
 //! - `bench-turn`: the relay against coturn, in release.
+//! - `bench-sfu [ARGS]`: the SFU's forwarding capacity on one core (`sfu-bench`), in release.
 //! - `bench-media`: codec and pattern figures (criterion-free bench), in release.
 //! - `lint`: rustfmt and clippy, as CI expects them.
 //! - `package`: the server's Debian package (`bedside-server_*.deb`, release build) with
@@ -100,6 +101,7 @@ fn main() -> ExitCode {
         Some("bench-signaling") => bench_signaling(&args[1..]),
         Some("bench-call") => bench_call(&args[1..]),
         Some("bench-turn") => bench_turn(),
+        Some("bench-sfu") => bench_sfu(&args[1..]),
         Some("bench-continuity") => bench_continuity(&args[1..]),
         Some("bench-media") => {
             run(cargo().args(["bench", "-p", "bedside-client-core", "--bench", "media"]))
@@ -118,8 +120,8 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
-                 bench-call [args] | bench-turn | bench-media | bench-continuity [--only NAME] | lint | \
-                 packages | sans-io | package | package-check>"
+                 bench-call [args] | bench-turn | bench-sfu [args] | bench-media | \
+                 bench-continuity [--only NAME] | lint | packages | sans-io | package | package-check>"
             );
             return ExitCode::from(2);
         }
@@ -370,6 +372,21 @@ fn bench_turn() -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
     run(cargo().args(["build", "--release", "-p", "bedside-turn"]))?;
     run(Command::new(root().join("target/release/turn-bench")).current_dir(root()))
+}
+
+/// The SFU thread pinned to one core, str0m clients on the other (`sfu/src/bin/sfu-bench`).
+fn bench_sfu(extra: &[String]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bedside-sfu",
+        "--bin",
+        "sfu-bench",
+    ]))?;
+    run(Command::new(root().join("target/release/sfu-bench"))
+        .current_dir(root())
+        .args(extra))
 }
 
 fn demo() -> Result<()> {

@@ -219,7 +219,7 @@ fn clear_ctrl(h: &mut libc::msghdr) {
 
 /// The segment size of a GRO buffer, from its `UDP_GRO` control message.
 fn gro_segment(h: &libc::msghdr) -> Option<usize> {
-    if h.msg_control.is_null() || (h.msg_controllen as usize) < size_of::<libc::cmsghdr>() {
+    if h.msg_control.is_null() || h.msg_controllen < size_of::<libc::cmsghdr>() {
         return None;
     }
     // SAFETY: the kernel filled msg_controllen bytes of our control buffer with cmsgs; the
@@ -283,7 +283,7 @@ unsafe fn send_segments(fd: RawFd, h: &libc::msghdr) -> u64 {
         let c = libc::CMSG_FIRSTHDR(h);
         let seg = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u16) as usize;
         (
-            std::slice::from_raw_parts(h.msg_iov, h.msg_iovlen as usize),
+            std::slice::from_raw_parts(h.msg_iov, h.msg_iovlen),
             seg.max(1),
         )
     };

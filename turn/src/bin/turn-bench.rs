@@ -265,7 +265,7 @@ fn setup_flow(
     peer: SocketAddr,
     user: &str,
     nonce: &mut Option<Vec<u8>>,
-) -> anyhow::Result<UdpSocket> {
+) -> anyhow::Result<(UdpSocket, Creds)> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.connect(server)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -273,53 +273,102 @@ fn setup_flow(
     let (username, password) =
         bedside_turn::rest_credentials(SECRET, user, Duration::from_secs(3600), now);
     let key = bedside_turn::auth::long_term_key(&username, REALM, &password);
-    let mut tid: [u8; 12] = rand::random();
-    let mut transact = |m: u16, add: &dyn Fn(&mut Builder)| -> anyhow::Result<Option<u16>> {
-        for _ in 0..3 {
-            tid[0] = tid[0].wrapping_add(1);
-            let mut req = Vec::new();
-            let mut b = Builder::new(&mut req, m, Class::Request, &tid);
-            add(&mut b);
-            let used = nonce.clone();
-            if let Some(n) = &used {
-                b.attr(attr::USERNAME, username.as_bytes())
-                    .attr(attr::REALM, REALM.as_bytes())
-                    .attr(attr::NONCE, n);
-                b.finish(Some(&key), true);
-            } else {
-                b.finish(None, true);
-            }
-            s.send(&req)?;
-            let mut buf = [0u8; 1500];
-            let n = s.recv(&mut buf)?;
-            let msg =
-                Message::parse(&buf[..n]).map_err(|e| anyhow::anyhow!("bad response: {e}"))?;
-            let code = msg.get(attr::ERROR_CODE).and_then(stun::parse_error_code);
-            let offered = msg.get(attr::NONCE).map(|v| v.to_vec());
-            if matches!(code, Some(401) | Some(438))
-                && offered.is_some()
-                && (used.is_none() || code == Some(438) || offered != used)
-            {
-                *nonce = offered;
-                continue;
-            }
-            return Ok(code);
-        }
-        bail!("challenge loop")
-    };
-    if let Some(c) = transact(method::ALLOCATE, &|b| {
+    let creds = Creds { username, key };
+    if let Some(c) = transact(&s, &creds, nonce, method::ALLOCATE, &|b| {
         b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     })? {
         bail!("allocate failed: {c}");
     }
-    if let Some(c) = transact(method::CHANNEL_BIND, &|b| {
+    if let Some(c) = transact(&s, &creds, nonce, method::CHANNEL_BIND, &|b| {
         b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
         b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
     })? {
         bail!("channel bind failed: {c}");
     }
     s.set_nonblocking(true)?;
-    Ok(s)
+    Ok((s, creds))
+}
+
+/// A flow's long-term credentials.
+struct Creds {
+    username: String,
+    key: [u8; 16],
+}
+
+/// One authenticated request on a connected blocking socket, answering 401/438 challenges;
+/// datagrams that are not its response (late echoes) are skipped. Returns the error code.
+fn transact(
+    s: &UdpSocket,
+    creds: &Creds,
+    nonce: &mut Option<Vec<u8>>,
+    m: u16,
+    add: &dyn Fn(&mut Builder),
+) -> anyhow::Result<Option<u16>> {
+    for _ in 0..3 {
+        let tid: [u8; 12] = rand::random();
+        let mut req = Vec::new();
+        let mut b = Builder::new(&mut req, m, Class::Request, &tid);
+        add(&mut b);
+        let used = nonce.clone();
+        if let Some(n) = &used {
+            b.attr(attr::USERNAME, creds.username.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, n);
+            b.finish(Some(&creds.key), true);
+        } else {
+            b.finish(None, true);
+        }
+        s.send(&req)?;
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let msg = loop {
+            if Instant::now() > deadline {
+                bail!("no response");
+            }
+            let n = s.recv(&mut buf)?;
+            if let Ok(msg) = Message::parse(&buf[..n])
+                && msg.tid == tid
+            {
+                break msg;
+            }
+        };
+        let code = msg.get(attr::ERROR_CODE).and_then(stun::parse_error_code);
+        let offered = msg.get(attr::NONCE).map(|v| v.to_vec());
+        if matches!(code, Some(401) | Some(438))
+            && offered.is_some()
+            && (used.is_none() || code == Some(438) || offered != used)
+        {
+            *nonce = offered;
+            continue;
+        }
+        return Ok(code);
+    }
+    bail!("challenge loop")
+}
+
+/// Refreshes a flow's allocation (600 s) and channel (which refreshes its permission: 300 s),
+/// so a bench slowed down by a loaded machine does not outlive them.
+fn refresh_flow(
+    s: &UdpSocket,
+    creds: &Creds,
+    peer: SocketAddr,
+    nonce: &mut Option<Vec<u8>>,
+) -> anyhow::Result<()> {
+    s.set_nonblocking(false)?;
+    let r = transact(s, creds, nonce, method::REFRESH, &|b| {
+        b.attr_u32(attr::LIFETIME, 600);
+    })
+    .and_then(|_| {
+        transact(s, creds, nonce, method::CHANNEL_BIND, &|b| {
+            b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        })
+    });
+    s.set_nonblocking(true)?;
+    match r? {
+        None => Ok(()),
+        Some(c) => bail!("refresh failed: {c}"),
+    }
 }
 
 /// recvmmsg/sendmmsg helper for the load generator.
@@ -619,6 +668,25 @@ struct Rig {
     fast: Vec<UdpSocket>,
     binders: Vec<UdpSocket>,
     peer: UdpSocket,
+    /// Credentials of `flows` then `fast`.
+    creds: Vec<Creds>,
+    nonce: Option<Vec<u8>>,
+    refreshed: Instant,
+}
+
+impl Rig {
+    /// Refreshes every flow once the last refresh is two minutes old.
+    fn keep_alive(&mut self) -> anyhow::Result<()> {
+        if self.refreshed.elapsed() < Duration::from_secs(120) {
+            return Ok(());
+        }
+        let p = self.peer.local_addr()?;
+        for (s, c) in self.flows.iter().chain(&self.fast).zip(&self.creds) {
+            refresh_flow(s, c, p, &mut self.nonce)?;
+        }
+        self.refreshed = Instant::now();
+        Ok(())
+    }
 }
 
 fn rig(server: &Server) -> anyhow::Result<Rig> {
@@ -628,17 +696,22 @@ fn rig(server: &Server) -> anyhow::Result<Rig> {
     let p = peer.local_addr()?;
     let t = Instant::now();
     let mut nonce = None;
-    let flows: Vec<UdpSocket> = (0..500)
+    let (flows, mut creds): (Vec<UdpSocket>, Vec<Creds>) = (0..500)
         .map(|i| setup_flow(server.addr, p, &format!("u{i}"), &mut nonce))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     println!(
         "  {}: 500 allocations + channels in {:.2} s",
         server.name,
         t.elapsed().as_secs_f64()
     );
-    let fast: Vec<UdpSocket> = (0..16)
+    let (fast, fast_creds): (Vec<UdpSocket>, Vec<Creds>) = (0..16)
         .map(|i| setup_flow(server.addr, p, &format!("r{i}"), &mut nonce))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    creds.extend(fast_creds);
     let binders: Vec<UdpSocket> = (0..16)
         .map(|_| {
             let s = UdpSocket::bind("127.0.0.1:0")?;
@@ -655,6 +728,9 @@ fn rig(server: &Server) -> anyhow::Result<Rig> {
         fast,
         binders,
         peer,
+        creds,
+        nonce,
+        refreshed: Instant::now(),
     })
 }
 
@@ -922,7 +998,7 @@ fn main() -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         servers.push(start_coturn(&dir, srv_cpu)?);
         servers.push(start_ours(srv_cpu)?);
-        let rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
+        let mut rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
         // 1. Interleaved repetitions, so background noise hits both servers alike.
         // [server][load]: 500 x 50 msg/s of 160 B and 1200 B, then 100 x 50 msg/s of 160 B.
         let loads = [(500usize, 160usize), (500, 1200), (100, 160)];
@@ -935,6 +1011,7 @@ fn main() -> anyhow::Result<()> {
         let mut bursty: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); 2];
         for _ in 0..reps {
             for (si, s) in servers.iter().enumerate() {
+                rigs[si].keep_alive()?;
                 for (li, (flows, len)) in loads.into_iter().enumerate() {
                     cpu[si][li].push(cpu_per_packet(s, &rigs[si], flows, len, secs));
                 }
@@ -953,6 +1030,7 @@ fn main() -> anyhow::Result<()> {
         // Where the time goes: syscalls and wake-ups per packet, light and heavy.
         let mut sys: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
         for (si, s) in servers.iter().enumerate() {
+            rigs[si].keep_alive()?;
             for flows in [100usize, 500] {
                 sys[si].push(syscalls_per_packet(s, &rigs[si], flows, secs.min(3.0)));
             }
@@ -960,6 +1038,7 @@ fn main() -> anyhow::Result<()> {
         // 3. and 4. Ramps.
         let mut rates = Vec::new();
         for (si, s) in servers.iter().enumerate() {
+            rigs[si].keep_alive()?;
             println!(
                 "  {}: ramp of echoed 160 B messages (16 allocations)",
                 s.name

@@ -67,6 +67,11 @@ pub struct TurnConfig {
     /// little and only adds latency); adds at most this much delay per relayed packet; 0
     /// disables it.
     pub coalesce_us: u32,
+    /// UDP segmentation offload (Linux): consecutive datagrams of one size to one destination
+    /// leave in one `UDP_SEGMENT` send, and the relay's UDP sockets accept `UDP_GRO` buffers
+    /// (several datagrams of one source in one read). Used only where the kernel takes the
+    /// options; a device that cannot segment turns it off on its first refusal.
+    pub udp_offload: bool,
     /// A TCP/TLS client connection that reads nothing for this long is closed, in seconds
     /// (one that has not sent a complete first frame within 10 s is closed sooner).
     pub stream_idle_timeout_secs: u64,
@@ -104,6 +109,7 @@ impl Default for TurnConfig {
             credential_ttl_secs: 86_400,
             udp_socket_buffer: 4 << 20,
             coalesce_us: 200,
+            udp_offload: true,
             stream_idle_timeout_secs: 60,
             max_stream_connections: 4096,
             max_stream_connections_per_source: 64,

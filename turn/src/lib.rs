@@ -242,6 +242,7 @@ pub async fn start(
         config.relay_port_max,
         config.udp_socket_buffer,
         config.coalesce_us,
+        config.udp_offload,
         metrics.clone(),
     )?;
     let engine = std::thread::Builder::new()

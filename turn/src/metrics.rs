@@ -37,6 +37,11 @@ pub struct Metrics {
     pub allocate_latency_count: AtomicU64,
     /// Histogram of Allocate handling times (buckets of [`LATENCY_BUCKETS_US`], not cumulative).
     pub allocate_latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// UDP datagrams sent as segments of a GSO send (several to one destination, one syscall
+    /// and one trip through the stack).
+    pub gso_datagrams: AtomicU64,
+    /// UDP datagrams received as segments of a GRO buffer (several from one source, one read).
+    pub gro_datagrams: AtomicU64,
 }
 
 /// A plain copy of [`Metrics`].
@@ -60,6 +65,10 @@ pub struct MetricsSnapshot {
     pub allocate_latency_us_sum: u64,
     /// Number of Allocate requests timed.
     pub allocate_latency_count: u64,
+    /// Datagrams sent inside GSO sends.
+    pub gso_datagrams: u64,
+    /// Datagrams received inside GRO buffers.
+    pub gro_datagrams: u64,
 }
 
 impl Metrics {
@@ -109,6 +118,8 @@ impl Metrics {
                 .collect(),
             allocate_latency_us_sum: self.allocate_latency_us_sum.load(Relaxed),
             allocate_latency_count: self.allocate_latency_count.load(Relaxed),
+            gso_datagrams: self.gso_datagrams.load(Relaxed),
+            gro_datagrams: self.gro_datagrams.load(Relaxed),
         }
     }
 
@@ -199,6 +210,16 @@ impl prometheus_client::collector::Collector for Collector {
                 "STUN Binding requests answered",
                 s.binding_requests,
             ),
+            (
+                "gso_datagrams",
+                "UDP datagrams sent as segments of a GSO send",
+                s.gso_datagrams,
+            ),
+            (
+                "gro_datagrams",
+                "UDP datagrams received as segments of a GRO buffer",
+                s.gro_datagrams,
+            ),
         ] {
             ConstCounter::new(v).encode(encoder.encode_descriptor(
                 name,
@@ -264,6 +285,8 @@ mod tests {
             "relayed_bytes",
             "dropped_packets",
             "binding_requests",
+            "gso_datagrams",
+            "gro_datagrams",
             "error_responses",
             "allocate_seconds",
         ] {

@@ -1,17 +1,23 @@
 //! Side-by-side bench: coturn (`turnserver`, one relay thread) and our `turn-server`, each a
 //! child process pinned to one core, driven by the same load generator (this process, pinned
 //! to another core). Server CPU time is read from `/proc/<pid>/task/*/schedstat` (nanoseconds,
-//! all threads). Prints three ratios ours/coturn:
+//! all threads). Prints ratios ours/coturn:
 //!
-//! 1. server CPU µs per relayed packet, 500 allocations x 50 msg/s, 160 B and 1200 B payloads
-//!    (each message goes client -> relay -> peer -> relay -> client: two relayed packets), and
-//!    at a light load, 100 allocations x 50 msg/s; and the latency of one relayed round trip
-//!    on an idle server (p50, p99);
-//! 2. highest echoed message rate with < 1 % loss (ramp of offered rates, few allocations);
-//! 3. highest STUN Binding response rate with < 1 % loss.
+//! 1. server CPU µs per relayed packet under the smooth generator, 500 allocations x 50 msg/s,
+//!    160 B and 1200 B payloads (each message goes client -> relay -> peer -> relay -> client:
+//!    two relayed packets), and at a light load, 100 allocations x 50 msg/s; with the relayed
+//!    round trip of every message under each load (p50, p99: each message carries its send
+//!    time), and of one message at a time on an idle server;
+//! 2. the same under coturn's own bursty load generator, `turnutils_uclient` (100 allocations,
+//!    a message every 2 ms each, through `turnutils_peer`): server CPU per relayed packet
+//!    while it sends, and uclient's average round trip;
+//! 3. highest echoed message rate with < 1 % loss (ramp of offered rates, few allocations);
+//! 4. highest STUN Binding response rate with < 1 % loss.
 //!
-//! Run: `cargo build --release -p bedside-turn && target/release/turn-bench` (about 2-3 min).
-//! `BENCH_QUICK=1` shortens every phase; `BENCH_COALESCE_US=N` sets our `coalesce-us`. Skips (exit 0) when `turnserver` is not installed.
+//! Run: `cargo build --release -p bedside-turn && target/release/turn-bench` (about 4 min).
+//! `BENCH_QUICK=1` shortens every phase; `BENCH_COALESCE_US=N` sets our `coalesce-us`;
+//! `BENCH_OFFLOAD=0` turns our `udp-offload` (GSO/GRO) off. Skips (exit 0) when `turnserver` is
+//! not installed; the uclient rows are left out without `turnutils_uclient`/`turnutils_peer`.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -28,6 +34,12 @@ use bedside_turn::stun::{self, Builder, Class, Message, attr, method};
 const SECRET: &str = "bench-secret";
 const REALM: &str = "bedside";
 const BATCH: usize = 64;
+
+/// The bench's clock: messages carry nanoseconds since this instant (payload bytes 0..8).
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 fn pin_to(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
@@ -59,6 +71,50 @@ fn cpu_ns(pid: u32) -> u64 {
     rd.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Context switches of all the server's threads (voluntary ones are its sleeps in epoll_wait,
+/// i.e. its wake-ups).
+fn wakeups(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Counts the server's syscalls while `f` runs, with `perf stat` (None without perf or its
+/// tracepoints).
+fn count_syscalls<T>(pid: u32, f: impl FnOnce() -> T) -> (T, Option<u64>) {
+    let perf = which("perf").and_then(|p| {
+        Command::new(p)
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p"])
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = f();
+    let Some(perf) = perf else {
+        return (t, None);
+    };
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    let out = perf.wait_with_output().ok();
+    let n = out.and_then(|o| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next()?.trim().parse::<u64>().ok())
+    });
+    (t, n)
 }
 
 struct Server {
@@ -175,7 +231,8 @@ fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
         "relay-ips": ["127.0.0.1"], "relay-port-min": 46000, "relay-port-max": 47999,
         "allow-loopback-peers": true, "user-quota": 100000, "total-quota": 100000, "source-quota": 100000,
         "max-bps-per-allocation": 0,
-        "coalesce-us": std::env::var("BENCH_COALESCE_US").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(200)
+        "coalesce-us": std::env::var("BENCH_COALESCE_US").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(200),
+        "udp-offload": std::env::var("BENCH_OFFLOAD").map(|v| v != "0").unwrap_or(true)
     });
     let child = spawn_pinned(
         Command::new(exe)
@@ -199,7 +256,16 @@ fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
 }
 
 /// Blocking TURN client setup: Allocate (after the 401 challenge) and ChannelBind to `peer`.
-fn setup_flow(server: SocketAddr, peer: SocketAddr, user: &str) -> anyhow::Result<UdpSocket> {
+/// `nonce` is shared by all the flows of one server: our relay's nonces are bound to the
+/// client's IP, not its port, and it sends an unauthenticated source only so many 401 bytes
+/// (`core::UNAUTH_EXCESS_BURST`), which 500 fresh challenges from 127.0.0.1 would exceed;
+/// coturn's are per allocation, so it answers a borrowed one with a fresh 401 or 438.
+fn setup_flow(
+    server: SocketAddr,
+    peer: SocketAddr,
+    user: &str,
+    nonce: &mut Option<Vec<u8>>,
+) -> anyhow::Result<(UdpSocket, Creds)> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.connect(server)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -207,52 +273,102 @@ fn setup_flow(server: SocketAddr, peer: SocketAddr, user: &str) -> anyhow::Resul
     let (username, password) =
         bedside_turn::rest_credentials(SECRET, user, Duration::from_secs(3600), now);
     let key = bedside_turn::auth::long_term_key(&username, REALM, &password);
-    let mut nonce: Option<Vec<u8>> = None;
-    let mut tid: [u8; 12] = rand::random();
-    let mut transact = |m: u16, add: &dyn Fn(&mut Builder)| -> anyhow::Result<Option<u16>> {
-        for _ in 0..3 {
-            tid[0] = tid[0].wrapping_add(1);
-            let mut req = Vec::new();
-            let mut b = Builder::new(&mut req, m, Class::Request, &tid);
-            add(&mut b);
-            if let Some(n) = &nonce {
-                b.attr(attr::USERNAME, username.as_bytes())
-                    .attr(attr::REALM, REALM.as_bytes())
-                    .attr(attr::NONCE, n);
-                b.finish(Some(&key), true);
-            } else {
-                b.finish(None, true);
-            }
-            s.send(&req)?;
-            let mut buf = [0u8; 1500];
-            let n = s.recv(&mut buf)?;
-            let msg =
-                Message::parse(&buf[..n]).map_err(|e| anyhow::anyhow!("bad response: {e}"))?;
-            let code = msg.get(attr::ERROR_CODE).and_then(stun::parse_error_code);
-            if matches!(code, Some(401) | Some(438))
-                && msg.get(attr::NONCE).is_some()
-                && (nonce.is_none() || code == Some(438))
-            {
-                nonce = msg.get(attr::NONCE).map(|v| v.to_vec());
-                continue;
-            }
-            return Ok(code);
-        }
-        bail!("challenge loop")
-    };
-    if let Some(c) = transact(method::ALLOCATE, &|b| {
+    let creds = Creds { username, key };
+    if let Some(c) = transact(&s, &creds, nonce, method::ALLOCATE, &|b| {
         b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     })? {
         bail!("allocate failed: {c}");
     }
-    if let Some(c) = transact(method::CHANNEL_BIND, &|b| {
+    if let Some(c) = transact(&s, &creds, nonce, method::CHANNEL_BIND, &|b| {
         b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
         b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
     })? {
         bail!("channel bind failed: {c}");
     }
     s.set_nonblocking(true)?;
-    Ok(s)
+    Ok((s, creds))
+}
+
+/// A flow's long-term credentials.
+struct Creds {
+    username: String,
+    key: [u8; 16],
+}
+
+/// One authenticated request on a connected blocking socket, answering 401/438 challenges;
+/// datagrams that are not its response (late echoes) are skipped. Returns the error code.
+fn transact(
+    s: &UdpSocket,
+    creds: &Creds,
+    nonce: &mut Option<Vec<u8>>,
+    m: u16,
+    add: &dyn Fn(&mut Builder),
+) -> anyhow::Result<Option<u16>> {
+    for _ in 0..3 {
+        let tid: [u8; 12] = rand::random();
+        let mut req = Vec::new();
+        let mut b = Builder::new(&mut req, m, Class::Request, &tid);
+        add(&mut b);
+        let used = nonce.clone();
+        if let Some(n) = &used {
+            b.attr(attr::USERNAME, creds.username.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, n);
+            b.finish(Some(&creds.key), true);
+        } else {
+            b.finish(None, true);
+        }
+        s.send(&req)?;
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let msg = loop {
+            if Instant::now() > deadline {
+                bail!("no response");
+            }
+            let n = s.recv(&mut buf)?;
+            if let Ok(msg) = Message::parse(&buf[..n])
+                && msg.tid == tid
+            {
+                break msg;
+            }
+        };
+        let code = msg.get(attr::ERROR_CODE).and_then(stun::parse_error_code);
+        let offered = msg.get(attr::NONCE).map(|v| v.to_vec());
+        if matches!(code, Some(401) | Some(438))
+            && offered.is_some()
+            && (used.is_none() || code == Some(438) || offered != used)
+        {
+            *nonce = offered;
+            continue;
+        }
+        return Ok(code);
+    }
+    bail!("challenge loop")
+}
+
+/// Refreshes a flow's allocation (600 s) and channel (which refreshes its permission: 300 s),
+/// so a bench slowed down by a loaded machine does not outlive them.
+fn refresh_flow(
+    s: &UdpSocket,
+    creds: &Creds,
+    peer: SocketAddr,
+    nonce: &mut Option<Vec<u8>>,
+) -> anyhow::Result<()> {
+    s.set_nonblocking(false)?;
+    let r = transact(s, creds, nonce, method::REFRESH, &|b| {
+        b.attr_u32(attr::LIFETIME, 600);
+    })
+    .and_then(|_| {
+        transact(s, creds, nonce, method::CHANNEL_BIND, &|b| {
+            b.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
+            b.xor_addr(attr::XOR_PEER_ADDRESS, peer);
+        })
+    });
+    s.set_nonblocking(true)?;
+    match r? {
+        None => Ok(()),
+        Some(c) => bail!("refresh failed: {c}"),
+    }
 }
 
 /// recvmmsg/sendmmsg helper for the load generator.
@@ -326,11 +442,16 @@ impl Mmsg {
         }
     }
 
-    /// Send `n` copies of `data` on a connected socket.
+    /// Send `n` copies of `data` on a connected socket; ChannelData carries its send time.
     fn send_copies(&mut self, fd: i32, data: &[u8], n: usize) -> usize {
         let n = n.min(BATCH);
+        let stamp = is_channel_data(data) && data.len() >= 12;
+        let now = clock().to_be_bytes();
         for i in 0..n {
             self.bufs[i * 2048..i * 2048 + data.len()].copy_from_slice(data);
+            if stamp {
+                self.bufs[i * 2048 + 4..i * 2048 + 12].copy_from_slice(&now);
+            }
             self.iovs[i].iov_len = data.len();
             self.hdrs[i].msg_hdr.msg_namelen = 0;
             self.hdrs[i].msg_hdr.msg_name = std::ptr::null_mut();
@@ -344,6 +465,30 @@ impl Mmsg {
     }
 }
 
+fn is_channel_data(m: &[u8]) -> bool {
+    m.first().is_some_and(|b| b & 0xC0 == 0x40)
+}
+
+/// Round trip in µs of a ChannelData message that came back, from the send time it carries.
+fn stamped_rtt(m: &[u8]) -> Option<u32> {
+    if !is_channel_data(m) || m.len() < 12 {
+        return None;
+    }
+    let sent = u64::from_be_bytes(m[4..12].try_into().ok()?);
+    Some((clock().saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32)
+}
+
+/// (p50, p99) of round trips in µs.
+fn percentiles(mut v: Vec<u32>) -> (f64, f64) {
+    v.sort_unstable();
+    let at = |q: f64| {
+        v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+            .map(|x| *x as f64)
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99))
+}
+
 struct LoadResult {
     sent: u64,
     /// Packets the peer got (client -> peer leg).
@@ -351,6 +496,8 @@ struct LoadResult {
     /// Packets back at the clients (replies or echoed data).
     client_rx: u64,
     elapsed: Duration,
+    /// Round trips (µs) of the messages that came back.
+    rtts: Vec<u32>,
 }
 
 /// Open-loop load: `rate` messages/s spread over `clients`, for `dur`; then drains 200 ms.
@@ -381,6 +528,7 @@ fn run_load(
     }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
     let (mut sent, mut peer_rx, mut client_rx) = (0u64, 0u64, 0u64);
+    let mut rtts = Vec::with_capacity((rate * dur.as_secs_f64()) as usize + 1024);
     let start = Instant::now();
     let mut next_client = 0usize;
     let drain_until = dur + Duration::from_millis(200);
@@ -421,6 +569,12 @@ fn run_load(
                 loop {
                     let k = rx.recv(c.as_raw_fd());
                     client_rx += k as u64;
+                    for i in 0..k {
+                        let len = rx.hdrs[i].msg_len as usize;
+                        if let Some(us) = stamped_rtt(&rx.bufs[i * 2048..i * 2048 + len]) {
+                            rtts.push(us);
+                        }
+                    }
                     if k < BATCH {
                         break;
                     }
@@ -435,6 +589,7 @@ fn run_load(
         peer_rx,
         client_rx,
         elapsed: dur,
+        rtts,
     }
 }
 
@@ -513,6 +668,25 @@ struct Rig {
     fast: Vec<UdpSocket>,
     binders: Vec<UdpSocket>,
     peer: UdpSocket,
+    /// Credentials of `flows` then `fast`.
+    creds: Vec<Creds>,
+    nonce: Option<Vec<u8>>,
+    refreshed: Instant,
+}
+
+impl Rig {
+    /// Refreshes every flow once the last refresh is two minutes old.
+    fn keep_alive(&mut self) -> anyhow::Result<()> {
+        if self.refreshed.elapsed() < Duration::from_secs(120) {
+            return Ok(());
+        }
+        let p = self.peer.local_addr()?;
+        for (s, c) in self.flows.iter().chain(&self.fast).zip(&self.creds) {
+            refresh_flow(s, c, p, &mut self.nonce)?;
+        }
+        self.refreshed = Instant::now();
+        Ok(())
+    }
 }
 
 fn rig(server: &Server) -> anyhow::Result<Rig> {
@@ -521,17 +695,23 @@ fn rig(server: &Server) -> anyhow::Result<Rig> {
     bedside_turn::driver::set_buffers(peer.as_raw_fd(), 8 << 20);
     let p = peer.local_addr()?;
     let t = Instant::now();
-    let flows: Vec<UdpSocket> = (0..500)
-        .map(|i| setup_flow(server.addr, p, &format!("u{i}")))
-        .collect::<anyhow::Result<_>>()?;
+    let mut nonce = None;
+    let (flows, mut creds): (Vec<UdpSocket>, Vec<Creds>) = (0..500)
+        .map(|i| setup_flow(server.addr, p, &format!("u{i}"), &mut nonce))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     println!(
         "  {}: 500 allocations + channels in {:.2} s",
         server.name,
         t.elapsed().as_secs_f64()
     );
-    let fast: Vec<UdpSocket> = (0..16)
-        .map(|i| setup_flow(server.addr, p, &format!("r{i}")))
-        .collect::<anyhow::Result<_>>()?;
+    let (fast, fast_creds): (Vec<UdpSocket>, Vec<Creds>) = (0..16)
+        .map(|i| setup_flow(server.addr, p, &format!("r{i}"), &mut nonce))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    creds.extend(fast_creds);
     let binders: Vec<UdpSocket> = (0..16)
         .map(|_| {
             let s = UdpSocket::bind("127.0.0.1:0")?;
@@ -548,11 +728,23 @@ fn rig(server: &Server) -> anyhow::Result<Rig> {
         fast,
         binders,
         peer,
+        creds,
+        nonce,
+        refreshed: Instant::now(),
     })
 }
 
-/// Server CPU µs per relayed packet and loss, at 50 msg/s on each of `flows`.
-fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f64) -> (f64, f64) {
+/// One measured load: server CPU µs per relayed packet, loss, round trip p50 and p99 (µs).
+#[derive(Clone, Copy)]
+struct Measured {
+    us: f64,
+    loss: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// Server CPU per relayed packet, loss and round trips, at 50 msg/s on each of `flows`.
+fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f64) -> Measured {
     let msg = channel_msg(len);
     let flows = &rig.flows[..flows.min(rig.flows.len())];
     let rate = 50.0 * flows.len() as f64;
@@ -575,14 +767,129 @@ fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f6
     let relayed = r.peer_rx + r.client_rx;
     let loss = 1.0 - r.client_rx as f64 / r.sent.max(1) as f64;
     let us = (c1 - c0) as f64 / 1000.0 / relayed.max(1) as f64;
+    let (p50, p99) = percentiles(r.rtts);
     println!(
-        "  {:8} {len:>4} B x {rate:.0}/s: sent {} msgs, relayed {relayed} packets, loss {:.3}%, server CPU {:.3} s -> {us:.3} us/packet",
+        "  {:8} {len:>4} B x {rate:.0}/s: sent {} msgs, relayed {relayed} packets, loss {:.3}%, server CPU {:.3} s -> {us:.3} us/packet, round trip p50 {p50:.0} us p99 {p99:.0} us",
         server.name,
         r.sent,
         loss * 100.0,
         (c1 - c0) as f64 / 1e9
     );
-    (us, loss)
+    Measured { us, loss, p50, p99 }
+}
+
+/// Syscalls and wake-ups per relayed packet at 50 msg/s on each of `flows` (a separate run:
+/// counting syscalls costs the server some CPU).
+fn syscalls_per_packet(server: &Server, rig: &Rig, flows: usize, secs: f64) -> (f64, f64) {
+    let msg = channel_msg(160);
+    let flows = &rig.flows[..flows.min(rig.flows.len())];
+    let rate = 50.0 * flows.len() as f64;
+    let pid = server.child.id();
+    let ((r, w), n) = count_syscalls(pid, || {
+        let w0 = wakeups(pid);
+        let r = run_load(
+            flows,
+            &msg,
+            Some(&rig.peer),
+            rate,
+            Duration::from_secs_f64(secs),
+        );
+        (r, wakeups(pid) - w0)
+    });
+    let relayed = (r.peer_rx + r.client_rx).max(1) as f64;
+    // perf counts from its start to its stop, 300 ms before the load and its drain after:
+    // idle time, when neither server makes syscalls beyond a timer tick.
+    let sys = n.map(|n| n as f64 / relayed).unwrap_or(f64::NAN);
+    let wk = w as f64 / relayed;
+    println!(
+        "  {:8} 160 B x {rate:.0}/s: {sys:.2} syscalls and {wk:.2} wake-ups per relayed packet",
+        server.name
+    );
+    (sys, wk)
+}
+
+/// coturn's bursty load: `turnutils_uclient` with `clients` allocations (channels, no RTCP)
+/// sending `msgs` messages of 160 B each, one every `interval_ms` per client, to a
+/// `turnutils_peer` echo; both pinned to `cpu`. Server CPU is counted from the end of
+/// uclient's connect phase to its exit; relayed packets are its sent plus received messages.
+/// Returns (µs per relayed packet, messages/s, loss, uclient's average round trip in µs).
+fn uclient_load(
+    server: &Server,
+    cpu: Option<usize>,
+    clients: u32,
+    msgs: u32,
+    interval_ms: u32,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    use std::io::BufRead;
+    let peer_port = free_port();
+    let mut peer = spawn_pinned(
+        Command::new("turnutils_peer")
+            .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        cpu,
+    )
+    .context("starting turnutils_peer")?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut uc = spawn_pinned(
+        Command::new("turnutils_uclient")
+            .args(["-W", SECRET, "-p", &server.addr.port().to_string()])
+            .args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
+            .args([
+                "-n",
+                &msgs.to_string(),
+                "-l",
+                "160",
+                "-m",
+                &clients.to_string(),
+            ])
+            .args(["-z", &interval_ms.to_string(), "-c", "127.0.0.1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        cpu,
+    )
+    .context("starting turnutils_uclient")?;
+    let out = uc.stdout.take().context("uclient stdout")?;
+    let (mut c0, mut t0) = (None, None);
+    let (mut sent, mut recv, mut rtt_ms) = (0u64, 0u64, f64::NAN);
+    let grab = |line: &str, key: &str| -> Option<f64> {
+        line.split(key)
+            .nth(1)?
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?
+            .parse()
+            .ok()
+    };
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        if c0.is_none() && line.contains("Total connect time") {
+            c0 = Some(cpu_ns(server.child.id()));
+            t0 = Some(Instant::now());
+        }
+        if let (Some(s), Some(r)) = (grab(&line, "tot_send_msgs="), grab(&line, "tot_recv_msgs=")) {
+            (sent, recv) = (s as u64, r as u64);
+        }
+        if let Some(v) = grab(&line, "Average round trip delay ") {
+            rtt_ms = v;
+        }
+    }
+    let _ = uc.wait();
+    let c1 = cpu_ns(server.child.id());
+    let elapsed = t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let c0 = c0.context("uclient never finished connecting")?;
+    let relayed = sent + recv;
+    let us = (c1 - c0) as f64 / 1000.0 / relayed.max(1) as f64;
+    let rate = sent as f64 / elapsed;
+    let loss = 1.0 - recv as f64 / sent.max(1) as f64;
+    println!(
+        "  {:8} uclient {clients} x 160 B every {interval_ms} ms: sent {sent}, back {recv} in {elapsed:.1} s ({rate:.0} msgs/s), server CPU {:.3} s -> {us:.3} us/packet, uclient's average round trip {:.0} us",
+        server.name,
+        (c1 - c0) as f64 / 1e9,
+        rtt_ms * 1000.0
+    );
+    Ok((us, rate, loss, rtt_ms * 1000.0))
 }
 
 /// Datagrams dropped at full receive buffers, from /proc/net/udp: (sockets bound to one of
@@ -691,23 +998,47 @@ fn main() -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         servers.push(start_coturn(&dir, srv_cpu)?);
         servers.push(start_ours(srv_cpu)?);
-        let rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
+        let mut rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
         // 1. Interleaved repetitions, so background noise hits both servers alike.
         // [server][load]: 500 x 50 msg/s of 160 B and 1200 B, then 100 x 50 msg/s of 160 B.
         let loads = [(500usize, 160usize), (500, 1200), (100, 160)];
-        let mut cpu: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); loads.len()]; 2];
+        let mut cpu: Vec<Vec<Vec<Measured>>> = vec![vec![Vec::new(); loads.len()]; 2];
         let mut rtt: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
+        let uclient = which("turnutils_uclient").is_some() && which("turnutils_peer").is_some();
+        if !uclient {
+            println!("  (turnutils_uclient/turnutils_peer not found: no bursty load)");
+        }
+        let mut bursty: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); 2];
         for _ in 0..reps {
             for (si, s) in servers.iter().enumerate() {
+                rigs[si].keep_alive()?;
                 for (li, (flows, len)) in loads.into_iter().enumerate() {
                     cpu[si][li].push(cpu_per_packet(s, &rigs[si], flows, len, secs));
                 }
                 rtt[si].push(round_trips(&rigs[si], if quick { 200 } else { 500 }));
+                if uclient {
+                    bursty[si].push(uclient_load(
+                        s,
+                        gen_cpu,
+                        100,
+                        if quick { 200 } else { 500 },
+                        2,
+                    )?);
+                }
             }
         }
-        // 2. and 3. Ramps.
+        // Where the time goes: syscalls and wake-ups per packet, light and heavy.
+        let mut sys: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2];
+        for (si, s) in servers.iter().enumerate() {
+            rigs[si].keep_alive()?;
+            for flows in [100usize, 500] {
+                sys[si].push(syscalls_per_packet(s, &rigs[si], flows, secs.min(3.0)));
+            }
+        }
+        // 3. and 4. Ramps.
         let mut rates = Vec::new();
         for (si, s) in servers.iter().enumerate() {
+            rigs[si].keep_alive()?;
             println!(
                 "  {}: ramp of echoed 160 B messages (16 allocations)",
                 s.name
@@ -717,7 +1048,7 @@ fn main() -> anyhow::Result<()> {
                 &rigs[si].fast,
                 &channel_msg(160),
                 Some(&rigs[si].peer),
-                40_000.0,
+                20_000.0,
                 Duration::from_secs_f64(step),
             );
             let mut req = Vec::new();
@@ -728,7 +1059,7 @@ fn main() -> anyhow::Result<()> {
                 &rigs[si].binders,
                 &req,
                 None,
-                80_000.0,
+                40_000.0,
                 Duration::from_secs_f64(step),
             );
             rates.push((m, b));
@@ -743,15 +1074,45 @@ fn main() -> anyhow::Result<()> {
             "  metric                                   coturn      bedside   ours/coturn  target"
         );
         for (li, (flows, len)) in loads.into_iter().enumerate() {
-            let cu = median(cpu[0][li].iter().map(|x| x.0).collect());
-            let ou = median(cpu[1][li].iter().map(|x| x.0).collect());
-            let cl = cpu[0][li].iter().map(|x| x.1).fold(0.0, f64::max);
-            let ol = cpu[1][li].iter().map(|x| x.1).fold(0.0, f64::max);
+            let med =
+                |si: usize, f: fn(&Measured) -> f64| median(cpu[si][li].iter().map(f).collect());
+            let (cu, ou) = (med(0, |m| m.us), med(1, |m| m.us));
+            let cl = cpu[0][li].iter().map(|x| x.loss).fold(0.0, f64::max);
+            let ol = cpu[1][li].iter().map(|x| x.loss).fold(0.0, f64::max);
             println!(
                 "  CPU us/relayed pkt, {len:>4} B x{flows:>4} flows {cu:>8.3}     {ou:>8.3}      {:>6.2}    <= 0.50   (max loss {:.3}% / {:.3}%)",
                 ou / cu,
                 cl * 100.0,
                 ol * 100.0
+            );
+            for (name, f) in [
+                ("p50", (|m: &Measured| m.p50) as fn(&Measured) -> f64),
+                ("p99", |m: &Measured| m.p99),
+            ] {
+                let (c, o) = (med(0, f), med(1, f));
+                println!(
+                    "    round trip {name} under that load, us  {c:>8.0}     {o:>8.0}      {:>6.2}    <= 1.00",
+                    o / c
+                );
+            }
+        }
+        if uclient {
+            let med = |si: usize, f: fn(&(f64, f64, f64, f64)) -> f64| {
+                median(bursty[si].iter().map(f).collect())
+            };
+            let (cu, ou) = (med(0, |b| b.0), med(1, |b| b.0));
+            println!(
+                "  CPU us/relayed pkt, uclient (bursty)    {cu:>8.3}     {ou:>8.3}      {:>6.2}    <= 0.50   ({:.0} / {:.0} msgs/s, max loss {:.3}% / {:.3}%)",
+                ou / cu,
+                med(0, |b| b.1),
+                med(1, |b| b.1),
+                bursty[0].iter().map(|b| b.2).fold(0.0, f64::max) * 100.0,
+                bursty[1].iter().map(|b| b.2).fold(0.0, f64::max) * 100.0,
+            );
+            let (c, o) = (med(0, |b| b.3), med(1, |b| b.3));
+            println!(
+                "    uclient's average round trip, us      {c:>8.0}     {o:>8.0}      {:>6.2}    <= 1.00",
+                o / c
             );
         }
         for (q, name) in [(0usize, "p50"), (1, "p99")] {
@@ -762,6 +1123,13 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "  relayed round trip {name}, us (median)   {c:>10.0}   {o:>10.0}      {:>6.2}    <= 1.00",
                 o / c
+            );
+        }
+        for (k, flows) in [100usize, 500].into_iter().enumerate() {
+            let (c, o) = (sys[0][k], sys[1][k]);
+            println!(
+                "  syscalls / wake-ups per pkt, x{flows:>4}    {:>5.2} / {:<5.2}  {:>5.2} / {:<5.2}",
+                c.0, c.1, o.0, o.1
             );
         }
         let note = |l: bool| {

@@ -1227,7 +1227,10 @@ mod tests {
             display_name: None,
         };
         let tokens = crate::auth::Tokens::new(b"a-shared-token-secret");
-        assert_eq!(regions.elsewhere(&join("eu-7k3m9-q2xr4"), &tokens), Some("eu"));
+        assert_eq!(
+            regions.elsewhere(&join("eu-7k3m9-q2xr4"), &tokens),
+            Some("eu")
+        );
         // This region's codes, untagged ones and unknown tags stay here.
         for code in ["US-7K3M9-Q2XR4", "7K3M9-Q2XR4", "ZZ-7K3M9-Q2XR4"] {
             assert_eq!(regions.elsewhere(&join(code), &tokens), None, "{code}");
@@ -1250,14 +1253,16 @@ mod tests {
         // A map that leaves this node's region out, or gives two regions one tag, is refused.
         let bad = |toml: &str| crate::Config::from_toml(toml).unwrap().validate().is_err();
         assert!(bad(&MAP.replace("region = \"us\"", "region = \"asia\"")));
-        assert!(bad(&format!("{MAP}[cluster.regions.us2]\npublic-url = \"https://x\"\ninvite-tag = \"US\"\n")));
+        assert!(bad(&format!(
+            "{MAP}[cluster.regions.us2]\npublic-url = \"https://x\"\ninvite-tag = \"US\"\n"
+        )));
         assert!(bad(&MAP.replace("turn:b.eu", "http://b.eu")));
     }
 
     #[test]
     fn relays_are_handed_out_least_loaded_first_unknown_loads_last() {
-        let config = crate::Config::from_toml(&MAP.replace("region = \"us\"", "region = \"eu\""))
-            .unwrap();
+        let config =
+            crate::Config::from_toml(&MAP.replace("region = \"us\"", "region = \"eu\"")).unwrap();
         let regions = Regions::new(config.cluster.as_ref().unwrap());
         let load = |node: &str, relay_allocations: i64| NodeLoad {
             node: node.into(),
@@ -1277,13 +1282,24 @@ mod tests {
         };
         assert_eq!(
             first(&[load("eu-a", 4), load("eu-b", 1)]),
-            ["turn:b.eu.example:3478", "turn:a.eu.example:3478", "stun:c.eu.example:3478"]
+            [
+                "turn:b.eu.example:3478",
+                "turn:a.eu.example:3478",
+                "stun:c.eu.example:3478"
+            ]
         );
         // Ties keep the map's order; a node that stopped publishing goes after the others.
-        assert_eq!(first(&[load("eu-a", 2), load("eu-b", 2)])[0], "turn:a.eu.example:3478");
+        assert_eq!(
+            first(&[load("eu-a", 2), load("eu-b", 2)])[0],
+            "turn:a.eu.example:3478"
+        );
         assert_eq!(
             first(&[load("eu-b", 9)]),
-            ["turn:b.eu.example:3478", "turn:a.eu.example:3478", "stun:c.eu.example:3478"]
+            [
+                "turn:b.eu.example:3478",
+                "turn:a.eu.example:3478",
+                "stun:c.eu.example:3478"
+            ]
         );
         let t0 = std::time::Instant::now();
         assert_eq!(relayed_bandwidth(None, 500, t0), 0);

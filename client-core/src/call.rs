@@ -983,15 +983,7 @@ impl Call {
                 ..
             } => {
                 if open_at.is_some_and(|t| now >= t) {
-                    self.signaling(SignalingCommand::Open);
-                    self.phase = Phase::Connecting {
-                        attempt,
-                        open_at: None,
-                        deadline: Some(now + self.config.join_timeout),
-                        since,
-                        resume,
-                        open: false,
-                    };
+                    self.open_attempt(now, SignalingCommand::Open, attempt, since, resume);
                 } else if deadline.is_some_and(|t| now >= t) {
                     self.signaling(SignalingCommand::Close);
                     self.retry(now);
@@ -1252,7 +1244,19 @@ impl Call {
             return;
         }
         self.redirects += 1;
-        self.signaling(SignalingCommand::OpenAt(url));
+        self.open_attempt(now, SignalingCommand::OpenAt(url), attempt, since, resume);
+    }
+
+    /// Opens the link for an attempt (`open`: where to) and gives it the join deadline.
+    fn open_attempt(
+        &mut self,
+        now: Instant,
+        open: SignalingCommand,
+        attempt: u32,
+        since: Instant,
+        resume: bool,
+    ) {
+        self.signaling(open);
         self.phase = Phase::Connecting {
             attempt,
             open_at: None,

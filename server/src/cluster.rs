@@ -807,14 +807,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// Asks the home of `cid`, wherever it is, to end it.
-    pub async fn end_everywhere(&self, cid: &ConsultationId) {
-        let home: Option<String> = self
-            .conn
+    /// The node `cid` is homed on, if Redis knows and answers (a read: unlike
+    /// [`Self::home_of`], it claims nothing).
+    async fn current_home(&self, cid: &ConsultationId) -> Option<String> {
+        self.conn
             .clone()
             .get(self.key("home", &cid.0))
             .await
-            .unwrap_or(None);
+            .unwrap_or(None)
+    }
+
+    /// Asks the home of `cid`, wherever it is, to end it.
+    pub async fn end_everywhere(&self, cid: &ConsultationId) {
+        let home = self.current_home(cid).await;
         if let Some(home) = home.filter(|h| *h != self.node) {
             let _ = self
                 .publish(&home, &Envelope::End { cid: cid.0.clone() })
@@ -827,12 +832,7 @@ impl Cluster {
     /// out of the waiting room; how many left. Here, the local hub does it; elsewhere the home
     /// answers over Redis (`None` if it did not within [`REDIS_TIMEOUT`]).
     pub async fn revoke_invites_everywhere(&self, cid: &ConsultationId) -> Option<usize> {
-        let home: Option<String> = self
-            .conn
-            .clone()
-            .get(self.key("home", &cid.0))
-            .await
-            .unwrap_or(None);
+        let home = self.current_home(cid).await;
         let Some(home) = home.filter(|h| *h != self.node) else {
             return self.hub().map(|h| h.revoke_invites(cid));
         };

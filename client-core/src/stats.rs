@@ -47,36 +47,43 @@ pub struct RawStats {
 impl RawStats {
     pub fn from_report(report: &RTCStatsReport) -> Self {
         let mut raw = RawStats::default();
-        let pair = report
-            .candidate_pairs()
-            .find(|p| p.nominated)
-            .or_else(|| report.candidate_pairs().max_by_key(|p| p.bytes_received));
+        let pairs: Vec<_> = report.candidate_pairs().collect();
+        let selected = report
+            .transport()
+            .map(|t| t.selected_candidate_pair_id.as_str());
+        let pair = pick_pair(
+            &pairs
+                .iter()
+                .map(|p| (p.stats.id.as_str(), p.nominated, p.bytes_received))
+                .collect::<Vec<_>>(),
+            selected,
+        )
+        .map(|i| pairs[i]);
         if let Some(pair) = pair {
             if pair.current_round_trip_time > 0.0 {
                 raw.rtt_secs = Some(pair.current_round_trip_time);
             }
             raw.bytes_sent = pair.bytes_sent;
             raw.bytes_received = pair.bytes_received;
-            // webrtc 0.21 names the pair's local candidate `candidate:X` but files the entry
-            // under `RTCLocalIceCandidate_candidate:X`: accept either.
-            let id = pair.local_candidate_id.as_str();
-            let local = report.iter().find_map(|entry| match entry {
-                RTCStatsReportEntry::LocalCandidate(c)
-                    if entry.id() == id || entry.id().strip_suffix(id).is_some() =>
-                {
-                    Some(c)
-                }
-                _ => None,
-            });
-            if let Some(c) = local {
-                raw.candidate_pair = match c.candidate_type {
-                    RTCIceCandidateType::Host => Some(CandidatePairType::Host),
-                    RTCIceCandidateType::Srflx => Some(CandidatePairType::Srflx),
-                    RTCIceCandidateType::Prflx => Some(CandidatePairType::Prflx),
-                    RTCIceCandidateType::Relay => Some(CandidatePairType::Relay),
-                    _ => None,
-                };
-            }
+            // webrtc 0.21 names the pair's candidates `candidate:X` but files the entries under
+            // `RTCLocalIceCandidate_candidate:X` (and `RTCRemoteIceCandidate_...`): accept either.
+            let of = |id: &str, local: bool| {
+                report
+                    .iter()
+                    .find_map(|entry| {
+                        match entry {
+                            RTCStatsReportEntry::LocalCandidate(c) if local => Some(c),
+                            RTCStatsReportEntry::RemoteCandidate(c) if !local => Some(c),
+                            _ => None,
+                        }
+                        .filter(|_| entry.id() == id || entry.id().strip_suffix(id).is_some())
+                    })
+                    .map(|c| c.candidate_type)
+            };
+            raw.candidate_pair = pair_type(
+                of(pair.local_candidate_id.as_str(), true),
+                of(pair.remote_candidate_id.as_str(), false),
+            );
         }
         for inbound in report.inbound_rtp_streams() {
             let received = &inbound.received_rtp_stream_stats;
@@ -162,10 +169,75 @@ impl StatsTracker {
     }
 }
 
+/// A pair's type as the call reports it: `relay` when either end is a relay candidate (media
+/// goes through a TURN server, ours or the peer's), else the local candidate's type.
+fn pair_type(
+    local: Option<RTCIceCandidateType>,
+    remote: Option<RTCIceCandidateType>,
+) -> Option<CandidatePairType> {
+    if remote == Some(RTCIceCandidateType::Relay) {
+        return Some(CandidatePairType::Relay);
+    }
+    match local? {
+        RTCIceCandidateType::Host => Some(CandidatePairType::Host),
+        RTCIceCandidateType::Srflx => Some(CandidatePairType::Srflx),
+        RTCIceCandidateType::Prflx => Some(CandidatePairType::Prflx),
+        RTCIceCandidateType::Relay => Some(CandidatePairType::Relay),
+        _ => None,
+    }
+}
+
+/// Which of the candidate pairs `(stats id, nominated, bytes received)` media goes on: the one
+/// the transport names as selected; else a nominated one; else the busiest. webrtc 0.21 marks
+/// every pair it ever selected `nominated` and never clears it, so after a renomination (or a
+/// switch of the path) two pairs read nominated and only the transport's
+/// `selected_candidate_pair_id` says which is in use (measured here: a call moved from the relay
+/// to a direct pair kept reporting `relay`).
+fn pick_pair(pairs: &[(&str, bool, u64)], selected: Option<&str>) -> Option<usize> {
+    let by_id = selected
+        .filter(|id| !id.is_empty())
+        .and_then(|id| pairs.iter().position(|p| p.0 == id));
+    by_id
+        .or_else(|| pairs.iter().position(|p| p.1))
+        .or_else(|| (0..pairs.len()).max_by_key(|&i| pairs[i].2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_pair_in_use_is_the_one_the_transport_selected() {
+        // Both pairs were selected once (the relay first, then the direct one).
+        let pairs = [("relay-pair", true, 9_000), ("direct-pair", true, 1_000)];
+        assert_eq!(pick_pair(&pairs, Some("direct-pair")), Some(1));
+        assert_eq!(pick_pair(&pairs, Some("relay-pair")), Some(0));
+        // Without a selection: a nominated pair, else the busiest.
+        assert_eq!(pick_pair(&pairs, Some("")), Some(0));
+        let none = [("a", false, 10), ("b", false, 20)];
+        assert_eq!(pick_pair(&none, None), Some(1));
+        assert_eq!(pick_pair(&[], None), None);
+    }
+
+    #[test]
+    fn a_pair_with_a_relay_at_either_end_is_relayed() {
+        use RTCIceCandidateType::{Host, Prflx, Relay};
+        assert_eq!(
+            pair_type(Some(Host), Some(Relay)),
+            Some(CandidatePairType::Relay)
+        );
+        assert_eq!(
+            pair_type(Some(Relay), Some(Host)),
+            Some(CandidatePairType::Relay)
+        );
+        assert_eq!(
+            pair_type(Some(Host), Some(Prflx)),
+            Some(CandidatePairType::Host)
+        );
+        assert_eq!(pair_type(Some(Prflx), None), Some(CandidatePairType::Prflx));
+        assert_eq!(pair_type(None, Some(Host)), None);
+    }
 
     #[test]
     fn rates_and_loss_are_per_interval() {

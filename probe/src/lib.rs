@@ -90,6 +90,8 @@ pub struct Report {
     /// From the join command to media connected with every peer.
     pub time_to_connect_ms: Option<u64>,
     pub candidate_pair: Option<CandidatePairType>,
+    /// Every change of the pair media goes on: (ms since start, the local candidate's type).
+    pub candidate_pairs: Vec<(u64, CandidatePairType)>,
     pub rtt_ms_p50: Option<f64>,
     pub rtt_ms_p95: Option<f64>,
     pub loss_in_pct_max: Option<f64>,
@@ -312,8 +314,13 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                                 .send_estimate_kbps
                                 .push((started.elapsed().as_millis() as u64, kbps as u32));
                         }
-                        if stats.candidate_pair.is_some() {
-                            report.candidate_pair = stats.candidate_pair;
+                        if let Some(pair) = stats.candidate_pair {
+                            if report.candidate_pair != Some(pair) {
+                                report
+                                    .candidate_pairs
+                                    .push((started.elapsed().as_millis() as u64, pair));
+                            }
+                            report.candidate_pair = Some(pair);
                         }
                         if let Some(loss) = stats.loss_in_pct {
                             report.loss_in_pct_max = Some(report.loss_in_pct_max.unwrap_or(0.0).max(loss));

@@ -883,8 +883,11 @@ async fn when_the_browser_renominates_a_direct_pair_the_native_side_follows() ->
         "{result}"
     );
     let report = call.doctor_report().await?;
+    eprintln!("the doctor's pairs: {}", report["candidate_pairs"]);
     assert_lab_doctor_got_the_page(&report, 0);
-    // The native side sends on the pair the browser nominated last.
+    // The native side first sent through a relay (its own or the browser's), then on the
+    // direct pair the browser nominated last (its type is `relay` while either end is one).
+    assert_eq!(report["candidate_pairs"][0][1], "relay", "{report}");
     assert_eq!(report["candidate_pair"], "host", "{report}");
     Ok(())
 }

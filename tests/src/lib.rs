@@ -12,6 +12,7 @@ use bedside_server::{Config, Server};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod bench;
 pub mod fleet;
 pub mod netns;
 pub mod ops;

@@ -10,7 +10,10 @@
 //!   skipping.
 //! - `packages`: prints the Debian packages `test` needs, one line, for CI to install.
 //! - `sans-io`: the sans-IO code reads no clock and starts no task (`sans_io.rs`).
-//! - `bench-signaling [ARGS]`: the signaling capacity bench, in release.
+//! - `bench-signaling [ARGS]`: the signaling bench (joins beside a bare echo server, capacity,
+//!   keepalive cost), in release.
+//! - `bench-fleet [ARGS]`: two nodes with Redis and PostgreSQL behind HAProxy beside one node
+//!   without Redis, then a node killed under load, in release.
 //! - `bench-call [ARGS]`: a 720p call between two probes, in release.
 //! - `bench-turn`: the relay against coturn, in release.
 //! - `bench-sfu [ARGS]`: the SFU's forwarding capacity on one core (`sfu-bench`), in release.
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench-signaling") => bench_signaling(&args[1..]),
+        Some("bench-fleet") => bench_fleet(&args[1..]),
         Some("bench-call") => bench_call(&args[1..]),
         Some("bench-turn") => bench_turn(),
         Some("bench-sfu") => bench_sfu(&args[1..]),
@@ -120,7 +124,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <demo | test [cargo test args] | bench-signaling [args] | \
-                 bench-call [args] | bench-turn | bench-sfu [args] | bench-media | \
+                 bench-fleet [args] | bench-call [args] | bench-turn | bench-sfu [args] | bench-media | \
                  bench-continuity [--only NAME] | lint | packages | sans-io | package | package-check>"
             );
             return ExitCode::from(2);
@@ -311,6 +315,17 @@ fn clippy() -> Result<()> {
 }
 
 fn bench_signaling(extra: &[String]) -> Result<()> {
+    run_server_bench("signaling-bench", extra)
+}
+
+/// The fleet bench needs redis-server, haproxy and PostgreSQL (installed as for the tests).
+fn bench_fleet(extra: &[String]) -> Result<()> {
+    ensure_packages(&["redis-server", "haproxy", "postgresql"])?;
+    run_server_bench("fleet-bench", extra)
+}
+
+/// Builds the release server and the bench binary `bench`, and runs it.
+fn run_server_bench(bench: &str, extra: &[String]) -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
@@ -321,9 +336,9 @@ fn bench_signaling(extra: &[String]) -> Result<()> {
         "--bin",
         "bedside-server",
         "--bin",
-        "signaling-bench",
+        bench,
     ]))?;
-    run(Command::new(root().join("target/release/signaling-bench"))
+    run(Command::new(root().join("target/release").join(bench))
         .current_dir(root())
         .args(extra))
 }

@@ -217,6 +217,17 @@ fn start_coturn(dir: &Path, cpu: Option<usize>) -> anyhow::Result<Server> {
 }
 
 fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
+    let offload = std::env::var("BENCH_OFFLOAD")
+        .map(|v| v != "0")
+        .unwrap_or(true);
+    start_ours_with(cpu, offload, "bedside")
+}
+
+fn start_ours_with(
+    cpu: Option<usize>,
+    offload: bool,
+    name: &'static str,
+) -> anyhow::Result<Server> {
     let exe = std::env::current_exe()?.with_file_name("turn-server");
     if !exe.is_file() {
         bail!(
@@ -228,11 +239,11 @@ fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
     let cfg = serde_json::json!({
         "auth-secret": SECRET, "realm": REALM,
         "listen-udp": [format!("127.0.0.1:{port}")], "listen-tcp": [],
-        "relay-ips": ["127.0.0.1"], "relay-port-min": 46000, "relay-port-max": 47999,
+        "relay-ips": ["127.0.0.1"], "relay-port-min": if offload { 46000 } else { 48000 }, "relay-port-max": if offload { 47999 } else { 49999 },
         "allow-loopback-peers": true, "user-quota": 100000, "total-quota": 100000, "source-quota": 100000,
         "max-bps-per-allocation": 0,
         "coalesce-us": std::env::var("BENCH_COALESCE_US").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(200),
-        "udp-offload": std::env::var("BENCH_OFFLOAD").map(|v| v != "0").unwrap_or(true)
+        "udp-offload": offload
     });
     let child = spawn_pinned(
         Command::new(exe)
@@ -243,11 +254,7 @@ fn start_ours(cpu: Option<usize>) -> anyhow::Result<Server> {
         cpu,
     )?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let s = Server {
-        name: "bedside",
-        child,
-        addr,
-    };
+    let s = Server { name, child, addr };
     if let Err(e) = wait_ready(addr) {
         s.stop();
         return Err(e);
@@ -745,13 +752,32 @@ struct Measured {
 
 /// Server CPU per relayed packet, loss and round trips, at 50 msg/s on each of `flows`.
 fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f64) -> Measured {
-    let msg = channel_msg(len);
     let flows = &rig.flows[..flows.min(rig.flows.len())];
-    let rate = 50.0 * flows.len() as f64;
+    cpu_at(
+        server,
+        flows,
+        &rig.peer,
+        len,
+        50.0 * flows.len() as f64,
+        secs,
+    )
+}
+
+/// Server CPU per relayed packet, loss and round trips at `rate` messages/s over `flows`.
+fn cpu_at(
+    server: &Server,
+    flows: &[UdpSocket],
+    peer: &UdpSocket,
+    len: usize,
+    rate: f64,
+    secs: f64,
+) -> Measured {
+    let msg = channel_msg(len);
+    let rig_peer = peer;
     run_load(
         flows,
         &msg,
-        Some(&rig.peer),
+        Some(rig_peer),
         rate,
         Duration::from_millis(300),
     ); // warm-up
@@ -759,7 +785,7 @@ fn cpu_per_packet(server: &Server, rig: &Rig, flows: usize, len: usize, secs: f6
     let r = run_load(
         flows,
         &msg,
-        Some(&rig.peer),
+        Some(rig_peer),
         rate,
         Duration::from_secs_f64(secs),
     );
@@ -967,6 +993,43 @@ fn loadavg() -> String {
         .join(" ")
 }
 
+/// `BENCH_ONLY=gso`: where GSO applies (a few allocations, several datagrams per relay socket
+/// per batch), CPU per relayed packet for coturn, ours and ours with `udp-offload = false`, at
+/// 16 allocations x 1,000 msg/s, interleaved, medians of `reps`.
+fn gso_bench(dir: &Path, cpu: Option<usize>, reps: usize, secs: f64) -> anyhow::Result<()> {
+    let mut servers = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        servers.push(start_coturn(dir, cpu)?);
+        servers.push(start_ours_with(cpu, true, "bedside")?);
+        servers.push(start_ours_with(cpu, false, "no-gso")?);
+        let mut rigs: Vec<Rig> = servers.iter().map(rig).collect::<anyhow::Result<_>>()?;
+        let mut us: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
+        for _ in 0..reps {
+            for (si, s) in servers.iter().enumerate() {
+                rigs[si].keep_alive()?;
+                let r = &rigs[si];
+                us[si].push(cpu_at(s, &r.fast, &r.peer, 160, 16_000.0, secs).us);
+            }
+        }
+        let m: Vec<f64> = us.into_iter().map(median).collect();
+        println!(
+            "\n16 allocations x 1,000 msg/s (load average now {}): CPU us/relayed packet coturn {:.3}, bedside {:.3} ({:.2}x), bedside without GSO/GRO {:.3} ({:.2}x); GSO/GRO saves {:.0} %",
+            loadavg(),
+            m[0],
+            m[1],
+            m[1] / m[0],
+            m[2],
+            m[2] / m[0],
+            (1.0 - m[1] / m[2]) * 100.0
+        );
+        Ok(())
+    })();
+    for s in servers {
+        s.stop();
+    }
+    result
+}
+
 fn main() -> anyhow::Result<()> {
     if which("turnserver").is_none() {
         println!(
@@ -993,6 +1056,9 @@ fn main() -> anyhow::Result<()> {
     );
     let dir = std::env::temp_dir().join(format!("bedside-turn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "gso") {
+        return gso_bench(&dir, srv_cpu, reps, secs);
+    }
     let t0 = Instant::now();
     let mut servers: Vec<Server> = Vec::new();
     let result = (|| -> anyhow::Result<()> {

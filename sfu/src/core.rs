@@ -24,6 +24,12 @@
 //! same. RTCP (PLI/FIR, TWCC, reports) is terminated per connection; keyframe requests are
 //! relayed to the publisher at most once per [`KEYFRAME_REQUEST_INTERVAL`]; the RFC 6464
 //! audio-level header extension gives the active speaker.
+//!
+//! ## Per-hop figures
+//! With the `bedside_sfu::hops` log target at debug, every connection reports once a second
+//! (str0m's stats events): packets and bytes per received and sent `mid`, NACKs, PLIs, loss,
+//! round trip, and how far each publication arrives behind its own media clock
+//! (`audio_lag_ms`, `video_lag_ms`: see `ArrivalLag`). Participants appear by index only.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -176,6 +182,39 @@ struct Peer {
     level_at: Option<Instant>,
     connected: bool,
     stats: ParticipantStats,
+    /// How far its audio and video arrive behind their own media clock (debug logs only).
+    lag: [ArrivalLag; 2],
+}
+
+/// How late a publication arrives against its own media clock: the largest
+/// `(arrival - first arrival) - (media time - first media time)`, the first pair being the one
+/// that arrived earliest for its media time. A publisher that falls behind (its packets
+/// leave late, or queue on the way) shows here before anything reaches a subscriber; a lag
+/// at the SFU near zero with seconds at the subscriber puts the delay downstream.
+#[derive(Clone, Copy, Debug, Default)]
+struct ArrivalLag {
+    base: Option<(Instant, f64)>,
+    max: f64,
+}
+
+impl ArrivalLag {
+    fn observe(&mut self, arrived: Instant, media_secs: f64) {
+        let Some((at, media)) = self.base else {
+            self.base = Some((arrived, media_secs));
+            return;
+        };
+        let lag = arrived.saturating_duration_since(at).as_secs_f64() - (media_secs - media);
+        if lag < 0.0 {
+            self.base = Some((arrived, media_secs));
+        } else {
+            self.max = self.max.max(lag);
+        }
+    }
+
+    /// The largest lag since the last call, ms.
+    fn take_max_ms(&mut self) -> u64 {
+        (std::mem::take(&mut self.max) * 1e3) as u64
+    }
 }
 
 /// A frame to forward, from one peer's publication.
@@ -237,12 +276,15 @@ impl Core {
         // estimate that starts low and ramps up slowly, and three publications queued
         // seconds behind it (measured: 3.7 s mouth to ear in the four-probe test). TWCC
         // feedback to the publishers (their own congestion control) is sent regardless.
+        let stats = tracing::enabled!(target: "bedside_sfu::hops", tracing::Level::DEBUG)
+            .then_some(Duration::from_secs(1));
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
             .clear_codecs()
             .enable_opus(true, false)
             .enable_h264(true)
             .set_send_buffer_video(SEND_BUFFER_VIDEO)
+            .set_stats_interval(stats)
             .build(now);
         if let Ok(c) = Candidate::host(self.public, "udp") {
             rtc.add_local_candidate(c);
@@ -331,6 +373,7 @@ impl Core {
             level_at: None,
             connected: false,
             stats: ParticipantStats::default(),
+            lag: [ArrivalLag::default(); 2],
         };
         let k = match self.peers.iter().position(Option::is_none) {
             Some(free) => {
@@ -715,6 +758,8 @@ impl Core {
                     }
                     RtcEvent::MediaData(data) => {
                         peer.stats.frames_in += 1;
+                        let i = usize::from(Some(data.mid) == peer.pub_video);
+                        peer.lag[i].observe(data.network_time, data.time.as_seconds());
                         let kind = if Some(data.mid) == peer.pub_audio {
                             if let Some(level) = data.ext_vals.audio_level {
                                 // A fast attack, slow release average of -dBov.
@@ -744,6 +789,40 @@ impl Core {
                             MediaKind::Video => self.video_q.push_back(f),
                         }
                     }
+                    RtcEvent::MediaIngressStats(s) => tracing::debug!(
+                        target: "bedside_sfu::hops",
+                        peer = k,
+                        mid = %s.mid,
+                        packets = s.packets,
+                        bytes = s.bytes,
+                        nacks = s.nacks,
+                        plis = s.plis,
+                        loss = ?s.loss,
+                        "ingress"
+                    ),
+                    RtcEvent::MediaEgressStats(s) => tracing::debug!(
+                        target: "bedside_sfu::hops",
+                        peer = k,
+                        mid = %s.mid,
+                        packets = s.packets,
+                        bytes = s.bytes,
+                        nacks = s.nacks,
+                        plis = s.plis,
+                        loss = ?s.loss,
+                        "egress"
+                    ),
+                    RtcEvent::PeerStats(s) => tracing::debug!(
+                        target: "bedside_sfu::hops",
+                        peer = k,
+                        audio_lag_ms = peer.lag[0].take_max_ms(),
+                        video_lag_ms = peer.lag[1].take_max_ms(),
+                        rx = s.bytes_rx,
+                        tx = s.bytes_tx,
+                        ingress_loss = ?s.ingress_loss_fraction,
+                        egress_loss = ?s.egress_loss_fraction,
+                        rtt = ?s.rtt,
+                        "peer"
+                    ),
                     RtcEvent::KeyframeRequest(req) => {
                         let source = peer
                             .slots

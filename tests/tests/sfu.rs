@@ -12,6 +12,14 @@ use bedside_protocol::JoinAuth;
 use bedside_sfu::ParticipantStats;
 use bedside_tests::{TestServer, test_config, with_sfu};
 
+/// Logs for a failing run: `RUST_LOG=bedside_sfu::hops=debug` shows the SFU's per-hop counts.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 fn options(server: &TestServer, auth: JoinAuth, secs: u64) -> ProbeOptions {
     ProbeOptions {
         duration: Duration::from_secs(secs),
@@ -54,6 +62,30 @@ fn watch_sfu(
     })
 }
 
+/// What a probe measured, in one line for the test's output.
+fn summary(who: &str, r: &Report) {
+    let remotes: Vec<_> = r
+        .remotes
+        .values()
+        .map(|m| (m.video_frames_decoded, m.audio_frames_received))
+        .collect();
+    eprintln!(
+        "{who}: sent {}v/{}a, remotes (video, audio) {remotes:?}, g2g p50 {:?} p95 {:?}, m2e p50 {:?} p95 {:?}, skipped {}, missing {}, plis sent {} got {}, estimate {:?}, audio-only {:?}",
+        r.video_frames_sent,
+        r.audio_frames_sent,
+        r.glass_to_glass_ms_p50,
+        r.glass_to_glass_ms_p95,
+        r.mouth_to_ear_ms_p50,
+        r.mouth_to_ear_ms_p95,
+        r.video_frames_skipped,
+        r.video_frames_missing,
+        r.keyframes_requested,
+        r.keyframe_requests_received,
+        r.send_estimate_kbps,
+        r.audio_only,
+    );
+}
+
 fn check_hears_and_sees_all(who: &str, r: &Report, others: usize) -> Result<()> {
     ensure!(r.connected, "{who}: {r:?}");
     ensure!(
@@ -78,8 +110,9 @@ fn check_hears_and_sees_all(who: &str, r: &Report, others: usize) -> Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "through the SFU, webrtc 0.21 clients get audio but little video and lag seconds behind (see ARCHITECTURE.md, sfu): run with --ignored"]
+#[ignore = "four debug-build probes in one process lag seconds behind on a loaded machine, through the SFU and as a mesh alike (see ARCHITECTURE.md, sfu): run with --ignored"]
 async fn four_participants_each_receive_every_other_through_the_sfu() -> Result<()> {
+    logs();
     let server = TestServer::start_with(with_sfu(test_config())).await?;
     let c = server.create_consultation().await?;
     let watch = watch_sfu(&server, c.consultation_id.0.clone());
@@ -103,6 +136,9 @@ async fn four_participants_each_receive_every_other_through_the_sfu() -> Result<
         reports.insert(who, p.await??);
     }
     for (who, r) in &reports {
+        summary(who, r);
+    }
+    for (who, r) in &reports {
         check_hears_and_sees_all(who, r, 3)?;
     }
     // The patient's uplink: about one publication's worth, not one per other participant.
@@ -122,8 +158,9 @@ async fn four_participants_each_receive_every_other_through_the_sfu() -> Result<
 /// A doctor and a patient are peer to peer; a clinician joins, the call moves to the SFU, and
 /// neither of the first two drops: both end by leaving, and everyone sees everyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "through the SFU, webrtc 0.21 clients get audio but little video and lag seconds behind (see ARCHITECTURE.md, sfu): run with --ignored"]
+#[ignore = "four debug-build probes in one process lag seconds behind on a loaded machine, through the SFU and as a mesh alike (see ARCHITECTURE.md, sfu): run with --ignored"]
 async fn a_third_participant_moves_a_one_to_one_call_to_the_sfu() -> Result<()> {
+    logs();
     let server = TestServer::start_with(with_sfu(test_config())).await?;
     let c = server.create_consultation().await?;
     let watch = watch_sfu(&server, c.consultation_id.0.clone());

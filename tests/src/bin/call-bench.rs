@@ -1,8 +1,9 @@
 //! Call quality bench: a 720p30 consultation on loopback between two `bedside-probe` processes
 //! through a `bedside-server` process, all release builds. Prints, per client: encoded and
 //! decoded frame rates, glass-to-glass video latency p50/p95, mouth-to-ear audio latency
-//! p50/p95, and CPU used (share of one core, from /proc): over the probe's whole life, and in the
-//! steady state (from [`WARMUP`] after the start to the end of the call) split by thread name.
+//! p50/p95, and CPU used (share of one core, from /proc): from the probe's start to a second
+//! before its call ends, and in the steady state (from [`WARMUP`] after the start to that
+//! point) split by thread name.
 //!
 //! `cargo xtask bench-call` builds and runs it.
 
@@ -83,7 +84,10 @@ async fn main() -> Result<()> {
     // CPU is sampled just before the probes leave, so start-up and tear-down barely count;
     // and at WARMUP, for the steady state by thread.
     let mut cpu = [0.0; 2];
-    let sample_at = Duration::from_secs(args.seconds + 1);
+    // A second before the call's end: the probe's call lasts `--duration` from its connection,
+    // about half a second after its start, and once it has exited (a zombie until waited for)
+    // its threads are gone from /proc (read at `seconds + 1`, the breakdown came out empty).
+    let sample_at = Duration::from_secs(args.seconds.saturating_sub(1).max(1));
     let threads_at =
         |pids: [u32; 2]| pids.map(|p| bedside_tests::thread_cpu_times(p).unwrap_or_default());
     let warm = (sample_at > WARMUP + Duration::from_secs(2)).then_some(WARMUP);
@@ -176,8 +180,8 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "CPU is the probe process's whole life (join, {} s of call, leave) over its wall time; \
-         each probe also renders the synthetic test pattern it sends.",
+        "CPU/core is the probe process from its start (its join included) to a second before \
+         its {} s call ends; each probe also renders the synthetic test pattern it sends.",
         args.seconds
     );
     Ok(())

@@ -3,8 +3,11 @@
 //! report needs (decoded frame rate, glass-to-glass and mouth-to-ear latency, which tone was
 //! heard).
 //!
-//! Encoding and decoding are CPU work, so they run on two threads of their own ("send" and
-//! "receive"); the async side only moves encoded samples onto the tracks. The pipeline decides
+//! Encoding and decoding are CPU work, so they run on threads of their own: video is encoded
+//! on "send", audio (with whatever the microphone source does, such as echo cancellation) on
+//! "audio", so that no microphone can hold up video, and received media is decoded on
+//! "receive". The audio thread holds its source to real time ([`RealTimeGate`]): a device that
+//! delivers faster is cut, not sent. The async side only moves encoded samples onto the tracks. The pipeline decides
 //! nothing about the call: the state machine's media commands (`call::MediaCommand`: a keyframe,
 //! an encoding) reach it as [`SendCommand`]s.
 //!
@@ -28,8 +31,8 @@ use crate::media::{
     AccessUnit, AudioFrame, AudioMarkerReader, AudioPlayoutBuffer, AudioSource, Capture,
     ContentHint, DOCTOR_TONE_HZ, FRAME_SAMPLES, FRAME_US, FrameAssembler, H264Config, H264Decoder,
     H264Encoder, LatestFrame, NoDevice, OpusConfig, OpusEncoder, PATIENT_TONE_HZ, PatternConfig,
-    PlayedAudio, PlayoutConfig, PlayoutKind, TestPatternSource, ToneConfig, ToneSource, VideoFrame,
-    VideoSource, contains_idr, detect_tone, read_marker,
+    PlayedAudio, PlayoutConfig, PlayoutKind, RealTimeGate, TestPatternSource, ToneConfig,
+    ToneSource, VideoFrame, VideoSource, contains_idr, detect_tone, read_marker,
 };
 
 const WRAP_48: u64 = 1 << 48;
@@ -220,6 +223,9 @@ impl std::fmt::Debug for SendCommand {
 pub struct SendStats {
     pub video_frames_encoded: AtomicU64,
     pub audio_frames_encoded: AtomicU64,
+    /// Audio frames dropped before encoding because the source delivered them faster than real
+    /// time (see [`RealTimeGate`]).
+    pub audio_frames_too_fast: AtomicU64,
     /// Keyframe requests (PLI/FIR) received from peers, before rate limiting.
     pub keyframe_requests_received: AtomicU64,
     /// Encoded samples not sent to a peer because its session negotiated no payload type for
@@ -262,6 +268,17 @@ pub fn start_sender(
     let (out_tx, mut out_rx) = mpsc::channel::<Encoded>(64);
     let thread_stats = stats.clone();
     let thread_tracks = tracks.clone();
+    // Audio has a thread of its own, so that no microphone (a flood, a stall, the echo
+    // canceller's cost) can hold up video.
+    // Its own queue to the tracks too: a video frame waiting on the pacer (a shared screen's
+    // keyframe on a thin link) must not hold audio back.
+    let (audio_tx, mut audio_rx) = mpsc::channel::<Encoded>(64);
+    let audio_commands = start_audio_sender(
+        std::mem::replace(&mut sources.audio, Box::new(NoDevice)),
+        tracks.clone(),
+        stats.clone(),
+        audio_tx,
+    );
     std::thread::Builder::new()
         .name("bedside-media-send".into())
         .spawn(move || {
@@ -272,7 +289,6 @@ pub fn start_sender(
                     None
                 }
             };
-            let mut opus = OpusEncoder::new(OpusConfig::default()).ok();
             let mut fps = video.max_fps.max(1.0);
             // The ladder's last word; screen content replaces its resolution and frame rate
             // (`media::screen`), and is encoded no faster than that rate.
@@ -301,7 +317,9 @@ pub fn start_sender(
                             e.request_keyframe();
                         }
                     }
-                    Ok(SendCommand::AudioSource(source)) => sources.audio = source,
+                    Ok(SendCommand::AudioSource(source)) => {
+                        let _ = audio_commands.send(source);
+                    }
                     Ok(SendCommand::Encoding {
                         width,
                         height,
@@ -318,18 +336,6 @@ pub fn start_sender(
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 }
                 let now = wall_us();
-                // Audio: every frame that is due (the tone source never skips).
-                while let Capture::Frame(frame) = sources.audio.poll_audio(now) {
-                    if !thread_tracks.audio_enabled.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    if let Some(Ok(packet)) = opus.as_mut().map(|o| o.encode(&frame)) {
-                        thread_stats
-                            .audio_frames_encoded
-                            .fetch_add(1, Ordering::Relaxed);
-                        let _ = out_tx.blocking_send(Encoded::Audio(packet.into()));
-                    }
-                }
                 if let Capture::Frame(frame) = sources.video.poll_video(now) {
                     if !thread_tracks.video_enabled.load(Ordering::Relaxed) {
                         if last_preview.take().is_some() {
@@ -378,6 +384,26 @@ pub fn start_sender(
             }
         })
         .expect("spawn the media send thread");
+    let (audio_tracks, audio_transform, audio_stats) =
+        (tracks.clone(), transform.clone(), stats.clone());
+    tokio::spawn(async move {
+        while let Some(encoded) = audio_rx.recv().await {
+            let Encoded::Audio(data) = encoded else {
+                continue;
+            };
+            let unsent = match audio_transform.outbound(Codec::Opus, data) {
+                Some(data) => {
+                    audio_tracks
+                        .write_audio(data, Duration::from_millis(20))
+                        .await
+                }
+                None => 0,
+            };
+            audio_stats
+                .samples_unsent
+                .fetch_add(unsent, Ordering::Relaxed);
+        }
+    });
     let task_stats = stats.clone();
     tokio::spawn(async move {
         while let Some(encoded) = out_rx.recv().await {
@@ -397,6 +423,62 @@ pub fn start_sender(
         }
     });
     (commands, stats)
+}
+
+/// The most audio frames the audio thread takes from its source in one turn (a turn is at most
+/// 5 ms): twice real time and more, so a backlog drains, but a source that always has a frame
+/// cannot keep the thread from its commands.
+const AUDIO_FRAMES_PER_TURN: usize = 10;
+
+/// How far an audio source may run ahead of real time to make up a stall (see
+/// [`RealTimeGate`]); frames beyond it are dropped before encoding.
+const AUDIO_AHEAD_CREDIT: Duration = Duration::from_secs(1);
+
+/// Starts the thread that encodes audio: it polls `source` (replaced by each source sent on the
+/// returned channel), holds it to real time, and hands Opus packets to `out`. It ends when the
+/// returned sender is dropped.
+fn start_audio_sender(
+    mut source: Box<dyn AudioSource>,
+    tracks: Arc<LocalTracks>,
+    stats: Arc<SendStats>,
+    out: mpsc::Sender<Encoded>,
+) -> std_mpsc::Sender<Box<dyn AudioSource>> {
+    let (commands, command_rx) = std_mpsc::channel::<Box<dyn AudioSource>>();
+    std::thread::Builder::new()
+        .name("bedside-media-audio".into())
+        .spawn(move || {
+            let mut opus = OpusEncoder::new(OpusConfig::default()).ok();
+            let mut gate = RealTimeGate::new(FRAME_US, AUDIO_AHEAD_CREDIT.as_micros() as u64);
+            loop {
+                match command_rx.recv_timeout(Duration::from_millis(5)) {
+                    Ok(next) => source = next,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                let now = wall_us();
+                // Every frame that is due (the tone source never skips), within real time.
+                for _ in 0..AUDIO_FRAMES_PER_TURN {
+                    let Capture::Frame(frame) = source.poll_audio(now) else {
+                        break;
+                    };
+                    if !gate.admit(now) {
+                        stats.audio_frames_too_fast.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if !tracks.audio_enabled.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Some(Ok(packet)) = opus.as_mut().map(|o| o.encode(&frame)) {
+                        stats.audio_frames_encoded.fetch_add(1, Ordering::Relaxed);
+                        if out.blocking_send(Encoded::Audio(packet.into())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .expect("spawn the media audio thread");
+    commands
 }
 
 /// A longer wait between two decoded frames counts as the picture freezing.

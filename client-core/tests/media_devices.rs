@@ -46,7 +46,7 @@ fn speaker_to_microphone_loopback() {
     });
     let _speaker = Speaker::open(None, move |now| tone.next_frame(now), clock.clone()).unwrap();
     let (pusher, mut mic_src) = push_source::<AudioFrame>(50);
-    let _mic = Microphone::open(None, pusher, clock.clone()).unwrap();
+    let _mic = Microphone::open(Some("alsa:null"), pusher, clock.clone()).unwrap();
     let mut heard = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
@@ -69,4 +69,53 @@ fn speaker_to_microphone_loopback() {
     );
     assert!(heard.len() > 100);
     assert!(patient > heard.len() / 2);
+}
+
+/// ALSA's `null` device has no clock: read freely, it handed over about 3,500 frames a second
+/// (70 times real time) and starved the call's video. Opened through `Microphone` and
+/// `Speaker`, it runs at real time plus at most the one second of catch-up credit.
+#[test]
+fn a_device_with_no_clock_is_paced_to_real_time() {
+    let null = "alsa:null";
+    if !enumerate()
+        .iter()
+        .any(|d| d.kind == DeviceKind::Microphone && d.id == null)
+    {
+        let why = "no ALSA null device (libasound2 not installed?)";
+        assert!(std::env::var("CI").is_err(), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let epoch = Instant::now();
+    let clock: SessionClock = Arc::new(move || epoch.elapsed().as_micros() as u64);
+    let (pusher, mut mic_src) = push_source::<AudioFrame>(500);
+    let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = pulled.clone();
+    let speaker = Speaker::open(
+        Some(null),
+        move |now| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            AudioFrame::silence(now)
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let mic = Microphone::open(Some(null), pusher, clock.clone()).unwrap();
+    let start = Instant::now();
+    let mut captured = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        match mic_src.poll_audio(clock()) {
+            Capture::Frame(_) => captured += 1,
+            Capture::Pending => std::thread::sleep(Duration::from_millis(2)),
+            Capture::NoDevice => panic!("microphone lost"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop((mic, speaker));
+    let pulled = pulled.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("in {secs:.2} s: {captured} frames captured, {pulled} played");
+    // 50 frames a second, plus the one second of credit, plus a frame of slack.
+    let most = (50.0 * (secs + 1.0)) as u64 + 1;
+    assert!(captured <= most && captured >= 100, "{captured} captured");
+    assert!(pulled <= most && pulled >= 100, "{pulled} played");
 }

@@ -2,13 +2,12 @@
 //! remote frame if there is one, draws the view, and carries out the commands it returned.
 //! Anything slow (server start-up, HTTP, the call client) runs on the tokio runtime.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use bedside_client_core::call::{CallState, UserCommand};
+use bedside_client_core::call::UserCommand;
 use bedside_client_core::driver::ClientHandle;
 use bedside_client_core::media::LatestFrame;
 use bedside_client_core::pipeline::{Received, SendStats};
@@ -32,13 +31,9 @@ pub struct AppOptions {
     /// Join this consultation at once (ws URL, token, invite code).
     pub connect: Option<DoctorJoin>,
     pub net: NetOptions,
-    /// Where to write a small JSON status (no names, no secrets) twice a second, for tests.
-    pub status_file: Option<PathBuf>,
-    /// Testing only: admit whoever waits, through the same command path as the Admit button.
-    pub auto_admit: bool,
-    /// Testing only: share the entire screen once the call is connected, through the same
-    /// command path as the share menu.
-    pub share_screen: bool,
+    /// What the end-to-end test drives the app with (feature `test-hooks`).
+    #[cfg(feature = "test-hooks")]
+    pub test_hooks: crate::test_hooks::TestHooks,
     /// Where the settings file lives.
     pub settings_dir: PathBuf,
     /// Where the doctor's token is remembered.
@@ -81,8 +76,6 @@ pub struct DesktopApp {
     /// The local clinic's administration API (today's consultations).
     admin: Option<AdminApi>,
     consultations_fetched: Option<Instant>,
-    admitted: HashSet<ParticipantId>,
-    status_written: Option<Instant>,
     settings_file: SettingsFile,
     settings: Settings,
     /// Keeps the speaker playing; dropping it stops the playback thread.
@@ -142,8 +135,6 @@ impl DesktopApp {
             clinic_stop: None,
             admin: None,
             consultations_fetched: None,
-            admitted: HashSet::new(),
-            status_written: None,
             settings_file,
             settings,
             speaker: None,
@@ -401,7 +392,8 @@ impl DesktopApp {
         self.speaker = None;
         self.remote = None;
         self.video = VideoView::default();
-        self.admitted.clear();
+        #[cfg(feature = "test-hooks")]
+        self.options.test_hooks.session_started();
     }
 
     fn save_settings(&mut self) {
@@ -679,60 +671,26 @@ impl DesktopApp {
         self.alerted_arrivals
     }
 
-    fn auto_admit(&mut self) -> Vec<UiCommand> {
-        if !self.options.auto_admit || !matches!(self.model.call_state, CallState::WaitingForPeers)
-        {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        for p in &self.model.waiting {
-            if self.admitted.insert(p.participant_id.clone()) {
-                out.push(UiCommand::Call(UserCommand::Admit(
-                    p.participant_id.clone(),
-                )));
-            }
-        }
-        out
-    }
-
-    fn write_status(&mut self) {
-        let Some(path) = &self.options.status_file else {
-            return;
-        };
-        if self
-            .status_written
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
-        {
-            return;
-        }
-        self.status_written = Some(Instant::now());
-        let tmp = path.with_extension("tmp");
-        let body = self.model.status_json().to_string();
-        if std::fs::write(&tmp, body)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .is_err()
-        {
-            tracing::warn!("could not write the status file");
-        }
-        self.ctx.request_repaint_after(Duration::from_millis(500));
-    }
-
     /// One frame, also usable without eframe (from a test harness).
     pub fn frame(&mut self, ui: &mut egui::Ui) {
         self.drain();
         self.alert_arrivals();
         self.update_video();
         self.update_preview();
-        let mut commands = self.auto_admit();
-        if self.options.share_screen && matches!(self.model.call_state, CallState::Connected) {
-            self.options.share_screen = false;
-            commands.push(UiCommand::ShareScreen(share::ENTIRE_SCREEN.into()));
-        }
+        #[cfg(feature = "test-hooks")]
+        let mut commands = self.options.test_hooks.commands(&self.model);
+        #[cfg(not(feature = "test-hooks"))]
+        let mut commands = Vec::new();
         commands.extend(view(ui, &self.model, &mut self.drafts, &self.video));
         for cmd in commands {
             self.execute(cmd);
         }
-        self.write_status();
+        #[cfg(feature = "test-hooks")]
+        self.options.test_hooks.write_status(
+            &self.model,
+            self.session.as_ref().map(|s| &*s.sent),
+            &self.ctx,
+        );
         if self.admin.is_some() {
             if self
                 .consultations_fetched

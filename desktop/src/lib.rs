@@ -10,6 +10,8 @@
 //! - [`devices`]: the camera, microphone and speaker pickers and what a choice opens.
 //! - [`share`]: screen sharing: the share menu, the "you are sharing" bar, what a choice opens.
 //! - [`settings`]: what is remembered between runs (a TOML file; the token in the keyring).
+//! - `test_hooks` (feature `test-hooks`, enabled only by the desktop's own tests): the status
+//!   file, auto-admit and auto-share the end-to-end test drives the real binary with.
 //!
 //! The app makes no call decisions: admitting, reconnecting, audio-only fallback and quality all
 //! live in `bedside-client-core`.
@@ -21,6 +23,8 @@ pub mod devices;
 pub mod model;
 pub mod settings;
 pub mod share;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod video;
 pub mod view;
 

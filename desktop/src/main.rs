@@ -40,13 +40,17 @@ struct Args {
     /// Local UDP address(es) for media (default 0.0.0.0:0).
     #[arg(long = "udp", env = "BEDSIDE_UDP")]
     udp_addrs: Vec<String>,
-    /// Write a small JSON status here twice a second (no names or secrets; for tests).
+    /// Testing only (feature `test-hooks`): write a small JSON status here twice a second (no
+    /// names or secrets).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "BEDSIDE_STATUS_FILE")]
     status_file: Option<PathBuf>,
-    /// Testing only: admit whoever waits.
+    /// Testing only (feature `test-hooks`): admit whoever waits.
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "BEDSIDE_AUTO_ADMIT")]
     auto_admit: bool,
-    /// Testing only: share the entire screen once the call is connected.
+    /// Testing only (feature `test-hooks`): share the entire screen once the call is connected.
+    #[cfg(feature = "test-hooks")]
     #[arg(long, env = "BEDSIDE_SHARE_SCREEN")]
     share_screen: bool,
     /// Window size.
@@ -116,9 +120,12 @@ fn main() -> Result<()> {
         demo: args.demo,
         connect,
         net: NetOptions { udp_addrs },
-        status_file: args.status_file,
-        auto_admit: args.auto_admit,
-        share_screen: args.share_screen,
+        #[cfg(feature = "test-hooks")]
+        test_hooks: bedside_desktop::test_hooks::TestHooks::new(
+            args.status_file,
+            args.auto_admit,
+            args.share_screen,
+        ),
         settings_dir: args.config_dir.unwrap_or_else(SettingsFile::default_dir),
         secrets: Arc::new(Keyring),
         sign_in,

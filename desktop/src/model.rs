@@ -503,6 +503,8 @@ impl AppModel {
             "quality": self.quality().map(|q| format!("{q:?}")),
             "consultations": self.consultations.as_ref().map(Vec::len),
             "camera_is_synthetic": self.camera == crate::settings::TEST_PATTERN,
+            "microphone_is_synthetic": self.microphone == crate::settings::TEST_TONE,
+            "speaker_is_off": self.speaker == crate::settings::SPEAKER_OFF,
             "banners": self.banners(),
             "stats_samples": self.stats.samples,
             // Whether, not what: a window's title may hold a patient's name.

@@ -63,9 +63,7 @@ fn app(
         net: NetOptions {
             udp_addrs: vec!["127.0.0.1:0".into()],
         },
-        status_file: None,
-        auto_admit: false,
-        share_screen: false,
+        test_hooks: Default::default(),
         settings_dir: dir.join("config"),
         secrets,
         sign_in: None,

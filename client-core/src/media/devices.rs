@@ -18,7 +18,63 @@ use nokhwa::utils::{ApiBackend, CameraIndex, RequestedFormat, RequestedFormatTyp
 
 use super::error::{MediaError, Result};
 use super::frame::{AudioFrame, FRAME_SAMPLES, FRAME_US, SAMPLE_RATE, VideoFrame};
-use super::source::FramePusher;
+use super::source::{FramePusher, RealTimeGate};
+
+/// How far a microphone or speaker may run ahead of the clock to make up a stall (see
+/// [`RealTimeGate`]). Beyond it the device is delivering (or asking for) audio faster than real
+/// time: ALSA's `null` device has no clock and ran at about 70 times real time here. Its
+/// callback is then paced, one frame's sleep after each callback that had a frame too many, and
+/// the frames
+/// too many are dropped (capture) or not taken from the call (playback), so such a device
+/// neither spins a core nor floods the echo canceller, the encoder or the link.
+const AHEAD_CREDIT_US: u64 = 1_000_000;
+
+/// Paces a device callback that is ahead of real time (see [`AHEAD_CREDIT_US`]), and warns
+/// once, without naming the device.
+#[derive(Debug)]
+struct DevicePacer {
+    gate: RealTimeGate,
+    what: &'static str,
+    warned: bool,
+    /// A frame was refused in this callback.
+    refused: bool,
+}
+
+impl DevicePacer {
+    fn new(what: &'static str) -> Self {
+        DevicePacer {
+            gate: RealTimeGate::new(FRAME_US, AHEAD_CREDIT_US),
+            what,
+            warned: false,
+            refused: false,
+        }
+    }
+
+    /// Whether the frame at `now_us` is within real time.
+    fn admit(&mut self, now_us: u64) -> bool {
+        if self.gate.admit(now_us) {
+            return true;
+        }
+        self.refused = true;
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                device = self.what,
+                "the audio device runs faster than real time (a device with no clock, such as \
+                 ALSA's null device): it is paced to real time and the excess is dropped"
+            );
+        }
+        false
+    }
+
+    /// At the end of a callback that had a frame too many: sleeps one frame, on the device's
+    /// own thread (only a device with no clock of its own gets here), so it does not spin.
+    fn pace(&mut self) {
+        if std::mem::take(&mut self.refused) {
+            std::thread::sleep(std::time::Duration::from_micros(FRAME_US));
+        }
+    }
+}
 
 /// The session clock (microseconds since the session epoch), supplied by the driver.
 pub type SessionClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -153,6 +209,7 @@ impl Microphone {
         let config = stream_config(&device, true)?;
         let channels = usize::from(config.channels.max(1));
         let mut pending: Vec<i16> = Vec::with_capacity(FRAME_SAMPLES * 2);
+        let mut pacer = DevicePacer::new("microphone");
         let err_pusher = pusher.clone();
         pusher.set_device_present(true);
         let stream = device
@@ -165,6 +222,10 @@ impl Microphone {
                     }
                     while pending.len() >= FRAME_SAMPLES {
                         let now = clock();
+                        if !pacer.admit(now) {
+                            pending.drain(..FRAME_SAMPLES);
+                            continue;
+                        }
                         // The frame's first sample was captured this long before the callback.
                         let age = (pending.len() as u64 * 1_000_000) / u64::from(SAMPLE_RATE);
                         if let Ok(f) = AudioFrame::from_slice(
@@ -175,8 +236,12 @@ impl Microphone {
                         }
                         pending.drain(..FRAME_SAMPLES);
                     }
+                    pacer.pace();
                 },
-                move |_err| err_pusher.set_device_present(false),
+                move |err| {
+                    tracing::debug!(error = %err, "microphone stream error");
+                    err_pusher.set_device_present(false);
+                },
                 None,
             )
             .map_err(dev_err)?;
@@ -213,19 +278,28 @@ impl Speaker {
         let channels = usize::from(config.channels.max(1));
         let mut current: Option<AudioFrame> = None;
         let mut pos = 0usize;
+        let mut pacer = DevicePacer::new("speaker");
         let stream = device
             .build_output_stream::<f32, _, _>(
                 config,
                 move |data, _| {
                     for chunk in data.chunks_mut(channels) {
                         if current.is_none() || pos >= FRAME_SAMPLES {
-                            current = Some(pull(clock()));
+                            let now = clock();
+                            // Too fast: silence, and the call's audio and the echo reference
+                            // are left for real time.
+                            current = Some(if pacer.admit(now) {
+                                pull(now)
+                            } else {
+                                AudioFrame::silence(now)
+                            });
                             pos = 0;
                         }
                         let s = current.as_ref().map_or(0, |f| f.samples[pos]);
                         pos += 1;
                         chunk.fill(f32::from(s) / 32768.0);
                     }
+                    pacer.pace();
                 },
                 |_err| {},
                 None,

@@ -56,8 +56,8 @@ pub use playout::{AudioPlayoutBuffer, Playout, PlayoutConfig, PlayoutKind, Playo
 pub use red::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder};
 pub use sink::{LatestFrame, PLAYED_AUDIO_CAPACITY, PlayedAudio};
 pub use source::{
-    AudioSource, Capture, ContentHint, FramePusher, NoDevice, PushedSource, VideoSource,
-    push_source,
+    AudioSource, Capture, ContentHint, FramePusher, NoDevice, PushedSource, RealTimeGate,
+    VideoSource, push_source,
 };
 pub use tone::{
     AudioMarker, AudioMarkerReader, DOCTOR_TONE_HZ, PATIENT_TONE_HZ, ToneConfig, ToneSource,

@@ -198,6 +198,65 @@ impl AudioSource for PushedSource<AudioFrame> {
     }
 }
 
+/// Holds a frame source to real time: admits at most one frame per `frame_us` of the clock,
+/// with a credit of up to `credit_us` for a device that hands over a backlog at once (after a
+/// stall, or several frames per callback). Frames beyond that come faster than real time and
+/// are to be dropped.
+///
+/// Why: a device may deliver capture as fast as it is read. ALSA's `null` device, the only one
+/// cpal finds on a computer with no sound card, generates silence with no clock of its own: it
+/// handed over about 3,500 20 ms frames a second here (70 times real time). Unchecked, that
+/// ran the echo canceller and Opus flat out and flooded the link with audio, and the patient
+/// decoded no video at all. A credit of a second lets a real device catch up after any stall
+/// shorter than that (the frames are sent, late), while a flooding one gets real time plus at
+/// most one second of extra frames each time it floods after a pause.
+///
+/// Sans-IO: the clock is an argument.
+#[derive(Debug, Clone)]
+pub struct RealTimeGate {
+    frame_us: u64,
+    credit_us: u64,
+    /// Time owed to the source, µs (at most `credit_us`).
+    owed_us: u64,
+    last_us: Option<u64>,
+    dropped: u64,
+}
+
+impl RealTimeGate {
+    /// A gate for frames of `frame_us` each, with `credit_us` of catch-up (at least one frame).
+    pub fn new(frame_us: u64, credit_us: u64) -> Self {
+        let frame_us = frame_us.max(1);
+        let credit_us = credit_us.max(frame_us);
+        RealTimeGate {
+            frame_us,
+            credit_us,
+            owed_us: credit_us,
+            last_us: None,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a frame arriving at `now_us` is within real time (true: send it; false: it came
+    /// too fast, drop it; counted in [`Self::dropped`]).
+    pub fn admit(&mut self, now_us: u64) -> bool {
+        let elapsed = self.last_us.map_or(0, |last| now_us.saturating_sub(last));
+        self.last_us = Some(self.last_us.map_or(now_us, |last| last.max(now_us)));
+        self.owed_us = self.owed_us.saturating_add(elapsed).min(self.credit_us);
+        if self.owed_us >= self.frame_us {
+            self.owed_us -= self.frame_us;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+
+    /// Frames refused so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +281,34 @@ mod tests {
         assert_eq!(src.poll_audio(0), Capture::NoDevice);
         let mut none = NoDevice;
         assert_eq!(VideoSource::poll_video(&mut none, 0), Capture::NoDevice);
+    }
+
+    #[test]
+    fn real_time_gate_cuts_a_flood_to_real_time_and_lets_a_backlog_through() {
+        const FRAME: u64 = 20_000;
+        // A flood: 70 frames per 20 ms for 10 s (ALSA's null device) gets its one second of
+        // credit, then exactly real time.
+        let mut gate = RealTimeGate::new(FRAME, 1_000_000);
+        let mut admitted = 0u64;
+        for tick in 0..500u64 {
+            for _ in 0..70 {
+                admitted += u64::from(gate.admit(tick * FRAME));
+            }
+        }
+        assert_eq!(admitted, 50 + 499);
+        assert_eq!(gate.dropped(), 500 * 70 - admitted);
+        // A real device: 10 s at real time, with a 600 ms stall made up at once, loses nothing.
+        let mut gate = RealTimeGate::new(FRAME, 1_000_000);
+        for i in 0..500u64 {
+            let t = if (200..230).contains(&i) { 230 } else { i };
+            assert!(gate.admit(t * FRAME), "frame {i}");
+        }
+        assert_eq!(gate.dropped(), 0);
+        // A clock that steps back does not mint credit.
+        let mut gate = RealTimeGate::new(FRAME, FRAME);
+        assert!(gate.admit(1_000_000));
+        assert!(!gate.admit(500_000));
+        assert!(!gate.admit(1_010_000));
+        assert!(gate.admit(1_020_000));
     }
 }

@@ -244,6 +244,24 @@ pub struct Core {
     counters: Arc<Counters>,
 }
 
+/// Logs one of str0m's per-media stats (ingress and egress have the same fields) on the
+/// `bedside_sfu::hops` debug target.
+macro_rules! log_media_stats {
+    ($peer:expr, $s:expr, $what:literal) => {
+        tracing::debug!(
+            target: "bedside_sfu::hops",
+            peer = $peer,
+            mid = %$s.mid,
+            packets = $s.packets,
+            bytes = $s.bytes,
+            nacks = $s.nacks,
+            plis = $s.plis,
+            loss = ?$s.loss,
+            $what
+        )
+    };
+}
+
 impl Core {
     /// A core whose socket is bound to `local` and announced as `public`.
     pub fn new(local: SocketAddr, public: SocketAddr, counters: Arc<Counters>) -> Core {
@@ -789,28 +807,11 @@ impl Core {
                             MediaKind::Video => self.video_q.push_back(f),
                         }
                     }
-                    RtcEvent::MediaIngressStats(s) => tracing::debug!(
-                        target: "bedside_sfu::hops",
-                        peer = k,
-                        mid = %s.mid,
-                        packets = s.packets,
-                        bytes = s.bytes,
-                        nacks = s.nacks,
-                        plis = s.plis,
-                        loss = ?s.loss,
-                        "ingress"
-                    ),
-                    RtcEvent::MediaEgressStats(s) => tracing::debug!(
-                        target: "bedside_sfu::hops",
-                        peer = k,
-                        mid = %s.mid,
-                        packets = s.packets,
-                        bytes = s.bytes,
-                        nacks = s.nacks,
-                        plis = s.plis,
-                        loss = ?s.loss,
-                        "egress"
-                    ),
+                    // Two stats types with the same fields, logged alike.
+                    RtcEvent::MediaIngressStats(s) => {
+                        log_media_stats!(k, s, "ingress")
+                    }
+                    RtcEvent::MediaEgressStats(s) => log_media_stats!(k, s, "egress"),
                     RtcEvent::PeerStats(s) => tracing::debug!(
                         target: "bedside_sfu::hops",
                         peer = k,

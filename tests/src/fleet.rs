@@ -56,6 +56,25 @@ async fn wait_for_port(port: u16, within: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Writes `cfg` to `path` and runs HAProxy on it in the foreground (killed when dropped), once
+/// it listens on every one of `ports`.
+pub async fn run_haproxy(path: &std::path::Path, cfg: &str, ports: &[u16]) -> Result<Child> {
+    std::fs::write(path, cfg)?;
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting haproxy")?;
+    for port in ports {
+        wait_for_port(*port, Duration::from_secs(5)).await?;
+    }
+    Ok(child)
+}
+
 /// A `redis-server` on a loopback port, with no persistence (a restart comes back empty, the
 /// hardest case for the nodes' reconciliation).
 pub struct Redis {
@@ -355,20 +374,7 @@ impl Haproxy {
                 ));
             }
         }
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, cfg)?;
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting haproxy")?;
-        for port in &ports {
-            wait_for_port(*port, Duration::from_secs(5)).await?;
-        }
+        let child = run_haproxy(&dir.join("haproxy.cfg"), &cfg, &ports).await?;
         Ok(Haproxy { ports, child })
     }
 

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use bedside_client_core::signaling::{Incoming, SignalingConnection};
 use bedside_server::api::CreatedConsultation;
 use bedside_tests::bench::{self, Secrets, Target, p50_p99};
-use bedside_tests::fleet::{Redis, free_port, metric_value};
+use bedside_tests::fleet::{Redis, free_port, metric_value, run_haproxy};
 use bedside_tests::postgres::Postgres;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -473,27 +473,7 @@ impl Haproxy {
                 node.port
             ));
         }
-        let path = dir.join(format!("{name}.cfg"));
-        std::fs::write(&path, cfg)?;
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting haproxy")?;
-        let until = Instant::now() + Duration::from_secs(5);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > until {
-                bail!("haproxy did not listen");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = run_haproxy(&dir.join(format!("{name}.cfg")), &cfg, &[port]).await?;
         Ok(Haproxy {
             _child: child,
             target: Target {

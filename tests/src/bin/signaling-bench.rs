@@ -79,10 +79,43 @@ struct Phase {
     failures: usize,
 }
 
+/// What a phase costs: wall time, the measured process's CPU and the host's listen overflows
+/// from `start` to `end`.
+struct Meter {
+    pid: u32,
+    started: Instant,
+    cpu: Duration,
+    overflows: u64,
+}
+
+impl Meter {
+    fn start(pid: u32) -> Result<Self> {
+        Ok(Meter {
+            pid,
+            overflows: bench::listen_overflows(),
+            cpu: bedside_tests::process_cpu_time(pid)?,
+            started: Instant::now(),
+        })
+    }
+
+    /// Fills in `phase`'s costs and sorts its timings.
+    fn end(self, phase: &mut Phase) -> Result<()> {
+        phase.secs = self.started.elapsed().as_secs_f64();
+        phase.cpu = bedside_tests::process_cpu_time(self.pid)? - self.cpu;
+        phase.overflows = bench::listen_overflows().saturating_sub(self.overflows);
+        phase.syn.sort();
+        phase.join.sort();
+        Ok(())
+    }
+}
+
 impl Phase {
-    fn finish(&mut self) {
-        self.syn.sort();
-        self.join.sort();
+    /// Counts a failure, printing the first three.
+    fn failed(&mut self, what: &str, e: &anyhow::Error) {
+        self.failures += 1;
+        if self.failures <= 3 {
+            eprintln!("{what}: {e:#}");
+        }
     }
 
     fn rate(&self) -> f64 {
@@ -128,9 +161,7 @@ async fn consultations(
 ) -> Result<Phase> {
     let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
     let mut phase = Phase::default();
-    let overflows = bench::listen_overflows();
-    let cpu = bedside_tests::process_cpu_time(pid)?;
-    let t = Instant::now();
+    let meter = Meter::start(pid)?;
     let mut tasks = Vec::new();
     for (n, c) in batch {
         let (target, limit) = (target.clone(), limit.clone());
@@ -151,18 +182,10 @@ async fn consultations(
                 holders.push(tokio::spawn(hold(done.doctor, stop.clone())));
                 holders.push(tokio::spawn(hold(done.patient, stop.clone())));
             }
-            Err(e) => {
-                phase.failures += 1;
-                if phase.failures <= 3 {
-                    eprintln!("consultation failed: {e:#}");
-                }
-            }
+            Err(e) => phase.failed("consultation failed", &e),
         }
     }
-    phase.secs = t.elapsed().as_secs_f64();
-    phase.cpu = bedside_tests::process_cpu_time(pid)? - cpu;
-    phase.overflows = bench::listen_overflows().saturating_sub(overflows);
-    phase.finish();
+    meter.end(&mut phase)?;
     Ok(phase)
 }
 
@@ -176,9 +199,7 @@ async fn echo_phase(
 ) -> Result<Phase> {
     let limit = limit.map(|n| Arc::new(Semaphore::new(n)));
     let mut phase = Phase::default();
-    let overflows = bench::listen_overflows();
-    let cpu = bedside_tests::process_cpu_time(pid)?;
-    let t = Instant::now();
+    let meter = Meter::start(pid)?;
     let mut tasks = Vec::new();
     for n in 0..joins {
         let (target, limit) = (target.clone(), limit.clone());
@@ -199,18 +220,10 @@ async fn echo_phase(
                 phase.joins += 1;
                 links.push(ws);
             }
-            Err(e) => {
-                phase.failures += 1;
-                if phase.failures <= 3 {
-                    eprintln!("echo join failed: {e:#}");
-                }
-            }
+            Err(e) => phase.failed("echo join failed", &e),
         }
     }
-    phase.secs = t.elapsed().as_secs_f64();
-    phase.cpu = bedside_tests::process_cpu_time(pid)? - cpu;
-    phase.overflows = bench::listen_overflows().saturating_sub(overflows);
-    phase.finish();
+    meter.end(&mut phase)?;
     drop(links);
     // Let the closes drain before the next phase.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -409,7 +409,7 @@ impl Driver {
             };
             let now = Instant::now();
             let report = pc.get_stats(now, StatsSelector::None).await;
-            let mut raw = RawStats::from_report(&report);
+            let mut raw = RawStats::from_report(&report, &self.engine.stream_relays(&peer));
             if let Some(feedback) = self.engine.send_feedback(&peer) {
                 raw.sent = feedback.sent_loss();
             }

@@ -961,7 +961,7 @@ struct PeerSlot {
     pacer_stats: Arc<PacerStats>,
     /// On the SFU's connection: its slots' routes.
     sfu: Option<Arc<SfuRoutes>>,
-    _shims: Vec<TurnTcpShim>,
+    shims: Vec<TurnTcpShim>,
 }
 
 /// The peer connections of one call, one [`PeerSlot`] per remote participant.
@@ -1024,6 +1024,17 @@ impl Engine {
 
     pub fn peer_ids(&self) -> impl Iterator<Item = &ParticipantId> {
         self.peers.keys()
+    }
+
+    /// `peer`'s TURN-over-TCP/TLS shims: their local addresses and what they carry over.
+    pub fn stream_relays(
+        &self,
+        peer: &ParticipantId,
+    ) -> Vec<(std::net::SocketAddr, bedside_protocol::TransportProtocol)> {
+        self.peers
+            .get(peer)
+            .map(|slot| slot.shims.iter().map(TurnTcpShim::carries).collect())
+            .unwrap_or_default()
     }
 
     /// What `peer` reports about the media we send it.
@@ -1428,7 +1439,7 @@ impl Engine {
             chat,
             pacer_stats,
             sfu: None,
-            _shims: shims,
+            shims,
         })
     }
 }

@@ -11,9 +11,10 @@
 
 use std::time::Instant;
 
-use bedside_protocol::{CandidatePairType, StatsReport, VideoStats};
+use bedside_protocol::{CandidatePairType, StatsReport, TransportProtocol, VideoStats};
 
 use crate::engine::SentLoss;
+use rtc::peer_connection::transport::RTCIceServerTransportProtocol;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::peer_connection::{RTCIceCandidateType, RTCStatsReport, RTCStatsReportEntry};
 
@@ -23,6 +24,8 @@ pub struct RawStats {
     /// Current round-trip time of the nominated candidate pair, seconds.
     pub rtt_secs: Option<f64>,
     pub candidate_pair: Option<CandidatePairType>,
+    /// How the selected pair carries media (for a relay pair: how we reach the relay).
+    pub transport: Option<TransportProtocol>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub audio_packets_received: u64,
@@ -44,8 +47,51 @@ pub struct RawStats {
     pub sent: SentLoss,
 }
 
+/// The transport of a local candidate: its own protocol, or for a relay candidate the protocol
+/// to the relay. webrtc 0.21's TURN client speaks only UDP, so a relay over TCP or TLS is one
+/// of the engine's shims ([`crate::turn_tcp`]): the candidate's TURN URL then names the shim's
+/// local address, which `stream_relays` maps to TCP or TLS.
+pub fn candidate_transport(
+    candidate_type: RTCIceCandidateType,
+    protocol: &str,
+    relay_protocol: RTCIceServerTransportProtocol,
+    url: &str,
+    stream_relays: &[(std::net::SocketAddr, TransportProtocol)],
+) -> Option<TransportProtocol> {
+    if candidate_type == RTCIceCandidateType::Relay {
+        let shim = stream_relays
+            .iter()
+            .find(|(addr, _)| url_names(url, addr))
+            .map(|(_, t)| *t);
+        return shim.or(match relay_protocol {
+            RTCIceServerTransportProtocol::Tcp => Some(TransportProtocol::Tcp),
+            RTCIceServerTransportProtocol::Tls => Some(TransportProtocol::Tls),
+            // The crate's TURN client reaches its server over UDP only.
+            _ => Some(TransportProtocol::Udp),
+        });
+    }
+    match protocol.to_ascii_lowercase().as_str() {
+        "udp" => Some(TransportProtocol::Udp),
+        "tcp" => Some(TransportProtocol::Tcp),
+        "" => None,
+        _ => Some(TransportProtocol::Other),
+    }
+}
+
+/// Whether a TURN URL (`turn:host:port?...`) names `addr`.
+fn url_names(url: &str, addr: &std::net::SocketAddr) -> bool {
+    let rest = url.split_once(':').map_or("", |(_, r)| r);
+    let hostport = rest.split('?').next().unwrap_or("");
+    hostport == addr.to_string()
+}
+
 impl RawStats {
-    pub fn from_report(report: &RTCStatsReport) -> Self {
+    /// The counters of `report`; `stream_relays` are the peer's TURN-over-TCP/TLS shims (their
+    /// local addresses and what they carry over).
+    pub fn from_report(
+        report: &RTCStatsReport,
+        stream_relays: &[(std::net::SocketAddr, TransportProtocol)],
+    ) -> Self {
         let mut raw = RawStats::default();
         let pairs: Vec<_> = report.candidate_pairs().collect();
         let selected = report
@@ -68,22 +114,29 @@ impl RawStats {
             // webrtc 0.21 names the pair's candidates `candidate:X` but files the entries under
             // `RTCLocalIceCandidate_candidate:X` (and `RTCRemoteIceCandidate_...`): accept either.
             let of = |id: &str, local: bool| {
-                report
-                    .iter()
-                    .find_map(|entry| {
-                        match entry {
-                            RTCStatsReportEntry::LocalCandidate(c) if local => Some(c),
-                            RTCStatsReportEntry::RemoteCandidate(c) if !local => Some(c),
-                            _ => None,
-                        }
-                        .filter(|_| entry.id() == id || entry.id().strip_suffix(id).is_some())
-                    })
-                    .map(|c| c.candidate_type)
+                report.iter().find_map(|entry| {
+                    match entry {
+                        RTCStatsReportEntry::LocalCandidate(c) if local => Some(c),
+                        RTCStatsReportEntry::RemoteCandidate(c) if !local => Some(c),
+                        _ => None,
+                    }
+                    .filter(|_| entry.id() == id || entry.id().strip_suffix(id).is_some())
+                })
             };
+            let local = of(pair.local_candidate_id.as_str(), true);
             raw.candidate_pair = pair_type(
-                of(pair.local_candidate_id.as_str(), true),
-                of(pair.remote_candidate_id.as_str(), false),
+                local.map(|c| c.candidate_type),
+                of(pair.remote_candidate_id.as_str(), false).map(|c| c.candidate_type),
             );
+            if let Some(c) = local {
+                raw.transport = candidate_transport(
+                    c.candidate_type,
+                    &c.protocol,
+                    c.relay_protocol,
+                    &c.url,
+                    stream_relays,
+                );
+            }
         }
         for inbound in report.inbound_rtp_streams() {
             let received = &inbound.received_rtp_stream_stats;
@@ -155,6 +208,7 @@ impl StatsTracker {
             audio_jitter_ms: (raw.audio_packets_received > 0)
                 .then(|| raw.audio_jitter / 48_000.0 * 1000.0),
             candidate_pair: raw.candidate_pair,
+            transport: raw.transport,
             video_received: rate(raw.video_bytes_received, base.video_bytes_received).map(|kbps| {
                 VideoStats {
                     bitrate_kbps: kbps,
@@ -334,5 +388,41 @@ mod tests {
         assert_eq!(r.loss_in_pct, None);
         assert_eq!(r.rtt_ms, None);
         assert_eq!(r.audio_jitter_ms, None);
+    }
+
+    #[test]
+    fn the_transport_of_a_relay_pair_is_how_the_relay_is_reached() {
+        let shim: std::net::SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let shims = [(shim, TransportProtocol::Tls)];
+        let relay = |url: &str| {
+            candidate_transport(
+                RTCIceCandidateType::Relay,
+                "udp",
+                RTCIceServerTransportProtocol::Udp,
+                url,
+                &shims,
+            )
+        };
+        assert_eq!(
+            relay("turn:127.0.0.1:40001?transport=udp"),
+            Some(TransportProtocol::Tls),
+            "through a TLS shim"
+        );
+        assert_eq!(
+            relay("turn:198.18.0.2:3478?transport=udp"),
+            Some(TransportProtocol::Udp)
+        );
+        let host = |protocol: &str| {
+            candidate_transport(
+                RTCIceCandidateType::Host,
+                protocol,
+                RTCIceServerTransportProtocol::Unspecified,
+                "",
+                &shims,
+            )
+        };
+        assert_eq!(host("tcp"), Some(TransportProtocol::Tcp));
+        assert_eq!(host("udp"), Some(TransportProtocol::Udp));
+        assert_eq!(host(""), None);
     }
 }

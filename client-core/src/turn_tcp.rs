@@ -101,6 +101,7 @@ fn frame_len(buf: &[u8]) -> io::Result<Option<usize>> {
 /// Dropping it closes the socket and every connection.
 pub struct TurnTcpShim {
     local: SocketAddr,
+    tls: bool,
     task: JoinHandle<()>,
 }
 
@@ -122,8 +123,24 @@ impl TurnTcpShim {
     ) -> io::Result<TurnTcpShim> {
         let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let local = socket.local_addr()?;
+        let over_tls = server.tls;
         let task = tokio::spawn(relay(socket, Arc::new(server), tls));
-        Ok(TurnTcpShim { local, task })
+        Ok(TurnTcpShim {
+            local,
+            tls: over_tls,
+            task,
+        })
+    }
+
+    /// The local address the TURN client is pointed at, and what it is carried over (for the
+    /// stats' transport of a relay pair).
+    pub fn carries(&self) -> (SocketAddr, bedside_protocol::TransportProtocol) {
+        let t = if self.tls {
+            bedside_protocol::TransportProtocol::Tls
+        } else {
+            bedside_protocol::TransportProtocol::Tcp
+        };
+        (self.local, t)
     }
 
     /// The URL to give the TURN client instead of the stream one.

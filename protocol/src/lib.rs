@@ -250,6 +250,19 @@ pub enum CandidatePairType {
     Relay,
 }
 
+/// How the selected candidate pair carries media: for a relay pair, how this client reaches the
+/// relay (UDP, or TURN over TCP or TLS); for any other pair, the candidates' own protocol (UDP,
+/// or ICE-TCP). A value a later client sends that this one does not know reads as `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportProtocol {
+    Udp,
+    Tcp,
+    Tls,
+    #[serde(other)]
+    Other,
+}
+
 /// Video stream figures in one direction.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -283,6 +296,9 @@ pub struct StatsReport {
     pub video_received: Option<VideoStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidate_pair: Option<CandidatePairType>,
+    /// The selected pair's transport (added in 1.x; absent from older clients).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportProtocol>,
     /// The peer connection state, as WebRTC names it (`connected`, `disconnected`...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_state: Option<String>,

@@ -9,7 +9,8 @@
 //! part that does I/O. The same rules over `/metrics` ship as `deploy/prometheus/alerts.yml`.
 //!
 //! Alert texts and labels carry ids, roles and figures only: never names, codes, tokens or
-//! addresses. Fleet-wide rules (a node gone from the fleet) wait for clustering.
+//! addresses. In a fleet one node of the region evaluates them over every node's calls (see
+//! [`crate::fleet_view`]), and the "node gone" rule watches the fleet's nodes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -47,6 +48,11 @@ pub struct AlertsConfig {
     /// "Stuck reconnecting": a participant's link down this long (seconds) while its seat is
     /// held.
     pub stuck_reconnecting_secs: u64,
+    /// "Node gone" (a fleet only): a node of the region no longer subscribed to its channel in
+    /// Redis for this long (seconds); a node that stops gracefully (SIGTERM) leaves quietly.
+    pub node_gone_for_secs: u64,
+    /// A node gone this long (seconds) is forgotten: its alert resolves.
+    pub node_gone_forget_secs: u64,
 }
 
 impl Default for AlertsConfig {
@@ -64,6 +70,8 @@ impl Default for AlertsConfig {
             join_failures_per_minute: 20,
             join_failures_for_secs: 0,
             stuck_reconnecting_secs: 30,
+            node_gone_for_secs: 10,
+            node_gone_forget_secs: 24 * 3600,
         }
     }
 }
@@ -93,13 +101,16 @@ pub struct Observation {
     pub calls_scored: usize,
     /// Of those, the ones scored poor.
     pub calls_poor: usize,
-    /// The relay's active allocations and its total quota, when it runs.
-    pub relay: Option<(i64, u32)>,
+    /// Each relay's active allocations and total quota: one for a single server (node `None`),
+    /// one per node running its relay in a fleet.
+    pub relays: Vec<(Option<String>, i64, u32)>,
     /// Refused joins in the last minute.
     pub join_failures_last_minute: u64,
     /// Consultations with a participant whose link has been down this many seconds (the
     /// longest per consultation).
     pub reconnecting: Vec<(String, u64)>,
+    /// Nodes of the fleet seen before and gone from it now.
+    pub nodes_gone: Vec<String>,
 }
 
 /// A rule that holds now.
@@ -117,6 +128,14 @@ pub const CALLS_POOR: &str = "BedsideCallsPoor";
 pub const RELAY_NEAR_QUOTA: &str = "BedsideRelayNearQuota";
 pub const JOIN_FAILURES: &str = "BedsideJoinFailures";
 pub const STUCK_RECONNECTING: &str = "BedsideStuckReconnecting";
+pub const NODE_GONE: &str = "BedsideNodeGone";
+const NAMES: [&str; 5] = [
+    CALLS_POOR,
+    RELAY_NEAR_QUOTA,
+    JOIN_FAILURES,
+    STUCK_RECONNECTING,
+    NODE_GONE,
+];
 
 /// The rules that hold for `obs`.
 pub fn conditions(cfg: &AlertsConfig, obs: &Observation) -> Vec<Condition> {
@@ -147,14 +166,23 @@ pub fn conditions(cfg: &AlertsConfig, obs: &Observation) -> Vec<Condition> {
             for_ms: cfg.calls_poor_for_secs * 1000,
         });
     }
-    if let Some((active, quota)) = obs.relay
-        && quota > 0
-        && active as f64 > cfg.relay_quota_share * f64::from(quota)
-    {
+    for (node, active, quota) in &obs.relays {
+        let (active, quota) = (*active, *quota);
+        if quota == 0 || active as f64 <= cfg.relay_quota_share * f64::from(quota) {
+            continue;
+        }
+        let mut l = labels(RELAY_NEAR_QUOTA, "warning");
+        let whose = match node {
+            Some(node) => {
+                l.insert("node".to_owned(), node.clone());
+                format!("The relay of node {node}")
+            }
+            None => "The relay".to_owned(),
+        };
         out.push(Condition {
             name: RELAY_NEAR_QUOTA,
-            labels: labels(RELAY_NEAR_QUOTA, "warning"),
-            summary: format!("The relay holds {active} of its {quota} allocations"),
+            labels: l,
+            summary: format!("{whose} holds {active} of its {quota} allocations"),
             description: format!(
                 "The TURN relay is above {:.0}% of its allocation quota: new calls that need it \
                  will fail once it is full.",
@@ -178,6 +206,23 @@ pub fn conditions(cfg: &AlertsConfig, obs: &Observation) -> Vec<Condition> {
             for_ms: cfg.join_failures_for_secs * 1000,
         });
     }
+    for node in &obs.nodes_gone {
+        let mut l = labels(NODE_GONE, "critical");
+        l.insert("node".to_owned(), node.clone());
+        out.push(Condition {
+            name: NODE_GONE,
+            labels: l,
+            summary: format!(
+                "Node {node} is gone from the fleet of region {}",
+                cfg.region
+            ),
+            description: "The node no longer answers on the region's Redis (crashed, killed or \
+                          cut off): its consultations are taken over by the other nodes, and \
+                          the region has that much less capacity."
+                .into(),
+            for_ms: cfg.node_gone_for_secs * 1000,
+        });
+    }
     for (cid, secs) in &obs.reconnecting {
         if *secs >= cfg.stuck_reconnecting_secs {
             let mut l = labels(STUCK_RECONNECTING, "info");
@@ -196,7 +241,7 @@ pub fn conditions(cfg: &AlertsConfig, obs: &Observation) -> Vec<Condition> {
     out
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Firing,
@@ -204,7 +249,7 @@ pub enum Status {
 }
 
 /// An alert as sent and shown.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     pub status: Status,
     pub labels: BTreeMap<String, String>,
@@ -306,6 +351,39 @@ impl Engine {
             self.history.pop_front();
         }
         out
+    }
+
+    /// Takes over alerts another node had fired (the region's evaluator moved here): they stay
+    /// firing without being sent again, and resolve here when their conditions no longer hold.
+    pub fn adopt(&mut self, now_ms: u64, firing: Vec<Alert>, history: Vec<Alert>) {
+        if self.history.is_empty() {
+            self.history = history.into_iter().rev().take(HISTORY).rev().collect();
+        }
+        for a in firing {
+            if a.status != Status::Firing || self.states.contains_key(&a.labels) {
+                continue;
+            }
+            let name = NAMES
+                .iter()
+                .copied()
+                .find(|n| *n == a.name())
+                .unwrap_or(CALLS_POOR);
+            self.states.insert(
+                a.labels.clone(),
+                State {
+                    condition: Condition {
+                        name,
+                        labels: a.labels,
+                        summary: a.summary,
+                        description: a.description,
+                        for_ms: 0,
+                    },
+                    since_ms: a.starts_at_ms,
+                    fired_ms: Some(a.starts_at_ms),
+                    last_sent_ms: now_ms,
+                },
+            );
+        }
     }
 
     /// Alerts firing now, oldest first.
@@ -502,7 +580,7 @@ mod tests {
     fn relay_and_reconnecting_rules() {
         let cfg = cfg();
         let obs = Observation {
-            relay: Some((9, 10)),
+            relays: vec![(None, 9, 10)],
             reconnecting: vec![("c_a".into(), 31), ("c_b".into(), 5)],
             join_failures_last_minute: 21,
             ..Observation::default()
@@ -513,10 +591,53 @@ mod tests {
             vec![RELAY_NEAR_QUOTA, JOIN_FAILURES, STUCK_RECONNECTING]
         );
         let ok = Observation {
-            relay: Some((8, 10)),
+            relays: vec![(None, 8, 10)],
             ..Observation::default()
         };
         assert!(conditions(&cfg, &ok).is_empty(), "80% is not above 80%");
+    }
+
+    #[test]
+    fn a_node_gone_fires_per_node_and_a_new_evaluator_resolves_it() {
+        let cfg = AlertsConfig {
+            node_gone_for_secs: 2,
+            ..cfg()
+        };
+        let gone = Observation {
+            nodes_gone: vec!["node-b".into()],
+            relays: vec![(Some("node-a".into()), 9, 10)],
+            ..Observation::default()
+        };
+        let mut e = Engine::new(&cfg);
+        let first = e.evaluate(0, conditions(&cfg, &gone));
+        assert_eq!(
+            first.len(),
+            1,
+            "the relay fires at once, the node after 2 s"
+        );
+        assert_eq!(first[0].labels["node"], "node-a");
+        let sent = e.evaluate(2_000, conditions(&cfg, &gone));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].name(), NODE_GONE);
+        assert_eq!(sent[0].labels["node"], "node-b");
+        assert!(sent[0].summary.contains("node-b"), "{}", sent[0].summary);
+
+        // The evaluator moves to another node: it adopts what fires, sends nothing again, and
+        // resolves the node alert once the node is back.
+        let mut other = Engine::new(&cfg);
+        other.adopt(3_000, e.firing(), e.history().cloned().collect());
+        let back = Observation {
+            relays: gone.relays.clone(),
+            ..Observation::default()
+        };
+        let sent = other.evaluate(4_000, conditions(&cfg, &back));
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(
+            (sent[0].name(), sent[0].status),
+            (NODE_GONE, Status::Resolved)
+        );
+        assert_eq!(sent[0].starts_at_ms, 2_000);
+        assert_eq!(other.firing().len(), 1, "the relay still fires");
     }
 
     #[test]
@@ -545,7 +666,7 @@ mod tests {
     fn the_payload_is_alertmanagers() {
         let cfg = cfg();
         let obs = Observation {
-            relay: Some((9, 10)),
+            relays: vec![(None, 9, 10)],
             ..Observation::default()
         };
         let mut e = Engine::new(&cfg);

@@ -557,6 +557,21 @@ impl Cluster {
         &self.node
     }
 
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// A handle on the region's Redis, for the fleet's dashboard and alerts
+    /// ([`crate::fleet_view`]).
+    pub fn redis(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Whether this node's Redis link is up (nothing is judged about other nodes while not).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
     /// Whether this node's subscription to Redis is live (for `/readyz`).
     pub fn redis_up(&self) -> Arc<AtomicBool> {
         self.up.clone()
@@ -566,7 +581,12 @@ impl Cluster {
         format!("{}node:{node}", self.prefix)
     }
 
-    fn key(&self, what: &str, id: &str) -> String {
+    /// The region's set of registered nodes.
+    pub(crate) fn nodes_key(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    pub(crate) fn key(&self, what: &str, id: &str) -> String {
         format!("{}{what}:{id}", self.prefix)
     }
 
@@ -1039,7 +1059,9 @@ impl Cluster {
         }
     }
 
-    async fn numsub(&self, node: &str) -> Option<i64> {
+    /// How many subscribers `node`'s channel has (1 while the node is alive); `None` if Redis
+    /// did not answer.
+    pub(crate) async fn numsub(&self, node: &str) -> Option<i64> {
         let (_, n): (String, i64) = redis::cmd("PUBSUB")
             .arg("NUMSUB")
             .arg(self.channel(node))

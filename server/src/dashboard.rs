@@ -9,6 +9,10 @@
 //! every open dashboard gets the newest snapshot, a slow one skips the ones it missed, and no
 //! dashboard can hold up the server. Snapshots carry ids, roles and figures only: never display
 //! names, invite codes, tokens or addresses (`tests/tests/dashboard.rs` greps for them).
+//!
+//! In a fleet the same task also writes this node's view to Redis and shows the region's
+//! (every node's consultations, and the nodes themselves), and the alert rules run on one node
+//! of the region ([`crate::fleet_view`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -24,11 +28,12 @@ use axum::routing::get;
 use bedside_protocol::quality::{self, Quality};
 use bedside_protocol::{ParticipantId, Role};
 use futures_util::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::AppState;
-use crate::alerts::{self, Alert, Engine, Observation};
+use crate::alerts::{self, Alert, AlertsConfig, Engine, Observation};
+use crate::fleet_view::{self, AlertsView, NodeView};
 use crate::hub::LiveConsultation;
 use crate::metrics::{CodeLabel, QualityLabel, RoleLabel};
 use crate::telemetry::{ConsultationTelemetry, Transition, now_ms};
@@ -107,7 +112,8 @@ pub fn channel() -> watch::Sender<Arc<str>> {
 pub struct Snapshot {
     pub at_ms: u64,
     pub overview: Overview,
-    pub consultations: Vec<ConsultationRow>,
+    /// [`ConsultationRow`]s: this server's, or in a fleet every node's (each with its `node`).
+    pub consultations: Vec<serde_json::Value>,
     pub alerts_firing: Vec<Alert>,
     pub alerts_history: Vec<Alert>,
 }
@@ -123,9 +129,25 @@ pub struct Overview {
     pub calls_fair: usize,
     pub calls_poor: usize,
     pub relay: Option<RelayOverview>,
+    /// In a fleet: the region, the node that answered, and every live node.
+    pub region: Option<String>,
+    pub node: Option<String>,
+    pub nodes: Vec<NodeRow>,
 }
 
+/// One live node of the fleet, as the region's "now" view lists it.
 #[derive(Debug, Serialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub consultations: usize,
+    pub participants_connected: usize,
+    pub connections: i64,
+    pub relay: Option<RelayOverview>,
+    /// How old its view is (ms).
+    pub age_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RelayOverview {
     pub allocations: i64,
     pub quota: u32,
@@ -142,6 +164,24 @@ pub struct ConsultationRow {
     pub roles: BTreeMap<&'static str, usize>,
     pub participants: Vec<ParticipantRow>,
     pub transitions: Vec<Transition>,
+    /// The longest a participant's link has been down while its seat is held (seconds).
+    pub reconnecting_secs: Option<u64>,
+    /// In a fleet: the node that homes it.
+    pub node: Option<String>,
+}
+
+/// What the overview and the alert rules read of a row (in a fleet, of other nodes' rows).
+#[derive(Debug, Deserialize)]
+struct RowSummary {
+    id: String,
+    quality: Option<Quality>,
+    participants: Vec<ParticipantSummary>,
+    reconnecting_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ParticipantSummary {
+    state: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +192,8 @@ pub struct ParticipantRow {
     pub state: &'static str,
     pub quality: Option<Quality>,
     pub pair: Option<bedside_protocol::CandidatePairType>,
+    /// How that pair carries media (for a relay: UDP, TCP or TLS to the relay).
+    pub transport: Option<bedside_protocol::TransportProtocol>,
     pub rtt_ms: Option<f64>,
     pub loss_in_pct: Option<f64>,
     pub loss_out_pct: Option<f64>,
@@ -207,6 +249,7 @@ pub fn row(
                 },
                 quality: r.map(|r| quality::score(r, r.audio_only.unwrap_or(false))),
                 pair: r.and_then(|r| r.candidate_pair),
+                transport: r.and_then(|r| r.transport),
                 rtt_ms: r.and_then(|r| r.rtt_ms),
                 loss_in_pct: r.and_then(|r| r.loss_in_pct),
                 loss_out_pct: r.and_then(|r| r.loss_out_pct),
@@ -230,6 +273,13 @@ pub fn row(
         transitions: t
             .map(|t| t.transitions.iter().cloned().collect())
             .unwrap_or_default(),
+        reconnecting_secs: live
+            .seats
+            .iter()
+            .filter_map(|s| s.down_for)
+            .max()
+            .map(|d| d.as_secs()),
+        node: None,
     }
 }
 
@@ -251,11 +301,83 @@ impl PerMinute {
     }
 }
 
+/// The overview of a set of node views (one for a single server, the region's in a fleet) and
+/// what the alert rules observe of it.
+fn overview_of(views: &[NodeView], now: u64, fleet: bool) -> (Overview, Observation) {
+    let mut o = Overview::default();
+    let mut obs = Observation::default();
+    for v in views {
+        let mut node = NodeRow {
+            node: v.node.clone(),
+            consultations: v.rows.len(),
+            participants_connected: 0,
+            connections: v.connections,
+            relay: v.relay.clone(),
+            age_ms: now.saturating_sub(v.at_ms),
+        };
+        for row in &v.rows {
+            let Ok(r) = RowSummary::deserialize(row) else {
+                continue;
+            };
+            o.consultations += 1;
+            for p in &r.participants {
+                match p.state.as_str() {
+                    "waiting" => o.participants_waiting += 1,
+                    "reconnecting" => o.participants_reconnecting += 1,
+                    _ => {
+                        o.participants_connected += 1;
+                        node.participants_connected += 1;
+                    }
+                }
+            }
+            match r.quality {
+                Some(Quality::Good) => o.calls_good += 1,
+                Some(Quality::Fair) => o.calls_fair += 1,
+                Some(Quality::Poor) => o.calls_poor += 1,
+                None => {}
+            }
+            if let Some(secs) = r.reconnecting_secs {
+                obs.reconnecting.push((r.id, secs));
+            }
+        }
+        o.joins_per_minute += v.joins_per_minute;
+        obs.join_failures_last_minute += v.join_failures_last_minute;
+        if let Some(relay) = &v.relay {
+            obs.relays.push((
+                fleet.then(|| v.node.clone()),
+                relay.allocations,
+                relay.quota,
+            ));
+            let total = o.relay.get_or_insert(RelayOverview {
+                allocations: 0,
+                quota: 0,
+                kbps: 0.0,
+            });
+            total.allocations += relay.allocations;
+            total.quota = total.quota.saturating_add(relay.quota);
+            total.kbps += relay.kbps;
+        }
+        if fleet {
+            o.nodes.push(node);
+        }
+    }
+    obs.calls_scored = o.calls_good + o.calls_fair + o.calls_poor;
+    obs.calls_poor = o.calls_poor;
+    (o, obs)
+}
+
 /// Starts the task that publishes snapshots and evaluates the alert rules.
 pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let cfg = state.config.alerts.clone();
+        let mut cfg: AlertsConfig = state.config.alerts.clone();
+        if let Some(cluster) = &state.cluster {
+            // In a fleet the alerts are the region's.
+            cfg.region = cluster.region().to_owned();
+        }
+        let eval_every = cfg.eval_interval_secs.max(1);
         let mut engine = Engine::new(&cfg);
+        let mut evaluating = false;
+        let mut region_alerts = AlertsView::default();
         let webhook = (!cfg.webhook_url.is_empty()).then(|| {
             let external = if state.config.public_url.is_empty() {
                 state
@@ -286,38 +408,21 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 })
                 .collect();
             state.telemetry.retain(&seats, now);
+            let node_name = state.cluster.as_ref().map(|c| c.node_id().to_owned());
             let rows: Vec<ConsultationRow> = live
                 .iter()
                 .map(|c| {
                     let t = state.telemetry.consultation(&c.id, SPARK_POINTS);
-                    row(c, t.as_ref(), now)
+                    let mut r = row(c, t.as_ref(), now);
+                    r.node = node_name.clone();
+                    r
                 })
                 .collect();
 
-            let mut o = Overview {
-                consultations: live.len(),
-                ..Overview::default()
-            };
-            for p in rows.iter().flat_map(|r| &r.participants) {
-                match p.state {
-                    "waiting" => o.participants_waiting += 1,
-                    "reconnecting" => o.participants_reconnecting += 1,
-                    _ => o.participants_connected += 1,
-                }
-            }
-            for r in &rows {
-                match r.quality {
-                    Some(Quality::Good) => o.calls_good += 1,
-                    Some(Quality::Fair) => o.calls_fair += 1,
-                    Some(Quality::Poor) => o.calls_poor += 1,
-                    None => {}
-                }
-            }
             let joins_total: u64 = ["doctor", "clinician", "patient"]
                 .into_iter()
                 .map(|role| state.metrics.joins.get_or_create(&RoleLabel { role }).get())
                 .sum();
-            o.joins_per_minute = joins.push(now, joins_total);
             let failures_total: u64 = JOIN_FAILURE_CODES
                 .into_iter()
                 .map(|code| {
@@ -328,8 +433,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                         .get()
                 })
                 .sum();
-            let failures_minute = failures.push(now, failures_total);
-            if let Some(relay) = &state.relay_metrics {
+            let relay = state.relay_metrics.as_ref().map(|relay| {
                 let s = relay.snapshot();
                 let kbps = match last_relay {
                     Some((t, bytes)) if now > t => {
@@ -338,25 +442,25 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                     _ => 0.0,
                 };
                 last_relay = Some((now, s.relayed_bytes));
-                o.relay = Some(RelayOverview {
+                RelayOverview {
                     allocations: s.active_allocations,
                     quota: state.config.turn.relay.total_quota,
                     kbps,
-                });
-            }
+                }
+            });
 
+            // This node's gauges, from its own calls.
             let m = &state.metrics;
-            for (quality, count) in [
-                ("good", o.calls_good),
-                ("fair", o.calls_fair),
-                ("poor", o.calls_poor),
-            ] {
+            for quality in [Quality::Good, Quality::Fair, Quality::Poor] {
+                let count = rows.iter().filter(|r| r.quality == Some(quality)).count();
                 m.calls
-                    .get_or_create(&QualityLabel { quality })
+                    .get_or_create(&QualityLabel {
+                        quality: quality.as_str(),
+                    })
                     .set(count as i64);
             }
             m.relay_allocation_quota
-                .set(o.relay.as_ref().map_or(0, |r| i64::from(r.quota)));
+                .set(relay.as_ref().map_or(0, |r| i64::from(r.quota)));
             let longest_down = live
                 .iter()
                 .flat_map(|c| c.seats.iter().filter_map(|s| s.down_for))
@@ -365,20 +469,75 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             m.seat_held_longest_seconds
                 .set(longest_down.as_secs() as i64);
 
-            if n.is_multiple_of(cfg.eval_interval_secs.max(1)) {
-                let obs = Observation {
-                    calls_scored: o.calls_good + o.calls_fair + o.calls_poor,
-                    calls_poor: o.calls_poor,
-                    relay: o.relay.as_ref().map(|r| (r.allocations, r.quota)),
-                    join_failures_last_minute: failures_minute,
-                    reconnecting: live
-                        .iter()
-                        .filter_map(|c| {
-                            let longest = c.seats.iter().filter_map(|s| s.down_for).max()?;
-                            Some((c.id.0.clone(), longest.as_secs()))
-                        })
-                        .collect(),
-                };
+            let local = NodeView {
+                node: node_name.clone().unwrap_or_default(),
+                at_ms: now,
+                connections: m.connections.get(),
+                joins_per_minute: joins.push(now, joins_total),
+                join_failures_last_minute: failures.push(now, failures_total),
+                relay,
+                rows: rows
+                    .iter()
+                    .filter_map(|r| serde_json::to_value(r).ok())
+                    .collect(),
+            };
+            let watching = state.dashboard.receiver_count() > 0;
+            let evaluate_now = n.is_multiple_of(eval_every);
+            n += 1;
+
+            // The views the overview and the rules are built from: this server's, or the
+            // region's when this node shows it or evaluates for it.
+            let (views, evaluator) = match &state.cluster {
+                None => (vec![local], true),
+                Some(cluster) => {
+                    fleet_view::publish(cluster, &local).await;
+                    let lease_ms = eval_every * 1000 * fleet_view::LEASE_EVALS;
+                    let evaluator = if evaluate_now {
+                        cluster.is_up() && fleet_view::hold_lease(cluster, lease_ms).await
+                    } else {
+                        evaluating
+                    };
+                    if evaluator && !evaluating {
+                        // The region's evaluator moved here: carry on from what it raised.
+                        let before = fleet_view::read_alerts(cluster).await.unwrap_or_default();
+                        engine = Engine::new(&cfg);
+                        engine.adopt(now, before.firing, before.history);
+                        tracing::info!("evaluating the region's alert rules");
+                    } else if !evaluator && evaluating {
+                        engine = Engine::new(&cfg);
+                    }
+                    evaluating = evaluator;
+                    let views = if watching || (evaluator && evaluate_now) {
+                        let mut views = fleet_view::region(cluster).await.unwrap_or_default();
+                        if !views.iter().any(|v| v.node == local.node) {
+                            views.push(local);
+                        }
+                        views
+                    } else {
+                        vec![local]
+                    };
+                    (views, evaluator)
+                }
+            };
+            let fleet = state.cluster.is_some();
+            let (mut o, mut obs) = overview_of(&views, now, fleet);
+
+            if evaluator && evaluate_now {
+                if let Some(cluster) = &state.cluster {
+                    let forget = cfg.node_gone_forget_secs.saturating_mul(1000);
+                    match fleet_view::nodes_gone(cluster, now, forget).await {
+                        Some(gone) => obs.nodes_gone = gone,
+                        // Redis did not answer: keep what was judged last.
+                        None => {
+                            obs.nodes_gone = engine
+                                .firing()
+                                .iter()
+                                .filter(|a| a.name() == alerts::NODE_GONE)
+                                .filter_map(|a| a.labels.get("node").cloned())
+                                .collect()
+                        }
+                    }
+                }
                 for alert in engine.evaluate(now, alerts::conditions(&cfg, &obs)) {
                     tracing::warn!(alert = alert.name(), status = ?alert.status, summary = %alert.summary, "alert");
                     if let Some(tx) = &webhook
@@ -387,24 +546,48 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                         tracing::warn!("alert webhook queue full: alert dropped");
                     }
                 }
+                if let Some(cluster) = &state.cluster {
+                    region_alerts = AlertsView {
+                        evaluator: cluster.node_id().to_owned(),
+                        firing: engine.firing(),
+                        history: engine.history().cloned().collect(),
+                    };
+                    let ttl = eval_every * fleet_view::LEASE_EVALS * 2;
+                    fleet_view::publish_alerts(cluster, &region_alerts, ttl).await;
+                }
             }
-            n += 1;
 
             // The gauges and the alert rules need the overview every second; the JSON only
             // while someone watches.
-            if state.dashboard.receiver_count() == 0 {
+            if !watching {
                 // A dashboard that opens later must not be shown an old snapshot first.
                 if &**state.dashboard.borrow() != "{}" {
                     state.dashboard.send_replace(Arc::from("{}"));
                 }
                 continue;
             }
+            let (firing, history) = match &state.cluster {
+                None => (engine.firing(), engine.history().cloned().collect()),
+                Some(cluster) => {
+                    if !evaluator {
+                        region_alerts = fleet_view::read_alerts(cluster).await.unwrap_or_default();
+                    }
+                    (region_alerts.firing.clone(), region_alerts.history.clone())
+                }
+            };
+            if let Some(cluster) = &state.cluster {
+                o.region = Some(cluster.region().to_owned());
+                o.node = Some(cluster.node_id().to_owned());
+            }
+            let mut consultations: Vec<serde_json::Value> =
+                views.into_iter().flat_map(|v| v.rows).collect();
+            consultations.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
             let snapshot = Snapshot {
                 at_ms: now,
                 overview: o,
-                consultations: rows,
-                alerts_firing: engine.firing(),
-                alerts_history: engine.history().cloned().collect(),
+                consultations,
+                alerts_firing: firing,
+                alerts_history: history,
             };
             match serde_json::to_string(&snapshot) {
                 Ok(json) => {

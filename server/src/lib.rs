@@ -13,7 +13,8 @@
 //! stats window), [`alerts`] (rules and webhook), [`dashboard`] (`/dashboard` and its live
 //! feed), [`web`] (the patient join page and app links) and [`credentials`] (doctor
 //! credentials for a remote clinic), [`cluster`] (a fleet node: live state in Redis, links
-//! relayed to each consultation's home node).
+//! relayed to each consultation's home node), [`fleet_view`] (the fleet's dashboard and its one
+//! alert evaluator per region).
 
 pub mod alerts;
 pub mod api;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod credentials;
 pub mod dashboard;
 pub mod filemodes;
+pub mod fleet_view;
 pub mod health;
 pub mod hub;
 pub mod limits;
@@ -420,6 +422,8 @@ impl Server {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(cluster) = &state.cluster {
                 cluster.hand_over().await;
+                // After leaving the node set: a node stopped on purpose raises no "node gone".
+                fleet_view::leave(cluster).await;
             }
             state.hub.shutdown();
             h.graceful_shutdown(Some(Duration::from_secs(5)));

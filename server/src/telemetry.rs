@@ -192,6 +192,7 @@ fn clean(report: &StatsReport) -> StatsReport {
         video_sent: video(&report.video_sent),
         video_received: video(&report.video_received),
         candidate_pair: report.candidate_pair,
+        transport: report.transport,
         connection_state: media_state(report.connection_state.as_deref()).map(str::to_owned),
         audio_only: report.audio_only,
         send_estimate_kbps: ok(report.send_estimate_kbps),

@@ -148,7 +148,7 @@ pub struct NodeOptions {
     /// Run the bundled relay on this loopback UDP port (0: no relay), with this secret.
     pub turn_udp_port: u16,
     pub turn_secret: String,
-    /// More TOML at the end of the node's file (`[cluster.regions.<name>]` tables).
+    /// More TOML at the end of the node's file (`[cluster.regions.<name>]` tables, `[alerts]`).
     pub extra_toml: String,
 }
 

@@ -147,6 +147,54 @@ impl ProbeCall {
     }
 }
 
+/// A webhook receiver on loopback in this process; returns its URL (`/hook`) and the JSON
+/// bodies it receives.
+pub async fn webhook_receiver() -> Result<(
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+)> {
+    use axum::Json;
+    use axum::extract::State;
+    use tokio::sync::mpsc;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |State(tx): State<mpsc::UnboundedSender<serde_json::Value>>,
+                 Json(body): Json<serde_json::Value>| async move {
+                    let _ = tx.send(body);
+                    "ok"
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, rx))
+}
+
+/// The next webhook payload for `alertname` with `status` (`firing`, `resolved`) within
+/// `within`; earlier payloads for other alerts are skipped.
+pub async fn next_alert(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    alertname: &str,
+    status: &str,
+    within: Duration,
+) -> Result<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let body = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .with_context(|| format!("no {status} {alertname} within {within:?}"))?
+            .context("receiver closed")?;
+        if body["alerts"][0]["labels"]["alertname"] == alertname && body["status"] == status {
+            return Ok(body);
+        }
+    }
+}
+
 /// Reads the dashboard's event stream for `for_how_long`; returns what arrived.
 pub async fn read_events(
     base_url: &str,

@@ -55,6 +55,8 @@ pub struct Setup {
     pub turn: String,
     /// Extra arguments for the patient's probe (e.g. `--delay-ms`).
     pub patient_args: Vec<String>,
+    /// More of the server's configuration (TOML sections, e.g. `[alerts]`).
+    pub extra_config: String,
 }
 
 impl Setup {
@@ -65,6 +67,7 @@ impl Setup {
             port: 8443,
             turn: "[turn]\nenabled = false\n".into(),
             patient_args: Vec::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -85,9 +88,10 @@ impl Call {
             &config,
             format!(
                 "listen = \"{srv}:{port}\"\ndata-dir = \"{}\"\nadmin-api-key = \"{ADMIN_KEY}\"\n\
-                 [tls]\nmode = \"off\"\n{}",
+                 [tls]\nmode = \"off\"\n{}{}",
                 dir.path().join("data").display(),
-                setup.turn
+                setup.turn,
+                setup.extra_config
             ),
         )?;
         let server_args = vec!["--config".to_owned(), config.display().to_string()];

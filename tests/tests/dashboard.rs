@@ -76,7 +76,9 @@ async fn the_dashboard_shows_two_live_calls_and_the_impaired_one_is_poor() -> Re
         .as_str()
         .unwrap_or("")
         .to_owned();
-    assert!(impaired_text.contains("relay"), "{impaired_text}");
+    // The relay call's pair and its transport: the probes' TURN client reaches the relay over
+    // UDP (client-core fills `transport`; the page shows it beside the candidate type).
+    assert!(impaired_text.contains("relay · UDP"), "{impaired_text}");
     assert!(page["update_ms"].as_u64().unwrap() < 5000, "{page}");
     assert!(page["timeline_points"].as_u64().unwrap() >= 1, "{page}");
     assert_eq!(page["session_key_kept"], true);

@@ -72,7 +72,19 @@ function render(s) {
     tiles.push(tile('relay allocations', `${o.relay.allocations} / ${o.relay.quota}`));
     tiles.push(tile('relay bandwidth', num(o.relay.kbps, ' kbps')));
   }
+  if (o.region) tiles.unshift(tile('region · nodes', `${o.region} · ${o.nodes.length}`));
   $('overview').replaceChildren(...tiles);
+
+  // A fleet: one line per live node (this dashboard's own node marked).
+  const nodes = (o.nodes || []).map((n) => el('tr', { class: 'node', 'data-node': n.node },
+    el('td', {}, n.node, n.node === o.node ? el('span', { class: 'hint' }, ' (this node)') : ''),
+    el('td', {}, n.consultations),
+    el('td', {}, n.participants_connected),
+    el('td', {}, n.connections),
+    el('td', {}, n.relay ? `${n.relay.allocations} / ${n.relay.quota}, ${num(n.relay.kbps, ' kbps')}` : '—'),
+    el('td', {}, n.age_ms > 3000 ? `${Math.round(n.age_ms / 1000)} s ago` : 'live')));
+  $('nodes').hidden = nodes.length === 0;
+  $('node-rows').replaceChildren(...nodes);
 
   const alerts = s.alerts_firing.map((a) => el('div', { class: 'alert', 'data-alert': a.labels.alertname },
     el('strong', {}, a.labels.alertname), ' — ', a.summary));
@@ -87,12 +99,12 @@ function render(s) {
       const first = i === 0;
       const roles = Object.entries(c.roles).map(([r, n]) => `${n} ${r}`).join(', ');
       tr.append(
-        el('td', {}, first ? c.id : '', first ? el('div', { class: 'hint' }, roles) : ''),
+        el('td', {}, first ? c.id : '', first ? el('div', { class: 'hint' }, c.node ? `${roles} · on ${c.node}` : roles) : ''),
         el('td', {}, first ? age(c.age_secs) : ''),
         el('td', { class: first ? 'call-quality' : '' }, first ? qualityBadge(c.quality) : ''),
         el('td', { 'data-participant': p.id }, `${p.role} `, el('span', { class: 'hint' }, p.id), ' ', qualityBadge(p.quality)),
         el('td', {}, p.state),
-        el('td', {}, p.pair || '—'),
+        el('td', { class: 'path' }, p.pair ? (p.transport ? `${p.pair} · ${p.transport.toUpperCase()}` : p.pair) : '—'),
         el('td', {}, num(p.rtt_ms, ' ms')),
         el('td', {}, `${num(p.loss_in_pct, '%', 1)} / ${num(p.loss_out_pct, '%', 1)}`),
         el('td', {}, p.width ? `${p.width}×${p.height} @ ${num(p.fps, '', 0)}` : '—'),

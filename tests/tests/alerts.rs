@@ -2,58 +2,16 @@
 //! webhook payload): "calls poor" raised by an impaired probe call and resolved once the
 //! impairment is gone; "relay near quota" under a quota-sized load from coturn's
 //! `turnutils_uclient`; refused joins and a seat held past the threshold, also shown as firing
-//! on the dashboard's feed.
+//! on the dashboard's feed; and in the impairment lab, real loss (nftables) raising "calls poor"
+//! and lifted mid-call, resolving it while the call goes on.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::Json;
-use axum::extract::State;
-use axum::routing::post;
 use bedside_protocol::ClientMessage;
-use bedside_tests::ops::{self, ProbeCall};
+use bedside_tests::ops::{self, ProbeCall, next_alert, webhook_receiver as receiver};
 use bedside_tests::{TestServer, test_config, with_turn};
 use serde_json::Value;
-use tokio::sync::mpsc;
-
-/// A webhook receiver on loopback; returns its URL and what it receives.
-async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Value>)> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new()
-        .route(
-            "/hook",
-            post(
-                |State(tx): State<mpsc::UnboundedSender<Value>>, Json(body): Json<Value>| async move {
-                    let _ = tx.send(body);
-                    "ok"
-                },
-            ),
-        )
-        .with_state(tx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, rx))
-}
-
-/// The next payload for `alertname` with `status`, within `within`.
-async fn next_alert(
-    rx: &mut mpsc::UnboundedReceiver<Value>,
-    alertname: &str,
-    status: &str,
-    within: Duration,
-) -> Result<Value> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let body = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .with_context(|| format!("no {status} {alertname} within {within:?}"))?
-            .context("receiver closed")?;
-        if body["alerts"][0]["labels"]["alertname"] == alertname && body["status"] == status {
-            return Ok(body);
-        }
-    }
-}
 
 /// The bundled relay's UDP port, as the server hands it to an admitted participant.
 async fn relay_udp_port(server: &TestServer) -> Result<u16> {
@@ -272,5 +230,124 @@ async fn refused_joins_and_a_held_seat_raise_their_alerts_and_the_dashboard_show
         Duration::from_secs(15),
     )
     .await?;
+    Ok(())
+}
+
+/// Real loss in the impairment lab (nftables on the patient's host), lifted while the call
+/// goes on: "calls poor" is raised at a webhook receiver while the loss lasts and resolved
+/// after it is gone, before the call ends. The server runs in a network namespace of its own,
+/// so the receiver is a process there too (`webhook-receiver`).
+#[test]
+fn real_loss_in_the_lab_raises_calls_poor_and_lifting_it_resolves_it_mid_call() -> Result<()> {
+    use bedside_tests::netns::Lab;
+    use bedside_tests::scenarios::{Call, Setup};
+    use std::io::BufRead;
+    use std::time::Instant;
+
+    if let Some(why) = bedside_tests::scenarios::unavailable() {
+        bedside_tests::skip(&format!("the impairment lab cannot run here: {why}"));
+        return Ok(());
+    }
+    let mut lab = Lab::new(&["srv", "doc", "pat"])?;
+    let hook = format!("{}:9099", lab.addr("srv"));
+    let receiver = lab.spawn(
+        "srv",
+        std::path::Path::new(env!("CARGO_BIN_EXE_webhook-receiver")),
+        &[&hook],
+    )?;
+    let mut lines = std::io::BufReader::new(
+        lab.child(receiver)
+            .stdout
+            .take()
+            .context("receiver output")?,
+    )
+    .lines();
+    anyhow::ensure!(
+        lines.next().transpose()?.as_deref() == Some("listening"),
+        "the receiver did not start"
+    );
+    let (tx, hooks) = std::sync::mpsc::channel::<(Instant, Value)>();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line)
+                && tx.send((Instant::now(), v)).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let next = |name: &str, status: &str, within: Duration| -> Result<(Instant, Value)> {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let (at, body) = hooks
+                .recv_timeout(left)
+                .with_context(|| format!("no {status} {name} within {within:?}"))?;
+            if body["alerts"][0]["labels"]["alertname"] == name && body["status"] == status {
+                return Ok((at, body));
+            }
+        }
+    };
+
+    let call = Call::start_in(
+        lab,
+        Setup {
+            extra_config: format!(
+                "[alerts]\nwebhook-url = \"http://{hook}/hook\"\neval-interval-secs = 1\n\
+                 calls-poor-for-secs = 3\n"
+            ),
+            ..Setup::new(75)
+        },
+    )?;
+    // The call settles; a slow first few seconds on a loaded machine may read poor, and must
+    // have resolved before the loss starts, or it would prove nothing.
+    std::thread::sleep(Duration::from_secs(12));
+    while let Ok((_, early)) = hooks.try_recv() {
+        if early["alerts"][0]["labels"]["alertname"] == "BedsideCallsPoor"
+            && early["status"] == "firing"
+        {
+            next("BedsideCallsPoor", "resolved", Duration::from_secs(20))?;
+        }
+    }
+
+    // 25% of what reaches the patient's host is dropped: media and signaling alike.
+    call.lab.nft(
+        "pat",
+        "table inet lab {\n chain input {\n  type filter hook input priority 0;\n  \
+         numgen random mod 100 < 25 drop\n }\n}\n",
+    )?;
+    let lossy = Instant::now();
+    let (fired_at, fired) = next("BedsideCallsPoor", "firing", Duration::from_secs(30))?;
+    eprintln!(
+        "calls poor fired {:.1} s after the loss began: {}",
+        fired_at.duration_since(lossy).as_secs_f64(),
+        fired["alerts"][0]["annotations"]["summary"]
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    call.lab.nft("pat", "delete table inet lab")?;
+    let lifted = Instant::now();
+    let (resolved_at, resolved) = next("BedsideCallsPoor", "resolved", Duration::from_secs(30))?;
+    let call_left = Duration::from_secs(75).saturating_sub(call.started.elapsed());
+    eprintln!(
+        "resolved {:.1} s after the loss was lifted, {:.0} s of the call left",
+        resolved_at.duration_since(lifted).as_secs_f64(),
+        call_left.as_secs_f64()
+    );
+    assert!(
+        call_left > Duration::from_secs(10),
+        "resolved only near the call's end"
+    );
+    assert_eq!(
+        resolved["alerts"][0]["fingerprint"],
+        fired["alerts"][0]["fingerprint"]
+    );
+    let (doctor, patient) = call.finish()?;
+    for (who, r) in [("doctor", &doctor), ("patient", &patient)] {
+        assert_eq!(r["connected"], true, "{who}: {r}");
+        assert_eq!(
+            r["ended"], "Left",
+            "{who}: the call went on to its end: {r}"
+        );
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `/metrics` as Prometheus reads it, checked by `promtool check metrics`, and the shipped
-//! rules (`deploy/prometheus/alerts.yml`) against their unit tests with `promtool test rules`.
+//! rules (`deploy/prometheus/alerts.yml`) against their unit tests with `promtool test rules`,
+//! and the Grafana dashboard's queries evaluated by a real Prometheus scraping a real server.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -171,5 +172,139 @@ fn the_prometheus_rules_pass_their_unit_tests() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    Ok(())
+}
+
+/// The shipped Grafana dashboard's queries, run by a real Prometheus (Debian's `prometheus`,
+/// started by the test, scraping a real server every second): each one parses and evaluates
+/// to a non-empty result, and carries the labels its legend names. Grafana itself is not in
+/// Debian 12, so the dashboard's layout was never loaded in Grafana; its queries are what this
+/// checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grafana_query_evaluates_in_a_real_prometheus() -> Result<()> {
+    if !ops::tool_available(
+        ops::runs("prometheus", &["--version"]),
+        "this test needs prometheus (Debian's prometheus package)",
+    ) {
+        return Ok(());
+    }
+    let server = TestServer::start_with(with_turn(test_config())).await?;
+    // A doctor admitted a patient and a forged token was refused: the families the panels
+    // break down by role, outcome and code have samples.
+    let c = server.create_consultation().await?;
+    let mut doctor = server.doctor(&c).await?;
+    let patient = server.waiting_patient(&c, "Patient One").await?;
+    doctor.expect_type("waiting_room").await?;
+    doctor
+        .send(ClientMessage::Admit {
+            participant_id: patient.id(),
+        })
+        .await?;
+    doctor.expect_type("peer_joined").await?;
+    let mut forged = server.connect().await?;
+    forged
+        .send_join(bedside_protocol::JoinAuth::Token {
+            token: "not.a.token".into(),
+        })
+        .await?;
+    forged
+        .expect_error(bedside_protocol::ErrorCode::InvalidToken)
+        .await?;
+
+    let dir = tempfile::tempdir()?;
+    let target = server.base_url.trim_start_matches("http://").to_owned();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+             - job_name: bedside\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )?;
+    let port = bedside_tests::fleet::free_port()?;
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting prometheus")?;
+    let api = format!("http://127.0.0.1:{port}/api/v1/query");
+    let http = reqwest::Client::new();
+    let query = |expr: String| {
+        let (http, api) = (http.clone(), api.clone());
+        async move {
+            let body: serde_json::Value = http
+                .get(&api)
+                .query(&[("query", expr.as_str())])
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(body)
+        }
+    };
+    // Scraped several times (rates need two samples in their range).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let up = query("count_over_time(up{job=\"bedside\"}[1m])".into()).await;
+        let scrapes = up
+            .ok()
+            .and_then(|b| {
+                b["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if scrapes >= 5.0 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < until,
+            "prometheus did not scrape the server 5 times in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let grafana: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("deploy/grafana/bedside.json"),
+    )?)?;
+    let mut checked = 0;
+    for panel in grafana["panels"].as_array().context("panels")? {
+        for t in panel["targets"].as_array().cloned().unwrap_or_default() {
+            let expr = t["expr"].as_str().context("expr")?;
+            let body = query(expr.to_owned()).await?;
+            assert_eq!(body["status"], "success", "{expr}: {body}");
+            let result = body["data"]["result"].as_array().context("result")?;
+            assert!(
+                !result.is_empty(),
+                "{expr} (panel {:?}) evaluates to nothing",
+                panel["title"]
+            );
+            // `{{label}}` in the legend must be a label of the result.
+            let legend = t["legendFormat"].as_str().unwrap_or("");
+            for part in legend.split("{{").skip(1) {
+                let label = part.split("}}").next().unwrap_or("").trim();
+                assert!(
+                    result.iter().all(|r| r["metric"][label].is_string()),
+                    "{expr}: no label {label:?} for the legend in {result:?}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "{checked} queries");
+    eprintln!("{checked} Grafana queries evaluated in Prometheus");
+    let _ = prometheus.kill().await;
+    drop(patient);
     Ok(())
 }

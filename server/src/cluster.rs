@@ -557,10 +557,6 @@ impl Cluster {
         &self.node
     }
 
-    pub fn region(&self) -> &str {
-        &self.region
-    }
-
     /// A handle on the region's Redis, for the fleet's dashboard and alerts
     /// ([`crate::fleet_view`]).
     pub fn redis(&self) -> ConnectionManager {

@@ -13,9 +13,9 @@
 //! bytes, two participants) where a row is about 2 KB.
 //!
 //! **One evaluator per region.** The alert rules run on the node holding the lease
-//! `alerts-lease` ([`LEASE`]: taken when free, renewed by its holder at each evaluation,
+//! `alerts:lease` ([`LEASE`]: taken when free, renewed by its holder at each evaluation,
 //! [`LEASE_EVALS`] evaluation intervals long). It evaluates over the region's views and
-//! publishes the firing alerts and their history to `alerts`, which the other nodes'
+//! publishes the firing alerts and their history to `alerts:view`, which the other nodes'
 //! dashboards show. When the lease moves (its holder died) the new holder adopts the firing
 //! alerts ([`crate::alerts::Engine::adopt`]), so it resolves what the old one raised.
 //!
@@ -23,7 +23,8 @@
 //! a node is alive while it is subscribed to its channel (as in [`crate::cluster`]). A node
 //! seen before and not alive now is gone ([`crate::alerts::NODE_GONE`], after
 //! `alerts.node-gone-for-secs`); one stopped with SIGTERM is marked `left` first ([`leave`])
-//! and raises nothing; one gone longer than `alerts.node-gone-forget-secs` is forgotten.
+//! (with the time) and raises nothing; one gone or left longer than
+//! `alerts.node-gone-forget-secs` is forgotten.
 //! Nothing is judged while this node's own Redis link is down.
 
 use std::collections::HashMap;
@@ -148,11 +149,12 @@ pub async fn publish_alerts(cluster: &Cluster, view: &AlertsView, ttl_secs: u64)
         .await;
 }
 
-const LEFT: &str = "left";
+/// How `fleet:seen` marks a node stopped with SIGTERM: `left:<ms>` (when it left).
+const LEFT: &str = "left:";
 
 /// The nodes of the region seen alive before and gone now (sorted); `None` if Redis did not
 /// answer (then nothing is judged). Marks the live ones seen at `now_ms`, and forgets nodes
-/// gone longer than `forget_ms`.
+/// gone (or left) longer than `forget_ms`, so the hash stays as small as the recent fleet.
 pub async fn nodes_gone(cluster: &Cluster, now_ms: u64, forget_ms: u64) -> Option<Vec<String>> {
     let mut conn = cluster.redis();
     let seen_key = cluster.key("fleet", "seen");
@@ -164,11 +166,22 @@ pub async fn nodes_gone(cluster: &Cluster, now_ms: u64, forget_ms: u64) -> Optio
     let mut gone = Vec::new();
     for (node, last) in seen {
         let alive = cluster.numsub(&node).await? > 0;
-        let left = last == LEFT;
+        let left = last.starts_with(LEFT);
         let mark = if alive {
             // A node that is stopping stays `left`; one that came back registers again.
             !left || registered.contains(&node)
         } else if left {
+            match last[LEFT.len()..].parse::<u64>() {
+                Ok(at) if now_ms.saturating_sub(at) > forget_ms => {
+                    let _: Result<(), _> = conn.hdel(&seen_key, &node).await;
+                }
+                Ok(_) => {}
+                // Not a time (an older server's bare mark): it left about now.
+                Err(_) => {
+                    let mark = format!("{LEFT}{now_ms}");
+                    let _: Result<(), _> = conn.hset(&seen_key, &node, mark).await;
+                }
+            }
             false
         } else {
             match last.parse::<u64>() {
@@ -200,7 +213,11 @@ pub async fn nodes_gone(cluster: &Cluster, now_ms: u64, forget_ms: u64) -> Optio
 pub async fn leave(cluster: &Cluster) {
     let mut conn = cluster.redis();
     let _: Result<(), _> = conn
-        .hset(cluster.key("fleet", "seen"), cluster.node_id(), LEFT)
+        .hset(
+            cluster.key("fleet", "seen"),
+            cluster.node_id(),
+            format!("{LEFT}{}", crate::telemetry::now_ms()),
+        )
         .await;
     let _: Result<(), _> = conn.del(cluster.key("dash", cluster.node_id())).await;
     let _: Result<i64, _> = redis::Script::new(RELEASE)

@@ -92,6 +92,9 @@ pub struct Report {
     pub candidate_pair: Option<CandidatePairType>,
     /// Every change of the pair media goes on: (ms since start, the local candidate's type).
     pub candidate_pairs: Vec<(u64, CandidatePairType)>,
+    /// Every transport the pair media goes on was reported with (UDP, TCP or TLS; for a relay
+    /// pair, how the relay is reached), in the order first seen.
+    pub transports: Vec<TransportProtocol>,
     pub rtt_ms_p50: Option<f64>,
     pub rtt_ms_p95: Option<f64>,
     pub loss_in_pct_max: Option<f64>,
@@ -321,6 +324,11 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                                     .push((started.elapsed().as_millis() as u64, pair));
                             }
                             report.candidate_pair = Some(pair);
+                        }
+                        if let Some(t) = stats.transport {
+                            if !report.transports.contains(&t) {
+                                report.transports.push(t);
+                            }
                         }
                         if let Some(loss) = stats.loss_in_pct {
                             report.loss_in_pct_max = Some(report.loss_in_pct_max.unwrap_or(0.0).max(loss));

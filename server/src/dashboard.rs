@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::AppState;
 use crate::alerts::{self, Alert, AlertsConfig, Engine, Observation};
-use crate::fleet_view::{self, AlertsView, NodeView};
+use crate::fleet_view::{self, AlertsView, NodeView, Tally};
 use crate::hub::LiveConsultation;
 use crate::metrics::{CodeLabel, QualityLabel, RoleLabel};
 use crate::telemetry::{ConsultationTelemetry, Transition, now_ms};
@@ -121,6 +121,9 @@ pub struct Snapshot {
 #[derive(Debug, Default, Serialize)]
 pub struct Overview {
     pub consultations: usize,
+    /// Counted but not listed: in a fleet each other node lists at most
+    /// [`fleet_view::MAX_ROWS_PER_VIEW`] of its consultations, the worst first.
+    pub consultations_unlisted: usize,
     pub participants_connected: usize,
     pub participants_waiting: usize,
     pub participants_reconnecting: usize,
@@ -168,20 +171,6 @@ pub struct ConsultationRow {
     pub reconnecting_secs: Option<u64>,
     /// In a fleet: the node that homes it.
     pub node: Option<String>,
-}
-
-/// What the overview and the alert rules read of a row (in a fleet, of other nodes' rows).
-#[derive(Debug, Deserialize)]
-struct RowSummary {
-    id: String,
-    quality: Option<Quality>,
-    participants: Vec<ParticipantSummary>,
-    reconnecting_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ParticipantSummary {
-    state: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -307,39 +296,31 @@ fn overview_of(views: &[NodeView], now: u64, fleet: bool) -> (Overview, Observat
     let mut o = Overview::default();
     let mut obs = Observation::default();
     for v in views {
-        let mut node = NodeRow {
+        let counted;
+        let t = match &v.tally {
+            Some(t) => t,
+            None => {
+                counted = Tally::of(&v.rows);
+                &counted
+            }
+        };
+        let node = NodeRow {
             node: v.node.clone(),
-            consultations: v.rows.len(),
-            participants_connected: 0,
+            consultations: t.consultations,
+            participants_connected: t.participants_connected,
             connections: v.connections,
             relay: v.relay.clone(),
             age_ms: now.saturating_sub(v.at_ms),
         };
-        for row in &v.rows {
-            let Ok(r) = RowSummary::deserialize(row) else {
-                continue;
-            };
-            o.consultations += 1;
-            for p in &r.participants {
-                match p.state.as_str() {
-                    "waiting" => o.participants_waiting += 1,
-                    "reconnecting" => o.participants_reconnecting += 1,
-                    _ => {
-                        o.participants_connected += 1;
-                        node.participants_connected += 1;
-                    }
-                }
-            }
-            match r.quality {
-                Some(Quality::Good) => o.calls_good += 1,
-                Some(Quality::Fair) => o.calls_fair += 1,
-                Some(Quality::Poor) => o.calls_poor += 1,
-                None => {}
-            }
-            if let Some(secs) = r.reconnecting_secs {
-                obs.reconnecting.push((r.id, secs));
-            }
-        }
+        o.consultations += t.consultations;
+        o.consultations_unlisted += t.consultations.saturating_sub(v.rows.len());
+        o.participants_connected += t.participants_connected;
+        o.participants_waiting += t.participants_waiting;
+        o.participants_reconnecting += t.participants_reconnecting;
+        o.calls_good += t.calls_good;
+        o.calls_fair += t.calls_fair;
+        o.calls_poor += t.calls_poor;
+        obs.reconnecting.extend(t.reconnecting.iter().cloned());
         o.joins_per_minute += v.joins_per_minute;
         obs.join_failures_last_minute += v.join_failures_last_minute;
         if let Some(relay) = &v.relay {
@@ -480,6 +461,11 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                     .iter()
                     .filter_map(|r| serde_json::to_value(r).ok())
                     .collect(),
+                tally: None,
+            };
+            let local = NodeView {
+                tally: Some(Tally::of(&local.rows)),
+                ..local
             };
             let watching = state.dashboard.receiver_count() > 0;
             let evaluate_now = n.is_multiple_of(eval_every);
@@ -490,7 +476,8 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             let (views, evaluator) = match &state.cluster {
                 None => (vec![local], true),
                 Some(cluster) => {
-                    fleet_view::publish(cluster, &local).await;
+                    fleet_view::publish(cluster, &local.listing(fleet_view::MAX_ROWS_PER_VIEW))
+                        .await;
                     let lease_ms = eval_every * 1000 * fleet_view::LEASE_EVALS;
                     let evaluator = if evaluate_now {
                         cluster.is_up() && fleet_view::hold_lease(cluster, lease_ms).await

@@ -32,12 +32,19 @@ use std::collections::HashMap;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
+use bedside_protocol::quality::Quality;
+
 use crate::alerts::Alert;
 use crate::cluster::Cluster;
 use crate::dashboard::RelayOverview;
 
 /// How long a node's view lives in Redis after its last write (seconds).
 pub const VIEW_TTL_SECS: u64 = 5;
+/// At most this many of a node's rows go into its view, the worst first
+/// ([`NodeView::listing`]); its [`Tally`] counts all of them. A row is about 2 KB, so a node
+/// homing 5,000 calls writes about 200 KB a second instead of 10 MB, and a dashboard lists
+/// every poor call before a good one.
+pub const MAX_ROWS_PER_VIEW: usize = 100;
 /// The evaluator's lease lasts this many evaluation intervals.
 pub const LEASE_EVALS: u64 = 3;
 
@@ -69,8 +76,91 @@ pub struct NodeView {
     pub join_failures_last_minute: u64,
     /// Its bundled relay, when it runs one.
     pub relay: Option<RelayOverview>,
-    /// Its live consultations' rows (`dashboard::ConsultationRow`, with `node` set).
+    /// Its live consultations' rows (`dashboard::ConsultationRow`, with `node` set); in Redis
+    /// at most [`MAX_ROWS_PER_VIEW`] of them.
     pub rows: Vec<serde_json::Value>,
+    /// All its live consultations, counted (`None` from a node that does not send it: then
+    /// its rows are counted).
+    #[serde(default)]
+    pub tally: Option<Tally>,
+}
+
+/// What a node's live consultations add up to, over all of them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub consultations: usize,
+    pub participants_connected: usize,
+    pub participants_waiting: usize,
+    pub participants_reconnecting: usize,
+    pub calls_good: usize,
+    pub calls_fair: usize,
+    pub calls_poor: usize,
+    /// The consultations with a participant's link down while its seat is held: (id, seconds).
+    pub reconnecting: Vec<(String, u64)>,
+}
+
+impl Tally {
+    /// Counts `rows` (`dashboard::ConsultationRow`s as JSON; a row that does not read as one is
+    /// skipped).
+    pub fn of(rows: &[serde_json::Value]) -> Tally {
+        #[derive(Deserialize)]
+        struct Row {
+            id: String,
+            quality: Option<Quality>,
+            participants: Vec<Participant>,
+            reconnecting_secs: Option<u64>,
+        }
+        #[derive(Deserialize)]
+        struct Participant {
+            state: String,
+        }
+        let mut t = Tally::default();
+        for row in rows {
+            let Ok(r) = Row::deserialize(row) else {
+                continue;
+            };
+            t.consultations += 1;
+            for p in &r.participants {
+                match p.state.as_str() {
+                    "waiting" => t.participants_waiting += 1,
+                    "reconnecting" => t.participants_reconnecting += 1,
+                    _ => t.participants_connected += 1,
+                }
+            }
+            match r.quality {
+                Some(Quality::Good) => t.calls_good += 1,
+                Some(Quality::Fair) => t.calls_fair += 1,
+                Some(Quality::Poor) => t.calls_poor += 1,
+                None => {}
+            }
+            if let Some(secs) = r.reconnecting_secs {
+                t.reconnecting.push((r.id, secs));
+            }
+        }
+        t
+    }
+}
+
+impl NodeView {
+    /// This view as it goes to Redis: every row counted in its tally, at most `max` rows
+    /// listed, the worst first (poor, fair, not yet scored, good; then by id).
+    pub fn listing(&self, max: usize) -> NodeView {
+        let rank = |row: &serde_json::Value| match row["quality"].as_str() {
+            Some("poor") => 0,
+            Some("fair") => 1,
+            Some("good") => 3,
+            _ => 2,
+        };
+        let mut order: Vec<&serde_json::Value> = self.rows.iter().collect();
+        order.sort_by(|a, b| (rank(a), a["id"].as_str()).cmp(&(rank(b), b["id"].as_str())));
+        NodeView {
+            rows: order.into_iter().take(max).cloned().collect(),
+            tally: Some(self.tally.clone().unwrap_or_else(|| Tally::of(&self.rows))),
+            relay: self.relay.clone(),
+            node: self.node.clone(),
+            ..*self
+        }
+    }
 }
 
 /// The region's alerts as its evaluator publishes them for the other dashboards.
@@ -225,4 +315,77 @@ pub async fn leave(cluster: &Cluster) {
         .arg(cluster.node_id())
         .invoke_async(&mut conn)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(
+        id: &str,
+        quality: Option<&str>,
+        states: &[&str],
+        reconnecting: Option<u64>,
+    ) -> serde_json::Value {
+        json!({
+            "id": id,
+            "quality": quality,
+            "participants": states.iter().map(|s| json!({ "state": s })).collect::<Vec<_>>(),
+            "reconnecting_secs": reconnecting,
+        })
+    }
+
+    #[test]
+    fn a_view_in_redis_lists_the_worst_rows_and_counts_them_all() {
+        let mut rows = Vec::new();
+        for i in 0..150 {
+            rows.push(row(
+                &format!("g{i:03}"),
+                Some("good"),
+                &["connected", "connected"],
+                None,
+            ));
+        }
+        rows.push(row(
+            "p1",
+            Some("poor"),
+            &["connected", "reconnecting"],
+            Some(40),
+        ));
+        rows.push(row("f1", Some("fair"), &["connected", "waiting"], None));
+        rows.push(row("n1", None, &["waiting"], None));
+        let view = NodeView {
+            node: "a".into(),
+            at_ms: 1,
+            connections: 305,
+            joins_per_minute: 0,
+            join_failures_last_minute: 0,
+            relay: None,
+            rows,
+            tally: None,
+        };
+        let listed = view.listing(MAX_ROWS_PER_VIEW);
+        assert_eq!(listed.rows.len(), MAX_ROWS_PER_VIEW);
+        let ids: Vec<&str> = listed
+            .rows
+            .iter()
+            .take(4)
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["p1", "f1", "n1", "g000"]);
+        let t = listed.tally.expect("a listing carries its tally");
+        assert_eq!(t.consultations, 153);
+        assert_eq!((t.calls_good, t.calls_fair, t.calls_poor), (150, 1, 1));
+        assert_eq!(
+            (
+                t.participants_connected,
+                t.participants_waiting,
+                t.participants_reconnecting
+            ),
+            (302, 2, 1)
+        );
+        assert_eq!(t.reconnecting, vec![("p1".to_owned(), 40)]);
+        assert_eq!(listed.connections, 305);
+    }
 }

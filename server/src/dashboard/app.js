@@ -118,6 +118,8 @@ function render(s) {
   }
   $('rows').replaceChildren(...rows);
   $('empty').hidden = s.consultations.length > 0;
+  $('unlisted').hidden = !o.consultations_unlisted;
+  $('unlisted').textContent = `${o.consultations_unlisted} more consultations are counted above but not listed (every other node lists at most 100 of its own, the worst first).`;
   renderDetail();
 }
 

@@ -17,7 +17,7 @@ use bedside_client_core::engine::EngineSettings;
 pub use bedside_client_core::impair::SendDelay;
 use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ, VideoFrame};
 use bedside_client_core::pipeline::MediaSources;
-use bedside_protocol::{CandidatePairType, JoinAuth};
+use bedside_protocol::{CandidatePairType, JoinAuth, TransportProtocol};
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 

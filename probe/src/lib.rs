@@ -325,10 +325,10 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                             }
                             report.candidate_pair = Some(pair);
                         }
-                        if let Some(t) = stats.transport {
-                            if !report.transports.contains(&t) {
-                                report.transports.push(t);
-                            }
+                        if let Some(t) = stats.transport
+                            && !report.transports.contains(&t)
+                        {
+                            report.transports.push(t);
                         }
                         if let Some(loss) = stats.loss_in_pct {
                             report.loss_in_pct_max = Some(report.loss_in_pct_max.unwrap_or(0.0).max(loss));

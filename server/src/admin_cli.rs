@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use bedside_server::Config;
 use bedside_server::api::{ConsultationSummary, CreatedConsultation, IssuedInvite, IssuedToken};
+use bedside_server::credentials::{CredentialSummary, IssuedCredential};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
@@ -58,6 +59,17 @@ enum AdminCommand {
     End { consultation_id: String },
     /// Who joined, was admitted and left, when (ids and roles only).
     Audit { consultation_id: String },
+    /// Issue a doctor credential for the desktop app (printed once; the server keeps only its
+    /// hash). The doctor pastes it into the app's "Connect to a clinic".
+    IssueCredential {
+        /// Days until it expires (1-365; default: 90).
+        #[arg(long)]
+        ttl_days: Option<u64>,
+    },
+    /// The doctor credentials: ids, dates, revoked or not (never the secret).
+    Credentials,
+    /// Revoke a doctor credential: the app using it is signed out at its next request.
+    RevokeCredential { credential_id: String },
 }
 
 /// Where and how to reach the API.
@@ -155,6 +167,21 @@ impl Target {
     }
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM` in UTC.
+fn utc(unix_secs: u64) -> String {
+    match i64::try_from(unix_secs).map(time::OffsetDateTime::from_unix_timestamp) {
+        Ok(Ok(t)) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute()
+        ),
+        _ => unix_secs.to_string(),
+    }
+}
+
 fn ttl_body(ttl: Option<u64>) -> Value {
     match ttl {
         Some(t) => json!({ "invite_ttl_secs": t }),
@@ -218,6 +245,23 @@ pub async fn run(
             )
             .await?
         }
+        AdminCommand::IssueCredential { ttl_days } => {
+            let body = match ttl_days {
+                Some(days) => json!({ "ttl_days": days }),
+                None => json!({}),
+            };
+            t.call(Method::POST, "/doctor-credentials", Some(body))
+                .await?
+        }
+        AdminCommand::Credentials => t.call(Method::GET, "/doctor-credentials", None).await?,
+        AdminCommand::RevokeCredential { credential_id } => {
+            t.call(
+                Method::DELETE,
+                &format!("/doctor-credentials/{credential_id}"),
+                None,
+            )
+            .await?
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -256,6 +300,30 @@ pub async fn run(
             println!("{}", token.token);
         }
         AdminCommand::End { consultation_id } => println!("ended {consultation_id}"),
+        AdminCommand::IssueCredential { .. } => {
+            let c: IssuedCredential = serde_json::from_value(value)?;
+            println!("credential id  {}", c.credential_id);
+            println!("credential     {}", c.credential);
+            println!("expires        {} UTC", utc(c.expires_at));
+            println!("(shown once: give it to the doctor, who pastes it into the app)");
+        }
+        AdminCommand::Credentials => {
+            let list: Vec<CredentialSummary> = serde_json::from_value(value)?;
+            println!("credential           created (UTC)     expires (UTC)     state");
+            for c in list {
+                let state = match c.revoked_at {
+                    Some(at) => format!("revoked {}", utc(at)),
+                    None => "valid".to_owned(),
+                };
+                println!(
+                    "{:<20} {:<17} {:<17} {state}",
+                    c.credential_id,
+                    utc(c.created_at),
+                    utc(c.expires_at)
+                );
+            }
+        }
+        AdminCommand::RevokeCredential { credential_id } => println!("revoked {credential_id}"),
         AdminCommand::Audit { .. } => {
             for e in value.as_array().into_iter().flatten() {
                 let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();

@@ -51,7 +51,8 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Administer consultations through the API: create, list, invite, token, end, audit.
+    /// Administer consultations and doctor credentials through the API: create, list, invite,
+    /// token, end, audit, issue-credential, credentials, revoke-credential.
     Admin(admin_cli::AdminArgs),
     /// Copy the store to DEST (a new file), consistently, while the server runs. The copy
     /// holds the token and relay secrets: keep it as secret as the server.

@@ -102,6 +102,50 @@ fn the_admin_cli_creates_a_consultation_prints_its_link_and_administers_it() {
         assert!(out.contains(event), "{event} missing from {out}");
     }
 
+    // A doctor credential for the desktop app: issued (shown once), listed without its
+    // secret, working on the doctor's routes, revoked, refused.
+    let (ok, out, err) = run(&["issue-credential", "--ttl-days", "30"]);
+    assert!(ok, "{err}");
+    let cred_id = field(&out, "credential id").to_owned();
+    let cred = field(&out, "credential  ").to_owned();
+    assert!(!cred.is_empty() && cred != cred_id, "{out}");
+    let doctor_list = |cred: &str| {
+        rt.block_on(async {
+            reqwest::Client::new()
+                .get(format!("{base}/api/v1/doctor/consultations"))
+                .bearer_auth(cred)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    assert_eq!(doctor_list(&cred), reqwest::StatusCode::OK);
+    let (ok, out, _) = run(&["credentials"]);
+    assert!(ok);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&cred_id))
+        .unwrap_or_else(|| panic!("{cred_id} not listed: {out}"));
+    assert!(line.ends_with("valid"), "{line}");
+    assert!(!out.contains(&cred), "the list shows the secret: {out}");
+    let (ok, out, err) = run(&["revoke-credential", &cred_id]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("revoked {cred_id}"));
+    assert_eq!(doctor_list(&cred), reqwest::StatusCode::UNAUTHORIZED);
+    let (_, out, _) = run(&["credentials"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&cred_id) && l.contains("revoked 20")),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["revoke-credential", "d_no_such_credential"]);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let (ok, _, err) = run(&["issue-credential", "--ttl-days", "400"]);
+    assert!(!ok);
+    assert!(err.contains("between 1 and 365"), "{err}");
+
     // Errors: an ended consultation, a wrong key, no server.
     let (ok, _, err) = run(&["invite", &id]);
     assert!(!ok);

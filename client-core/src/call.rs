@@ -678,6 +678,12 @@ impl Call {
                 for peer in peers {
                     self.restart_ice(now, &peer);
                 }
+                // Through the SFU the one connection to restart is the SFU's (once the seat
+                // is resumed: the restart's offer goes over signaling). Without this the
+                // call waited for ICE to notice the dead path, seconds of frozen media.
+                if self.sfu.is_some() {
+                    self.restart_sfu(now);
+                }
             }
             UserCommand::SetBackgrounded(on) => {
                 if on != self.backgrounded {
@@ -921,13 +927,25 @@ impl Call {
 
     /// A call-quality sample for one peer from the driver: shown to the UI and sent on to the
     /// server as telemetry.
+    ///
+    /// Through the SFU the one connection is the SFU's ([`SFU_PEER`]): its sample (round trip,
+    /// loss, candidate pair and transport of this client's own link) is reported like a
+    /// peer's. It was once dropped, and a group consult reported no quality at all.
     pub fn handle_stats(&mut self, now: Instant, peer: ParticipantId, mut report: StatsReport) {
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
+        let media = if peer.0 == SFU_PEER {
+            let Some(sfu) = &self.sfu else {
+                return;
+            };
+            sfu.media
+        } else {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            if report.video_received.as_ref().is_some_and(|v| v.fps > 0.0) {
+                p.undecodable_since = None;
+            }
+            p.media
         };
-        if report.video_received.as_ref().is_some_and(|v| v.fps > 0.0) {
-            p.undecodable_since = None;
-        }
         if let Some(on) = report
             .loss_out_pct
             .and_then(|loss| self.redundancy.handle_loss(now, loss))
@@ -935,7 +953,7 @@ impl Call {
             self.engine(EngineCommand::SetAudioRedundancy(on));
         }
         report.audio_only = Some(self.is_audio_only());
-        report.connection_state = Some(format!("{:?}", self.peers[&peer].media).to_lowercase());
+        report.connection_state = Some(format!("{media:?}").to_lowercase());
         self.event(CallEvent::Stats {
             participant_id: peer,
             report: report.clone(),

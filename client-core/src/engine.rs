@@ -41,9 +41,10 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::reception_report::ReceptionReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtp::extension::audio_level_extension::AudioLevelExtension;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use std::sync::atomic::AtomicU64;
 use tokio::sync::mpsc;
@@ -65,6 +66,13 @@ use crate::impair::{DelayRuntime, SendDelay};
 use crate::media::{RED_PAYLOAD_TYPE, RedBlock, RedEncoder, SAMPLE_RATE, red};
 use crate::pacer::{MediaPacer, PacerStats};
 use crate::turn_tcp::{self, TurnTcpShim};
+
+/// RFC 6464's client-to-mixer audio level header extension.
+const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// At or above this loudness (−dBov at most this) a packet is marked as voice. A level, not a
+/// voice detector: the SFU decides on the levels and ignores the flag.
+const VOICE_LEVEL_DBOV: u8 = 50;
 
 /// The payload types Bedside offers. A session may negotiate others (see [`PayloadTypes`]).
 pub const OPUS_PAYLOAD_TYPE: u8 = 111;
@@ -410,13 +418,19 @@ impl LocalTracks {
     /// many peers it could not be sent because their session negotiated no payload type for
     /// H.264 (each is also warned about, once).
     pub async fn write_video(&self, data: bytes::Bytes, duration: Duration) -> u64 {
-        self.write(MediaKind::Video, data, duration).await
+        self.write(MediaKind::Video, data, duration, None).await
     }
 
-    /// Sends one Opus packet lasting `duration` to every peer; returns what
+    /// Sends one Opus packet lasting `duration` to every peer, its packets marked with the
+    /// frame's `level` (RFC 6464 −dBov, [`crate::media::AudioFrame::level_dbov`]); returns what
     /// [`Self::write_video`] does, for Opus.
-    pub async fn write_audio(&self, data: bytes::Bytes, duration: Duration) -> u64 {
-        self.write(MediaKind::Audio, data, duration).await
+    ///
+    /// The level travels in the RTP header, outside SFrame's encryption: the SFU reads it to
+    /// pick the active speaker, as every SFU does (RFC 6464 section 5: it says when someone
+    /// speaks and how loudly, never what). It is sent on every call, 1:1 ones too.
+    pub async fn write_audio(&self, data: bytes::Bytes, duration: Duration, level: u8) -> u64 {
+        self.write(MediaKind::Audio, data, duration, Some(level))
+            .await
     }
 
     /// The redundant block for this audio packet while redundancy is on (`Some(None)`: on, but
@@ -440,7 +454,13 @@ impl LocalTracks {
     /// Writes to every peer on the payload types its session negotiated; a peer whose
     /// connection is not ready yet (or is gone) does not keep the others from getting the
     /// sample. Returns how many peers could not be sent it for want of a payload type.
-    async fn write(&self, kind: MediaKind, data: bytes::Bytes, duration: Duration) -> u64 {
+    async fn write(
+        &self,
+        kind: MediaKind,
+        data: bytes::Bytes,
+        duration: Duration,
+        level: Option<u8>,
+    ) -> u64 {
         let enabled = match kind {
             MediaKind::Video => &self.video_enabled,
             MediaKind::Audio => &self.audio_enabled,
@@ -493,11 +513,14 @@ impl LocalTracks {
                 peer.warn_unsent(kind);
                 continue;
             };
-            if let Err(e) = track
-                .sample_writer(ssrc, payload_type)
-                .write_sample(red.as_ref().unwrap_or(&plain))
-                .await
-            {
+            let mut writer = track.sample_writer(ssrc, payload_type);
+            if let Some(level) = level {
+                writer = writer.with_audio_level(AudioLevelExtension {
+                    level,
+                    voice: level <= VOICE_LEVEL_DBOV,
+                });
+            }
+            if let Err(e) = writer.write_sample(red.as_ref().unwrap_or(&plain)).await {
                 tracing::debug!(error = %e, "writing a sample failed");
             }
         }
@@ -1305,6 +1328,14 @@ impl Engine {
                 payload_type: H264_PAYLOAD_TYPE,
             },
             RtpCodecKind::Video,
+        )?;
+        // Each audio packet's level (`LocalTracks::write_audio`), for the SFU's active speaker.
+        media_engine.register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: AUDIO_LEVEL_URI.to_owned(),
+            },
+            RtpCodecKind::Audio,
+            None,
         )?;
         let tracks = self.tracks.new_peer_tracks()?;
         let pacer_stats = Arc::new(PacerStats::default());

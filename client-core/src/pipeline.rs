@@ -250,7 +250,8 @@ fn preview_of(frame: &VideoFrame) -> VideoFrame {
 
 enum Encoded {
     Video(bytes::Bytes, Duration),
-    Audio(bytes::Bytes),
+    /// An Opus packet and its frame's RFC 6464 level (−dBov).
+    Audio(bytes::Bytes, u8),
 }
 
 /// How often the sender forces a keyframe, so a receiver that lost one recovers without a PLI.
@@ -388,13 +389,13 @@ pub fn start_sender(
         (tracks.clone(), transform.clone(), stats.clone());
     tokio::spawn(async move {
         while let Some(encoded) = audio_rx.recv().await {
-            let Encoded::Audio(data) = encoded else {
+            let Encoded::Audio(data, level) = encoded else {
                 continue;
             };
             let unsent = match audio_transform.outbound(Codec::Opus, data) {
                 Some(data) => {
                     audio_tracks
-                        .write_audio(data, Duration::from_millis(20))
+                        .write_audio(data, Duration::from_millis(20), level)
                         .await
                 }
                 None => 0,
@@ -412,8 +413,12 @@ pub fn start_sender(
                     Some(data) => tracks.write_video(data, duration).await,
                     None => 0,
                 },
-                Encoded::Audio(data) => match transform.outbound(Codec::Opus, data) {
-                    Some(data) => tracks.write_audio(data, Duration::from_millis(20)).await,
+                Encoded::Audio(data, level) => match transform.outbound(Codec::Opus, data) {
+                    Some(data) => {
+                        tracks
+                            .write_audio(data, Duration::from_millis(20), level)
+                            .await
+                    }
                     None => 0,
                 },
             };
@@ -470,7 +475,11 @@ fn start_audio_sender(
                     }
                     if let Some(Ok(packet)) = opus.as_mut().map(|o| o.encode(&frame)) {
                         stats.audio_frames_encoded.fetch_add(1, Ordering::Relaxed);
-                        if out.blocking_send(Encoded::Audio(packet.into())).is_err() {
+                        let level = frame.level_dbov();
+                        if out
+                            .blocking_send(Encoded::Audio(packet.into(), level))
+                            .is_err()
+                        {
                             return;
                         }
                     }

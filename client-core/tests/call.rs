@@ -590,6 +590,49 @@ fn a_network_change_resumes_signaling_and_restarts_ice_at_once() {
     );
 }
 
+/// The same handover in a group consult through the SFU: the connection to restart is the
+/// SFU's, and it restarts as soon as the seat is back (it once waited for ICE to notice the
+/// dead path).
+#[test]
+fn a_network_change_in_an_sfu_call_restarts_ice_with_the_sfu() {
+    let mut h = Harness::new();
+    h.open_and_join(JoinAuth::InviteCode { code: "X".into() });
+    h.joined("pat", Role::Patient, false);
+    let group = || vec![peer("doc", Role::Doctor), peer("cli", Role::Clinician)];
+    let out = h.msg(ServerMessage::Admitted {
+        sfu: true,
+        peers: group(),
+        ice_servers: vec![],
+    });
+    assert!(
+        engine(&out)
+            .iter()
+            .any(|c| matches!(c, EngineCommand::CreateSfu { .. })),
+        "three participants go through the SFU: {out:?}"
+    );
+    h.engine(EngineEvent::ConnectionState {
+        peer: sfu_peer(),
+        state: PeerConnectionState::Connected,
+    });
+    assert_eq!(h.call.state(), CallState::Connected);
+    let out = h.user(UserCommand::NetworkChanged);
+    assert!(out.contains(&Output::Signaling(SignalingCommand::Close)));
+    assert!(engine(&out).is_empty(), "nothing before the seat is back");
+    let out = h.advance(Duration::ZERO);
+    assert_eq!(opens(&out), 1, "reconnects without backoff");
+    h.sig(SignalingEvent::Opened);
+    h.joined("pat", Role::Patient, true);
+    let out = h.msg(ServerMessage::Admitted {
+        sfu: true,
+        peers: group(),
+        ice_servers: vec![],
+    });
+    assert_eq!(
+        engine(&out),
+        [&EngineCommand::RestartIce { peer: sfu_peer() }]
+    );
+}
+
 #[test]
 fn peers_come_and_go_with_the_server_s_word() {
     let mut h = Harness::connected_patient();

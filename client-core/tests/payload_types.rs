@@ -290,7 +290,7 @@ async fn call(engine_offers: bool, foreign_video: bool) -> Outcome {
                 let frame = Duration::from_millis(20);
                 video_unsent += tracks.write_video(unit.clone(), frame).await;
                 let opus = bytes::Bytes::from(vec![0x78; 60]);
-                tracks.write_audio(opus.clone(), frame).await;
+                tracks.write_audio(opus.clone(), frame, 30).await;
                 // The foreign peer sends on the numbers its own session negotiated, its audio
                 // as RED like Chromium's on a lossy link.
                 let types = match foreign_types {

@@ -52,6 +52,9 @@ pub struct ProbeOptions {
     /// Testing only: the user's audio-only switch, turned on this long after the call first
     /// connected and off again after the second (as a doctor on a weak link would do).
     pub audio_only_between: Option<(Duration, Duration)>,
+    /// Testing only: tell the client its network changed (a handover: signaling resumes and
+    /// ICE restarts) this long after the call first connected.
+    pub network_change_after: Option<Duration>,
 }
 
 impl ProbeOptions {
@@ -72,6 +75,7 @@ impl ProbeOptions {
             e2ee: false,
             tap_frames: 0,
             audio_only_between: None,
+            network_change_after: None,
         }
     }
 
@@ -143,6 +147,9 @@ pub struct Report {
     pub heard: Option<String>,
     /// Times the call went into reconnecting.
     pub reconnections: u32,
+    /// When the network change was played (`ProbeOptions::network_change_after`), milliseconds
+    /// since the start.
+    pub network_changed_ms: Option<u64>,
     /// Every state the call went through, with milliseconds since the start.
     pub states: Vec<(u64, String)>,
     /// When the call went audio-only (true) or back to video (false), milliseconds since the
@@ -161,6 +168,9 @@ pub struct Report {
     pub tapped_frames: Vec<(String, Vec<u8>)>,
     /// Every remote participant's media, by participant id (group calls: one per other).
     pub remotes: std::collections::BTreeMap<String, RemoteReport>,
+    /// Whom the SFU named the active speaker (`None`: nobody speaks), with milliseconds since
+    /// the start, each change.
+    pub active_speakers: Vec<(u64, Option<String>)>,
 }
 
 /// What the probe received from one remote participant.
@@ -170,6 +180,10 @@ pub struct RemoteReport {
     /// Audio frames played from packets, redundancy or FEC (not concealment).
     pub audio_frames_received: u64,
     pub received_resolution: Option<(u32, u32)>,
+    /// The participant's video froze: (ms since start when it moved again, ms frozen).
+    pub video_gaps_ms: Vec<(u64, u64)>,
+    /// When their last frame was decoded, ms since the start.
+    pub last_video_frame_ms: Option<u64>,
 }
 
 /// The mean luma of each cell of an `n` x `n` grid over `frame`, row by row.
@@ -252,6 +266,8 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
     let mut left = false;
     // The audio-only switch's next move (at, on), once connected.
     let mut switch: Option<(tokio::time::Instant, bool)> = None;
+    // When to play the network change, once connected.
+    let mut handover: Option<tokio::time::Instant> = None;
     // SIGUSR1 plays the host app's network-change signal (NWPathMonitor, ConnectivityManager).
     #[cfg(unix)]
     let mut network_changed =
@@ -277,6 +293,9 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                                     report.connected = true;
                                     report.time_to_connect_ms = Some(ms);
                                     deadline = tokio::time::Instant::now() + options.duration;
+                                    handover = options
+                                        .network_change_after
+                                        .map(|after| tokio::time::Instant::now() + after);
                                     switch = options.audio_only_between.map(|(on, _)| {
                                         (tokio::time::Instant::now() + on, true)
                                     });
@@ -297,6 +316,10 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     }
                     CallEvent::AudioOnly { on, .. } => {
                         report.audio_only.push((started.elapsed().as_millis() as u64, on));
+                    }
+                    CallEvent::ActiveSpeaker(speaker) => {
+                        let ms = started.elapsed().as_millis() as u64;
+                        report.active_speakers.push((ms, speaker.map(|p| p.0)));
                     }
                     CallEvent::Chat { text, outgoing: false, .. } => {
                         report.chat_received += 1;
@@ -339,6 +362,11 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     }
                     _ => {}
                 }
+            }
+            _ = sleep_until_some(handover) => {
+                handover = None;
+                report.network_changed_ms = Some(started.elapsed().as_millis() as u64);
+                client.handle.send(UserCommand::NetworkChanged);
             }
             _ = sleep_until_some(switch.map(|(at, _)| at)) => {
                 let on = switch.map(|(_, on)| on).unwrap_or_default();
@@ -397,6 +425,17 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     + rx.audio_frames_red
                     + rx.audio_frames_fec,
                 received_resolution: (rx.width > 0).then_some((rx.width, rx.height)),
+                video_gaps_ms: rx
+                    .video_gaps
+                    .iter()
+                    .map(|(end, gap)| {
+                        let end = end.saturating_duration_since(started).as_millis() as u64;
+                        (end, gap.as_millis() as u64)
+                    })
+                    .collect(),
+                last_video_frame_ms: rx
+                    .last_frame
+                    .map(|t| t.saturating_duration_since(started).as_millis() as u64),
             },
         );
     }

@@ -242,6 +242,34 @@ pub struct Core {
     video_q: VecDeque<Forward>,
     dirty: Vec<usize>,
     counters: Arc<Counters>,
+    #[cfg(feature = "payload-tap")]
+    taps: FxHashMap<String, PayloadTap>,
+}
+
+/// The first payloads the SFU forwarded in a room, as they went out (feature `payload-tap`,
+/// which only the tests enable: a server built on its own cannot record media). The tests use
+/// it to show that with SFrame what the SFU forwards is ciphertext.
+#[cfg(feature = "payload-tap")]
+#[derive(Clone, Debug, Default)]
+pub struct PayloadTap {
+    limit: usize,
+    /// Opus packets (or their SFrame ciphertext), as forwarded.
+    pub audio: Vec<Vec<u8>>,
+    /// H.264 access units (or their SFrame ciphertext), as forwarded.
+    pub video: Vec<Vec<u8>>,
+}
+
+#[cfg(feature = "payload-tap")]
+impl PayloadTap {
+    fn record(&mut self, kind: MediaKind, payload: &[u8]) {
+        let frames = match kind {
+            MediaKind::Audio => &mut self.audio,
+            MediaKind::Video => &mut self.video,
+        };
+        if frames.len() < self.limit {
+            frames.push(payload.to_vec());
+        }
+    }
 }
 
 /// Logs one of str0m's per-media stats (ingress and egress have the same fields) on the
@@ -280,7 +308,27 @@ impl Core {
             video_q: VecDeque::new(),
             dirty: Vec::new(),
             counters,
+            #[cfg(feature = "payload-tap")]
+            taps: FxHashMap::default(),
         }
+    }
+
+    /// Starts recording the first `limit` audio and video payloads forwarded in `room`.
+    #[cfg(feature = "payload-tap")]
+    pub fn tap(&mut self, room: &str, limit: usize) {
+        self.taps.insert(
+            room.to_owned(),
+            PayloadTap {
+                limit,
+                ..PayloadTap::default()
+            },
+        );
+    }
+
+    /// What the tap of `room` recorded so far (it stops recording).
+    #[cfg(feature = "payload-tap")]
+    pub fn take_tap(&mut self, room: &str) -> Option<PayloadTap> {
+        self.taps.remove(room)
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -852,6 +900,10 @@ impl Core {
         let Some(room) = self.peers[f.from].as_ref().map(|p| p.room.clone()) else {
             return;
         };
+        #[cfg(feature = "payload-tap")]
+        if let Some(tap) = self.taps.get_mut(&room) {
+            tap.record(f.kind, &f.data.data);
+        }
         let members = self.rooms.get(&room).cloned().unwrap_or_default();
         for m in members {
             if m == f.from {

@@ -74,6 +74,16 @@ enum Cmd {
         room: String,
         reply: oneshot::Sender<Vec<(String, ParticipantStats)>>,
     },
+    #[cfg(feature = "payload-tap")]
+    Tap {
+        room: String,
+        limit: usize,
+    },
+    #[cfg(feature = "payload-tap")]
+    TakeTap {
+        room: String,
+        reply: oneshot::Sender<Option<crate::core::PayloadTap>>,
+    },
     Shutdown,
 }
 
@@ -274,6 +284,29 @@ impl SfuHandle {
         }
         rx.await.unwrap_or_default()
     }
+
+    /// Records the first `limit` audio and video payloads forwarded in `room`
+    /// ([`crate::core::PayloadTap`], tests only).
+    #[cfg(feature = "payload-tap")]
+    pub fn tap(&self, room: &str, limit: usize) {
+        self.send(Cmd::Tap {
+            room: room.to_owned(),
+            limit,
+        });
+    }
+
+    /// What the tap of `room` recorded (`None`: no tap there).
+    #[cfg(feature = "payload-tap")]
+    pub async fn take_tap(&self, room: &str) -> Option<crate::core::PayloadTap> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Cmd::TakeTap {
+            room: room.to_owned(),
+            reply,
+        }) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
 }
 
 fn run(
@@ -321,6 +354,12 @@ fn run(
                 }
                 Ok(Cmd::RoomStats { room, reply }) => {
                     let _ = reply.send(core.room_stats(&room));
+                }
+                #[cfg(feature = "payload-tap")]
+                Ok(Cmd::Tap { room, limit }) => core.tap(&room, limit),
+                #[cfg(feature = "payload-tap")]
+                Ok(Cmd::TakeTap { room, reply }) => {
+                    let _ = reply.send(core.take_tap(&room));
                 }
                 Ok(Cmd::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return,
                 Err(mpsc::TryRecvError::Empty) => break,

@@ -1,16 +1,19 @@
 //! Group consultations through the server's SFU (`bedside-sfu`): four probes (doctor,
 //! clinician, interpreter, patient) in one consultation, each decoding every other's video and
-//! hearing their audio, with the patient's uplink carrying its media once; and a 1:1 call that
-//! moves to the SFU when a third participant joins, without dropping the call.
+//! hearing their audio, with the patient's uplink carrying its media once and everyone told who
+//! the active speaker is; with SFrame, the payloads the SFU forwarded (tapped there) are
+//! ciphertext; a 1:1 call that moves to the SFU when a third participant joins, without
+//! dropping the call; a participant's handover (ICE restart with the SFU) that drops nobody;
+//! and a participant who reaches the SFU only through the TURN relay.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use bedside_probe::{ProbeOptions, Report, run};
-use bedside_protocol::JoinAuth;
+use bedside_protocol::{CandidatePairType, JoinAuth};
 use bedside_sfu::ParticipantStats;
-use bedside_tests::{TestServer, test_config, with_sfu};
+use bedside_tests::{TestServer, test_config, with_sfu, with_turn};
 
 /// Logs for a failing run: `RUST_LOG=bedside_sfu::hops=debug` shows the SFU's per-hop counts.
 fn logs() {
@@ -119,10 +122,59 @@ async fn four_participants_each_receive_every_other_through_the_sfu() -> Result<
 }
 
 /// The same with end-to-end encryption: the SFU forwards SFrame-encrypted frames it cannot
-/// read, and every participant decrypts every other.
+/// read (its first forwarded payloads, tapped, decode as neither H.264 nor Opus), and every
+/// participant decrypts every other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_participants_with_sframe_decrypt_every_other_through_the_sfu() -> Result<()> {
     four_through_the_sfu(true).await
+}
+
+/// How many forwarded frames of each kind the SFrame run taps at the SFU.
+const TAPPED: usize = 60;
+
+/// What the SFU forwarded in an SFrame call, as it went out, is ciphertext: the H.264 access
+/// units keep their NAL headers (the SFU still finds keyframes) but decode into no picture,
+/// and the Opus packets decode into noise, not the participants' tones; the receivers decoded
+/// the same frames (the caller checked it).
+fn forwarded_ciphertext_only(tap: &bedside_sfu::core::PayloadTap) -> Result<()> {
+    use bedside_client_core::e2ee::frame::nal_units;
+    use bedside_client_core::media::{
+        DOCTOR_TONE_HZ, H264Decoder, OpusDecoder, PATIENT_TONE_HZ, detect_tone,
+    };
+    ensure!(
+        tap.video.len() == TAPPED && tap.audio.len() == TAPPED,
+        "tapped {} video and {} audio frames",
+        tap.video.len(),
+        tap.audio.len()
+    );
+    let mut decoder = H264Decoder::new()?;
+    let (mut pictures, mut keyframes) = (0, 0);
+    for au in &tap.video {
+        let nals = nal_units(au);
+        ensure!(!nals.is_empty(), "a forwarded access unit has no NAL unit");
+        keyframes += nals.iter().filter(|n| n[0] & 0x1f == 5).count();
+        if let Ok(Some(_)) = decoder.decode(au, 0) {
+            pictures += 1;
+        }
+    }
+    ensure!(keyframes > 0, "the SFU could not have found keyframes");
+    ensure!(pictures == 0, "{pictures} forwarded access units decoded");
+    // Noise fed to the tone detector finds a tone now and then by chance (seen: 1 in 60).
+    let mut opus = OpusDecoder::new()?;
+    let toned = tap
+        .audio
+        .iter()
+        .filter(|p| {
+            opus.decode_frame(p, 0).is_ok_and(|f| {
+                detect_tone(&f.samples[..], &[DOCTOR_TONE_HZ, PATIENT_TONE_HZ]).is_some()
+            })
+        })
+        .count();
+    ensure!(
+        toned <= 3,
+        "{toned} of {TAPPED} forwarded Opus packets played a participant's tone"
+    );
+    Ok(())
 }
 
 async fn four_through_the_sfu(e2ee: bool) -> Result<()> {
@@ -131,6 +183,10 @@ async fn four_through_the_sfu(e2ee: bool) -> Result<()> {
     let server = TestServer::start_with(with_sfu(test_config())).await?;
     let c = server.create_consultation().await?;
     let watch = watch_sfu(&server, c.consultation_id.0.clone());
+    let sfu = server.sfu.clone().expect("the SFU runs");
+    if e2ee {
+        sfu.tap(&c.consultation_id.0, TAPPED);
+    }
     let mut probes = Vec::new();
     for who in ["doctor", "clinician", "interpreter", "patient"] {
         let auth = match who {
@@ -173,6 +229,14 @@ async fn four_through_the_sfu(e2ee: bool) -> Result<()> {
         if let Some(m2e) = r.mouth_to_ear_ms_p95 {
             ensure!(m2e < 1000.0, "{who}: mouth to ear p95 {m2e} ms");
         }
+        // Its own link's quality, from the SFU connection's statistics (once dropped: a group
+        // consult reported none, to the UI or the dashboard).
+        ensure!(
+            r.rtt_ms_p50.is_some() && r.candidate_pair == Some(CandidatePairType::Host),
+            "{who} reported no quality of its link to the SFU: rtt {:?}, pairs {:?}",
+            r.rtt_ms_p50,
+            r.candidate_pairs
+        );
         if e2ee {
             ensure!(
                 r.e2ee_frames_encrypted > 0 && r.e2ee_frames_decrypted > 0,
@@ -189,6 +253,32 @@ async fn four_through_the_sfu(e2ee: bool) -> Result<()> {
                 r.e2ee_frames_decrypted
             );
         }
+    }
+    // The active speaker: every client marks its audio packets with their level (RFC 6464),
+    // the SFU picks the loudest, and everyone is told who it is (all four tones are equally
+    // loud, so which one it picks is not asserted; that it is one of the four is).
+    let seated: Vec<String> = reports
+        .values()
+        .filter_map(|r| r.participant_id.clone())
+        .collect();
+    for (who, r) in &reports {
+        let named: Vec<&String> = r
+            .active_speakers
+            .iter()
+            .filter_map(|(_, p)| p.as_ref())
+            .collect();
+        ensure!(
+            !named.is_empty() && named.iter().all(|p| seated.contains(p)),
+            "{who} was told these active speakers: {:?} (seated: {seated:?})",
+            r.active_speakers
+        );
+    }
+    if e2ee {
+        let tap = sfu
+            .take_tap(&c.consultation_id.0)
+            .await
+            .expect("the tap ran");
+        forwarded_ciphertext_only(&tap)?;
     }
     // The patient's uplink: about one publication's worth, not one per other participant.
     let stats = watch.await?;
@@ -248,5 +338,142 @@ async fn a_third_participant_moves_a_one_to_one_call_to_the_sfu() -> Result<()> 
     check_hears_and_sees_all("clinician", &clinician, 2)?;
     let stats = watch.await?;
     ensure!(stats.len() == 3, "all three went to the SFU: {stats:?}");
+    Ok(())
+}
+
+/// A participant's handover in a group consult through the SFU: 4 s into the call the
+/// patient's client is told its network changed (as the phone's OS says after a Wi-Fi to
+/// cellular switch: signaling resumes the seat, ICE restarts with the SFU), and nobody drops.
+/// Everyone ends by leaving; the patient's picture freezes at the others for under 2.5 s
+/// around the change and keeps moving to the end, and the patient keeps seeing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_s_handover_through_the_sfu_drops_nobody() -> Result<()> {
+    let _one = ONE_CALL.lock().await;
+    logs();
+    let server = TestServer::start_with(with_sfu(test_config())).await?;
+    let c = server.create_consultation().await?;
+    let token = clinician_token(&server, &c.consultation_id.0).await?;
+    let doctor = tokio::spawn(run(options(
+        &server,
+        JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        12,
+    )));
+    let clinician = tokio::spawn(run(options(&server, JoinAuth::Token { token }, 12)));
+    // The patient comes third, so the call is on the SFU by the time they connect.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let patient = tokio::spawn(run(ProbeOptions {
+        network_change_after: Some(Duration::from_secs(4)),
+        ..options(
+            &server,
+            JoinAuth::InviteCode {
+                code: c.invite_code.clone(),
+            },
+            12,
+        )
+    }));
+    let (patient, doctor, clinician) = (patient.await??, doctor.await??, clinician.await??);
+    let reports = [
+        ("patient", &patient),
+        ("doctor", &doctor),
+        ("clinician", &clinician),
+    ];
+    for (who, r) in reports {
+        summary(who, r);
+        check_hears_and_sees_all(who, r, 2)?;
+        ensure!(r.ended.as_deref() == Some("Left"), "{who} dropped: {r:?}");
+    }
+    let changed = patient
+        .network_changed_ms
+        .expect("the network change was played");
+    ensure!(
+        patient.reconnections >= 1,
+        "the handover resumed the seat: {:?}",
+        patient.states
+    );
+    let patient_id = patient.participant_id.clone().expect("seated");
+    // Whose picture each one watched across the change: the others watch the patient's, the
+    // patient everyone's.
+    let mut watched = Vec::new();
+    for (who, r) in [("doctor", &doctor), ("clinician", &clinician)] {
+        watched.push((who, "patient", &r.remotes[&patient_id]));
+    }
+    for m in patient.remotes.values() {
+        watched.push(("patient", "another", m));
+    }
+    for (who, whose, m) in watched {
+        let froze = m
+            .video_gaps_ms
+            .iter()
+            .filter(|(end, _)| *end >= changed)
+            .map(|(_, gap)| *gap)
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "{who} watching the {whose}: longest freeze after the change {froze} ms, last frame at {:?} ms (change at {changed} ms)",
+            m.last_video_frame_ms
+        );
+        ensure!(
+            froze < 2500,
+            "{who}: the {whose}'s picture froze {froze} ms after the change: {:?}",
+            m.video_gaps_ms
+        );
+        ensure!(
+            m.last_video_frame_ms.is_some_and(|t| t > changed + 4000),
+            "{who}: the {whose}'s picture stopped at {:?} ms (change at {changed} ms)",
+            m.last_video_frame_ms
+        );
+    }
+    Ok(())
+}
+
+/// A participant whose network lets only the relay through (the patient's client gathers
+/// relay candidates only) reaches the SFU through the bundled TURN relay, and the group
+/// consult works both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_behind_the_relay_reaches_the_sfu() -> Result<()> {
+    let _one = ONE_CALL.lock().await;
+    logs();
+    let server = TestServer::start_with(with_turn(with_sfu(test_config()))).await?;
+    let c = server.create_consultation().await?;
+    let token = clinician_token(&server, &c.consultation_id.0).await?;
+    let doctor = tokio::spawn(run(options(
+        &server,
+        JoinAuth::Token {
+            token: c.doctor_token.clone(),
+        },
+        8,
+    )));
+    let clinician = tokio::spawn(run(options(&server, JoinAuth::Token { token }, 8)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let patient = tokio::spawn(run(ProbeOptions {
+        relay_only: true,
+        ..options(
+            &server,
+            JoinAuth::InviteCode {
+                code: c.invite_code.clone(),
+            },
+            8,
+        )
+    }));
+    let (patient, doctor, clinician) = (patient.await??, doctor.await??, clinician.await??);
+    for (who, r) in [
+        ("patient", &patient),
+        ("doctor", &doctor),
+        ("clinician", &clinician),
+    ] {
+        summary(who, r);
+        check_hears_and_sees_all(who, r, 2)?;
+    }
+    eprintln!(
+        "patient's pairs {:?}, transports {:?}",
+        patient.candidate_pairs, patient.transports
+    );
+    ensure!(
+        patient.candidate_pair == Some(CandidatePairType::Relay),
+        "the patient reached the SFU through the relay: {:?}",
+        patient.candidate_pairs
+    );
     Ok(())
 }

@@ -443,11 +443,40 @@ impl AudioFrame {
             capture_us,
         })
     }
+
+    /// The frame's loudness as RFC 6464 carries it: −dBov from 0 (a full-scale square wave)
+    /// to 127 (silence), from the RMS of the samples. What the SFU compares to pick the active
+    /// speaker; a full-scale sine is 3, speech at a normal level about 20 to 30.
+    pub fn level_dbov(&self) -> u8 {
+        let energy: f64 = self.samples.iter().map(|&s| f64::from(s).powi(2)).sum();
+        let rms = (energy / FRAME_SAMPLES as f64).sqrt() / 32768.0;
+        if rms <= 0.0 {
+            return 127;
+        }
+        (-20.0 * rms.log10()).round().clamp(0.0, 127.0) as u8
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audio_level_is_minus_dbov_of_the_rms() {
+        assert_eq!(AudioFrame::silence(0).level_dbov(), 127);
+        let sine = |amplitude: f64| {
+            let samples: Vec<i16> = (0..FRAME_SAMPLES)
+                .map(|i| (amplitude * (i as f64 * 0.05).sin()) as i16)
+                .collect();
+            AudioFrame::from_slice(&samples, 0).unwrap().level_dbov()
+        };
+        // A sine's RMS is its amplitude over √2: −3 dB at full scale, 20 dB less per tenth.
+        assert_eq!(sine(32767.0), 3);
+        assert_eq!(sine(3276.7), 23);
+        assert_eq!(sine(327.67), 43);
+        // Quieter than RFC 6464 can say: as silent as it gets.
+        assert_eq!(sine(0.4), 127);
+    }
 
     #[test]
     fn bgrx_converts_as_rgb_does() {

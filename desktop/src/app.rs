@@ -1,7 +1,8 @@
-//! The eframe app: drains events into the model at the start of each frame, uploads the newest
-//! remote frame if there is one, draws the view, and carries out the commands it returned.
+//! The eframe app: drains events into the model at the start of each frame, uploads each other
+//! participant's newest frame where there is one, draws the view, and carries out the commands it returned.
 //! Anything slow (server start-up, HTTP, the call client) runs on the tokio runtime.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -52,8 +53,8 @@ struct Session {
     preview_seen: u64,
 }
 
+/// One participant's decoded video, and the newest frame of it uploaded so far.
 struct RemoteSink {
-    peer: ParticipantId,
     sink: Arc<LatestFrame>,
     seen: u64,
 }
@@ -71,7 +72,8 @@ pub struct DesktopApp {
     /// The number of the latest session started ([`clinic::start_doctor`]); messages of
     /// earlier ones are ignored.
     session_number: u64,
-    remote: Option<RemoteSink>,
+    /// Every other participant's video (a tile each in a group consult).
+    remote: HashMap<ParticipantId, RemoteSink>,
     clinic_stop: Option<oneshot::Sender<()>>,
     /// The local clinic's administration API (today's consultations).
     admin: Option<AdminApi>,
@@ -131,7 +133,7 @@ impl DesktopApp {
             video: VideoView::default(),
             session: None,
             session_number: 0,
-            remote: None,
+            remote: HashMap::new(),
             clinic_stop: None,
             admin: None,
             consultations_fetched: None,
@@ -282,6 +284,7 @@ impl DesktopApp {
                     }
                 });
             }
+            UiCommand::Pin(peer) => self.model.pinned = peer,
             UiCommand::StopSharing => {
                 if self.model.sharing.take().is_some() {
                     // The chosen camera (or the test pattern) replaces the capture, which
@@ -390,7 +393,7 @@ impl DesktopApp {
             session.handle.send(UserCommand::Leave);
         }
         self.speaker = None;
-        self.remote = None;
+        self.remote.clear();
         self.video = VideoView::default();
         #[cfg(feature = "test-hooks")]
         self.options.test_hooks.session_started();
@@ -600,48 +603,54 @@ impl DesktopApp {
         }
     }
 
-    /// Uploads the remote participant's newest frame if it changed since the last one shown.
+    /// Uploads every other participant's newest frame where it changed since the last one
+    /// shown: the one shown large and, in a group consult, each tile.
     fn update_video(&mut self) {
-        let Some(peer) = self.model.remote().map(|p| p.participant_id.clone()) else {
-            self.remote = None;
-            self.video.remote = None;
-            return;
-        };
-        if self.remote.as_ref().is_none_or(|r| r.peer != peer) {
-            self.video.remote = None;
-            self.remote = self
-                .session
-                .as_ref()
-                .and_then(|s| s.received.video(&peer))
-                .map(|sink| {
-                    let waker = self.ctx.clone();
-                    sink.set_waker(move || waker.request_repaint());
-                    RemoteSink {
-                        peer,
-                        sink,
-                        seen: 0,
-                    }
-                });
-            if self.remote.is_none() {
-                // The sink appears with the first media; look again soon.
-                self.ctx.request_repaint_after(Duration::from_millis(250));
-                return;
+        let present: HashSet<&ParticipantId> =
+            self.model.peers.iter().map(|p| &p.participant_id).collect();
+        self.remote.retain(|peer, _| present.contains(peer));
+        self.video.remote.retain(|peer, _| present.contains(peer));
+        let main = self.model.main_peer().map(|p| p.participant_id.clone());
+        let mut missing = false;
+        let peers: Vec<ParticipantId> = self
+            .model
+            .peers
+            .iter()
+            .map(|p| p.participant_id.clone())
+            .collect();
+        for peer in peers {
+            if !self.remote.contains_key(&peer) {
+                let Some(sink) = self.session.as_ref().and_then(|s| s.received.video(&peer)) else {
+                    missing = true;
+                    continue;
+                };
+                let waker = self.ctx.clone();
+                sink.set_waker(move || waker.request_repaint());
+                self.remote
+                    .insert(peer.clone(), RemoteSink { sink, seen: 0 });
+            }
+            let remote = self.remote.get_mut(&peer).expect("inserted above");
+            let Some((seq, frame)) = remote.sink.newer_than(remote.seen) else {
+                continue;
+            };
+            remote.seen = seq;
+            let mut slot = self.video.remote.remove(&peer);
+            let name = format!("remote-video-{}", peer.0);
+            let shown = show_frame(&self.ctx, &mut slot, &name, frame.as_deref());
+            if let Some(texture) = slot {
+                self.video.remote.insert(peer.clone(), texture);
+            }
+            if shown {
+                *self.model.frames_shown.entry(peer.clone()).or_default() += 1;
+                if main.as_ref() == Some(&peer) {
+                    self.model.remote_frames_shown += 1;
+                    self.model.remote_size = frame.map(|f| (f.width(), f.height()));
+                }
             }
         }
-        let Some(remote) = &mut self.remote else {
-            return;
-        };
-        if let Some((seq, frame)) = remote.sink.newer_than(remote.seen) {
-            remote.seen = seq;
-            if show_frame(
-                &self.ctx,
-                &mut self.video.remote,
-                "remote-video",
-                frame.as_deref(),
-            ) {
-                self.model.remote_frames_shown += 1;
-                self.model.remote_size = frame.map(|f| (f.width(), f.height()));
-            }
+        if missing {
+            // A sink appears with the participant's first media; look again soon.
+            self.ctx.request_repaint_after(Duration::from_millis(250));
         }
     }
 

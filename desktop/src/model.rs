@@ -1,7 +1,7 @@
 //! The app's pure state: what the UI shows, updated only by [`AppModel::apply`] (events from
 //! `bedside-client-core`) and a few app-level notes (clinic started, failure). No I/O, no egui.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use bedside_client_core::call::{CallEvent, CallState, EndReason, UserCommand};
@@ -52,6 +52,8 @@ pub enum UiCommand {
     ShareScreen(String),
     /// Stop sharing: the camera again.
     StopSharing,
+    /// Show this participant large whoever speaks (`None`: follow the speaker again).
+    Pin(Option<ParticipantId>),
     /// Pass a command to the call (admit, deny, mute, camera, audio only, leave).
     Call(UserCommand),
     /// Back to the connect screen after a call ended or failed.
@@ -164,9 +166,17 @@ pub struct AppModel {
     pub last_stats: Option<StatsReport>,
     /// The last non-fatal error, or why connecting failed.
     pub error: Option<String>,
-    /// Remote video frames uploaded to the screen so far (set by the app).
+    /// The participant the SFU last heard speaking most (a group consult): shown large. It
+    /// stays through silences (`ActiveSpeaker(None)`) so the picture does not jump back and
+    /// forth between pauses.
+    pub active_speaker: Option<ParticipantId>,
+    /// Shown large whoever speaks, at the doctor's click on their tile.
+    pub pinned: Option<ParticipantId>,
+    /// Remote video frames uploaded for whoever is shown large, so far (set by the app).
     pub remote_frames_shown: u64,
     pub remote_size: Option<(u32, u32)>,
+    /// Video frames uploaded per participant, large or in a tile (set by the app).
+    pub frames_shown: HashMap<ParticipantId, u64>,
     /// Self-view frames uploaded so far (set by the app).
     pub self_frames_shown: u64,
     /// The chat, oldest first (memory only).
@@ -221,8 +231,11 @@ impl Default for AppModel {
             stats: StatsHistory::default(),
             last_stats: None,
             error: None,
+            active_speaker: None,
+            pinned: None,
             remote_frames_shown: 0,
             remote_size: None,
+            frames_shown: HashMap::new(),
             self_frames_shown: 0,
             chat: Vec::new(),
             chat_notice: None,
@@ -276,6 +289,13 @@ impl AppModel {
             CallEvent::PeerLeft { participant_id, .. } => {
                 self.peers.retain(|p| p.participant_id != participant_id);
                 self.peers_reconnecting.remove(&participant_id);
+                self.frames_shown.remove(&participant_id);
+                if self.active_speaker.as_ref() == Some(&participant_id) {
+                    self.active_speaker = None;
+                }
+                if self.pinned.as_ref() == Some(&participant_id) {
+                    self.pinned = None;
+                }
             }
             CallEvent::PeerReconnecting(pid) => {
                 self.peers_reconnecting.insert(pid);
@@ -320,8 +340,13 @@ impl AppModel {
                 self.chat_notice = Some(format!("Message not delivered: {reason}"));
             }
             CallEvent::SafetyCode(code) => self.safety_code = Some(code),
-            // The SFU's active speaker: the grid that shows it large is not built yet.
-            CallEvent::ActiveSpeaker(_) => {}
+            CallEvent::ActiveSpeaker(Some(speaker)) => {
+                if self.me.as_ref() != Some(&speaker) {
+                    self.active_speaker = Some(speaker);
+                }
+            }
+            // Silence: whoever spoke last stays large.
+            CallEvent::ActiveSpeaker(None) => {}
             CallEvent::Error { code, message } => {
                 self.error = Some(format!("{code:?}: {message}"));
             }
@@ -347,12 +372,27 @@ impl AppModel {
         }
     }
 
-    /// The remote participant shown large: the first patient, else anyone.
-    pub fn remote(&self) -> Option<&Peer> {
+    /// The participant shown large: the one the doctor pinned, else whoever the SFU last heard
+    /// speaking, else the first patient, else anyone.
+    pub fn main_peer(&self) -> Option<&Peer> {
+        let find = |id: &Option<ParticipantId>| {
+            id.as_ref()
+                .and_then(|id| self.peers.iter().find(|p| &p.participant_id == id))
+        };
+        find(&self.pinned)
+            .or_else(|| find(&self.active_speaker))
+            .or_else(|| self.peers.iter().find(|p| p.role == Role::Patient))
+            .or_else(|| self.peers.first())
+    }
+
+    /// Everyone else in a group consult, in the order they joined: the tiles under the large
+    /// picture (none in a 1:1 call).
+    pub fn tile_peers(&self) -> Vec<&Peer> {
+        let main = self.main_peer().map(|p| &p.participant_id);
         self.peers
             .iter()
-            .find(|p| p.role == Role::Patient)
-            .or_else(|| self.peers.first())
+            .filter(|p| Some(&p.participant_id) != main)
+            .collect()
     }
 
     /// Whether the last stats sample says the patient's network is poor.
@@ -443,9 +483,28 @@ impl AppModel {
             CallState::Reconnecting => out.push("Reconnecting…".to_owned()),
             _ => {}
         }
-        if !self.peers_reconnecting.is_empty() {
-            out.push("The patient's connection dropped: holding their seat".to_owned());
-        }
+        // Who dropped, by name in a group consult (a patient is "the patient" in any call).
+        let mut dropped: Vec<String> = self
+            .peers_reconnecting
+            .iter()
+            .map(|id| {
+                let peer = self.peers.iter().find(|p| &p.participant_id == id);
+                match peer.map(|p| (p.role, p.display_name.as_deref())) {
+                    Some((Role::Patient, _)) | None => {
+                        "The patient's connection dropped: holding their seat".to_owned()
+                    }
+                    Some((_, Some(name))) => {
+                        format!("{name}'s connection dropped: holding their seat")
+                    }
+                    Some((_, None)) => {
+                        "A participant's connection dropped: holding their seat".to_owned()
+                    }
+                }
+            })
+            .collect();
+        dropped.sort();
+        dropped.dedup();
+        out.extend(dropped);
         match self.audio_only {
             Some(true) => out.push("Audio only".to_owned()),
             Some(false) => out.push("Audio only: the network is too weak for video".to_owned()),
@@ -498,6 +557,12 @@ impl AppModel {
             "peers": self.peers.len(),
             "remote_frames_shown": self.remote_frames_shown,
             "remote_size": self.remote_size,
+            // Roles and counts only: a grid of names would be a list of who is in the call.
+            "main_peer_role": self.main_peer().map(|p| format!("{:?}", p.role)),
+            "main_is_active_speaker": self.active_speaker.is_some()
+                && self.main_peer().map(|p| &p.participant_id) == self.active_speaker.as_ref(),
+            "tiles": self.tile_peers().len(),
+            "peers_with_video": self.frames_shown.values().filter(|n| **n > 0).count(),
             "self_frames_shown": self.self_frames_shown,
             "chat_lines": self.chat.len(),
             "quality": self.quality().map(|q| format!("{q:?}")),

@@ -1,8 +1,10 @@
 //! The screens. `view` draws an [`AppModel`] and returns what was clicked as [`UiCommand`]s; it
 //! never blocks, never talks to the network and never changes call state itself.
 
+use std::collections::HashMap;
+
 use bedside_client_core::call::{CallState, UserCommand};
-use bedside_protocol::ParticipantId;
+use bedside_protocol::{ParticipantId, Peer, Role};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, Ui};
 use egui_plot::{Line, Plot};
 
@@ -65,7 +67,8 @@ pub fn apply_style(ctx: &egui::Context) {
 /// Textures the app uploaded for this frame (none in UI tests).
 #[derive(Default)]
 pub struct VideoView {
-    pub remote: Option<TextureHandle>,
+    /// Every other participant's latest picture (absent until it arrives).
+    pub remote: HashMap<ParticipantId, TextureHandle>,
     /// What we send (the self view).
     pub local: Option<TextureHandle>,
 }
@@ -447,9 +450,21 @@ fn in_call_screen(
                 });
         }
         ui.horizontal(|ui| {
-            if let Some(peer) = model.remote() {
-                let name = peer.display_name.as_deref().unwrap_or("Patient");
-                ui.label(RichText::new(name).strong());
+            if let Some(peer) = model.main_peer() {
+                ui.label(RichText::new(peer_name(peer)).strong());
+                if model.pinned.is_some() {
+                    if ui
+                        .button("Follow the speaker")
+                        .on_hover_text("Show whoever speaks large again")
+                        .clicked()
+                    {
+                        out.push(UiCommand::Pin(None));
+                    }
+                } else if model.peers.len() > 1
+                    && model.active_speaker.as_ref() == Some(&peer.participant_id)
+                {
+                    ui.label(RichText::new("speaking").color(SPEAKING));
+                }
             }
             if let Some(q) = model.quality() {
                 let (color, text) = match q {
@@ -465,18 +480,109 @@ fn in_call_screen(
                 }
             }
         });
+        let tiles = model.tile_peers();
+        if !tiles.is_empty() {
+            egui::Panel::bottom("tiles")
+                .resizable(false)
+                .show_separator_line(false)
+                .show(ui, |ui| tile_strip(ui, model, video, &tiles, out));
+        }
         remote_video(ui, model, video);
     });
 }
 
-/// The patient's picture, centred and as large as the panel allows, with the self view small
-/// in its bottom-right corner.
+/// The outline of whoever the SFU hears speaking.
+const SPEAKING: Color32 = Color32::from_rgb(60, 170, 80);
+
+/// A participant as the screen names them: their display name, else their role.
+fn peer_name(peer: &Peer) -> &str {
+    peer.display_name.as_deref().unwrap_or(match peer.role {
+        Role::Patient => "Patient",
+        Role::Doctor => "Doctor",
+        Role::Clinician => "Clinician",
+    })
+}
+
+/// A group consult's other participants, a tile each under the large picture (the active
+/// speaker's outlined); a click on a tile shows that participant large until "Follow the
+/// speaker".
+fn tile_strip(
+    ui: &mut Ui,
+    model: &AppModel,
+    video: &VideoView,
+    tiles: &[&Peer],
+    out: &mut Vec<UiCommand>,
+) {
+    ui.add_space(6.0);
+    ui.horizontal(|ui| {
+        for peer in tiles {
+            let size = egui::vec2(192.0, 108.0);
+            let (rect, response) = ui.allocate_exact_size(size, egui::Sense::click());
+            let painter = ui.painter_at(rect);
+            painter.rect_filled(rect, 4.0, Color32::from_gray(30));
+            match (video.remote.get(&peer.participant_id), model.audio_only) {
+                (Some(tex), None) => {
+                    let [w, h] = tex.size().map(|s| s.max(1) as f32);
+                    let scale = (rect.width() / w).min(rect.height() / h);
+                    let fit = egui::Rect::from_center_size(
+                        rect.center(),
+                        egui::vec2(w * scale, h * scale),
+                    );
+                    egui::Image::new((tex.id(), fit.size())).paint_at(ui, fit);
+                }
+                (_, audio_only) => {
+                    let text = if audio_only.is_some() {
+                        "Audio only"
+                    } else {
+                        "No video yet"
+                    };
+                    ui.put(
+                        rect.shrink(8.0),
+                        egui::Label::new(RichText::new(text).color(Color32::from_gray(200)))
+                            .selectable(false),
+                    );
+                }
+            }
+            // The name on a dark band, legible over any picture.
+            let band =
+                egui::Rect::from_min_max(egui::pos2(rect.min.x, rect.max.y - 22.0), rect.max);
+            painter.rect_filled(band, 0.0, Color32::from_black_alpha(200));
+            ui.put(
+                band.shrink2(egui::vec2(6.0, 0.0)),
+                egui::Label::new(RichText::new(peer_name(peer)).color(Color32::WHITE))
+                    .truncate()
+                    .selectable(false),
+            );
+            if model.active_speaker.as_ref() == Some(&peer.participant_id) {
+                painter.rect_stroke(
+                    rect,
+                    4.0,
+                    egui::Stroke::new(3.0, SPEAKING),
+                    egui::StrokeKind::Inside,
+                );
+            }
+            let action = format!("Show {} large", peer_name(peer));
+            response.widget_info(|| {
+                egui::WidgetInfo::labeled(egui::Role::Button, true, action.clone())
+            });
+            if response.on_hover_text(action.as_str()).clicked() {
+                out.push(UiCommand::Pin(Some(peer.participant_id.clone())));
+            }
+        }
+    });
+}
+
+/// The picture of whoever is shown large (the patient in a 1:1 call), centred and as large as
+/// the panel allows, with the self view small in its bottom-right corner.
 fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
     let area = ui.available_rect_before_wrap();
     ui.allocate_rect(area, egui::Sense::hover());
     let painter = ui.painter_at(area);
     painter.rect_filled(area, 4.0, Color32::from_gray(20));
-    match (&video.remote, model.audio_only.is_some()) {
+    let main = model
+        .main_peer()
+        .and_then(|p| video.remote.get(&p.participant_id));
+    match (main, model.audio_only.is_some()) {
         (Some(tex), false) => {
             let [w, h] = tex.size().map(|s| s.max(1) as f32);
             let scale = (area.width() / w).min(area.height() / h).max(0.01);
@@ -485,10 +591,12 @@ fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
             egui::Image::new((tex.id(), rect.size())).paint_at(ui, rect);
         }
         (_, audio_only) => {
-            let text = if audio_only {
-                "Audio only"
-            } else {
-                "Waiting for the patient's video…"
+            let text = match model.main_peer() {
+                _ if audio_only => "Audio only".to_owned(),
+                Some(peer) if peer.role != Role::Patient => {
+                    format!("Waiting for {}'s video…", peer_name(peer))
+                }
+                _ => "Waiting for the patient's video…".to_owned(),
             };
             ui.put(
                 egui::Rect::from_center_size(area.center(), egui::vec2(area.width(), 30.0)),

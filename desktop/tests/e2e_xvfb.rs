@@ -36,18 +36,22 @@ fn read_status(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
-    let Some(xvfb) = on_path("Xvfb") else {
-        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
-        return;
-    };
-    let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
-        bedside_tests::skip("could not start an Xvfb display");
-        return;
-    };
+/// One app (and its Xvfb display) at a time: two would each take half of two cores.
+static ONE_APP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    // The clinic: bedside-server in its own process, as a remote clinic runs it.
+/// A remote clinic for the app to sign in to: bedside-server in its own process, with a doctor
+/// credential the administrator issued and a consultation booked with it.
+struct Clinic {
+    _server: tokio::process::Child,
+    base_url: String,
+    admin_key: &'static str,
+    credential: IssuedCredential,
+    created: CreatedConsultation,
+}
+
+/// Starts the clinic with `extra_toml` appended to its configuration; `None` (the test skips)
+/// where the server binary is not built, which fails under `CI=true`.
+async fn clinic(dir: &Path, extra_toml: &str) -> Option<Clinic> {
     let binary = bedside_tests::netns::workspace_bin("bedside-server");
     if !binary.is_file() {
         let why = format!(
@@ -56,25 +60,23 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         );
         assert!(std::env::var("CI").is_err(), "{why}");
         eprintln!("SKIPPED: {why}");
-        return;
+        return None;
     }
-    let dir = tempfile::tempdir().unwrap();
     let admin_key = "e2e-admin-key-0123456789";
-    let config = dir.path().join("server.toml");
+    let config = dir.join("server.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\ndata-dir = {:?}\nadmin-api-key = \"{admin_key}\"\n\
-             token-secret = \"e2e-token-secret\"\n[turn]\nenabled = false\n",
-            dir.path().join("server-data")
+             token-secret = \"e2e-token-secret\"\n[turn]\nenabled = false\n{extra_toml}",
+            dir.join("server-data")
         ),
     )
     .unwrap();
-    let (_server, base_url) = bedside_tests::spawn_server_process(&binary, &config)
+    let (server, base_url) = bedside_tests::spawn_server_process(&binary, &config)
         .await
         .expect("the server process");
     let http = reqwest::Client::new();
-    // The administrator issues a doctor credential; with it a consultation is booked.
     let credential: IssuedCredential = http
         .post(format!("{base_url}/api/v1/doctor-credentials"))
         .bearer_auth(admin_key)
@@ -95,6 +97,71 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
         .json()
         .await
         .unwrap();
+    Some(Clinic {
+        _server: server,
+        base_url,
+        admin_key,
+        credential,
+        created,
+    })
+}
+
+/// The app binary on `display`, signing in to `clinic` with its credential, opening its
+/// consultation, admitting whoever waits and writing its status to `status`; its log goes to
+/// `dir/app.log`.
+fn start_app(
+    dir: &Path,
+    display: &str,
+    status: &Path,
+    clinic: &Clinic,
+    extra_args: &[&str],
+) -> Reaped {
+    let log = std::fs::File::create(dir.join("app.log")).unwrap();
+    let app = Command::new(env!("CARGO_BIN_EXE_bedside-desktop"))
+        .args(["--udp", "127.0.0.1:0", "--auto-admit"])
+        .args(extra_args)
+        .arg("--status-file")
+        .arg(status)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config-dir")
+        .arg(dir)
+        .env("DISPLAY", display)
+        .env("BEDSIDE_CLINIC_URL", &clinic.base_url)
+        .env("BEDSIDE_CREDENTIAL", &clinic.credential.credential)
+        .env("BEDSIDE_CONSULTATION", &clinic.created.consultation_id.0)
+        .env_remove("BEDSIDE_SERVER_URL")
+        .env_remove("BEDSIDE_TOKEN")
+        .env_remove("BEDSIDE_DEMO")
+        .env_remove("WAYLAND_DISPLAY")
+        .env(
+            "RUST_LOG",
+            "info,bedside_client_core::media=debug,webrtc=warn,rtc=warn,rtc_ice=warn,winit=warn",
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the app");
+    Reaped(Some(app))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
+    let _one = ONE_APP.lock().await;
+    let Some(xvfb) = on_path("Xvfb") else {
+        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
+        return;
+    };
+    let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
+        bedside_tests::skip("could not start an Xvfb display");
+        return;
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let Some(clinic) = clinic(dir.path(), "").await else {
+        return;
+    };
+    let created = &clinic.created;
 
     // The patient: a probe with synthetic 640x360 media, waiting with the invite code.
     let mut patient = bedside_probe::ProbeOptions::new(
@@ -123,37 +190,7 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     )
     .unwrap();
     let status = dir.path().join("status.json");
-    let log = std::fs::File::create(dir.path().join("app.log")).unwrap();
-    let app = Command::new(env!("CARGO_BIN_EXE_bedside-desktop"))
-        .args([
-            "--udp",
-            "127.0.0.1:0",
-            "--auto-admit",
-            "--share-screen",
-            "--status-file",
-        ])
-        .arg(&status)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("--config-dir")
-        .arg(dir.path())
-        .env("DISPLAY", &display)
-        .env("BEDSIDE_CLINIC_URL", &base_url)
-        .env("BEDSIDE_CREDENTIAL", &credential.credential)
-        .env("BEDSIDE_CONSULTATION", &created.consultation_id.0)
-        .env_remove("BEDSIDE_SERVER_URL")
-        .env_remove("BEDSIDE_TOKEN")
-        .env_remove("BEDSIDE_DEMO")
-        .env_remove("WAYLAND_DISPLAY")
-        .env(
-            "RUST_LOG",
-            "info,bedside_client_core::media=debug,webrtc=warn,rtc=warn,rtc_ice=warn,winit=warn",
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start the app");
-    let mut app = Reaped(Some(app));
+    let mut app = start_app(dir.path(), &display, &status, &clinic, &["--share-screen"]);
 
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last = None;
@@ -253,4 +290,111 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     // The screen's own size: the camera ladder's largest rung is 1280x720.
     assert_eq!(report.received_resolution, Some((1280, 800)));
     assert_checkerboard(&report.received_luma_grid);
+}
+
+/// A group consult through the SFU on the doctor's screen: the patient and a clinician (two
+/// probes with their own tones) each have a place with a moving picture, one large and one in
+/// the tile strip, and the one shown large is whoever the SFU names the active speaker (from
+/// the audio levels the clients put on their packets; the doctor's microphone is ALSA's silent
+/// `null` device, so it is one of the two). A screenshot goes to `target/desktop-group.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_app_shows_a_group_consult_with_the_speaker_large_under_xvfb() {
+    let _one = ONE_APP.lock().await;
+    let Some(xvfb) = on_path("Xvfb") else {
+        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
+        return;
+    };
+    let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
+        bedside_tests::skip("could not start an Xvfb display");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sfu = "[sfu]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+    let Some(clinic) = clinic(dir.path(), sfu).await else {
+        return;
+    };
+    let created = &clinic.created;
+    let issued: bedside_server::api::IssuedToken = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/consultations/{}/tokens",
+            clinic.base_url, created.consultation_id.0
+        ))
+        .bearer_auth(clinic.admin_key)
+        .json(&serde_json::json!({ "role": "clinician" }))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("a clinician's token")
+        .json()
+        .await
+        .unwrap();
+    let probe = |auth| {
+        let mut p = bedside_probe::ProbeOptions::new(created.ws_url.clone(), auth);
+        (p.width, p.height, p.bitrate_kbps) = (320, 180, 300);
+        p.duration = Duration::from_secs(60);
+        p.udp_addrs = vec!["127.0.0.1:0".into()];
+        tokio::spawn(bedside_probe::run(p))
+    };
+    let patient = probe(JoinAuth::InviteCode {
+        code: created.invite_code.clone(),
+    });
+    let clinician = probe(JoinAuth::Token {
+        token: issued.token,
+    });
+    std::fs::write(
+        dir.path().join("desktop.toml"),
+        "microphone = \"alsa:null\"\nspeaker = \"alsa:null\"\n",
+    )
+    .unwrap();
+    let status = dir.path().join("status.json");
+    let mut app = start_app(dir.path(), &display, &status, &clinic, &[]);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = None;
+    let shown = loop {
+        if let Some(Ok(Some(exit))) = app.0.as_mut().map(|c| c.try_wait()) {
+            panic!(
+                "the app exited early ({exit}); log:\n{}",
+                std::fs::read_to_string(dir.path().join("app.log")).unwrap_or_default()
+            );
+        }
+        if let Some(s) = read_status(&status) {
+            if s["call_state"] == "Connected"
+                && s["peers"] == 2
+                && s["tiles"] == 1
+                && s["peers_with_video"] == 2
+                && s["main_is_active_speaker"] == true
+                && s["remote_frames_shown"].as_u64().unwrap_or(0) >= 10
+            {
+                break s;
+            }
+            last = Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = std::fs::copy(
+                dir.path().join("app.log"),
+                target_dir().join("desktop-group.log"),
+            );
+            panic!("no grid with the speaker large within 90 s; last status: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("app status: {shown}");
+    let role = shown["main_peer_role"].as_str().unwrap_or_default();
+    assert!(["Patient", "Clinician"].contains(&role), "{shown}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if on_path("import").is_some() {
+        let shot = target_dir().join("desktop-group.png");
+        let ok = Command::new("import")
+            .args(["-window", "root"])
+            .arg(&shot)
+            .env("DISPLAY", &display)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "screenshot failed");
+        eprintln!("screenshot: {}", shot.display());
+    }
+    drop(app);
+    patient.abort();
+    clinician.abort();
 }

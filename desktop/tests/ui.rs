@@ -830,3 +830,87 @@ fn the_call_follows_the_system_scale() {
         );
     }
 }
+
+/// A group consult (through the SFU): whoever the SFU hears speaking is shown large and named
+/// in the header; everyone else is a tile under it, the speaker's outlined; a click on a tile
+/// pins that participant large until "Follow the speaker"; a participant who leaves goes from
+/// the grid, and the one shown large falls back to the patient.
+#[test]
+fn a_group_consult_shows_the_speaker_large_and_the_others_as_tiles() {
+    let mut m = in_call();
+    for (id, name) in [("c1", "Dr Grey"), ("i1", "Interpreter Ruiz")] {
+        m.apply(CallEvent::PeerJoined(Peer {
+            participant_id: pid(id),
+            role: Role::Clinician,
+            display_name: Some(name.into()),
+            connected: true,
+        }));
+    }
+    // Before anyone speaks: the patient large, the others in tiles.
+    assert_eq!(m.main_peer().unwrap().participant_id, pid("p1"));
+    assert_eq!(m.tile_peers().len(), 2);
+    m.apply(CallEvent::ActiveSpeaker(Some(pid("c1"))));
+    // A silence keeps the last speaker large.
+    m.apply(CallEvent::ActiveSpeaker(None));
+    assert_eq!(m.main_peer().unwrap().participant_id, pid("c1"));
+    let mut h = harness(m);
+    h.run();
+    h.get_by_label("speaking");
+    h.get_by_label("Waiting for Dr Grey's video…");
+    h.get_by_label("Show Ada Lovelace large");
+    h.get_by_label("Show Interpreter Ruiz large");
+    assert!(
+        h.query_by_label("Show Dr Grey large").is_none(),
+        "the speaker is large, not a tile"
+    );
+    h.snapshot("group_call");
+    let status = h.state().model.status_json();
+    assert_eq!(status["main_peer_role"], "Clinician", "{status}");
+    assert_eq!(status["main_is_active_speaker"], true, "{status}");
+    assert_eq!(status["tiles"], 2, "{status}");
+    assert!(
+        !status.to_string().contains("Grey"),
+        "no names in the status: {status}"
+    );
+
+    h.get_by_label("Show Ada Lovelace large").click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::Pin(Some(pid("p1")))]);
+    // The app carries the pin out; the speaker no longer moves the picture.
+    h.state_mut().model.pinned = Some(pid("p1"));
+    h.state_mut()
+        .model
+        .apply(CallEvent::ActiveSpeaker(Some(pid("i1"))));
+    h.run();
+    assert_eq!(
+        h.state().model.main_peer().unwrap().participant_id,
+        pid("p1")
+    );
+    h.state_mut().commands.clear();
+    h.get_by_label("Follow the speaker").click();
+    h.run();
+    assert_eq!(h.state().commands, vec![UiCommand::Pin(None)]);
+    h.state_mut().model.pinned = None;
+    assert_eq!(
+        h.state().model.main_peer().unwrap().participant_id,
+        pid("i1")
+    );
+
+    // The interpreter drops, then leaves: named in the banner, then gone from the grid.
+    h.state_mut()
+        .model
+        .apply(CallEvent::PeerReconnecting(pid("i1")));
+    h.run();
+    h.get_by_label("Interpreter Ruiz's connection dropped: holding their seat");
+    h.state_mut().model.apply(CallEvent::PeerLeft {
+        participant_id: pid("i1"),
+        reason: bedside_protocol::LeaveReason::Left,
+    });
+    h.run();
+    assert_eq!(
+        h.state().model.main_peer().unwrap().participant_id,
+        pid("p1")
+    );
+    assert!(h.query_by_label("Show Interpreter Ruiz large").is_none());
+    h.get_by_label("Show Dr Grey large");
+}

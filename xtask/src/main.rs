@@ -231,13 +231,16 @@ fn test(extra: &[String]) -> Result<()> {
     }
     run(&mut mobile)?;
     android_check()?;
-    // The desktop end-to-end test's screenshot, kept as an artifact of the run.
-    let shot = root().join("target/desktop-e2e.png");
-    if shot.exists() {
-        let dir = root().join("ci-artifacts");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::copy(&shot, dir.join("desktop-e2e.png"))?;
-        eprintln!("xtask: screenshot of the desktop call saved to ci-artifacts/desktop-e2e.png");
+    // The desktop end-to-end tests' screenshots (a 1:1 call, a group consult), kept as
+    // artifacts of the run.
+    for name in ["desktop-e2e.png", "desktop-group.png"] {
+        let shot = root().join("target").join(name);
+        if shot.exists() {
+            let dir = root().join("ci-artifacts");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::copy(&shot, dir.join(name))?;
+            eprintln!("xtask: screenshot of the desktop call saved to ci-artifacts/{name}");
+        }
     }
     if root().join("fuzz/Cargo.toml").exists() {
         // The fuzz targets must keep building (running them needs nightly and cargo-fuzz).

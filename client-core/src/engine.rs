@@ -427,7 +427,10 @@ impl LocalTracks {
     ///
     /// The level travels in the RTP header, outside SFrame's encryption: the SFU reads it to
     /// pick the active speaker, as every SFU does (RFC 6464 section 5: it says when someone
-    /// speaks and how loudly, never what). It is sent on every call, 1:1 ones too.
+    /// speaks and how loudly, never what). Only to the SFU: a mesh peer has no use for it, and
+    /// a webrtc 0.21 peer that had not negotiated it received none of our audio once it was
+    /// on (`tests/payload_types.rs`; why is not pinned down: the SDP had not negotiated it, so
+    /// the id it went out with meant nothing, or something else, there).
     pub async fn write_audio(&self, data: bytes::Bytes, duration: Duration, level: u8) -> u64 {
         self.write(MediaKind::Audio, data, duration, Some(level))
             .await
@@ -474,14 +477,19 @@ impl LocalTracks {
         if !enabled {
             return 0;
         }
-        let targets: Vec<Arc<PeerTracks>> = self.lock().values().cloned().collect();
+        // (whether it is the SFU's connection, its tracks)
+        let targets: Vec<(bool, Arc<PeerTracks>)> = self
+            .lock()
+            .iter()
+            .map(|(id, tracks)| (id.0 == crate::call::SFU_PEER, tracks.clone()))
+            .collect();
         let plain = Sample {
             data: data.clone(),
             duration,
             ..Sample::new(Instant::now())
         };
         let mut unsent = 0;
-        for peer in targets {
+        for (to_sfu, peer) in targets {
             // Before its session is negotiated a track is not bound: nothing can be sent yet.
             let Some(types) = peer.sending() else {
                 continue;
@@ -514,7 +522,7 @@ impl LocalTracks {
                 continue;
             };
             let mut writer = track.sample_writer(ssrc, payload_type);
-            if let Some(level) = level {
+            if let Some(level) = level.filter(|_| to_sfu) {
                 writer = writer.with_audio_level(AudioLevelExtension {
                     level,
                     voice: level <= VOICE_LEVEL_DBOV,
@@ -1330,13 +1338,15 @@ impl Engine {
             RtpCodecKind::Video,
         )?;
         // Each audio packet's level (`LocalTracks::write_audio`), for the SFU's active speaker.
-        media_engine.register_header_extension(
-            RTCRtpHeaderExtensionCapability {
-                uri: AUDIO_LEVEL_URI.to_owned(),
-            },
-            RtpCodecKind::Audio,
-            None,
-        )?;
+        if peer.0 == crate::call::SFU_PEER {
+            media_engine.register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: AUDIO_LEVEL_URI.to_owned(),
+                },
+                RtpCodecKind::Audio,
+                None,
+            )?;
+        }
         let tracks = self.tracks.new_peer_tracks()?;
         let pacer_stats = Arc::new(PacerStats::default());
         let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate.clone());

@@ -36,6 +36,80 @@ fn read_status(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
+/// A virtual display for the app; `None` (the test skips, which fails under `CI=true`) where
+/// Xvfb is missing or no display starts.
+fn display() -> Option<(Reaped, String)> {
+    let Some(xvfb) = on_path("Xvfb") else {
+        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
+        return None;
+    };
+    let display = start_xvfb(&xvfb);
+    if display.is_none() {
+        bedside_tests::skip("could not start an Xvfb display");
+    }
+    display
+}
+
+/// The app's microphone and speaker: ALSA's `null` device, which every machine with ALSA has
+/// (real device code, echo canceller included; capture is silence).
+fn alsa_null_devices(dir: &Path) {
+    std::fs::write(
+        dir.join("desktop.toml"),
+        "microphone = \"alsa:null\"\nspeaker = \"alsa:null\"\n",
+    )
+    .unwrap();
+}
+
+/// The whole virtual screen to `target/<name>` (kept as a CI artifact by xtask).
+fn screenshot(display: &str, name: &str) {
+    if on_path("import").is_none() {
+        eprintln!("no screenshot: imagemagick's `import` is not installed");
+        return;
+    }
+    let shot = target_dir().join(name);
+    let ok = Command::new("import")
+        .args(["-window", "root"])
+        .arg(&shot)
+        .env("DISPLAY", display)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "screenshot failed");
+    eprintln!("screenshot: {}", shot.display());
+}
+
+/// Reads the app's status file until `until` holds (at most 90 s); panics, with the app's log,
+/// if the app exits first, and on the deadline with the last status (the log is then kept as
+/// `target/<log>`).
+async fn wait_for_status(
+    app: &mut Reaped,
+    dir: &Path,
+    status: &Path,
+    log: &str,
+    mut until: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = None;
+    loop {
+        if let Some(Ok(Some(exit))) = app.0.as_mut().map(|c| c.try_wait()) {
+            panic!(
+                "the app exited early ({exit}); log:\n{}",
+                std::fs::read_to_string(dir.join("app.log")).unwrap_or_default()
+            );
+        }
+        if let Some(s) = read_status(status) {
+            if until(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = std::fs::copy(dir.join("app.log"), target_dir().join(log));
+            panic!("the app did not get there within 90 s; last status: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One app (and its Xvfb display) at a time: two would each take half of two cores.
 static ONE_APP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -148,12 +222,7 @@ fn start_app(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     let _one = ONE_APP.lock().await;
-    let Some(xvfb) = on_path("Xvfb") else {
-        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
-        return;
-    };
-    let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
-        bedside_tests::skip("could not start an Xvfb display");
+    let Some((_xvfb, display)) = display() else {
         return;
     };
 
@@ -184,42 +253,21 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
     // here), which once flooded the echo canceller, the encoder and the link, and the patient
     // decoded no video at all. The devices are now paced to real time and audio has its own
     // thread (client-core's `media::devices` and `pipeline`).
-    std::fs::write(
-        dir.path().join("desktop.toml"),
-        "microphone = \"alsa:null\"\nspeaker = \"alsa:null\"\n",
-    )
-    .unwrap();
+    alsa_null_devices(dir.path());
     let status = dir.path().join("status.json");
     let mut app = start_app(dir.path(), &display, &status, &clinic, &["--share-screen"]);
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut last = None;
     let mut connected_at = None;
-    let shown = loop {
-        if let Some(Ok(Some(exit))) = app.0.as_mut().map(|c| c.try_wait()) {
-            panic!(
-                "the app exited early ({exit}); log:\n{}",
-                std::fs::read_to_string(dir.path().join("app.log")).unwrap_or_default()
-            );
+    let shown = wait_for_status(&mut app, dir.path(), &status, "desktop-e2e.log", |s| {
+        if s["call_state"] != "Connected" {
+            return false;
         }
-        if let Some(s) = read_status(&status) {
-            let frames = s["remote_frames_shown"].as_u64().unwrap_or(0);
-            if s["call_state"] == "Connected" {
-                connected_at.get_or_insert_with(Instant::now);
-                // Ten frames: the picture moves (on a loaded machine the debug build shows
-                // well under one frame a second while it also encodes its shared screen).
-                if frames >= 10 {
-                    break s;
-                }
-            }
-            last = Some(s);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no remote frames shown within 90 s; last status: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+        connected_at.get_or_insert_with(Instant::now);
+        // Ten frames: the picture moves (on a loaded machine the debug build shows well
+        // under one frame a second while it also encodes its shared screen).
+        s["remote_frames_shown"].as_u64().unwrap_or(0) >= 10
+    })
+    .await;
     let _ = std::fs::copy(
         dir.path().join("app.log"),
         target_dir().join("desktop-e2e.log"),
@@ -238,19 +286,7 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
 
     // Let a few more frames arrive, then take the screenshot.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let shot = target_dir().join("desktop-e2e.png");
-    if on_path("import").is_some() {
-        let ok = Command::new("import")
-            .args(["-window", "root"])
-            .arg(&shot)
-            .env("DISPLAY", &display)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "screenshot failed");
-        eprintln!("screenshot: {}", shot.display());
-    } else {
-        eprintln!("no screenshot: imagemagick's `import` is not installed");
-    }
+    screenshot(&display, "desktop-e2e.png");
     // The picture keeps moving (within 15 s: a frame or two a second at best under load).
     let frames = |s: &serde_json::Value| s["remote_frames_shown"].as_u64().unwrap_or(0);
     let moving_by = Instant::now() + Duration::from_secs(15);
@@ -300,12 +336,7 @@ async fn doctor_app_shows_the_admitted_patients_video_under_xvfb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_app_shows_a_group_consult_with_the_speaker_large_under_xvfb() {
     let _one = ONE_APP.lock().await;
-    let Some(xvfb) = on_path("Xvfb") else {
-        bedside_tests::skip("Xvfb is not installed (apt-get install xvfb x11-apps imagemagick)");
-        return;
-    };
-    let Some((_xvfb, display)) = start_xvfb(&xvfb) else {
-        bedside_tests::skip("could not start an Xvfb display");
+    let Some((_xvfb, display)) = display() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -341,59 +372,24 @@ async fn doctor_app_shows_a_group_consult_with_the_speaker_large_under_xvfb() {
     let clinician = probe(JoinAuth::Token {
         token: issued.token,
     });
-    std::fs::write(
-        dir.path().join("desktop.toml"),
-        "microphone = \"alsa:null\"\nspeaker = \"alsa:null\"\n",
-    )
-    .unwrap();
+    alsa_null_devices(dir.path());
     let status = dir.path().join("status.json");
     let mut app = start_app(dir.path(), &display, &status, &clinic, &[]);
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut last = None;
-    let shown = loop {
-        if let Some(Ok(Some(exit))) = app.0.as_mut().map(|c| c.try_wait()) {
-            panic!(
-                "the app exited early ({exit}); log:\n{}",
-                std::fs::read_to_string(dir.path().join("app.log")).unwrap_or_default()
-            );
-        }
-        if let Some(s) = read_status(&status) {
-            if s["call_state"] == "Connected"
-                && s["peers"] == 2
-                && s["tiles"] == 1
-                && s["peers_with_video"] == 2
-                && s["main_is_active_speaker"] == true
-                && s["remote_frames_shown"].as_u64().unwrap_or(0) >= 10
-            {
-                break s;
-            }
-            last = Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = std::fs::copy(
-                dir.path().join("app.log"),
-                target_dir().join("desktop-group.log"),
-            );
-            panic!("no grid with the speaker large within 90 s; last status: {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let shown = wait_for_status(&mut app, dir.path(), &status, "desktop-group.log", |s| {
+        s["call_state"] == "Connected"
+            && s["peers"] == 2
+            && s["tiles"] == 1
+            && s["peers_with_video"] == 2
+            && s["main_is_active_speaker"] == true
+            && s["remote_frames_shown"].as_u64().unwrap_or(0) >= 10
+    })
+    .await;
     eprintln!("app status: {shown}");
     let role = shown["main_peer_role"].as_str().unwrap_or_default();
     assert!(["Patient", "Clinician"].contains(&role), "{shown}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    if on_path("import").is_some() {
-        let shot = target_dir().join("desktop-group.png");
-        let ok = Command::new("import")
-            .args(["-window", "root"])
-            .arg(&shot)
-            .env("DISPLAY", &display)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "screenshot failed");
-        eprintln!("screenshot: {}", shot.display());
-    }
+    screenshot(&display, "desktop-group.png");
     drop(app);
     patient.abort();
     clinician.abort();

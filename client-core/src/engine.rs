@@ -287,10 +287,13 @@ pub struct PeerTracks {
     payload_types: Mutex<Option<(PayloadTypes, PayloadTypes)>>,
     /// A codec this peer's session lacks has been warned about (video, audio).
     warned: [AtomicBool; 2],
+    /// Audio packets carry their level (the SFU's connection, which negotiates the extension:
+    /// [`LocalTracks::write_audio`]).
+    audio_level: bool,
 }
 
 impl PeerTracks {
-    fn new(stream_id: &str) -> Result<Self, EngineError> {
+    fn new(stream_id: &str, audio_level: bool) -> Result<Self, EngineError> {
         let now = Instant::now();
         // Track ids must differ from the far end's: `webrtc` routes inbound RTCP to a track by
         // id, looking at received tracks first, so two Bedside clients naming their tracks alike
@@ -323,6 +326,7 @@ impl PeerTracks {
             audio_ssrc,
             payload_types: Mutex::new(None),
             warned: [AtomicBool::new(false), AtomicBool::new(false)],
+            audio_level,
         })
     }
 
@@ -392,8 +396,8 @@ impl LocalTracks {
     }
 
     /// Fresh tracks for a (new) peer connection, not sent to before [`Self::add_peer`].
-    fn new_peer_tracks(&self) -> Result<Arc<PeerTracks>, EngineError> {
-        Ok(Arc::new(PeerTracks::new(&self.stream_id)?))
+    fn new_peer_tracks(&self, audio_level: bool) -> Result<Arc<PeerTracks>, EngineError> {
+        Ok(Arc::new(PeerTracks::new(&self.stream_id, audio_level)?))
     }
 
     /// Sends to `peer` on `tracks` from now on, instead of any tracks it had.
@@ -477,19 +481,14 @@ impl LocalTracks {
         if !enabled {
             return 0;
         }
-        // (whether it is the SFU's connection, its tracks)
-        let targets: Vec<(bool, Arc<PeerTracks>)> = self
-            .lock()
-            .iter()
-            .map(|(id, tracks)| (id.0 == crate::call::SFU_PEER, tracks.clone()))
-            .collect();
+        let targets: Vec<Arc<PeerTracks>> = self.lock().values().cloned().collect();
         let plain = Sample {
             data: data.clone(),
             duration,
             ..Sample::new(Instant::now())
         };
         let mut unsent = 0;
-        for (to_sfu, peer) in targets {
+        for peer in targets {
             // Before its session is negotiated a track is not bound: nothing can be sent yet.
             let Some(types) = peer.sending() else {
                 continue;
@@ -522,7 +521,7 @@ impl LocalTracks {
                 continue;
             };
             let mut writer = track.sample_writer(ssrc, payload_type);
-            if let Some(level) = level.filter(|_| to_sfu) {
+            if let Some(level) = level.filter(|_| peer.audio_level) {
                 writer = writer.with_audio_level(AudioLevelExtension {
                     level,
                     voice: level <= VOICE_LEVEL_DBOV,
@@ -1338,7 +1337,8 @@ impl Engine {
             RtpCodecKind::Video,
         )?;
         // Each audio packet's level (`LocalTracks::write_audio`), for the SFU's active speaker.
-        if peer.0 == crate::call::SFU_PEER {
+        let audio_level = peer.0 == crate::call::SFU_PEER;
+        if audio_level {
             media_engine.register_header_extension(
                 RTCRtpHeaderExtensionCapability {
                     uri: AUDIO_LEVEL_URI.to_owned(),
@@ -1347,7 +1347,7 @@ impl Engine {
                 None,
             )?;
         }
-        let tracks = self.tracks.new_peer_tracks()?;
+        let tracks = self.tracks.new_peer_tracks(audio_level)?;
         let pacer_stats = Arc::new(PacerStats::default());
         let estimator = PublishingEstimator::new(pacer_stats.clone(), estimate.clone());
         // Last in the chain (slots are distances from the wire; the jitter buffer is 13_000).

@@ -2,7 +2,8 @@
 //! participant's newest frame where there is one, draws the view, and carries out the commands it returned.
 //! Anything slow (server start-up, HTTP, the call client) runs on the tokio runtime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -606,30 +607,30 @@ impl DesktopApp {
     /// Uploads every other participant's newest frame where it changed since the last one
     /// shown: the one shown large and, in a group consult, each tile.
     fn update_video(&mut self) {
-        let present: HashSet<&ParticipantId> =
-            self.model.peers.iter().map(|p| &p.participant_id).collect();
-        self.remote.retain(|peer, _| present.contains(peer));
-        self.video.remote.retain(|peer, _| present.contains(peer));
-        let main = self.model.main_peer().map(|p| p.participant_id.clone());
-        let mut missing = false;
         let peers: Vec<ParticipantId> = self
             .model
             .peers
             .iter()
             .map(|p| p.participant_id.clone())
             .collect();
+        self.remote.retain(|peer, _| peers.contains(peer));
+        self.video.remote.retain(|peer, _| peers.contains(peer));
+        let main = self.model.main_peer().map(|p| p.participant_id.clone());
+        let mut missing = false;
         for peer in peers {
-            if !self.remote.contains_key(&peer) {
-                let Some(sink) = self.session.as_ref().and_then(|s| s.received.video(&peer)) else {
-                    missing = true;
-                    continue;
-                };
-                let waker = self.ctx.clone();
-                sink.set_waker(move || waker.request_repaint());
-                self.remote
-                    .insert(peer.clone(), RemoteSink { sink, seen: 0 });
-            }
-            let remote = self.remote.get_mut(&peer).expect("inserted above");
+            let remote = match self.remote.entry(peer.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let Some(sink) = self.session.as_ref().and_then(|s| s.received.video(&peer))
+                    else {
+                        missing = true;
+                        continue;
+                    };
+                    let waker = self.ctx.clone();
+                    sink.set_waker(move || waker.request_repaint());
+                    e.insert(RemoteSink { sink, seen: 0 })
+                }
+            };
             let Some((seq, frame)) = remote.sink.newer_than(remote.seen) else {
                 continue;
             };

@@ -491,6 +491,14 @@ fn in_call_screen(
     });
 }
 
+/// A picture centred in `rect`, as large as fits with its aspect kept.
+fn paint_fitted(ui: &Ui, tex: &TextureHandle, rect: egui::Rect) {
+    let [w, h] = tex.size().map(|s| s.max(1) as f32);
+    let scale = (rect.width() / w).min(rect.height() / h).max(0.01);
+    let fit = egui::Rect::from_center_size(rect.center(), egui::vec2(w * scale, h * scale));
+    egui::Image::new((tex.id(), fit.size())).paint_at(ui, fit);
+}
+
 /// The outline of whoever the SFU hears speaking.
 const SPEAKING: Color32 = Color32::from_rgb(60, 170, 80);
 
@@ -521,15 +529,7 @@ fn tile_strip(
             let painter = ui.painter_at(rect);
             painter.rect_filled(rect, 4.0, Color32::from_gray(30));
             match (video.remote.get(&peer.participant_id), model.audio_only) {
-                (Some(tex), None) => {
-                    let [w, h] = tex.size().map(|s| s.max(1) as f32);
-                    let scale = (rect.width() / w).min(rect.height() / h);
-                    let fit = egui::Rect::from_center_size(
-                        rect.center(),
-                        egui::vec2(w * scale, h * scale),
-                    );
-                    egui::Image::new((tex.id(), fit.size())).paint_at(ui, fit);
-                }
+                (Some(tex), None) => paint_fitted(ui, tex, rect),
                 (_, audio_only) => {
                     let text = if audio_only.is_some() {
                         "Audio only"
@@ -583,13 +583,7 @@ fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
         .main_peer()
         .and_then(|p| video.remote.get(&p.participant_id));
     match (main, model.audio_only.is_some()) {
-        (Some(tex), false) => {
-            let [w, h] = tex.size().map(|s| s.max(1) as f32);
-            let scale = (area.width() / w).min(area.height() / h).max(0.01);
-            let rect =
-                egui::Rect::from_center_size(area.center(), egui::vec2(w * scale, h * scale));
-            egui::Image::new((tex.id(), rect.size())).paint_at(ui, rect);
-        }
+        (Some(tex), false) => paint_fitted(ui, tex, area),
         (_, audio_only) => {
             let text = match model.main_peer() {
                 _ if audio_only => "Audio only".to_owned(),
@@ -615,10 +609,7 @@ fn remote_video(ui: &mut Ui, model: &AppModel, video: &VideoView) {
 
 fn self_view(ui: &mut Ui, model: &AppModel, video: &VideoView, rect: egui::Rect) {
     if let (Some(tex), true) = (&video.local, model.camera_enabled) {
-        let [w, h] = tex.size().map(|s| s.max(1) as f32);
-        let scale = (rect.width() / w).min(rect.height() / h);
-        let fit = egui::Rect::from_center_size(rect.center(), egui::vec2(w * scale, h * scale));
-        egui::Image::new((tex.id(), fit.size())).paint_at(ui, fit);
+        paint_fitted(ui, tex, rect);
         return;
     }
     ui.painter().rect_filled(rect, 4.0, Color32::from_gray(45));

@@ -16,7 +16,7 @@ use bedside_client_core::driver::{self, ClientOptions};
 use bedside_client_core::engine::EngineSettings;
 pub use bedside_client_core::impair::SendDelay;
 use bedside_client_core::media::{DOCTOR_TONE_HZ, H264Config, PATIENT_TONE_HZ, VideoFrame};
-use bedside_client_core::pipeline::MediaSources;
+use bedside_client_core::pipeline::{MediaSources, ReceiveStats};
 use bedside_protocol::{CandidatePairType, JoinAuth, TransportProtocol};
 use serde::Serialize;
 use std::sync::atomic::Ordering;
@@ -184,6 +184,17 @@ pub struct RemoteReport {
     pub video_gaps_ms: Vec<(u64, u64)>,
     /// When their last frame was decoded, ms since the start.
     pub last_video_frame_ms: Option<u64>,
+}
+
+/// `rx`'s video freezes as (ms since `started` when the picture moved again, ms frozen).
+fn gaps_ms(rx: &ReceiveStats, started: Instant) -> Vec<(u64, u64)> {
+    rx.video_gaps
+        .iter()
+        .map(|(end, gap)| {
+            let end = end.saturating_duration_since(started).as_millis() as u64;
+            (end, gap.as_millis() as u64)
+        })
+        .collect()
 }
 
 /// The mean luma of each cell of an `n` x `n` grid over `frame`, row by row.
@@ -425,14 +436,7 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
                     + rx.audio_frames_red
                     + rx.audio_frames_fec,
                 received_resolution: (rx.width > 0).then_some((rx.width, rx.height)),
-                video_gaps_ms: rx
-                    .video_gaps
-                    .iter()
-                    .map(|(end, gap)| {
-                        let end = end.saturating_duration_since(started).as_millis() as u64;
-                        (end, gap.as_millis() as u64)
-                    })
-                    .collect(),
+                video_gaps_ms: gaps_ms(rx, started),
                 last_video_frame_ms: rx
                     .last_frame
                     .map(|t| t.saturating_duration_since(started).as_millis() as u64),
@@ -448,14 +452,7 @@ pub async fn run(options: ProbeOptions) -> Result<Report> {
         report.decoded_fps = rx.decoded_fps();
         report.video_frames_missing = rx.frames_missing;
         report.video_frames_skipped = rx.video_frames_skipped;
-        report.video_gaps_ms = rx
-            .video_gaps
-            .iter()
-            .map(|(end, gap)| {
-                let end = end.saturating_duration_since(started).as_millis() as u64;
-                (end, gap.as_millis() as u64)
-            })
-            .collect();
+        report.video_gaps_ms = gaps_ms(&rx, started);
         report.keyframes_requested = rx.keyframes_requested;
         report.received_resolution = (rx.width > 0).then_some((rx.width, rx.height));
         let mut g2g = rx.glass_to_glass_ms.clone();
